@@ -1,0 +1,2 @@
+//! PingMesh node agent.
+pub mod probe;

@@ -1,0 +1,5 @@
+//! The six-timestamp probe protocol: wire format, timing math, the pending
+//! table, and the prober and responder loops.
+pub mod clock;
+pub mod timing;
+pub mod wire;

@@ -1,0 +1,2 @@
+//! PingMesh operator: hosts the mesh controller.
+pub mod mesh;

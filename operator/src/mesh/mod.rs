@@ -1,0 +1,2 @@
+//! The mesh controller: agent registry, pinglists, analyzer and APIs.
+pub mod types;

@@ -1,0 +1,34 @@
+//! Bounds both sides enforce on what crosses the control channel, so a hostile
+//! or broken peer cannot make the other allocate without limit.
+
+/// Largest gRPC message either side decodes.
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Most endpoints one node may register (RNICs plus UDP ports).
+pub const MAX_ENDPOINTS_PER_NODE: usize = 64;
+/// Most window summaries in one report.
+pub const MAX_SUMMARIES_PER_REPORT: usize = 20_000;
+/// Longest identifier (node name, endpoint id, ToR) accepted: a DNS subdomain plus a suffix.
+pub const MAX_ID_LEN: usize = 320;
+/// Most probes per second the controller hands out for one target.
+pub const MAX_RATE_PPS: f64 = 1_000.0;
+
+/// Whether `id` is acceptable as a node name, endpoint id or ToR name:
+/// non-empty, bounded, printable ASCII without whitespace.
+pub fn is_valid_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= MAX_ID_LEN && id.bytes().all(|b| b.is_ascii_graphic())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_must_be_printable_and_bounded() {
+        assert!(is_valid_id("node-a/udp0"));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("has space"));
+        assert!(!is_valid_id("tab\there"));
+        assert!(!is_valid_id(&"x".repeat(MAX_ID_LEN + 1)));
+        assert!(!is_valid_id("ünïcode"));
+    }
+}
