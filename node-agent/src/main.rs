@@ -1,1 +1,31 @@
-fn main() {}
+//! `pingmesh-agent`: wiring only.
+
+use clap::Parser;
+use pingmesh_agent::agent;
+use pingmesh_agent::config::AgentConfig;
+use pingmesh_proto::logging::{self, LogArgs};
+use tokio_util::sync::CancellationToken;
+
+/// PingMesh node agent: probes the endpoints its pinglist names and reports to the mesh controller.
+#[derive(Debug, Parser)]
+#[command(name = "pingmesh-agent", version)]
+struct Cli {
+    #[command(flatten)]
+    agent: AgentConfig,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    logging::init(&cli.log);
+    let cancel = CancellationToken::new();
+    let running = agent::start(cli.agent, cancel.clone()).await?;
+    tracing::info!(udp = %running.udp_addr, http = %running.http_addr, "agent started");
+    pingmesh_proto::signals::shutdown_signal().await;
+    tracing::info!("shutting down");
+    cancel.cancel();
+    running.wait().await?;
+    Ok(())
+}

@@ -5,6 +5,8 @@
 pub mod ecmp;
 pub mod ladder;
 pub mod limits;
+pub mod logging;
+pub mod signals;
 pub mod window;
 
 /// Generated gRPC types and stubs, version 1 of the contract.

@@ -1,0 +1,134 @@
+//! `pingmesh demo`: a whole mesh on this machine — a mesh controller on a
+//! temporary SQLite registry and N agents on loopback UDP, in one process.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::Context;
+use pingmesh_agent::agent::{self, RunningAgent};
+use pingmesh_agent::config::AgentConfig;
+use pingmesh_operator::config::MeshConfig;
+use pingmesh_operator::mesh::http::summarize;
+use pingmesh_operator::mesh::server;
+use tokio_util::sync::CancellationToken;
+
+use crate::table;
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// Agents to start.
+    #[arg(long, default_value_t = 6, value_parser = clap::value_parser!(u16).range(2..=200))]
+    pub agents: u16,
+    /// ToRs to spread the agents over (round robin).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=100))]
+    pub tors: u16,
+    /// Stop by itself after this many seconds (default: run until Ctrl-C).
+    #[arg(long, value_parser = parse_seconds)]
+    pub duration: Option<Duration>,
+    /// Print the final mesh summary as JSON on stdout (the live table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Aggregation window in milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub window_ms: u32,
+    /// Address of the controller's HTTP API and /metrics (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:9401")]
+    pub http_addr: SocketAddr,
+}
+
+/// Accepts "30", "30s", "2m".
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let (digits, unit) = match s.strip_suffix('m') {
+        Some(d) => (d, 60),
+        None => (s.strip_suffix('s').unwrap_or(s), 1),
+    };
+    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration like 30, 30s or 2m"))?;
+    Ok(Duration::from_secs(n * unit))
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir().context("creating a temporary directory for the registry")?;
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let mut config = MeshConfig {
+        grpc_addr: SocketAddr::new(loopback, 0),
+        http_addr: args.http_addr,
+        registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
+        ..MeshConfig::default()
+    };
+    config.pinglist.window_ms = args.window_ms;
+    // Small demo mesh: probe every other ToR and every endpoint in it.
+    config.pinglist.inter_tor_sample_tors = usize::from(args.tors);
+    config.pinglist.inter_tor_targets_per_tor = usize::from(args.agents);
+    config.validate()?;
+
+    let cancel = CancellationToken::new();
+    let controller = match server::start(config.clone(), cancel.clone()).await {
+        Ok(c) => c,
+        Err(server::ServeError::Bind { what: "HTTP", .. }) if args.http_addr.port() != 0 => {
+            eprintln!("{} is taken; serving the API on a free port instead", args.http_addr);
+            config.http_addr = SocketAddr::new(args.http_addr.ip(), 0);
+            server::start(config, cancel.clone()).await?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let grpc_url = format!("http://{}", controller.grpc_addr);
+    let mut agents: Vec<RunningAgent> = Vec::new();
+    for i in 0..args.agents {
+        let node = format!("node-{}", i + 1);
+        let tor = format!("tor-{}", i % args.tors + 1);
+        agents.push(agent::start(AgentConfig::local(&node, &tor, &grpc_url, loopback), cancel.clone()).await?);
+    }
+    eprintln!("PingMesh demo: {} agents over {} ToRs, window {} ms", args.agents, args.tors, args.window_ms);
+    eprintln!("  mesh API     http://{}/api/v1/summary", controller.http_addr);
+    eprintln!("  controller   http://{}/metrics", controller.http_addr);
+    for a in &agents {
+        eprintln!("  {:<12} udp {}  metrics http://{}/metrics", a.node, a.udp_addr, a.http_addr);
+    }
+    eprintln!("Ctrl-C stops it.\n");
+
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut last_printed = None;
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            () = pingmesh_proto::signals::shutdown_signal() => break,
+            () = sleep_until(deadline) => break,
+            _ = tick.tick() => {}
+        }
+        let summary = summarize(&controller.controller).await?;
+        if summary.window_start_ms.is_some() && summary.window_start_ms != last_printed {
+            last_printed = summary.window_start_ms;
+            eprintln!("{}", table::render(&summary));
+        }
+    }
+    let summary = summarize(&controller.controller).await?;
+    cancel.cancel();
+    for a in agents {
+        a.wait().await?;
+    }
+    controller.wait().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_plain_seconds_and_units() {
+        assert_eq!(parse_seconds("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_seconds("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_seconds("2m").unwrap(), Duration::from_secs(120));
+        assert!(parse_seconds("soon").is_err());
+    }
+}

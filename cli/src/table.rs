@@ -1,0 +1,86 @@
+//! The ToR-pair table `pingmesh demo` and `pingmesh status` print.
+
+use std::fmt::Write;
+
+use pingmesh_operator::mesh::http::MeshSummary;
+
+/// Renders the summary as a fixed-width table followed by open findings.
+pub fn render(summary: &MeshSummary) -> String {
+    let mut out = String::new();
+    let window = summary.window_start_ms.map_or_else(|| "none judged yet".to_owned(), |ms| format!("{ms}"));
+    let _ = writeln!(
+        out,
+        "window {window} ({} ms) | agents {}/{} connected | paths judged {} | excluded (target gone) {}",
+        summary.window_ms,
+        summary.agents_connected,
+        summary.agents_registered,
+        summary.paths_judged,
+        summary.excluded_target_gone
+    );
+    let _ = writeln!(
+        out,
+        "{:<16} {:<16} {:>6} {:>8} {:>8} {:>8} {:>10} {:>10}",
+        "SRC TOR", "DST TOR", "PATHS", "OK", "LOST", "INVALID", "P50 RTT", "P99 RTT"
+    );
+    for p in &summary.tor_pairs {
+        let loss = p.loss_ratio.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0));
+        let _ = writeln!(
+            out,
+            "{:<16} {:<16} {:>6} {:>8} {:>8} {:>8} {:>10} {:>10}  loss {loss}",
+            p.source_tor,
+            p.target_tor,
+            p.paths,
+            p.ok,
+            p.lost,
+            p.invalid,
+            duration(p.p50_network_rtt_ns),
+            duration(p.p99_network_rtt_ns),
+        );
+    }
+    if summary.findings.is_empty() {
+        out.push_str("findings: none\n");
+    } else {
+        let _ = writeln!(out, "findings ({}):", summary.findings.len());
+        for f in &summary.findings {
+            let _ = writeln!(out, "  {:?} {} — {}", f.kind, f.location, f.evidence);
+        }
+    }
+    out
+}
+
+fn duration(ns: Option<u64>) -> String {
+    match ns {
+        None => "-".to_owned(),
+        Some(ns) if ns < 1_000_000 => format!("{:.1}us", ns as f64 / 1e3),
+        Some(ns) => format!("{:.2}ms", ns as f64 / 1e6),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_pick_a_readable_unit() {
+        assert_eq!(duration(None), "-");
+        assert_eq!(duration(Some(12_300)), "12.3us");
+        assert_eq!(duration(Some(2_500_000)), "2.50ms");
+    }
+
+    #[test]
+    fn an_empty_mesh_renders_a_header_and_no_findings() {
+        let s = MeshSummary {
+            window_start_ms: None,
+            window_ms: 5000,
+            agents_registered: 0,
+            agents_connected: 0,
+            paths_judged: 0,
+            excluded_target_gone: 0,
+            tor_pairs: vec![],
+            findings: vec![],
+        };
+        let text = render(&s);
+        assert!(text.contains("none judged yet"));
+        assert!(text.contains("findings: none"));
+    }
+}

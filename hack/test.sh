@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The project's whole test suite, as CI runs it: formatting, lints (the Linux
+# build and the --no-default-features build that stands in for macOS), unit and
+# integration tests, the registry suite against a real 3-node rqlite cluster,
+# and the multi-process end-to-end tests (iptables fault injection needs root).
+#
+# Usage: hack/test.sh            everything this machine can run
+#        SKIP_LINT=1 hack/test.sh   tests only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n=== %s\n' "$*"; }
+skipped=()
+
+if [[ -z "${SKIP_LINT:-}" ]]; then
+  step "cargo fmt --check"
+  cargo fmt --all -- --check
+  step "cargo clippy (default features)"
+  cargo clippy --workspace --all-targets --locked -- -D warnings
+  step "cargo clippy (--no-default-features, the macOS build)"
+  cargo clippy --workspace --all-targets --locked --no-default-features -- -D warnings
+fi
+
+step "cargo test (default features)"
+cargo test --workspace --locked
+
+step "cargo test (--no-default-features, the macOS build)"
+cargo test --workspace --locked --no-default-features
+
+step "registry suite against a real 3-node rqlite cluster"
+if hack/rqlite.sh start 3; then
+  trap 'hack/rqlite.sh stop >/dev/null 2>&1 || true' EXIT
+  PINGMESH_TEST_RQLITE_URL="$(hack/rqlite.sh url)" \
+  PINGMESH_RQLITED="$(hack/rqlite.sh bin)" \
+    cargo test -p pingmesh-operator --locked --test registry -- --include-ignored
+  hack/rqlite.sh stop
+  trap - EXIT
+else
+  skipped+=("rqlite registry suite (rqlited could not be installed or started)")
+fi
+
+step "end-to-end: controller and agents as separate processes"
+cargo build --workspace --bins --locked
+e2e_env=(PINGMESH_E2E=1)
+if command -v promtool >/dev/null; then
+  e2e_env+=(PINGMESH_PROMTOOL="$(command -v promtool)")
+else
+  skipped+=("promtool check metrics (install Debian's prometheus package)")
+fi
+if [[ "$(id -u)" == 0 ]] && command -v iptables >/dev/null; then
+  e2e_env+=(PINGMESH_E2E_IPTABLES=1)
+else
+  skipped+=("iptables fault injection (needs root and iptables)")
+fi
+env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked -- --include-ignored --test-threads=1
+
+if ((${#skipped[@]})); then
+  printf '\nSKIPPED on this machine:\n'
+  printf '  - %s\n' "${skipped[@]}"
+  [[ -n "${CI:-}" ]] && { echo "CI must run everything"; exit 1; }
+fi
+echo "all checks passed"

@@ -1,0 +1,125 @@
+//! Agent configuration: every flag also reads an environment variable.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use crate::transport::TimestampMode;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TimestampChoice {
+    /// User-space monotonic time only.
+    Off,
+    /// Kernel software RX/TX timestamps (SO_TIMESTAMPING), the default.
+    Software,
+    /// NIC hardware timestamps where the NIC offers them, else software.
+    Hardware,
+}
+
+impl From<TimestampChoice> for TimestampMode {
+    fn from(c: TimestampChoice) -> Self {
+        match c {
+            TimestampChoice::Off => TimestampMode::Off,
+            TimestampChoice::Software => TimestampMode::Software,
+            TimestampChoice::Hardware => TimestampMode::Hardware,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct AgentConfig {
+    /// Mesh controller gRPC URL.
+    #[arg(long, env = "PINGMESH_CONTROLLER", default_value = "http://127.0.0.1:9400")]
+    pub controller: String,
+    /// This node's name (in Kubernetes: from the downward API).
+    #[arg(long, env = "NODE_NAME")]
+    pub node: String,
+    /// ToR of this node's UDP endpoint. Empty: the controller resolves it from node labels.
+    #[arg(long, env = "PINGMESH_TOR", default_value = "")]
+    pub tor: String,
+    /// Address the UDP responder listens on.
+    #[arg(long, env = "PINGMESH_UDP_BIND", default_value = "0.0.0.0:9403")]
+    pub udp_bind: SocketAddr,
+    /// Address other agents should probe. Default: the bind address, or when that is
+    /// unspecified, the local address this host uses to reach the controller.
+    #[arg(long, env = "PINGMESH_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<SocketAddr>,
+    /// Kernel/NIC timestamping for T2..T5.
+    #[arg(long, env = "PINGMESH_TIMESTAMPS", value_enum, default_value_t = TimestampChoice::Software)]
+    pub timestamps: TimestampChoice,
+    /// Most UDP source ports (ECMP flows) the prober opens, whatever the controller asks.
+    #[arg(long, env = "PINGMESH_MAX_FLOWS", default_value_t = 64)]
+    pub max_flows: u16,
+    /// Most probes awaiting ACKs at once; more are not sent and are counted.
+    #[arg(long, env = "PINGMESH_MAX_PENDING", default_value_t = 65_536)]
+    pub max_pending: usize,
+    /// Address of /metrics, /healthz and /readyz. Port 0 picks a free port.
+    #[arg(long, env = "PINGMESH_METRICS_ADDR", default_value = "0.0.0.0:9402")]
+    pub metrics_addr: SocketAddr,
+    /// Export probe series per target node too (grows with the mesh; see docs/metrics.md).
+    #[arg(long, env = "PINGMESH_METRICS_PER_TARGET_NODE", default_value_t = false)]
+    pub metrics_per_target_node: bool,
+    /// Window summaries kept for the controller while it is unreachable.
+    #[arg(long, env = "PINGMESH_REPORT_BUFFER", default_value_t = 50_000)]
+    pub report_buffer: usize,
+}
+
+impl AgentConfig {
+    /// A configuration for tests and the local demo: everything on loopback.
+    pub fn local(node: &str, tor: &str, controller: &str, ip: IpAddr) -> Self {
+        Self {
+            controller: controller.to_owned(),
+            node: node.to_owned(),
+            tor: tor.to_owned(),
+            udp_bind: SocketAddr::new(ip, 0),
+            advertise_addr: None,
+            timestamps: TimestampChoice::Software,
+            max_flows: 64,
+            max_pending: 65_536,
+            metrics_addr: SocketAddr::new(ip, 0),
+            metrics_per_target_node: false,
+            report_buffer: 50_000,
+        }
+    }
+}
+
+/// Retry pacing for the control channel: exponential with jitter, capped.
+#[derive(Debug, Clone, Copy)]
+pub struct Backoff {
+    next: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub fn new(first: Duration, max: Duration) -> Self {
+        Self { next: first, max }
+    }
+
+    /// The delay to wait now; doubles the next one. Jittered to 50..100 % so a
+    /// fleet that lost its controller does not come back in lockstep.
+    pub fn next_delay(&mut self) -> Duration {
+        let base = self.next;
+        self.next = (self.next * 2).min(self.max);
+        base.mul_f64(rand::random_range(0.5..=1.0))
+    }
+
+    pub fn reset(&mut self, first: Duration) {
+        self.next = first;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_stays_jittered_below_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<Duration> = (0..10).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays[0] >= Duration::from_millis(50));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[9] >= Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,260 @@
+//! The agent's side of the control channel: register, hold the pinglist stream
+//! open, deliver window summaries; keep going through controller outages.
+//!
+//! The agent never stops probing because the controller is away: the last
+//! pinglist stays in force, summaries are buffered (bounded, oldest dropped and
+//! counted), and every reconnect starts with a fresh registration so a restarted
+//! controller learns the agent again at once.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use pingmesh_proto::limits::MAX_MESSAGE_BYTES;
+use pingmesh_proto::v1::mesh_controller_client::MeshControllerClient;
+use pingmesh_proto::v1::{
+    Endpoint, Pinglist, RegisterRequest, ReportWindowsRequest, WatchPinglistRequest, WindowSummary,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::config::Backoff;
+use crate::metrics::AgentMetrics;
+
+/// Summaries per ReportWindows call: keeps each message far below the size limit.
+const REPORT_CHUNK: usize = 2_000;
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(10);
+const FLUSH_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("controller URL {url:?} is invalid: {detail}")]
+    InvalidUrl { url: String, detail: String },
+    #[error("connecting to controller {url}: {source}")]
+    Connect { url: String, source: tonic::transport::Error },
+    #[error("{op} refused by the controller: {status}")]
+    Rpc { op: &'static str, status: Status },
+}
+
+impl ControlError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::InvalidUrl { .. } => "invalid_url",
+            Self::Connect { .. } => "connect",
+            Self::Rpc { status, .. } if status.code() == Code::InvalidArgument => "invalid_argument",
+            Self::Rpc { .. } => "rpc",
+        }
+    }
+}
+
+/// What the agent tells the controller about itself.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub controller_url: String,
+    pub node: String,
+    pub agent_version: String,
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Runs until `cancel`: keeps the agent registered, publishes every pinglist on
+/// `pinglists`, and delivers the summaries arriving on `reports`.
+pub async fn run_control(
+    identity: Identity,
+    metrics: Arc<AgentMetrics>,
+    pinglists: watch::Sender<Option<Arc<Pinglist>>>,
+    mut reports: mpsc::Receiver<Vec<WindowSummary>>,
+    registered: Arc<AtomicBool>,
+    buffer_limit: usize,
+    cancel: CancellationToken,
+) {
+    let mut outbox = Outbox::new(buffer_limit, metrics.clone());
+    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+    loop {
+        let session = tokio::select! {
+            () = cancel.cancelled() => return,
+            r = connect_and_register(&identity, &metrics) => r,
+        };
+        match session {
+            Ok((client, session)) => {
+                registered.store(true, Ordering::Relaxed);
+                backoff.reset(FIRST_RETRY);
+                let ended = serve_session(
+                    client, session, &identity, &metrics, &pinglists, &mut reports, &mut outbox, &cancel,
+                )
+                .await;
+                metrics.set_controller_connected(false);
+                if cancel.is_cancelled() {
+                    return;
+                }
+                tracing::warn!(reason = %ended, "lost the mesh controller; probing goes on with the last pinglist");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, category = e.category(), "cannot register with the mesh controller; will retry");
+            }
+        }
+        // Wait before retrying, but keep taking summaries so none are lost meanwhile.
+        let wait = tokio::time::sleep(backoff.next_delay());
+        tokio::pin!(wait);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = &mut wait => break,
+                batch = reports.recv() => match batch {
+                    Some(b) => outbox.push(b),
+                    None => return,
+                },
+            }
+        }
+    }
+}
+
+async fn connect_and_register(
+    identity: &Identity,
+    metrics: &AgentMetrics,
+) -> Result<(MeshControllerClient<Channel>, u64), ControlError> {
+    let endpoint = Channel::from_shared(identity.controller_url.clone())
+        .map_err(|e| ControlError::InvalidUrl { url: identity.controller_url.clone(), detail: e.to_string() })?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true);
+    let channel = endpoint.connect().await.map_err(|source| {
+        metrics.registration("unreachable");
+        ControlError::Connect { url: identity.controller_url.clone(), source }
+    })?;
+    let mut client = MeshControllerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let reply = client
+        .register(RegisterRequest {
+            node: identity.node.clone(),
+            agent_version: identity.agent_version.clone(),
+            endpoints: identity.endpoints.clone(),
+        })
+        .await
+        .map_err(|status| {
+            metrics.registration("refused");
+            ControlError::Rpc { op: "register", status }
+        })?
+        .into_inner();
+    metrics.registration("ok");
+    tracing::info!(session = reply.session, endpoints = reply.endpoints.len(), "registered with the mesh controller");
+    Ok((client, reply.session))
+}
+
+/// Serves one registered session; returns why it ended.
+#[allow(clippy::too_many_arguments)]
+async fn serve_session(
+    mut client: MeshControllerClient<Channel>,
+    session: u64,
+    identity: &Identity,
+    metrics: &AgentMetrics,
+    pinglists: &watch::Sender<Option<Arc<Pinglist>>>,
+    reports: &mut mpsc::Receiver<Vec<WindowSummary>>,
+    outbox: &mut Outbox,
+    cancel: &CancellationToken,
+) -> String {
+    let request = WatchPinglistRequest { node: identity.node.clone(), session };
+    let mut stream = match client.watch_pinglist(request).await {
+        Ok(s) => s.into_inner(),
+        Err(status) => return format!("watch refused: {status}"),
+    };
+    metrics.set_controller_connected(true);
+    let mut flush = tokio::time::interval(FLUSH_EVERY);
+    flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => {
+                // Best effort: hand over what is buffered before exiting.
+                let _ = outbox.flush(&mut client, &identity.node, session).await;
+                return "shutting down".into();
+            }
+            msg = stream.message() => match msg {
+                Ok(Some(list)) => {
+                    tracing::info!(version = list.version, targets = list.targets.len(), "pinglist received");
+                    pinglists.send_replace(Some(Arc::new(list)));
+                }
+                Ok(None) => return "pinglist stream closed by the controller".into(),
+                Err(status) => return format!("pinglist stream failed: {status}"),
+            },
+            batch = reports.recv() => {
+                let Some(batch) = batch else { return "agent stopping".into() };
+                outbox.push(batch);
+                if let Err(e) = outbox.flush(&mut client, &identity.node, session).await {
+                    if must_reregister(&e) { return format!("report refused: {e}"); }
+                }
+            }
+            _ = flush.tick() => {
+                if let Err(e) = outbox.flush(&mut client, &identity.node, session).await {
+                    if must_reregister(&e) { return format!("report refused: {e}"); }
+                }
+            }
+        }
+    }
+}
+
+/// The controller no longer knows this session (it expired us, or restarted with
+/// another registry): register again rather than retrying the same call.
+fn must_reregister(e: &ControlError) -> bool {
+    matches!(e, ControlError::Rpc { status, .. }
+        if matches!(status.code(), Code::NotFound | Code::FailedPrecondition | Code::Unavailable))
+}
+
+/// Summaries waiting for delivery, oldest first, bounded.
+struct Outbox {
+    queue: VecDeque<WindowSummary>,
+    limit: usize,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl Outbox {
+    fn new(limit: usize, metrics: Arc<AgentMetrics>) -> Self {
+        Self { queue: VecDeque::new(), limit: limit.max(1), metrics }
+    }
+
+    fn push(&mut self, batch: Vec<WindowSummary>) {
+        self.queue.extend(batch);
+        let excess = self.queue.len().saturating_sub(self.limit);
+        if excess > 0 {
+            self.queue.drain(..excess);
+            self.metrics.windows_dropped("buffer_full", u64::try_from(excess).unwrap_or(u64::MAX));
+            tracing::warn!(dropped = excess, "report buffer full; dropped the oldest window summaries");
+        }
+    }
+
+    /// Sends everything queued; a summary leaves the queue only once accepted.
+    async fn flush(
+        &mut self,
+        client: &mut MeshControllerClient<Channel>,
+        node: &str,
+        session: u64,
+    ) -> Result<(), ControlError> {
+        while !self.queue.is_empty() {
+            let n = self.queue.len().min(REPORT_CHUNK);
+            let windows: Vec<WindowSummary> = self.queue.iter().take(n).cloned().collect();
+            let request = ReportWindowsRequest { node: node.to_owned(), session, windows };
+            match client.report_windows(request).await {
+                Ok(_) => {
+                    self.queue.drain(..n);
+                    self.metrics.reports("accepted", n);
+                }
+                Err(status) if status.code() == Code::InvalidArgument => {
+                    // The controller will never take these: drop them, say so, go on.
+                    self.queue.drain(..n);
+                    self.metrics.reports("rejected", n);
+                    self.metrics.windows_dropped("rejected", u64::try_from(n).unwrap_or(u64::MAX));
+                    tracing::warn!(%status, count = n, "controller rejected window summaries");
+                }
+                Err(status) => {
+                    self.metrics.reports("failed", n);
+                    return Err(ControlError::Rpc { op: "report windows", status });
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,417 @@
+//! The agent's Prometheus metrics.
+//!
+//! Every series carries a constant `node` label (the agent's identity, so series
+//! of different agents never collide, even when several agents share one
+//! exposition as in `pingmesh demo`). Probe series are labelled by source and
+//! target ToR only; per-target-node detail is opt-in (`--metrics-per-target-node`)
+//! because it grows with the mesh. Series of ToRs that leave the pinglist are
+//! removed so rollouts do not leave stale series behind. The budget is in
+//! `docs/metrics.md`.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::probe::timing::{InvalidReason, Sample};
+
+/// Bucket bounds (seconds) for network RTT: 5 us .. 1 s, dense where RDMA and
+/// datacenter UDP RTTs live.
+const RTT_BUCKETS: &[f64] = &[
+    5e-6, 1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 1e-1, 1.0,
+];
+/// Bucket bounds (seconds) for host-side delays.
+const HOST_DELAY_BUCKETS: &[f64] = &[1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 5e-2, 1e-1, 1.0];
+
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("registering metric: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// Labels of one probed target, resolved once per pinglist.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TargetLabels {
+    pub src_tor: String,
+    pub dst_tor: String,
+    pub dst_node: String,
+}
+
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    per_target_node: bool,
+    probes: IntCounterVec,
+    network_rtt: HistogramVec,
+    prober_delay: HistogramVec,
+    responder_delay: HistogramVec,
+    node_probes: IntCounterVec,
+    node_network_rtt: HistogramVec,
+    software_timed: IntCounter,
+    invalid: IntCounterVec,
+    malformed: IntCounterVec,
+    unmatched: IntCounterVec,
+    probes_not_sent: IntCounterVec,
+    responder_answered: IntCounterVec,
+    responder_dropped: IntCounterVec,
+    pinglist_targets: IntGaugeVec,
+    pinglist_version: IntGauge,
+    pending: IntGauge,
+    controller_connected: IntGauge,
+    registrations: IntCounterVec,
+    reports: IntCounterVec,
+    windows_dropped: IntCounterVec,
+    transport_info: IntGaugeVec,
+    exported: Mutex<ExportedLabels>,
+}
+
+#[derive(Debug, Default)]
+struct ExportedLabels {
+    tor_pairs: HashSet<(String, String)>,
+    dst_nodes: HashSet<String>,
+}
+
+impl AgentMetrics {
+    pub fn new(node: &str, per_target_node: bool) -> Result<Self, MetricsError> {
+        let labels = HashMap::from([("node".to_owned(), node.to_owned())]);
+        let registry = Registry::new_custom(None, Some(labels))?;
+        let tor_pair = &["src_tor", "dst_tor"];
+        let m = Self {
+            per_target_node,
+            probes: counter_vec(
+                &registry,
+                "pingmesh_probes_total",
+                "Probes by result: ok (answered, valid), lost (no answer in time), invalid (answered, impossible timestamps).",
+                &["src_tor", "dst_tor", "result"],
+            )?,
+            network_rtt: histogram_vec(
+                &registry,
+                "pingmesh_network_rtt_seconds",
+                "Network round-trip time: (T5-T2)-(T4-T3), host delays excluded.",
+                tor_pair,
+                RTT_BUCKETS,
+            )?,
+            prober_delay: histogram_vec(
+                &registry,
+                "pingmesh_prober_delay_seconds",
+                "Delay the probing host added: (T6-T1)-(T5-T2).",
+                &["src_tor"],
+                HOST_DELAY_BUCKETS,
+            )?,
+            responder_delay: histogram_vec(
+                &registry,
+                "pingmesh_responder_delay_seconds",
+                "Delay the responding host added: T4-T3.",
+                &["dst_tor"],
+                HOST_DELAY_BUCKETS,
+            )?,
+            node_probes: counter_vec(
+                &registry,
+                "pingmesh_target_node_probes_total",
+                "Probes by target node and result (only with --metrics-per-target-node).",
+                &["dst_node", "result"],
+            )?,
+            node_network_rtt: histogram_vec(
+                &registry,
+                "pingmesh_target_node_network_rtt_seconds",
+                "Network RTT by target node (only with --metrics-per-target-node).",
+                &["dst_node"],
+                RTT_BUCKETS,
+            )?,
+            software_timed: counter(
+                &registry,
+                "pingmesh_software_timed_samples_total",
+                "Valid samples timed in user space because kernel or NIC timestamps were missing.",
+            )?,
+            invalid: counter_vec(
+                &registry,
+                "pingmesh_invalid_samples_total",
+                "Answered probes whose timestamps were impossible, by reason.",
+                &["reason"],
+            )?,
+            malformed: counter_vec(
+                &registry,
+                "pingmesh_malformed_packets_total",
+                "Datagrams that failed to decode, by receiving role and reason.",
+                &["role", "reason"],
+            )?,
+            unmatched: counter_vec(
+                &registry,
+                "pingmesh_unmatched_acks_total",
+                "ACKs that matched no pending probe (late after timeout, duplicate, or another prober's).",
+                &["reason"],
+            )?,
+            probes_not_sent: counter_vec(
+                &registry,
+                "pingmesh_probes_not_sent_total",
+                "Probes the agent could not send, by reason.",
+                &["reason"],
+            )?,
+            responder_answered: counter_vec(
+                &registry,
+                "pingmesh_responder_answered_total",
+                "Probes the responder answered, by how T3/T4 were timed.",
+                &["timestamps"],
+            )?,
+            responder_dropped: counter_vec(
+                &registry,
+                "pingmesh_responder_dropped_total",
+                "Datagrams the responder ignored or could not answer, by reason.",
+                &["reason"],
+            )?,
+            pinglist_targets: gauge_vec(
+                &registry,
+                "pingmesh_pinglist_targets",
+                "Targets in the current pinglist, by kind.",
+                &["kind"],
+            )?,
+            pinglist_version: gauge(
+                &registry,
+                "pingmesh_pinglist_version",
+                "Version of the pinglist in use (0: none yet).",
+            )?,
+            pending: gauge(&registry, "pingmesh_pending_probes", "Probes awaiting their ACKs.")?,
+            controller_connected: gauge(
+                &registry,
+                "pingmesh_controller_connected",
+                "1 while the pinglist stream from the mesh controller is open.",
+            )?,
+            registrations: counter_vec(
+                &registry,
+                "pingmesh_controller_registrations_total",
+                "Registration attempts with the mesh controller, by result.",
+                &["result"],
+            )?,
+            reports: counter_vec(
+                &registry,
+                "pingmesh_window_reports_total",
+                "Window summaries sent to the mesh controller, by result.",
+                &["result"],
+            )?,
+            windows_dropped: counter_vec(
+                &registry,
+                "pingmesh_window_summaries_dropped_total",
+                "Window summaries never delivered, by reason.",
+                &["reason"],
+            )?,
+            transport_info: gauge_vec(
+                &registry,
+                "pingmesh_transport_info",
+                "The transport in use (value 1) and whether kernel timestamps are on.",
+                &["transport", "timestamps", "reason"],
+            )?,
+            exported: Mutex::new(ExportedLabels::default()),
+            registry,
+        };
+        Ok(m)
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text exposition of every metric.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        out
+    }
+
+    pub fn sent_nothing(&self, reason: &'static str) {
+        self.probes_not_sent.with_label_values(&[reason]).inc();
+    }
+
+    pub fn answered(&self, t: &TargetLabels, sample: &Sample) {
+        self.probes.with_label_values(&[&t.src_tor, &t.dst_tor, "ok"]).inc();
+        let rtt = ns_to_seconds(sample.network_rtt_ns);
+        self.network_rtt.with_label_values(&[&t.src_tor, &t.dst_tor]).observe(rtt);
+        self.prober_delay
+            .with_label_values(&[&t.src_tor])
+            .observe(ns_to_seconds(sample.prober_delay_ns));
+        self.responder_delay
+            .with_label_values(&[&t.dst_tor])
+            .observe(ns_to_seconds(sample.responder_delay_ns));
+        if sample.software_timed {
+            self.software_timed.inc();
+        }
+        if self.per_target_node {
+            self.node_probes.with_label_values(&[&t.dst_node, "ok"]).inc();
+            self.node_network_rtt.with_label_values(&[&t.dst_node]).observe(rtt);
+        }
+    }
+
+    pub fn invalid(&self, t: &TargetLabels, reason: InvalidReason) {
+        self.probes.with_label_values(&[&t.src_tor, &t.dst_tor, "invalid"]).inc();
+        self.invalid.with_label_values(&[reason.category()]).inc();
+        if self.per_target_node {
+            self.node_probes.with_label_values(&[&t.dst_node, "invalid"]).inc();
+        }
+    }
+
+    pub fn lost(&self, t: &TargetLabels) {
+        self.probes.with_label_values(&[&t.src_tor, &t.dst_tor, "lost"]).inc();
+        if self.per_target_node {
+            self.node_probes.with_label_values(&[&t.dst_node, "lost"]).inc();
+        }
+    }
+
+    pub fn malformed(&self, role: &'static str, reason: &'static str) {
+        self.malformed.with_label_values(&[role, reason]).inc();
+    }
+
+    pub fn unmatched(&self, reason: &'static str) {
+        self.unmatched.with_label_values(&[reason]).inc();
+    }
+
+    pub fn responder_answered(&self, software_timed: bool) {
+        let how = if software_timed { "software" } else { "kernel" };
+        self.responder_answered.with_label_values(&[how]).inc();
+    }
+
+    pub fn responder_dropped(&self, reason: &'static str) {
+        self.responder_dropped.with_label_values(&[reason]).inc();
+    }
+
+    pub fn set_pending(&self, n: usize) {
+        self.pending.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_controller_connected(&self, up: bool) {
+        self.controller_connected.set(i64::from(up));
+    }
+
+    pub fn registration(&self, result: &'static str) {
+        self.registrations.with_label_values(&[result]).inc();
+    }
+
+    pub fn reports(&self, result: &'static str, n: usize) {
+        self.reports.with_label_values(&[result]).inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    pub fn windows_dropped(&self, reason: &'static str, n: u64) {
+        self.windows_dropped.with_label_values(&[reason]).inc_by(n);
+    }
+
+    pub fn set_transport(&self, transport: &str, kernel_timestamps: bool, reason: &str) {
+        self.transport_info.reset();
+        let ts = if kernel_timestamps { "kernel" } else { "software" };
+        self.transport_info.with_label_values(&[transport, ts, reason]).set(1);
+    }
+
+    /// Records a new pinglist: target counts by kind, and removal of the series
+    /// of ToR pairs and nodes that are no longer probed.
+    pub fn set_pinglist(&self, version: u64, targets_by_kind: &[(&str, usize)], labels: &[TargetLabels]) {
+        self.pinglist_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.pinglist_targets.reset();
+        for (kind, n) in targets_by_kind {
+            self.pinglist_targets.with_label_values(&[kind]).set(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
+        let now_pairs: HashSet<(String, String)> =
+            labels.iter().map(|l| (l.src_tor.clone(), l.dst_tor.clone())).collect();
+        let now_nodes: HashSet<String> = labels.iter().map(|l| l.dst_node.clone()).collect();
+        let Ok(mut exported) = self.exported.lock() else { return };
+        for (src, dst) in exported.tor_pairs.difference(&now_pairs) {
+            for result in ["ok", "lost", "invalid"] {
+                let _ = self.probes.remove_label_values(&[src, dst, result]);
+            }
+            let _ = self.network_rtt.remove_label_values(&[src, dst]);
+        }
+        for node in exported.dst_nodes.difference(&now_nodes) {
+            for result in ["ok", "lost", "invalid"] {
+                let _ = self.node_probes.remove_label_values(&[node, result]);
+            }
+            let _ = self.node_network_rtt.remove_label_values(&[node]);
+        }
+        exported.tor_pairs = now_pairs;
+        exported.dst_nodes = now_nodes;
+    }
+}
+
+fn ns_to_seconds(ns: u64) -> f64 {
+    ns as f64 / 1e9
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+    let m = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+    let m = IntCounter::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+    let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+    let m = IntGauge::with_opts(Opts::new(name, help))?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+fn histogram_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> Result<HistogramVec, MetricsError> {
+    let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(dst_tor: &str) -> TargetLabels {
+        TargetLabels { src_tor: "tor-a".into(), dst_tor: dst_tor.into(), dst_node: format!("n-{dst_tor}") }
+    }
+
+    fn text(m: &AgentMetrics) -> String {
+        String::from_utf8(m.encode()).unwrap()
+    }
+
+    #[test]
+    fn every_series_carries_the_node_label() {
+        let m = AgentMetrics::new("node-1", false).unwrap();
+        m.lost(&labels("tor-b"));
+        let t = text(&m);
+        assert!(t.contains(r#"pingmesh_probes_total{dst_tor="tor-b",node="node-1",result="lost",src_tor="tor-a"} 1"#), "{t}");
+    }
+
+    #[test]
+    fn per_target_node_series_exist_only_when_asked_for() {
+        let sample = Sample { network_rtt_ns: 1000, prober_delay_ns: 1, responder_delay_ns: 1, software_timed: false };
+        let off = AgentMetrics::new("n", false).unwrap();
+        off.answered(&labels("tor-b"), &sample);
+        assert!(!text(&off).contains("dst_node="));
+        let on = AgentMetrics::new("n", true).unwrap();
+        on.answered(&labels("tor-b"), &sample);
+        assert!(text(&on).contains(r#"dst_node="n-tor-b""#));
+    }
+
+    #[test]
+    fn series_of_tors_that_left_the_pinglist_are_removed() {
+        let m = AgentMetrics::new("n", true).unwrap();
+        m.set_pinglist(1, &[("tor_mesh", 2)], &[labels("tor-b"), labels("tor-c")]);
+        m.lost(&labels("tor-b"));
+        m.lost(&labels("tor-c"));
+        m.set_pinglist(2, &[("tor_mesh", 1)], &[labels("tor-c")]);
+        let t = text(&m);
+        assert!(!t.contains(r#"dst_tor="tor-b""#), "{t}");
+        assert!(!t.contains(r#"dst_node="n-tor-b""#), "{t}");
+        assert!(t.contains(r#"dst_tor="tor-c""#));
+    }
+}

@@ -1,0 +1,442 @@
+//! The prober: paces probes to every pinglist target, matches what comes back,
+//! and feeds outcomes to the metrics and the window aggregator.
+//!
+//! Tasks: one scheduler (sends), one receiver per source-port socket (ACKs and
+//! kernel TX timestamps), one sweeper (timeouts, finished windows). Probes are
+//! registered in the pending table before they are sent, and pacing is jittered
+//! per target so a fleet never probes in lockstep.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pingmesh_proto::v1::{Pinglist, TargetKind, WindowSummary};
+use pingmesh_proto::window::{unix_now_ms, window_start};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::clock::host_now_ns;
+use super::pending::{Outcome, PendingTable};
+use super::timing::{Stamp, classify};
+use super::wire::{Message, MessageType};
+use crate::aggregate::{PathInfo, WindowAggregator};
+use crate::metrics::{AgentMetrics, TargetLabels};
+use crate::transport::udp::{SocketEvent, UdpProbeSocket};
+use crate::transport::{TimestampMode, TransportError};
+
+/// Exact percentiles are kept for up to this many samples per path and window.
+const MAX_EXACT_SAMPLES: usize = 4_096;
+/// TX-timestamp keys remembered per socket; older ones are forgotten.
+const MAX_TX_KEYS: usize = 8_192;
+/// Window length and timeout used until the first pinglist says otherwise.
+const DEFAULT_WINDOW_MS: u32 = 5_000;
+const DEFAULT_TIMEOUT_MS: u32 = 500;
+
+#[derive(Debug, Clone)]
+pub struct ProberConfig {
+    /// Local IP the source-port sockets bind to.
+    pub bind_ip: IpAddr,
+    pub timestamps: TimestampMode,
+    pub max_flows: u16,
+    pub max_pending: usize,
+}
+
+/// One pinglist target, resolved once per pinglist.
+#[derive(Debug)]
+struct Target {
+    path: Arc<PathInfo>,
+    labels: TargetLabels,
+    addr: SocketAddr,
+    interval: Duration,
+    flows: u16,
+}
+
+/// What the pending table remembers per probe.
+#[derive(Debug, Clone)]
+struct ProbeCtx {
+    target: Arc<Target>,
+}
+
+struct Shared {
+    prober_id: u64,
+    next_seq: AtomicU64,
+    pending: Mutex<PendingTable<ProbeCtx>>,
+    aggregator: Mutex<WindowAggregator>,
+    timeout_ms: AtomicU64,
+    metrics: Arc<AgentMetrics>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks is a bug elsewhere; keep going with the data.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A source-port socket and the TX-timestamp keys of the probes sent on it.
+struct FlowSocket {
+    socket: Arc<UdpProbeSocket>,
+    tx_keys: Mutex<TxKeys>,
+}
+
+/// Matches kernel TX timestamps to probes. The kernel can report a timestamp
+/// before `send_to` has returned its key to us, so either side may come first.
+#[derive(Default)]
+struct TxKeys {
+    seq_of_key: BTreeMap<u32, u64>,
+    early_stamps: BTreeMap<u32, u64>,
+}
+
+impl TxKeys {
+    /// The probe `seq` was sent under `key`; returns its stamp if it already came.
+    fn sent(&mut self, key: u32, seq: u64) -> Option<u64> {
+        if let Some(stamp) = self.early_stamps.remove(&key) {
+            return Some(stamp);
+        }
+        self.seq_of_key.insert(key, seq);
+        Self::bound(&mut self.seq_of_key);
+        None
+    }
+
+    /// The kernel stamped `key`; returns the probe's seq if we know it yet.
+    fn stamped(&mut self, key: u32, kernel_ns: u64) -> Option<u64> {
+        if let Some(seq) = self.seq_of_key.remove(&key) {
+            return Some(seq);
+        }
+        self.early_stamps.insert(key, kernel_ns);
+        Self::bound(&mut self.early_stamps);
+        None
+    }
+
+    fn bound(map: &mut BTreeMap<u32, u64>) {
+        while map.len() > MAX_TX_KEYS {
+            map.pop_first();
+        }
+    }
+}
+
+/// Runs the prober until `cancel`. Window summaries go to `summaries`.
+pub async fn run_prober(
+    config: ProberConfig,
+    metrics: Arc<AgentMetrics>,
+    mut pinglists: watch::Receiver<Option<Arc<Pinglist>>>,
+    summaries: mpsc::Sender<Vec<WindowSummary>>,
+    cancel: CancellationToken,
+) -> Result<(), TransportError> {
+    let shared = Arc::new(Shared {
+        prober_id: rand::random(),
+        next_seq: AtomicU64::new(1),
+        pending: Mutex::new(PendingTable::new(config.max_pending)),
+        aggregator: Mutex::new(WindowAggregator::new(DEFAULT_WINDOW_MS, MAX_EXACT_SAMPLES)),
+        timeout_ms: AtomicU64::new(u64::from(DEFAULT_TIMEOUT_MS)),
+        metrics: metrics.clone(),
+    });
+    let mut tasks = JoinSet::new();
+    tasks.spawn(sweep(shared.clone(), summaries, cancel.clone()));
+
+    let mut sockets: Vec<Arc<FlowSocket>> = Vec::new();
+    let mut schedule = Schedule::default();
+    let mut window_ms = DEFAULT_WINDOW_MS;
+    let mut timeout_ms = DEFAULT_TIMEOUT_MS;
+    loop {
+        let next_due = schedule.next_due();
+        tokio::select! {
+            () = cancel.cancelled() => break,
+            changed = pinglists.changed() => {
+                if changed.is_err() {
+                    break; // the control task is gone: the agent is stopping
+                }
+                let Some(list) = pinglists.borrow_and_update().clone() else { continue };
+                if list.window_ms != window_ms && list.window_ms > 0 {
+                    window_ms = list.window_ms;
+                    *lock(&shared.aggregator) = WindowAggregator::new(window_ms, MAX_EXACT_SAMPLES);
+                }
+                if list.probe_timeout_ms > 0 {
+                    timeout_ms = list.probe_timeout_ms;
+                    shared.timeout_ms.store(u64::from(timeout_ms), Ordering::Relaxed);
+                }
+                let targets = resolve_targets(&list, &metrics);
+                let wanted = targets.iter().map(|t| t.flows).max().unwrap_or(1).min(config.max_flows.max(1));
+                while sockets.len() < usize::from(wanted) {
+                    let socket = Arc::new(UdpProbeSocket::bind(SocketAddr::new(config.bind_ip, 0), config.timestamps)?);
+                    let flow = Arc::new(FlowSocket { socket, tx_keys: Mutex::new(TxKeys::default()) });
+                    tasks.spawn(receive(shared.clone(), flow.clone(), cancel.clone()));
+                    sockets.push(flow);
+                }
+                schedule = Schedule::new(targets);
+            }
+            () = sleep_until(next_due) => {
+                if let Some(target_index) = schedule.pop_due() {
+                    let target = schedule.targets[target_index].clone();
+                    let flow = schedule.next_flow(target_index, sockets.len());
+                    if let Some(socket) = sockets.get(usize::from(flow)) {
+                        send_probe(&shared, socket, target, flow, window_ms, timeout_ms).await;
+                    }
+                }
+            }
+        }
+    }
+    cancel.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn resolve_targets(list: &Pinglist, metrics: &AgentMetrics) -> Vec<Arc<Target>> {
+    let mut out = Vec::with_capacity(list.targets.len());
+    let mut by_kind: BTreeMap<&'static str, usize> = BTreeMap::new();
+    for t in &list.targets {
+        let Some(endpoint) = &t.target else { continue };
+        let Ok(addr) = endpoint.address.parse::<SocketAddr>() else {
+            tracing::warn!(target = %endpoint.id, address = %endpoint.address, "pinglist target has no UDP address; skipped");
+            metrics.sent_nothing("bad_target_address");
+            continue;
+        };
+        if !(t.rate_pps.is_finite() && t.rate_pps > 0.0) {
+            continue;
+        }
+        let kind = TargetKind::try_from(t.kind).unwrap_or(TargetKind::Unspecified);
+        *by_kind.entry(kind_label(kind)).or_default() += 1;
+        out.push(Arc::new(Target {
+            path: Arc::new(PathInfo {
+                source_endpoint: t.source_endpoint.as_str().into(),
+                target_endpoint: endpoint.id.as_str().into(),
+                target_node: t.target_node.as_str().into(),
+                kind: t.kind,
+            }),
+            labels: TargetLabels {
+                src_tor: t.source_tor.clone(),
+                dst_tor: endpoint.tor.clone(),
+                dst_node: t.target_node.clone(),
+            },
+            addr,
+            interval: Duration::from_secs_f64(1.0 / t.rate_pps.min(1_000.0)),
+            flows: u16::try_from(t.flows.clamp(1, 1024)).unwrap_or(1),
+        }));
+    }
+    let kinds: Vec<(&str, usize)> = by_kind.into_iter().collect();
+    let labels: Vec<TargetLabels> = out.iter().map(|t| t.labels.clone()).collect();
+    metrics.set_pinglist(list.version, &kinds, &labels);
+    out
+}
+
+fn kind_label(kind: TargetKind) -> &'static str {
+    match kind {
+        TargetKind::TorMesh => "tor_mesh",
+        TargetKind::InterTor => "inter_tor",
+        TargetKind::Service => "service",
+        TargetKind::Unspecified => "unspecified",
+    }
+}
+
+/// Per-target pacing: each target has its own jittered period, started at a
+/// random phase, so probes from many agents never line up.
+#[derive(Default)]
+struct Schedule {
+    targets: Vec<Arc<Target>>,
+    due: BinaryHeap<Reverse<(Instant, usize)>>,
+    flow_cursor: Vec<u16>,
+}
+
+impl Schedule {
+    fn new(targets: Vec<Arc<Target>>) -> Self {
+        let now = Instant::now();
+        let mut due = BinaryHeap::with_capacity(targets.len());
+        let mut flow_cursor = Vec::with_capacity(targets.len());
+        for (i, t) in targets.iter().enumerate() {
+            due.push(Reverse((now + t.interval.mul_f64(rand::random_range(0.0..1.0)), i)));
+            flow_cursor.push(rand::random_range(0..t.flows.max(1)));
+        }
+        Self { targets, due, flow_cursor }
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.due.peek().map(|Reverse((at, _))| *at)
+    }
+
+    /// Takes the most overdue target and schedules its next probe one jittered
+    /// period after this one was due (not after now, so pacing does not drift).
+    fn pop_due(&mut self) -> Option<usize> {
+        let Reverse((at, i)) = self.due.pop()?;
+        let period = self.targets[i].interval.mul_f64(rand::random_range(0.9..1.1));
+        let next = (at + period).max(Instant::now());
+        self.due.push(Reverse((next, i)));
+        Some(i)
+    }
+
+    /// Round-robin over the target's flows, mapped onto the sockets we have.
+    fn next_flow(&mut self, i: usize, sockets: usize) -> u16 {
+        let flows = self.targets[i].flows.max(1);
+        let flow = self.flow_cursor[i] % flows;
+        self.flow_cursor[i] = (flow + 1) % flows;
+        let sockets = u16::try_from(sockets.max(1)).unwrap_or(u16::MAX);
+        flow % sockets
+    }
+}
+
+async fn send_probe(
+    shared: &Shared,
+    flow_socket: &FlowSocket,
+    target: Arc<Target>,
+    flow: u16,
+    window_ms: u32,
+    timeout_ms: u32,
+) {
+    let seq = shared.next_seq.fetch_add(1, Ordering::Relaxed);
+    let window = window_start(unix_now_ms(), window_ms);
+    let t1 = host_now_ns();
+    let deadline = t1 + u64::from(timeout_ms) * 1_000_000;
+    let expect_tx = flow_socket.socket.timestamp_support().tx;
+    let ctx = ProbeCtx { target: target.clone() };
+    // Registered before the send: the ACK may be read before send_to returns.
+    let inserted = lock(&shared.pending).insert(seq, ctx, flow, window, t1, deadline, expect_tx);
+    if let Err(e) = inserted {
+        shared.metrics.sent_nothing(e.category());
+        return;
+    }
+    let payload = Message::probe(shared.prober_id, seq).encode();
+    match flow_socket.socket.send_to(&payload, target.addr).await {
+        Ok(receipt) => {
+            lock(&shared.aggregator).on_sent(window, &target.path);
+            let early_stamp = receipt.tx_key.and_then(|key| lock(&flow_socket.tx_keys).sent(key, seq));
+            let mut pending = lock(&shared.pending);
+            if let Some(kernel_ns) = early_stamp {
+                // Cannot finish the probe: it also waits for on_sent below.
+                let _ = pending.on_tx_timestamp(seq, kernel_ns);
+            }
+            let finished = pending.on_sent(seq, receipt.host_ns);
+            drop(pending);
+            if let Ok(Some(outcome)) = finished {
+                record(shared, outcome);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, target = %target.addr, "probe send failed");
+            shared.metrics.sent_nothing(e.category());
+            let _ = lock(&shared.pending).on_send_failed(seq);
+        }
+    }
+}
+
+/// Reads ACKs and TX timestamps from one source-port socket.
+async fn receive(shared: Arc<Shared>, flow: Arc<FlowSocket>, cancel: CancellationToken) {
+    let mut buf = [0u8; 256];
+    loop {
+        let event = tokio::select! {
+            () = cancel.cancelled() => return,
+            e = flow.socket.next_event(&mut buf) => e,
+        };
+        let result = match event {
+            Ok(SocketEvent::TxTimestamp { key, kernel_ns }) => {
+                let seq = lock(&flow.tx_keys).stamped(key, kernel_ns);
+                match seq {
+                    Some(seq) => lock(&shared.pending).on_tx_timestamp(seq, kernel_ns),
+                    None => continue,
+                }
+            }
+            Ok(SocketEvent::Datagram { len, host_ns, kernel_ns, truncated, .. }) => {
+                if truncated {
+                    shared.metrics.malformed("prober", "truncated");
+                    continue;
+                }
+                let message = match Message::decode(&buf[..len]) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        shared.metrics.malformed("prober", e.category());
+                        continue;
+                    }
+                };
+                if message.prober_id != shared.prober_id {
+                    shared.metrics.unmatched("other_prober");
+                    continue;
+                }
+                let mut pending = lock(&shared.pending);
+                match message.kind {
+                    MessageType::Ack1 => pending.on_ack1(message.seq, Stamp { host_ns, kernel_ns }),
+                    MessageType::Ack2 => pending.on_ack2(
+                        message.seq,
+                        message.t3_ns,
+                        message.t4_ns,
+                        message.responder_software_timed(),
+                        host_ns,
+                    ),
+                    MessageType::Probe => {
+                        drop(pending);
+                        shared.metrics.malformed("prober", "unexpected_probe");
+                        continue;
+                    }
+                }
+            }
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::warn!(error = %e, "prober socket receive failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        match result {
+            Ok(Some(outcome)) => record(&shared, outcome),
+            Ok(None) => {}
+            Err(unmatched) => shared.metrics.unmatched(unmatched.category()),
+        }
+    }
+}
+
+/// Expires probes past their deadline and hands finished windows to the reporter.
+async fn sweep(shared: Arc<Shared>, summaries: mpsc::Sender<Vec<WindowSummary>>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks: u64 = 0;
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        ticks += 1;
+        let expired = lock(&shared.pending).expire(host_now_ns());
+        for outcome in expired {
+            record(&shared, outcome);
+        }
+        if ticks % 10 != 0 {
+            continue;
+        }
+        shared.metrics.set_pending(lock(&shared.pending).len());
+        // A window closes once every probe sent in it has had its full timeout.
+        let grace = shared.timeout_ms.load(Ordering::Relaxed) + 100;
+        let finished = lock(&shared.aggregator).take_finished(unix_now_ms(), grace);
+        if finished.unresolved > 0 {
+            shared.metrics.windows_dropped("unresolved_probes", finished.unresolved);
+        }
+        if !finished.summaries.is_empty() && summaries.try_send(finished.summaries).is_err() {
+            shared.metrics.windows_dropped("reporter_busy", 1);
+        }
+    }
+}
+
+/// Books one finished probe in the metrics and its window.
+fn record(shared: &Shared, outcome: Outcome<ProbeCtx>) {
+    match outcome {
+        Outcome::Answered { ctx, window_start_ms, times, .. } => {
+            let result = classify(&times);
+            match &result {
+                Ok(sample) => shared.metrics.answered(&ctx.target.labels, sample),
+                Err(reason) => shared.metrics.invalid(&ctx.target.labels, *reason),
+            }
+            lock(&shared.aggregator).on_answered(window_start_ms, &ctx.target.path, result);
+        }
+        Outcome::Lost { ctx, flow, window_start_ms } => {
+            shared.metrics.lost(&ctx.target.labels);
+            lock(&shared.aggregator).on_lost(window_start_ms, &ctx.target.path, flow);
+        }
+        Outcome::SendFailed { .. } => {}
+    }
+}

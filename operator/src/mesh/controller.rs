@@ -1,0 +1,567 @@
+//! The mesh controller's state and behaviour, independent of how it is reached
+//! (gRPC for agents, HTTP for people and dashboards).
+//!
+//! Membership is persistent (the registry); presence is in memory: an agent is
+//! present while its pinglist stream is open. Pinglists only name present
+//! endpoints, so an agent that dies leaves every pinglist as soon as its
+//! connection drops, and the analyzer does not blame the network for probes to
+//! an agent that was not up for the whole window.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use pingmesh_proto::limits::{MAX_ENDPOINTS_PER_NODE, MAX_SUMMARIES_PER_REPORT, is_valid_id};
+use pingmesh_proto::v1::{self, Transport};
+use pingmesh_proto::window::{unix_now_ms, window_start};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use super::analyzer::{Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, WindowReport};
+use super::metrics::ControllerMetrics;
+use super::pinglist::MeshView;
+use super::registry::{Registry, RegistryError};
+use super::types::{AgentRecord, MeshEndpoint};
+use crate::config::MeshConfig;
+
+/// How often presence is written to the registry (last_seen) for connected agents.
+const PERSIST_PRESENCE_EVERY: Duration = Duration::from_secs(15);
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("node {0} is not registered; register first")]
+    UnknownNode(String),
+    #[error("node {node} registered again (session {current}); this session ({given}) is over")]
+    StaleSession { node: String, current: u64, given: u64 },
+    #[error("endpoint {endpoint} belongs to node {owner}")]
+    Conflict { endpoint: String, owner: String },
+    #[error("registry unavailable: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+impl MeshError {
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::UnknownNode(_) => "unknown_node",
+            Self::StaleSession { .. } => "stale_session",
+            Self::Conflict { .. } => "endpoint_conflict",
+            Self::Registry(e) => e.category(),
+        }
+    }
+}
+
+/// What every pinglist stream computes its list from; replaced on every change.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub version: u64,
+    pub rotation_epoch: u64,
+    pub view: MeshView,
+}
+
+/// When a node's agent was connected.
+#[derive(Debug, Clone, Copy, Default)]
+struct Presence {
+    session: u64,
+    open_streams: u32,
+    connected_since_ms: u64,
+    last_disconnect_ms: u64,
+    persisted_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    presence: HashMap<String, Presence>,
+    /// Every registered endpoint (present or not): the analyzer's topology.
+    endpoints: HashMap<String, MeshEndpoint>,
+    version: u64,
+    rotation_epoch: u64,
+}
+
+#[derive(Debug)]
+pub struct MeshController {
+    config: MeshConfig,
+    registry: Arc<dyn Registry>,
+    state: Mutex<State>,
+    snapshot: watch::Sender<Arc<Snapshot>>,
+    analyzer: Mutex<Analyzer>,
+    pub metrics: ControllerMetrics,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Summary of one ReportWindows call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportOutcome {
+    pub accepted: u32,
+    pub duplicates: u32,
+    pub rejected: u32,
+}
+
+impl MeshController {
+    /// Opens the controller on an already-open registry and loads its contents.
+    pub async fn new(config: MeshConfig, registry: Arc<dyn Registry>) -> Result<Arc<Self>, MeshError> {
+        let metrics = ControllerMetrics::new()
+            .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
+        let endpoints = registry.endpoints().await?;
+        let state = State {
+            endpoints: endpoints.into_iter().map(|e| (e.id.clone(), e)).collect(),
+            rotation_epoch: config.pinglist.rotation_epoch(unix_now_ms()),
+            ..State::default()
+        };
+        let (snapshot, _) = watch::channel(Arc::new(Snapshot {
+            version: 0,
+            rotation_epoch: state.rotation_epoch,
+            view: MeshView::new(Vec::new()),
+        }));
+        let analyzer = Analyzer::new(config.sla.clone(), config.pinglist.window_ms)
+            .map_err(|e| MeshError::InvalidRequest(format!("SLA policy: {e}")))?;
+        let controller = Arc::new(Self {
+            config,
+            registry,
+            state: Mutex::new(state),
+            snapshot,
+            analyzer: Mutex::new(analyzer),
+            metrics,
+        });
+        controller.publish();
+        Ok(controller)
+    }
+
+    pub fn config(&self) -> &MeshConfig {
+        &self.config
+    }
+
+    /// Validates and stores a node's endpoints; returns the new session and the
+    /// endpoints as stored (ToR resolved).
+    pub async fn register(
+        &self,
+        node: &str,
+        agent_version: &str,
+        endpoints: &[v1::Endpoint],
+    ) -> Result<(u64, Vec<MeshEndpoint>), MeshError> {
+        let resolved = self.validate_registration(node, endpoints)?;
+        let session = loop {
+            let s: u64 = rand::random();
+            if s != 0 {
+                break s;
+            }
+        };
+        let now = unix_now_ms();
+        let version = agent_version.chars().take(64).collect::<String>();
+        match self.registry.register(node, &version, session, &resolved, now).await {
+            Ok(()) => {}
+            Err(RegistryError::EndpointConflict { endpoint, owner }) => {
+                self.metrics.registrations.with_label_values(&["conflict"]).inc();
+                return Err(MeshError::Conflict { endpoint, owner });
+            }
+            Err(e) => {
+                self.metrics.registrations.with_label_values(&["error"]).inc();
+                self.metrics.registry_errors.with_label_values(&[e.category()]).inc();
+                return Err(e.into());
+            }
+        }
+        self.metrics.registrations.with_label_values(&["ok"]).inc();
+        {
+            let mut state = lock(&self.state);
+            state.endpoints.retain(|_, e| e.node != node);
+            for e in &resolved {
+                state.endpoints.insert(e.id.clone(), e.clone());
+            }
+            let p = state.presence.entry(node.to_owned()).or_default();
+            p.session = session;
+            p.persisted_ms = now;
+        }
+        self.publish();
+        tracing::info!(node, session, endpoints = resolved.len(), "agent registered");
+        Ok((session, resolved))
+    }
+
+    fn validate_registration(&self, node: &str, endpoints: &[v1::Endpoint]) -> Result<Vec<MeshEndpoint>, MeshError> {
+        let invalid = |m: String| Err(MeshError::InvalidRequest(m));
+        if !is_valid_id(node) {
+            return invalid(format!("node name {node:?} is not a valid identifier"));
+        }
+        if endpoints.is_empty() || endpoints.len() > MAX_ENDPOINTS_PER_NODE {
+            return invalid(format!("a node registers 1 to {MAX_ENDPOINTS_PER_NODE} endpoints, not {}", endpoints.len()));
+        }
+        let mut out = Vec::with_capacity(endpoints.len());
+        for e in endpoints {
+            if !is_valid_id(&e.id) || !e.id.starts_with(&format!("{node}/")) {
+                return invalid(format!("endpoint id {:?} must be \"{node}/<name>\"", e.id));
+            }
+            if out.iter().any(|o: &MeshEndpoint| o.id == e.id) {
+                return invalid(format!("endpoint id {:?} is listed twice", e.id));
+            }
+            match Transport::try_from(e.transport) {
+                Ok(Transport::Udp) => {
+                    if e.address.parse::<std::net::SocketAddr>().is_err() {
+                        return invalid(format!("UDP endpoint {} has address {:?}, not ip:port", e.id, e.address));
+                    }
+                }
+                Ok(Transport::Rdma) => {
+                    if e.address.parse::<std::net::Ipv6Addr>().is_err() || e.qpn == 0 {
+                        return invalid(format!("RDMA endpoint {} needs a GID and a QPN", e.id));
+                    }
+                }
+                _ => return invalid(format!("endpoint {} has unknown transport {}", e.id, e.transport)),
+            }
+            if !e.tor.is_empty() && !is_valid_id(&e.tor) {
+                return invalid(format!("endpoint {} has ToR {:?}, not a valid name", e.id, e.tor));
+            }
+            let tor = if e.tor.is_empty() { self.config.default_tor.clone() } else { e.tor.clone() };
+            out.push(MeshEndpoint {
+                id: e.id.clone(),
+                node: node.to_owned(),
+                tor,
+                transport: e.transport,
+                address: e.address.clone(),
+                qpn: e.qpn,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Checks that `session` is the node's current one.
+    pub async fn check_session(&self, node: &str, session: u64) -> Result<(), MeshError> {
+        let known = lock(&self.state).presence.get(node).map(|p| p.session);
+        let current = match known {
+            Some(s) if s != 0 => s,
+            // Not seen since this controller started: the registry may know it.
+            _ => match self.registry.agent(node).await? {
+                Some(record) => {
+                    lock(&self.state).presence.entry(node.to_owned()).or_default().session = record.session;
+                    record.session
+                }
+                None => return Err(MeshError::UnknownNode(node.to_owned())),
+            },
+        };
+        if current == session {
+            Ok(())
+        } else {
+            Err(MeshError::StaleSession { node: node.to_owned(), current, given: session })
+        }
+    }
+
+    /// Marks the node present while the returned guard lives.
+    pub fn connect(self: &Arc<Self>, node: &str, session: u64) -> PresenceGuard {
+        {
+            let mut state = lock(&self.state);
+            let p = state.presence.entry(node.to_owned()).or_default();
+            if p.open_streams == 0 {
+                p.connected_since_ms = unix_now_ms();
+            }
+            p.open_streams += 1;
+        }
+        self.publish();
+        tracing::info!(node, session, "agent connected");
+        PresenceGuard { controller: self.clone(), node: node.to_owned() }
+    }
+
+    fn disconnect(&self, node: &str) {
+        {
+            let mut state = lock(&self.state);
+            if let Some(p) = state.presence.get_mut(node) {
+                p.open_streams = p.open_streams.saturating_sub(1);
+                if p.open_streams == 0 {
+                    p.last_disconnect_ms = unix_now_ms();
+                }
+            }
+        }
+        self.publish();
+        tracing::info!(node, "agent disconnected");
+    }
+
+    /// The session a node is in now (0: none).
+    pub fn current_session(&self, node: &str) -> u64 {
+        lock(&self.state).presence.get(node).map_or(0, |p| p.session)
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
+        self.snapshot.subscribe()
+    }
+
+    /// The pinglist of `node` in `snapshot`.
+    pub fn pinglist(&self, node: &str, snapshot: &Snapshot) -> v1::Pinglist {
+        let mut list = snapshot.view.pinglist(node, &self.config.pinglist, snapshot.rotation_epoch, snapshot.version);
+        let state = lock(&self.state);
+        for t in &mut list.targets {
+            if t.source_tor.is_empty() {
+                t.source_tor = state.endpoints.get(&t.source_endpoint).map(|e| e.tor.clone()).unwrap_or_default();
+            }
+        }
+        list
+    }
+
+    /// Rebuilds the view from the endpoints of present nodes and wakes every stream.
+    fn publish(&self) {
+        let (version, epoch, present, registered, connected) = {
+            let mut state = lock(&self.state);
+            state.version += 1;
+            let present: Vec<MeshEndpoint> = state
+                .endpoints
+                .values()
+                .filter(|e| state.presence.get(&e.node).is_some_and(|p| p.open_streams > 0))
+                .cloned()
+                .collect();
+            let connected = state.presence.values().filter(|p| p.open_streams > 0).count();
+            let registered = state.endpoints.values().map(|e| &e.node).collect::<std::collections::HashSet<_>>().len();
+            (state.version, state.rotation_epoch, present, registered, connected)
+        };
+        self.metrics.endpoints.set(i64::try_from(present.len()).unwrap_or(i64::MAX));
+        self.metrics.agents.with_label_values(&["registered"]).set(i64::try_from(registered).unwrap_or(i64::MAX));
+        self.metrics.agents.with_label_values(&["connected"]).set(i64::try_from(connected).unwrap_or(i64::MAX));
+        let view = MeshView::new(present);
+        self.snapshot.send_replace(Arc::new(Snapshot { version, rotation_epoch: epoch, view }));
+    }
+
+    /// Takes a node's window summaries into the analyzer.
+    pub fn report(&self, node: &str, windows: Vec<v1::WindowSummary>) -> Result<ReportOutcome, MeshError> {
+        if windows.len() > MAX_SUMMARIES_PER_REPORT {
+            return Err(MeshError::InvalidRequest(format!(
+                "{} summaries in one report; at most {MAX_SUMMARIES_PER_REPORT}",
+                windows.len()
+            )));
+        }
+        let owned: Vec<bool> = {
+            let state = lock(&self.state);
+            windows
+                .iter()
+                .map(|w| state.endpoints.get(&w.source_endpoint).is_some_and(|e| e.node == node))
+                .collect()
+        };
+        let mut outcome = ReportOutcome::default();
+        let now = unix_now_ms();
+        let mut analyzer = lock(&self.analyzer);
+        for (summary, owned) in windows.into_iter().zip(owned) {
+            if !owned {
+                outcome.rejected += 1;
+                self.metrics.summaries.with_label_values(&["not_own_endpoint"]).inc();
+                continue;
+            }
+            match analyzer.ingest(summary, now) {
+                Ok(Ingested::Accepted) => outcome.accepted += 1,
+                Ok(Ingested::Duplicate) => outcome.duplicates += 1,
+                Err(e) => {
+                    outcome.rejected += 1;
+                    self.metrics.summaries.with_label_values(&[e.category()]).inc();
+                    tracing::debug!(node, error = %e, "window summary rejected");
+                }
+            }
+        }
+        drop(analyzer);
+        self.metrics.summaries.with_label_values(&["accepted"]).inc_by(u64::from(outcome.accepted));
+        self.metrics.summaries.with_label_values(&["duplicate"]).inc_by(u64::from(outcome.duplicates));
+        Ok(outcome)
+    }
+
+    /// Judges one window: called once every agent had time to report it.
+    /// `None` when the window was judged already.
+    pub fn evaluate(&self, window_start_ms: u64) -> Option<Arc<WindowReport>> {
+        let window_ms = u64::from(self.config.pinglist.window_ms);
+        let timeout_ms = u64::from(self.config.pinglist.probe_timeout_ms);
+        let state = lock(&self.state);
+        let topology = |endpoint: &str| {
+            state.endpoints.get(endpoint).map(|e| EndpointPlacement { node: e.node.clone(), tor: e.tor.clone() })
+        };
+        // Present for the whole window: connected before it began, and still
+        // connected, or disconnected only after its last probe timed out.
+        let present = |endpoint: &str, window: u64| {
+            let Some(node) = state.endpoints.get(endpoint).map(|e| &e.node) else { return false };
+            state.presence.get(node).is_some_and(|p| {
+                p.connected_since_ms != 0
+                    && p.connected_since_ms <= window
+                    && (p.open_streams > 0 || p.last_disconnect_ms >= window + window_ms + timeout_ms)
+            })
+        };
+        let judged = lock(&self.analyzer).evaluate(window_start_ms, &topology, &present);
+        drop(state);
+        match judged {
+            Ok(report) => {
+                self.publish_report_metrics(&report);
+                Some(report)
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "window not judged");
+                None
+            }
+        }
+    }
+
+    fn publish_report_metrics(&self, report: &WindowReport) {
+        let m = &self.metrics;
+        m.windows_evaluated.inc();
+        m.excluded_paths.with_label_values(&["target_gone"]).inc_by(report.excluded_target_gone);
+        m.tor_pair_loss.reset();
+        m.tor_pair_p99.reset();
+        m.tor_pair_probes.reset();
+        for pair in &report.tor_pairs {
+            let labels = [pair.source_tor.as_str(), pair.target_tor.as_str()];
+            if let Some(loss) = pair.loss_ratio {
+                m.tor_pair_loss.with_label_values(&labels).set(loss);
+            }
+            if let Some(p99) = pair.p99_network_rtt_ns {
+                m.tor_pair_p99.with_label_values(&labels).set(p99 as f64 / 1e9);
+            }
+            for (result, n) in [("ok", pair.ok), ("lost", pair.lost), ("invalid", pair.invalid)] {
+                m.tor_pair_probes
+                    .with_label_values(&[labels[0], labels[1], result])
+                    .set(i64::try_from(n).unwrap_or(i64::MAX));
+            }
+        }
+        for f in &report.opened {
+            m.findings_opened.with_label_values(&[kind_label(f.kind)]).inc();
+            tracing::warn!(kind = kind_label(f.kind), location = %f.location, evidence = %f.evidence, "finding opened");
+        }
+        for f in &report.cleared {
+            tracing::info!(kind = kind_label(f.kind), location = %f.location, "finding cleared");
+        }
+        m.findings_open.reset();
+        for f in self.open_findings() {
+            m.findings_open.with_label_values(&[kind_label(f.kind)]).inc();
+        }
+    }
+
+    pub fn open_findings(&self) -> Vec<Finding> {
+        lock(&self.analyzer).open_findings().into_iter().cloned().collect()
+    }
+
+    pub fn last_report(&self) -> Option<Arc<WindowReport>> {
+        lock(&self.analyzer).last_report()
+    }
+
+    pub async fn agents(&self) -> Result<Vec<AgentView>, MeshError> {
+        let records = self.registry.agents().await?;
+        let state = lock(&self.state);
+        Ok(records
+            .into_iter()
+            .map(|record| {
+                let connected = state.presence.get(&record.node).is_some_and(|p| p.open_streams > 0);
+                let endpoints = state.endpoints.values().filter(|e| e.node == record.node).cloned().collect();
+                AgentView { record, connected, endpoints }
+            })
+            .collect())
+    }
+
+    pub async fn endpoints(&self) -> Result<Vec<MeshEndpoint>, MeshError> {
+        Ok(self.registry.endpoints().await?)
+    }
+
+    /// Background work: judging windows, rotating inter-ToR samples, expiring
+    /// stale agents. Runs until `cancel`.
+    pub async fn run_background(self: Arc<Self>, cancel: CancellationToken) {
+        let window_ms = self.config.pinglist.window_ms;
+        let delay = u64::from(window_ms) + u64::from(self.config.pinglist.probe_timeout_ms) + self.config.report_grace_ms;
+        let mut next_window = window_start(unix_now_ms(), window_ms);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_housekeeping = unix_now_ms();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let now = unix_now_ms();
+            while now >= next_window + delay {
+                self.evaluate(next_window);
+                next_window += u64::from(window_ms);
+            }
+            let epoch = self.config.pinglist.rotation_epoch(now);
+            let rotated = {
+                let mut state = lock(&self.state);
+                let changed = state.rotation_epoch != epoch;
+                state.rotation_epoch = epoch;
+                changed
+            };
+            if rotated {
+                self.publish();
+            }
+            if now.saturating_sub(last_housekeeping) >= 5_000 {
+                last_housekeeping = now;
+                self.housekeeping(now).await;
+            }
+        }
+    }
+
+    /// Persists presence of connected agents and expires agents gone too long.
+    async fn housekeeping(&self, now: u64) {
+        let due: Vec<(String, u64)> = {
+            let mut state = lock(&self.state);
+            let persist_every = u64::try_from(PERSIST_PRESENCE_EVERY.as_millis()).unwrap_or(u64::MAX);
+            state
+                .presence
+                .iter_mut()
+                .filter(|(_, p)| p.open_streams > 0 && now.saturating_sub(p.persisted_ms) >= persist_every)
+                .map(|(node, p)| {
+                    p.persisted_ms = now;
+                    (node.clone(), p.session)
+                })
+                .collect()
+        };
+        for (node, session) in due {
+            if let Err(e) = self.registry.touch(&node, session, now).await {
+                self.metrics.registry_errors.with_label_values(&[e.category()]).inc();
+            }
+        }
+        let cutoff = now.saturating_sub(self.config.stale_after_secs.saturating_mul(1_000));
+        match self.registry.expire(cutoff).await {
+            Ok(removed) if !removed.is_empty() => {
+                {
+                    let mut state = lock(&self.state);
+                    for node in &removed {
+                        // An agent connected right now is not stale whatever the store says.
+                        if state.presence.get(node).is_some_and(|p| p.open_streams > 0) {
+                            continue;
+                        }
+                        state.presence.remove(node);
+                        state.endpoints.retain(|_, e| &e.node != node);
+                    }
+                }
+                tracing::info!(nodes = ?removed, "expired stale agents");
+                self.publish();
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.metrics.registry_errors.with_label_values(&[e.category()]).inc();
+                tracing::warn!(error = %e, "expiring stale agents failed");
+            }
+        }
+    }
+}
+
+/// Bounded metric label of a finding kind.
+pub fn kind_label(kind: FindingKind) -> &'static str {
+    match kind {
+        FindingKind::PathLoss => "path_loss",
+        FindingKind::PathLatency => "path_latency",
+        FindingKind::TorPairLoss => "tor_pair_loss",
+        FindingKind::TorPairLatency => "tor_pair_latency",
+    }
+}
+
+/// Keeps a node marked present; dropping it (the stream ended) marks it gone.
+#[derive(Debug)]
+pub struct PresenceGuard {
+    controller: Arc<MeshController>,
+    node: String,
+}
+
+impl Drop for PresenceGuard {
+    fn drop(&mut self) {
+        self.controller.disconnect(&self.node);
+    }
+}
+
+/// An agent as the HTTP API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentView {
+    #[serde(flatten)]
+    pub record: AgentRecord,
+    pub connected: bool,
+    pub endpoints: Vec<MeshEndpoint>,
+}

@@ -1,0 +1,123 @@
+//! The agent-facing gRPC service. Validation and state live in the controller;
+//! this maps requests and errors and enforces message-size bounds.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use pingmesh_proto::limits::{MAX_MESSAGE_BYTES, is_valid_id};
+use pingmesh_proto::v1::mesh_controller_server::{MeshController as MeshService, MeshControllerServer};
+use pingmesh_proto::v1::{
+    Pinglist, RegisterRequest, RegisterResponse, ReportWindowsRequest, ReportWindowsResponse,
+    WatchPinglistRequest,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::controller::{MeshController, MeshError};
+
+#[derive(Debug, Clone)]
+pub struct GrpcService {
+    controller: Arc<MeshController>,
+}
+
+/// The tonic server for `controller`, with decoding bounded.
+pub fn server(controller: Arc<MeshController>) -> MeshControllerServer<GrpcService> {
+    MeshControllerServer::new(GrpcService { controller })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+}
+
+impl GrpcService {
+    fn refuse(&self, rpc: &'static str, e: &MeshError) -> Status {
+        self.controller.metrics.rejected_requests.with_label_values(&[rpc, e.category()]).inc();
+        match e {
+            MeshError::InvalidRequest(m) => Status::invalid_argument(m.clone()),
+            MeshError::UnknownNode(_) => Status::not_found(e.to_string()),
+            MeshError::StaleSession { .. } => Status::failed_precondition(e.to_string()),
+            MeshError::Conflict { .. } => Status::already_exists(e.to_string()),
+            MeshError::Registry(_) => Status::unavailable(e.to_string()),
+        }
+    }
+
+    fn check_node(&self, rpc: &'static str, node: &str) -> Result<(), Status> {
+        if is_valid_id(node) {
+            Ok(())
+        } else {
+            Err(self.refuse(rpc, &MeshError::InvalidRequest(format!("node name {node:?} is not a valid identifier"))))
+        }
+    }
+}
+
+type PinglistStream = Pin<Box<dyn Stream<Item = Result<Pinglist, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl MeshService for GrpcService {
+    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+        let r = request.into_inner();
+        let (session, endpoints) = self
+            .controller
+            .register(&r.node, &r.agent_version, &r.endpoints)
+            .await
+            .map_err(|e| self.refuse("register", &e))?;
+        Ok(Response::new(RegisterResponse {
+            session,
+            endpoints: endpoints.iter().map(super::types::MeshEndpoint::to_proto).collect(),
+        }))
+    }
+
+    type WatchPinglistStream = PinglistStream;
+
+    async fn watch_pinglist(
+        &self,
+        request: Request<WatchPinglistRequest>,
+    ) -> Result<Response<Self::WatchPinglistStream>, Status> {
+        let r = request.into_inner();
+        self.check_node("watch_pinglist", &r.node)?;
+        self.controller.check_session(&r.node, r.session).await.map_err(|e| self.refuse("watch_pinglist", &e))?;
+        let controller = self.controller.clone();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let _present = controller.connect(&r.node, r.session);
+            let mut snapshots = controller.subscribe();
+            let mut last_sent: Option<Pinglist> = None;
+            loop {
+                if controller.current_session(&r.node) != r.session {
+                    let _ = tx.send(Err(Status::failed_precondition("the node registered again; this stream is over"))).await;
+                    return;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                let list = controller.pinglist(&r.node, &snapshot);
+                // Versions change on every mesh change; only push when this node's list did.
+                let changed = last_sent.as_ref().is_none_or(|prev| {
+                    prev.targets != list.targets
+                        || prev.window_ms != list.window_ms
+                        || prev.probe_timeout_ms != list.probe_timeout_ms
+                });
+                if changed {
+                    if tx.send(Ok(list.clone())).await.is_err() {
+                        return; // the agent went away
+                    }
+                    last_sent = Some(list);
+                }
+                tokio::select! {
+                    () = tx.closed() => return,
+                    changed = snapshots.changed() => if changed.is_err() { return },
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn report_windows(
+        &self,
+        request: Request<ReportWindowsRequest>,
+    ) -> Result<Response<ReportWindowsResponse>, Status> {
+        let r = request.into_inner();
+        self.check_node("report_windows", &r.node)?;
+        self.controller.check_session(&r.node, r.session).await.map_err(|e| self.refuse("report_windows", &e))?;
+        let outcome = self.controller.report(&r.node, r.windows).map_err(|e| self.refuse("report_windows", &e))?;
+        Ok(Response::new(ReportWindowsResponse { accepted: outcome.accepted, duplicates: outcome.duplicates }))
+    }
+}

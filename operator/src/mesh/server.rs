@@ -1,0 +1,98 @@
+//! Runs the mesh controller: opens the registry, binds gRPC and HTTP, and
+//! serves until cancelled.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use super::controller::{MeshController, MeshError};
+use super::registry::{RegistryError, open_registry};
+use super::{grpc, http};
+use crate::config::MeshConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+    #[error("binding {what} on {addr}: {source}")]
+    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    #[error("gRPC server: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("HTTP server: {0}")]
+    Http(std::io::Error),
+}
+
+/// A started mesh controller.
+#[derive(Debug)]
+pub struct RunningController {
+    pub controller: Arc<MeshController>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    tasks: JoinSet<Result<(), ServeError>>,
+}
+
+impl RunningController {
+    pub async fn wait(mut self) -> Result<(), ServeError> {
+        let mut first = Ok(());
+        while let Some(joined) = self.tasks.join_next().await {
+            if let Ok(Err(e)) = joined
+                && first.is_ok()
+            {
+                first = Err(e);
+            }
+        }
+        first
+    }
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what, addr, source })?;
+    let local = listener.local_addr().map_err(|source| ServeError::Bind { what, addr, source })?;
+    Ok((listener, local))
+}
+
+/// Starts everything; ports 0 in the config pick free ports (see the returned addresses).
+pub async fn start(config: MeshConfig, cancel: CancellationToken) -> Result<RunningController, ServeError> {
+    let registry = open_registry(&config.registry).await?;
+    let (grpc_listener, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
+    let (http_listener, http_addr) = bind("HTTP", config.http_addr).await?;
+    let controller = MeshController::new(config, registry).await?;
+    let mut tasks = JoinSet::new();
+
+    tasks.spawn({
+        let (c, cancel) = (controller.clone(), cancel.clone());
+        async move {
+            c.run_background(cancel).await;
+            Ok(())
+        }
+    });
+    tasks.spawn({
+        let (c, cancel) = (controller.clone(), cancel.clone());
+        async move {
+            tonic::transport::Server::builder()
+                .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+                .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
+                .add_service(grpc::server(c))
+                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), cancel.cancelled_owned())
+                .await?;
+            Ok(())
+        }
+    });
+    tasks.spawn({
+        let (c, cancel) = (controller.clone(), cancel.clone());
+        async move {
+            axum::serve(http_listener, http::router(c))
+                .with_graceful_shutdown(cancel.cancelled_owned())
+                .await
+                .map_err(ServeError::Http)
+        }
+    });
+    tracing::info!(%grpc_addr, %http_addr, "mesh controller serving");
+    Ok(RunningController { controller, grpc_addr, http_addr, tasks })
+}
