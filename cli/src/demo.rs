@@ -31,6 +31,9 @@ pub struct DemoArgs {
     /// Aggregation window in milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub window_ms: u32,
+    /// Probes per second from each agent to each other agent under its ToR.
+    #[arg(long, default_value_t = 10.0)]
+    pub tor_mesh_rate: f64,
     /// Address of the controller's HTTP API and /metrics (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:9401")]
     pub http_addr: SocketAddr,
@@ -42,7 +45,9 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
         Some(d) => (d, 60),
         None => (s.strip_suffix('s').unwrap_or(s), 1),
     };
-    let n: u64 = digits.parse().map_err(|_| format!("{s:?} is not a duration like 30, 30s or 2m"))?;
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30, 30s or 2m"))?;
     Ok(Duration::from_secs(n * unit))
 }
 
@@ -56,6 +61,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ..MeshConfig::default()
     };
     config.pinglist.window_ms = args.window_ms;
+    config.pinglist.tor_mesh_rate_pps = args.tor_mesh_rate;
     // Small demo mesh: probe every other ToR and every endpoint in it.
     config.pinglist.inter_tor_sample_tors = usize::from(args.tors);
     config.pinglist.inter_tor_targets_per_tor = usize::from(args.agents);
@@ -65,7 +71,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let controller = match server::start(config.clone(), cancel.clone()).await {
         Ok(c) => c,
         Err(server::ServeError::Bind { what: "HTTP", .. }) if args.http_addr.port() != 0 => {
-            eprintln!("{} is taken; serving the API on a free port instead", args.http_addr);
+            eprintln!(
+                "{} is taken; serving the API on a free port instead",
+                args.http_addr
+            );
             config.http_addr = SocketAddr::new(args.http_addr.ip(), 0);
             server::start(config, cancel.clone()).await?
         }
@@ -76,13 +85,28 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for i in 0..args.agents {
         let node = format!("node-{}", i + 1);
         let tor = format!("tor-{}", i % args.tors + 1);
-        agents.push(agent::start(AgentConfig::local(&node, &tor, &grpc_url, loopback), cancel.clone()).await?);
+        agents.push(
+            agent::start(
+                AgentConfig::local(&node, &tor, &grpc_url, loopback),
+                cancel.clone(),
+            )
+            .await?,
+        );
     }
-    eprintln!("PingMesh demo: {} agents over {} ToRs, window {} ms", args.agents, args.tors, args.window_ms);
-    eprintln!("  mesh API     http://{}/api/v1/summary", controller.http_addr);
+    eprintln!(
+        "PingMesh demo: {} agents over {} ToRs, window {} ms",
+        args.agents, args.tors, args.window_ms
+    );
+    eprintln!(
+        "  mesh API     http://{}/api/v1/summary",
+        controller.http_addr
+    );
     eprintln!("  controller   http://{}/metrics", controller.http_addr);
     for a in &agents {
-        eprintln!("  {:<12} udp {}  metrics http://{}/metrics", a.node, a.udp_addr, a.http_addr);
+        eprintln!(
+            "  {:<12} udp {}  metrics http://{}/metrics",
+            a.node, a.udp_addr, a.http_addr
+        );
     }
     eprintln!("Ctrl-C stops it.\n");
 
@@ -128,7 +152,7 @@ mod tests {
     fn durations_accept_plain_seconds_and_units() {
         assert_eq!(parse_seconds("30").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_seconds("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_seconds("2m").unwrap(), Duration::from_secs(120));
+        assert_eq!(parse_seconds("2m").unwrap(), Duration::from_mins(2));
         assert!(parse_seconds("soon").is_err());
     }
 }

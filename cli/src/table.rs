@@ -7,7 +7,9 @@ use pingmesh_operator::mesh::http::MeshSummary;
 /// Renders the summary as a fixed-width table followed by open findings.
 pub fn render(summary: &MeshSummary) -> String {
     let mut out = String::new();
-    let window = summary.window_start_ms.map_or_else(|| "none judged yet".to_owned(), |ms| format!("{ms}"));
+    let window = summary
+        .window_start_ms
+        .map_or_else(|| "none judged yet".to_owned(), |ms| format!("{ms}"));
     let _ = writeln!(
         out,
         "window {window} ({} ms) | agents {}/{} connected | paths judged {} | excluded (target gone) {}",
@@ -23,7 +25,9 @@ pub fn render(summary: &MeshSummary) -> String {
         "SRC TOR", "DST TOR", "PATHS", "OK", "LOST", "INVALID", "P50 RTT", "P99 RTT"
     );
     for p in &summary.tor_pairs {
-        let loss = p.loss_ratio.map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0));
+        let loss = p
+            .loss_ratio
+            .map_or_else(|| "-".to_owned(), |r| format!("{:.1}%", r * 100.0));
         let _ = writeln!(
             out,
             "{:<16} {:<16} {:>6} {:>8} {:>8} {:>8} {:>10} {:>10}  loss {loss}",

@@ -1,7 +1,9 @@
 //! The mesh end to end: a controller and agents as separate processes on real
 //! loopback sockets, each agent on its own loopback address (Linux routes all of
-//! 127/8 to lo). Gated by PINGMESH_E2E (hack/test.sh sets it) because they need
+//! 127/8 to lo). Gated by `PINGMESH_E2E` (hack/test.sh sets it) because they need
 //! the binaries built; the fault-injection test also needs root and iptables.
+
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 mod common;
 
@@ -26,7 +28,9 @@ fn start_mesh(dir: &std::path::Path, base: u8, nodes: &[(&str, &str)]) -> (Contr
             start_agent(dir, node, tor, &ip, controller.grpc)
         })
         .collect();
-    wait_for(Duration::from_secs(20), "every agent to connect", || connected_agents(controller.http) == nodes.len());
+    wait_for(Duration::from_secs(20), "every agent to connect", || {
+        connected_agents(controller.http) == nodes.len()
+    });
     (controller, agents)
 }
 
@@ -39,10 +43,22 @@ fn promtool_check(promtool: &str, what: &str, exposition: &str) {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("run promtool");
-    child.stdin.take().unwrap().write_all(exposition.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(exposition.as_bytes())
+        .unwrap();
     let out = child.wait_with_output().unwrap();
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success() && text.trim().is_empty(), "promtool check metrics on {what}:\n{text}");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && text.trim().is_empty(),
+        "promtool check metrics on {what}:\n{text}"
+    );
 }
 
 #[test]
@@ -52,38 +68,95 @@ fn every_agent_probes_every_target_and_a_killed_agent_leaves_without_a_finding()
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let nodes = [("n1", "tor-a"), ("n2", "tor-a"), ("n3", "tor-b"), ("n4", "tor-b")];
+    let nodes = [
+        ("n1", "tor-a"),
+        ("n2", "tor-a"),
+        ("n3", "tor-b"),
+        ("n4", "tor-b"),
+    ];
     let (controller, mut agents) = start_mesh(dir.path(), 11, &nodes);
 
     wait_windows(controller.http, 2);
-    wait_for(Duration::from_secs(10), "a window in which every path was answered", || {
-        answered_paths(controller.http) == full_mesh(&["n1", "n2", "n3", "n4"])
-    });
-    assert!(open_findings(controller.http).is_empty(), "healthy mesh has findings: {:?}", open_findings(controller.http));
+    wait_for(
+        Duration::from_secs(10),
+        "a window in which every path was answered",
+        || answered_paths(controller.http) == full_mesh(&["n1", "n2", "n3", "n4"]),
+    );
+    assert!(
+        open_findings(controller.http).is_empty(),
+        "healthy mesh has findings: {:?}",
+        open_findings(controller.http)
+    );
+
+    let status = Command::new(binary("pingmesh"))
+        .args([
+            "status",
+            "--controller",
+            &format!("http://{}", controller.http),
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.status.success(),
+        "pingmesh status failed: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    assert!(
+        table.contains("agents 4/4 connected")
+            && table.contains("tor-a")
+            && table.contains("findings: none"),
+        "{table}"
+    );
 
     let agent_text = get_text(agents[0].metrics, "/metrics").unwrap();
-    assert!(agent_text.contains("pingmesh_network_rtt_seconds_bucket"), "agent exports RTT histograms");
+    assert!(
+        agent_text.contains("pingmesh_network_rtt_seconds_bucket"),
+        "agent exports RTT histograms"
+    );
     assert!(agent_text.contains(r#"result="ok""#));
-    if let Some(promtool) = std::env::var("PINGMESH_PROMTOOL").ok().filter(|p| !p.is_empty()) {
+    if let Some(promtool) = std::env::var("PINGMESH_PROMTOOL")
+        .ok()
+        .filter(|p| !p.is_empty())
+    {
         promtool_check(&promtool, "an agent", &agent_text);
-        promtool_check(&promtool, "the controller", &get_text(controller.http, "/metrics").unwrap());
+        promtool_check(
+            &promtool,
+            "the controller",
+            &get_text(controller.http, "/metrics").unwrap(),
+        );
     }
 
     // Kill n4 hard: its connection drops, it leaves every pinglist at once.
     agents[3].proc.kill();
-    wait_for(Duration::from_secs(5), "the controller to see n4 gone", || connected_agents(controller.http) == 3);
+    wait_for(
+        Duration::from_secs(5),
+        "the controller to see n4 gone",
+        || connected_agents(controller.http) == 3,
+    );
     wait_windows(controller.http, 4);
-    assert_eq!(answered_paths(controller.http), full_mesh(&["n1", "n2", "n3"]));
+    assert_eq!(
+        answered_paths(controller.http),
+        full_mesh(&["n1", "n2", "n3"])
+    );
     assert!(
         open_findings(controller.http).is_empty(),
         "a dead agent must not be a network finding: {:?}",
         open_findings(controller.http)
     );
 
-    // SIGTERM is a clean shutdown.
+    // SIGTERM is a clean shutdown, for agents and for the controller with agents connected.
     let status = agents[0].proc.terminate();
-    assert!(status.success(), "agent exit status after SIGTERM: {status}");
-    drop(controller);
+    assert!(
+        status.success(),
+        "agent exit status after SIGTERM: {status}"
+    );
+    let mut controller = controller;
+    let status = controller.proc.terminate();
+    assert!(
+        status.success(),
+        "controller exit status after SIGTERM: {status}"
+    );
 }
 
 #[test]
@@ -94,17 +167,36 @@ fn agents_reregister_after_controller_restart_and_probing_resumes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let nodes = [("r1", "tor-a"), ("r2", "tor-a"), ("r3", "tor-b")];
-    let (controller, _agents) = start_mesh(dir.path(), 21, &nodes);
+    let (mut controller, agents) = start_mesh(dir.path(), 21, &nodes);
     wait_windows(controller.http, 1);
 
+    // Controller down: agents keep probing with their last pinglist.
+    controller.proc.kill();
+    wait_for(
+        Duration::from_secs(10),
+        "agents to notice the controller is gone",
+        || metric_sum(agents[0].metrics, "pingmesh_controller_connected") == Some(0.0),
+    );
+    let before = metric_sum(agents[0].metrics, "pingmesh_probes_total").unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let after = metric_sum(agents[0].metrics, "pingmesh_probes_total").unwrap();
+    assert!(
+        after >= before + 100.0,
+        "probing stalled without the controller: {before} -> {after}"
+    );
+
     let controller = restart_controller(dir.path(), controller);
-    wait_for(Duration::from_secs(30), "agents to reconnect to the new controller", || {
-        connected_agents(controller.http) == 3
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "agents to reconnect to the new controller",
+        || connected_agents(controller.http) == 3,
+    );
     wait_windows(controller.http, 2);
-    wait_for(Duration::from_secs(10), "every path answered after the restart", || {
-        answered_paths(controller.http) == full_mesh(&["r1", "r2", "r3"])
-    });
+    wait_for(
+        Duration::from_secs(10),
+        "every path answered after the restart",
+        || answered_paths(controller.http) == full_mesh(&["r1", "r2", "r3"]),
+    );
 }
 
 /// Removes the iptables rule even when the test fails.
@@ -112,9 +204,16 @@ struct DropRule(Vec<String>);
 
 impl DropRule {
     fn insert(ip: &str) -> Self {
-        let rule: Vec<String> =
-            ["INPUT", "-d", ip, "-p", "udp", "-j", "DROP"].iter().map(|s| (*s).to_owned()).collect();
-        let ok = Command::new("iptables").arg("-I").args(&rule).status().unwrap().success();
+        let rule: Vec<String> = ["INPUT", "-d", ip, "-p", "udp", "-j", "DROP"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        let ok = Command::new("iptables")
+            .arg("-I")
+            .args(&rule)
+            .status()
+            .unwrap()
+            .success();
         assert!(ok, "iptables -I {rule:?} failed");
         Self(rule)
     }
@@ -129,11 +228,18 @@ impl Drop for DropRule {
 #[test]
 #[ignore = "needs root and iptables: PINGMESH_E2E=1 PINGMESH_E2E_IPTABLES=1 (hack/test.sh)"]
 fn dropping_all_packets_to_one_agent_opens_loss_findings_for_exactly_its_paths_then_clears() {
-    if !enabled("PINGMESH_E2E", "multi-process mesh") || !enabled("PINGMESH_E2E_IPTABLES", "needs root and iptables") {
+    if !enabled("PINGMESH_E2E", "multi-process mesh")
+        || !enabled("PINGMESH_E2E_IPTABLES", "needs root and iptables")
+    {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let nodes = [("f1", "tor-a"), ("f2", "tor-a"), ("f3", "tor-b"), ("f4", "tor-b")];
+    let nodes = [
+        ("f1", "tor-a"),
+        ("f2", "tor-a"),
+        ("f3", "tor-b"),
+        ("f4", "tor-b"),
+    ];
     let (controller, agents) = start_mesh(dir.path(), 31, &nodes);
     wait_windows(controller.http, 2);
     wait_for(Duration::from_secs(10), "a healthy full mesh", || {
@@ -147,15 +253,20 @@ fn dropping_all_packets_to_one_agent_opens_loss_findings_for_exactly_its_paths_t
         .map(|(s, t)| ("pathLoss".to_owned(), format!("{s} -> {t}")))
         .collect();
     let path_findings = |http| -> BTreeSet<(String, String)> {
-        open_findings(http).into_iter().filter(|(k, _)| k.starts_with("path")).collect()
+        open_findings(http)
+            .into_iter()
+            .filter(|(k, _)| k.starts_with("path"))
+            .collect()
     };
 
     let rule = DropRule::insert(&victim.ip);
     // Open after 2 bad windows; the window in which the rule went in may be the
     // first. Judged `report grace` after each window ends: 3 windows + 2 s.
-    wait_for(Duration::from_millis(3 * WINDOW_MS + 2_000), "loss findings for the victim's paths", || {
-        path_findings(controller.http) == expected
-    });
+    wait_for(
+        Duration::from_millis(3 * WINDOW_MS + 2_000),
+        "loss findings for the victim's paths",
+        || path_findings(controller.http) == expected,
+    );
     for (kind, location) in open_findings(controller.http) {
         assert!(
             kind.starts_with("path") || location.contains("tor-b"),
@@ -165,8 +276,14 @@ fn dropping_all_packets_to_one_agent_opens_loss_findings_for_exactly_its_paths_t
 
     drop(rule);
     // Clears after 3 good windows.
-    wait_for(Duration::from_millis(5 * WINDOW_MS + 3_000), "the findings to clear", || {
-        path_findings(controller.http).is_empty()
-    });
-    assert!(open_findings(controller.http).is_empty(), "left open: {:?}", open_findings(controller.http));
+    wait_for(
+        Duration::from_millis(5 * WINDOW_MS + 3_000),
+        "the findings to clear",
+        || path_findings(controller.http).is_empty(),
+    );
+    assert!(
+        open_findings(controller.http).is_empty(),
+        "left open: {:?}",
+        open_findings(controller.http)
+    );
 }

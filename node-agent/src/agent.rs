@@ -31,7 +31,10 @@ pub enum AgentError {
     #[error(transparent)]
     Transport(#[from] TransportError),
     #[error("serving HTTP on {addr}: {source}")]
-    Http { addr: SocketAddr, source: std::io::Error },
+    Http {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("discovering the address to advertise: {0}")]
     Advertise(std::io::Error),
 }
@@ -81,24 +84,32 @@ struct Readiness {
 }
 
 /// Starts an agent; it runs until `cancel` is cancelled.
-pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<RunningAgent, AgentError> {
+pub async fn start(
+    config: AgentConfig,
+    cancel: CancellationToken,
+) -> Result<RunningAgent, AgentError> {
     if !pingmesh_proto::limits::is_valid_id(&config.node) {
-        return Err(AgentError::Config(format!("node name {:?} is not a valid identifier", config.node)));
+        return Err(AgentError::Config(format!(
+            "node name {:?} is not a valid identifier",
+            config.node
+        )));
     }
     if !config.tor.is_empty() && !pingmesh_proto::limits::is_valid_id(&config.tor) {
-        return Err(AgentError::Config(format!("ToR {:?} is not a valid identifier", config.tor)));
+        return Err(AgentError::Config(format!(
+            "ToR {:?} is not a valid identifier",
+            config.tor
+        )));
     }
-    let metrics = Arc::new(AgentMetrics::new(&config.node, config.metrics_per_target_node)?);
-    let responder_socket = Arc::new(UdpProbeSocket::bind(config.udp_bind, config.timestamps.into())?);
+    let metrics = Arc::new(AgentMetrics::new(
+        &config.node,
+        config.metrics_per_target_node,
+    )?);
+    let responder_socket = Arc::new(UdpProbeSocket::bind(
+        config.udp_bind,
+        config.timestamps.into(),
+    )?);
     let bound = responder_socket.local_addr();
-    let advertised = match config.advertise_addr {
-        Some(a) => a,
-        None if bound.ip().is_unspecified() => {
-            let ip = local_ip_towards(&config.controller).await.map_err(AgentError::Advertise)?;
-            SocketAddr::new(ip, bound.port())
-        }
-        None => bound,
-    };
+    let advertised = advertise_address(&config, bound).await?;
     let support = responder_socket.timestamp_support();
     metrics.set_transport("udp", support.rx && support.tx, "no_rdma_transport_built");
     tracing::info!(node = %config.node, udp = %advertised, kernel_rx = support.rx, kernel_tx = support.tx, "UDP endpoint ready");
@@ -118,7 +129,9 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
     let observer: Arc<dyn ResponderObserver> = Arc::new(MetricsObserver(metrics.clone()));
     let responder_cancel = cancel.clone();
     tasks.spawn(async move {
-        run_responder(responder_socket, observer, responder_cancel).await.map_err(AgentError::from)
+        run_responder(responder_socket, observer, responder_cancel)
+            .await
+            .map_err(AgentError::from)
     });
 
     let prober = ProberConfig {
@@ -128,7 +141,11 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
         max_pending: config.max_pending,
     };
     let (m, c) = (metrics.clone(), cancel.clone());
-    tasks.spawn(async move { run_prober(prober, m, pinglist_rx, summary_tx, c).await.map_err(AgentError::from) });
+    tasks.spawn(async move {
+        run_prober(prober, m, pinglist_rx, summary_tx, c)
+            .await
+            .map_err(AgentError::from)
+    });
 
     let identity = Identity {
         controller_url: config.controller.clone(),
@@ -143,40 +160,95 @@ pub async fn start(config: AgentConfig, cancel: CancellationToken) -> Result<Run
         Ok(())
     });
 
-    let listener = tokio::net::TcpListener::bind(config.metrics_addr)
+    let http_addr = serve_http(
+        &mut tasks,
+        config.metrics_addr,
+        router(metrics.clone(), Arc::new(Readiness { registered })),
+        cancel,
+    )
+    .await?;
+
+    Ok(RunningAgent {
+        node: config.node,
+        udp_addr: advertised,
+        http_addr,
+        metrics,
+        tasks,
+    })
+}
+
+/// Binds `addr` and serves `app` on it until `cancel`; returns the bound address.
+async fn serve_http(
+    tasks: &mut JoinSet<Result<(), AgentError>>,
+    addr: SocketAddr,
+    app: Router,
+    cancel: CancellationToken,
+) -> Result<SocketAddr, AgentError> {
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| AgentError::Http { addr: config.metrics_addr, source })?;
-    let http_addr = listener.local_addr().map_err(|source| AgentError::Http { addr: config.metrics_addr, source })?;
-    let app = router(metrics.clone(), Arc::new(Readiness { registered }));
-    let c = cancel.clone();
+        .map_err(|source| AgentError::Http { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| AgentError::Http { addr, source })?;
     tasks.spawn(async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move { c.cancelled().await })
+            .with_graceful_shutdown(async move { cancel.cancelled().await })
             .await
-            .map_err(|source| AgentError::Http { addr: http_addr, source })
+            .map_err(|source| AgentError::Http {
+                addr: bound,
+                source,
+            })
     });
+    Ok(bound)
+}
 
-    Ok(RunningAgent { node: config.node, udp_addr: advertised, http_addr, metrics, tasks })
+/// The address other agents should probe: the configured one, else the bound
+/// one, else (bound to all interfaces) the local address towards the controller.
+async fn advertise_address(
+    config: &AgentConfig,
+    bound: SocketAddr,
+) -> Result<SocketAddr, AgentError> {
+    match config.advertise_addr {
+        Some(a) => Ok(a),
+        None if bound.ip().is_unspecified() => {
+            let ip = local_ip_towards(&config.controller)
+                .await
+                .map_err(AgentError::Advertise)?;
+            Ok(SocketAddr::new(ip, bound.port()))
+        }
+        None => Ok(bound),
+    }
 }
 
 fn router(metrics: Arc<AgentMetrics>, ready: Arc<Readiness>) -> Router {
     Router::new()
         .route(
             "/metrics",
-            get(|State((m, _)): State<(Arc<AgentMetrics>, Arc<Readiness>)>| async move {
-                ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.encode())
-            }),
+            get(
+                |State((m, _)): State<(Arc<AgentMetrics>, Arc<Readiness>)>| async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.encode(),
+                    )
+                },
+            ),
         )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
-            get(|State((_, r)): State<(Arc<AgentMetrics>, Arc<Readiness>)>| async move {
-                if r.registered.load(Ordering::Relaxed) {
-                    (StatusCode::OK, "ready").into_response()
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "not registered with the mesh controller yet").into_response()
-                }
-            }),
+            get(
+                |State((_, r)): State<(Arc<AgentMetrics>, Arc<Readiness>)>| async move {
+                    if r.registered.load(Ordering::Relaxed) {
+                        (StatusCode::OK, "ready").into_response()
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "not registered with the mesh controller yet",
+                        )
+                            .into_response()
+                    }
+                },
+            ),
         )
         .with_state((metrics, ready))
 }
@@ -195,8 +267,17 @@ async fn local_ip_towards(controller_url: &str) -> std::io::Result<IpAddr> {
     let target = tokio::net::lookup_host(&authority)
         .await?
         .next()
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("{authority} resolves to nothing")))?;
-    let any: SocketAddr = if target.is_ipv4() { ([0, 0, 0, 0], 0).into() } else { ([0u16; 8], 0).into() };
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{authority} resolves to nothing"),
+            )
+        })?;
+    let any: SocketAddr = if target.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
     let probe = tokio::net::UdpSocket::bind(any).await?;
     probe.connect(target).await?;
     Ok(probe.local_addr()?.ip())

@@ -11,7 +11,7 @@ use crate::transport::TimestampMode;
 pub enum TimestampChoice {
     /// User-space monotonic time only.
     Off,
-    /// Kernel software RX/TX timestamps (SO_TIMESTAMPING), the default.
+    /// Kernel software RX/TX timestamps (`SO_TIMESTAMPING`), the default.
     Software,
     /// NIC hardware timestamps where the NIC offers them, else software.
     Hardware,
@@ -30,7 +30,11 @@ impl From<TimestampChoice> for TimestampMode {
 #[derive(Debug, Clone, Args)]
 pub struct AgentConfig {
     /// Mesh controller gRPC URL.
-    #[arg(long, env = "PINGMESH_CONTROLLER", default_value = "http://127.0.0.1:9400")]
+    #[arg(
+        long,
+        env = "PINGMESH_CONTROLLER",
+        default_value = "http://127.0.0.1:9400"
+    )]
     pub controller: String,
     /// This node's name (in Kubernetes: from the downward API).
     #[arg(long, env = "NODE_NAME")]
@@ -58,7 +62,11 @@ pub struct AgentConfig {
     #[arg(long, env = "PINGMESH_METRICS_ADDR", default_value = "0.0.0.0:9402")]
     pub metrics_addr: SocketAddr,
     /// Export probe series per target node too (grows with the mesh; see docs/metrics.md).
-    #[arg(long, env = "PINGMESH_METRICS_PER_TARGET_NODE", default_value_t = false)]
+    #[arg(
+        long,
+        env = "PINGMESH_METRICS_PER_TARGET_NODE",
+        default_value_t = false
+    )]
     pub metrics_per_target_node: bool,
     /// Window summaries kept for the controller while it is unreachable.
     #[arg(long, env = "PINGMESH_REPORT_BUFFER", default_value_t = 50_000)]

@@ -24,7 +24,7 @@ use tonic::{Code, Status};
 use crate::config::Backoff;
 use crate::metrics::AgentMetrics;
 
-/// Summaries per ReportWindows call: keeps each message far below the size limit.
+/// Summaries per `ReportWindows` call: keeps each message far below the size limit.
 const REPORT_CHUNK: usize = 2_000;
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(10);
@@ -35,7 +35,10 @@ pub enum ControlError {
     #[error("controller URL {url:?} is invalid: {detail}")]
     InvalidUrl { url: String, detail: String },
     #[error("connecting to controller {url}: {source}")]
-    Connect { url: String, source: tonic::transport::Error },
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
     #[error("{op} refused by the controller: {status}")]
     Rpc { op: &'static str, status: Status },
 }
@@ -45,7 +48,9 @@ impl ControlError {
         match self {
             Self::InvalidUrl { .. } => "invalid_url",
             Self::Connect { .. } => "connect",
-            Self::Rpc { status, .. } if status.code() == Code::InvalidArgument => "invalid_argument",
+            Self::Rpc { status, .. } if status.code() == Code::InvalidArgument => {
+                "invalid_argument"
+            }
             Self::Rpc { .. } => "rpc",
         }
     }
@@ -83,7 +88,14 @@ pub async fn run_control(
                 registered.store(true, Ordering::Relaxed);
                 backoff.reset(FIRST_RETRY);
                 let ended = serve_session(
-                    client, session, &identity, &metrics, &pinglists, &mut reports, &mut outbox, &cancel,
+                    client,
+                    session,
+                    &identity,
+                    &metrics,
+                    &pinglists,
+                    &mut reports,
+                    &mut outbox,
+                    &cancel,
                 )
                 .await;
                 metrics.set_controller_connected(false);
@@ -117,14 +129,20 @@ async fn connect_and_register(
     metrics: &AgentMetrics,
 ) -> Result<(MeshControllerClient<Channel>, u64), ControlError> {
     let endpoint = Channel::from_shared(identity.controller_url.clone())
-        .map_err(|e| ControlError::InvalidUrl { url: identity.controller_url.clone(), detail: e.to_string() })?
+        .map_err(|e| ControlError::InvalidUrl {
+            url: identity.controller_url.clone(),
+            detail: e.to_string(),
+        })?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
         .keep_alive_while_idle(true);
     let channel = endpoint.connect().await.map_err(|source| {
         metrics.registration("unreachable");
-        ControlError::Connect { url: identity.controller_url.clone(), source }
+        ControlError::Connect {
+            url: identity.controller_url.clone(),
+            source,
+        }
     })?;
     let mut client = MeshControllerClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -138,11 +156,18 @@ async fn connect_and_register(
         .await
         .map_err(|status| {
             metrics.registration("refused");
-            ControlError::Rpc { op: "register", status }
+            ControlError::Rpc {
+                op: "register",
+                status,
+            }
         })?
         .into_inner();
     metrics.registration("ok");
-    tracing::info!(session = reply.session, endpoints = reply.endpoints.len(), "registered with the mesh controller");
+    tracing::info!(
+        session = reply.session,
+        endpoints = reply.endpoints.len(),
+        "registered with the mesh controller"
+    );
     Ok((client, reply.session))
 }
 
@@ -158,7 +183,10 @@ async fn serve_session(
     outbox: &mut Outbox,
     cancel: &CancellationToken,
 ) -> String {
-    let request = WatchPinglistRequest { node: identity.node.clone(), session };
+    let request = WatchPinglistRequest {
+        node: identity.node.clone(),
+        session,
+    };
     let mut stream = match client.watch_pinglist(request).await {
         Ok(s) => s.into_inner(),
         Err(status) => return format!("watch refused: {status}"),
@@ -184,13 +212,17 @@ async fn serve_session(
             batch = reports.recv() => {
                 let Some(batch) = batch else { return "agent stopping".into() };
                 outbox.push(batch);
-                if let Err(e) = outbox.flush(&mut client, &identity.node, session).await {
-                    if must_reregister(&e) { return format!("report refused: {e}"); }
+                if let Err(e) = outbox.flush(&mut client, &identity.node, session).await
+                    && must_reregister(&e)
+                {
+                    return format!("report refused: {e}");
                 }
             }
             _ = flush.tick() => {
-                if let Err(e) = outbox.flush(&mut client, &identity.node, session).await {
-                    if must_reregister(&e) { return format!("report refused: {e}"); }
+                if let Err(e) = outbox.flush(&mut client, &identity.node, session).await
+                    && must_reregister(&e)
+                {
+                    return format!("report refused: {e}");
                 }
             }
         }
@@ -213,7 +245,11 @@ struct Outbox {
 
 impl Outbox {
     fn new(limit: usize, metrics: Arc<AgentMetrics>) -> Self {
-        Self { queue: VecDeque::new(), limit: limit.max(1), metrics }
+        Self {
+            queue: VecDeque::new(),
+            limit: limit.max(1),
+            metrics,
+        }
     }
 
     fn push(&mut self, batch: Vec<WindowSummary>) {
@@ -221,8 +257,12 @@ impl Outbox {
         let excess = self.queue.len().saturating_sub(self.limit);
         if excess > 0 {
             self.queue.drain(..excess);
-            self.metrics.windows_dropped("buffer_full", u64::try_from(excess).unwrap_or(u64::MAX));
-            tracing::warn!(dropped = excess, "report buffer full; dropped the oldest window summaries");
+            self.metrics
+                .windows_dropped("buffer_full", u64::try_from(excess).unwrap_or(u64::MAX));
+            tracing::warn!(
+                dropped = excess,
+                "report buffer full; dropped the oldest window summaries"
+            );
         }
     }
 
@@ -236,7 +276,11 @@ impl Outbox {
         while !self.queue.is_empty() {
             let n = self.queue.len().min(REPORT_CHUNK);
             let windows: Vec<WindowSummary> = self.queue.iter().take(n).cloned().collect();
-            let request = ReportWindowsRequest { node: node.to_owned(), session, windows };
+            let request = ReportWindowsRequest {
+                node: node.to_owned(),
+                session,
+                windows,
+            };
             match client.report_windows(request).await {
                 Ok(_) => {
                     self.queue.drain(..n);
@@ -246,12 +290,16 @@ impl Outbox {
                     // The controller will never take these: drop them, say so, go on.
                     self.queue.drain(..n);
                     self.metrics.reports("rejected", n);
-                    self.metrics.windows_dropped("rejected", u64::try_from(n).unwrap_or(u64::MAX));
+                    self.metrics
+                        .windows_dropped("rejected", u64::try_from(n).unwrap_or(u64::MAX));
                     tracing::warn!(%status, count = n, "controller rejected window summaries");
                 }
                 Err(status) => {
                     self.metrics.reports("failed", n);
-                    return Err(ControlError::Rpc { op: "report windows", status });
+                    return Err(ControlError::Rpc {
+                        op: "report windows",
+                        status,
+                    });
                 }
             }
         }

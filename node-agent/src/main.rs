@@ -16,7 +16,10 @@ struct Cli {
     log: LogArgs,
 }
 
-#[tokio::main]
+// One thread: the agent is I/O-bound and cross-thread wakeups cost more CPU than
+// they save; network RTT comes from kernel timestamps, so scheduling delay
+// shows up only in the prober-delay figure, where it belongs.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     logging::init(&cli.log);

@@ -47,7 +47,7 @@ pub struct AgentMetrics {
     probes: IntCounterVec,
     network_rtt: HistogramVec,
     prober_delay: HistogramVec,
-    responder_delay: HistogramVec,
+    responder_delay: prometheus::Histogram,
     node_probes: IntCounterVec,
     node_network_rtt: HistogramVec,
     software_timed: IntCounter,
@@ -75,6 +75,7 @@ struct ExportedLabels {
 }
 
 impl AgentMetrics {
+    #[allow(clippy::too_many_lines)] // one declaration per metric, nothing to split
     pub fn new(node: &str, per_target_node: bool) -> Result<Self, MetricsError> {
         let labels = HashMap::from([("node".to_owned(), node.to_owned())]);
         let registry = Registry::new_custom(None, Some(labels))?;
@@ -101,11 +102,10 @@ impl AgentMetrics {
                 &["src_tor"],
                 HOST_DELAY_BUCKETS,
             )?,
-            responder_delay: histogram_vec(
+            responder_delay: histogram(
                 &registry,
                 "pingmesh_responder_delay_seconds",
-                "Delay the responding host added: T4-T3.",
-                &["dst_tor"],
+                "Delay the responding hosts added: T4-T3, over all targets.",
                 HOST_DELAY_BUCKETS,
             )?,
             node_probes: counter_vec(
@@ -173,7 +173,11 @@ impl AgentMetrics {
                 "pingmesh_pinglist_version",
                 "Version of the pinglist in use (0: none yet).",
             )?,
-            pending: gauge(&registry, "pingmesh_pending_probes", "Probes awaiting their ACKs.")?,
+            pending: gauge(
+                &registry,
+                "pingmesh_pending_probes",
+                "Probes awaiting their ACKs.",
+            )?,
             controller_connected: gauge(
                 &registry,
                 "pingmesh_controller_connected",
@@ -226,36 +230,51 @@ impl AgentMetrics {
     }
 
     pub fn answered(&self, t: &TargetLabels, sample: &Sample) {
-        self.probes.with_label_values(&[&t.src_tor, &t.dst_tor, "ok"]).inc();
+        self.probes
+            .with_label_values(&[&t.src_tor, &t.dst_tor, "ok"])
+            .inc();
         let rtt = ns_to_seconds(sample.network_rtt_ns);
-        self.network_rtt.with_label_values(&[&t.src_tor, &t.dst_tor]).observe(rtt);
+        self.network_rtt
+            .with_label_values(&[&t.src_tor, &t.dst_tor])
+            .observe(rtt);
         self.prober_delay
             .with_label_values(&[&t.src_tor])
             .observe(ns_to_seconds(sample.prober_delay_ns));
         self.responder_delay
-            .with_label_values(&[&t.dst_tor])
             .observe(ns_to_seconds(sample.responder_delay_ns));
         if sample.software_timed {
             self.software_timed.inc();
         }
         if self.per_target_node {
-            self.node_probes.with_label_values(&[&t.dst_node, "ok"]).inc();
-            self.node_network_rtt.with_label_values(&[&t.dst_node]).observe(rtt);
+            self.node_probes
+                .with_label_values(&[&t.dst_node, "ok"])
+                .inc();
+            self.node_network_rtt
+                .with_label_values(&[&t.dst_node])
+                .observe(rtt);
         }
     }
 
     pub fn invalid(&self, t: &TargetLabels, reason: InvalidReason) {
-        self.probes.with_label_values(&[&t.src_tor, &t.dst_tor, "invalid"]).inc();
+        self.probes
+            .with_label_values(&[&t.src_tor, &t.dst_tor, "invalid"])
+            .inc();
         self.invalid.with_label_values(&[reason.category()]).inc();
         if self.per_target_node {
-            self.node_probes.with_label_values(&[&t.dst_node, "invalid"]).inc();
+            self.node_probes
+                .with_label_values(&[&t.dst_node, "invalid"])
+                .inc();
         }
     }
 
     pub fn lost(&self, t: &TargetLabels) {
-        self.probes.with_label_values(&[&t.src_tor, &t.dst_tor, "lost"]).inc();
+        self.probes
+            .with_label_values(&[&t.src_tor, &t.dst_tor, "lost"])
+            .inc();
         if self.per_target_node {
-            self.node_probes.with_label_values(&[&t.dst_node, "lost"]).inc();
+            self.node_probes
+                .with_label_values(&[&t.dst_node, "lost"])
+                .inc();
         }
     }
 
@@ -289,7 +308,9 @@ impl AgentMetrics {
     }
 
     pub fn reports(&self, result: &'static str, n: usize) {
-        self.reports.with_label_values(&[result]).inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+        self.reports
+            .with_label_values(&[result])
+            .inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub fn windows_dropped(&self, reason: &'static str, n: u64) {
@@ -298,22 +319,40 @@ impl AgentMetrics {
 
     pub fn set_transport(&self, transport: &str, kernel_timestamps: bool, reason: &str) {
         self.transport_info.reset();
-        let ts = if kernel_timestamps { "kernel" } else { "software" };
-        self.transport_info.with_label_values(&[transport, ts, reason]).set(1);
+        let ts = if kernel_timestamps {
+            "kernel"
+        } else {
+            "software"
+        };
+        self.transport_info
+            .with_label_values(&[transport, ts, reason])
+            .set(1);
     }
 
     /// Records a new pinglist: target counts by kind, and removal of the series
     /// of ToR pairs and nodes that are no longer probed.
-    pub fn set_pinglist(&self, version: u64, targets_by_kind: &[(&str, usize)], labels: &[TargetLabels]) {
-        self.pinglist_version.set(i64::try_from(version).unwrap_or(i64::MAX));
+    pub fn set_pinglist(
+        &self,
+        version: u64,
+        targets_by_kind: &[(&str, usize)],
+        labels: &[TargetLabels],
+    ) {
+        self.pinglist_version
+            .set(i64::try_from(version).unwrap_or(i64::MAX));
         self.pinglist_targets.reset();
         for (kind, n) in targets_by_kind {
-            self.pinglist_targets.with_label_values(&[kind]).set(i64::try_from(*n).unwrap_or(i64::MAX));
+            self.pinglist_targets
+                .with_label_values(&[kind])
+                .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
-        let now_pairs: HashSet<(String, String)> =
-            labels.iter().map(|l| (l.src_tor.clone(), l.dst_tor.clone())).collect();
+        let now_pairs: HashSet<(String, String)> = labels
+            .iter()
+            .map(|l| (l.src_tor.clone(), l.dst_tor.clone()))
+            .collect();
         let now_nodes: HashSet<String> = labels.iter().map(|l| l.dst_node.clone()).collect();
-        let Ok(mut exported) = self.exported.lock() else { return };
+        let Ok(mut exported) = self.exported.lock() else {
+            return;
+        };
         for (src, dst) in exported.tor_pairs.difference(&now_pairs) {
             for result in ["ok", "lost", "invalid"] {
                 let _ = self.probes.remove_label_values(&[src, dst, result]);
@@ -335,7 +374,12 @@ fn ns_to_seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntCounterVec, MetricsError> {
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
     let m = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(m.clone()))?;
     Ok(m)
@@ -347,7 +391,12 @@ fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsEr
     Ok(m)
 }
 
-fn gauge_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> Result<IntGaugeVec, MetricsError> {
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, MetricsError> {
     let m = IntGaugeVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(m.clone()))?;
     Ok(m)
@@ -359,6 +408,18 @@ fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError>
     Ok(m)
 }
 
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    buckets: &[f64],
+) -> Result<prometheus::Histogram, MetricsError> {
+    let m =
+        prometheus::Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))?;
+    r.register(Box::new(m.clone()))?;
+    Ok(m)
+}
+
 fn histogram_vec(
     r: &Registry,
     name: &str,
@@ -366,7 +427,10 @@ fn histogram_vec(
     labels: &[&str],
     buckets: &[f64],
 ) -> Result<HistogramVec, MetricsError> {
-    let m = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), labels)?;
+    let m = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )?;
     r.register(Box::new(m.clone()))?;
     Ok(m)
 }
@@ -376,7 +440,11 @@ mod tests {
     use super::*;
 
     fn labels(dst_tor: &str) -> TargetLabels {
-        TargetLabels { src_tor: "tor-a".into(), dst_tor: dst_tor.into(), dst_node: format!("n-{dst_tor}") }
+        TargetLabels {
+            src_tor: "tor-a".into(),
+            dst_tor: dst_tor.into(),
+            dst_node: format!("n-{dst_tor}"),
+        }
     }
 
     fn text(m: &AgentMetrics) -> String {
@@ -393,7 +461,12 @@ mod tests {
 
     #[test]
     fn per_target_node_series_exist_only_when_asked_for() {
-        let sample = Sample { network_rtt_ns: 1000, prober_delay_ns: 1, responder_delay_ns: 1, software_timed: false };
+        let sample = Sample {
+            network_rtt_ns: 1000,
+            prober_delay_ns: 1,
+            responder_delay_ns: 1,
+            software_timed: false,
+        };
         let off = AgentMetrics::new("n", false).unwrap();
         off.answered(&labels("tor-b"), &sample);
         assert!(!text(&off).contains("dst_node="));

@@ -13,9 +13,15 @@ use crate::mesh::pinglist::PinglistPolicy;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("parsing config file {path}: {source}")]
-    Parse { path: PathBuf, source: serde_yaml::Error },
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -59,14 +65,14 @@ impl Default for MeshConfig {
 /// Flags of `pingmesh-operator standalone`; each overrides the file.
 #[derive(Debug, Clone, Default, Args)]
 pub struct MeshArgs {
-    /// YAML file with a MeshConfig (see docs/configuration.md).
+    /// YAML file with a `MeshConfig` (see docs/configuration.md).
     #[arg(long, env = "PINGMESH_CONFIG")]
     pub config: Option<PathBuf>,
     #[arg(long, env = "PINGMESH_GRPC_ADDR")]
     pub grpc_addr: Option<SocketAddr>,
     #[arg(long, env = "PINGMESH_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
-    /// Registry store URL (sqlite://PATH or rqlite://HOST:PORT[,HOST:PORT]).
+    /// Registry store URL (`sqlite://PATH` or `rqlite://HOST:PORT[,HOST:PORT]`).
     #[arg(long, env = "PINGMESH_REGISTRY")]
     pub registry: Option<String>,
     #[arg(long, env = "PINGMESH_DEFAULT_TOR")]
@@ -111,19 +117,33 @@ impl MeshArgs {
 
 impl MeshConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        serde_yaml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.pinglist.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
-        self.sla.validate().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.pinglist
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        self.sla
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if !pingmesh_proto::limits::is_valid_id(&self.default_tor) {
-            return Err(ConfigError::Invalid(format!("defaultTor {:?} is not a valid name", self.default_tor)));
+            return Err(ConfigError::Invalid(format!(
+                "defaultTor {:?} is not a valid name",
+                self.default_tor
+            )));
         }
         if self.stale_after_secs == 0 {
-            return Err(ConfigError::Invalid("staleAfterSecs must be at least 1".into()));
+            return Err(ConfigError::Invalid(
+                "staleAfterSecs must be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -137,8 +157,17 @@ mod tests {
     fn a_partial_yaml_file_keeps_defaults_for_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
-        std::fs::write(&path, "registry: rqlite://10.0.0.1:4001\npinglist:\n  windowMs: 10000\n").unwrap();
-        let config = MeshArgs { config: Some(path), ..MeshArgs::default() }.resolve().unwrap();
+        std::fs::write(
+            &path,
+            "registry: rqlite://10.0.0.1:4001\npinglist:\n  windowMs: 10000\n",
+        )
+        .unwrap();
+        let config = MeshArgs {
+            config: Some(path),
+            ..MeshArgs::default()
+        }
+        .resolve()
+        .unwrap();
         assert_eq!(config.registry, "rqlite://10.0.0.1:4001");
         assert_eq!(config.pinglist.window_ms, 10_000);
         assert_eq!(config.default_tor, "default");
@@ -149,7 +178,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mesh.yaml");
         std::fs::write(&path, "defaultTor: rack-1\n").unwrap();
-        let args = MeshArgs { config: Some(path), default_tor: Some("rack-2".into()), ..MeshArgs::default() };
+        let args = MeshArgs {
+            config: Some(path),
+            default_tor: Some("rack-2".into()),
+            ..MeshArgs::default()
+        };
         assert_eq!(args.resolve().unwrap().default_tor, "rack-2");
     }
 
@@ -160,7 +193,10 @@ mod tests {
         std::fs::write(&path, "regsitry: typo\n").unwrap();
         let err = MeshConfig::from_file(&path).unwrap_err().to_string();
         assert!(err.contains("regsitry"), "{err}");
-        let args = MeshArgs { window_ms: Some(0), ..MeshArgs::default() };
+        let args = MeshArgs {
+            window_ms: Some(0),
+            ..MeshArgs::default()
+        };
         assert!(matches!(args.resolve(), Err(ConfigError::Invalid(_))));
     }
 }

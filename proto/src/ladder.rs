@@ -15,7 +15,7 @@ const BASE_SHIFT: u32 = 10;
 const OCTAVES: u32 = 24;
 
 /// Number of buckets on the ladder.
-pub const BUCKETS: usize = 1 + (OCTAVES as usize) * (SUBS as usize);
+pub const BUCKETS: usize = 1 + (OCTAVES as usize) * (1 << SUB_BITS);
 
 /// Bucket index for a value in nanoseconds.
 #[inline]
@@ -23,14 +23,14 @@ pub fn bucket_of(ns: u64) -> usize {
     if ns < (1 << BASE_SHIFT) {
         return 0;
     }
-    let top = 63 - ns.leading_zeros(); // position of the leading one, >= BASE_SHIFT
+    let top = ns.ilog2(); // position of the leading one, >= BASE_SHIFT
     let octave = top - BASE_SHIFT;
     if octave >= OCTAVES {
         return BUCKETS - 1;
     }
     let sub = (ns >> (top - SUB_BITS)) & (SUBS - 1);
     // octave < 24 and sub < 8: the index fits comfortably.
-    1 + (octave as usize) * (SUBS as usize) + usize::try_from(sub).unwrap_or(0)
+    1 + (octave as usize) * (1 << SUB_BITS) + usize::try_from(sub).unwrap_or(0)
 }
 
 /// Largest value (inclusive, ns) that falls into `bucket`; `u64::MAX` for the top one.
@@ -57,13 +57,18 @@ pub struct Histogram {
 
 impl std::fmt::Debug for Histogram {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Histogram").field("total", &self.total).finish_non_exhaustive()
+        f.debug_struct("Histogram")
+            .field("total", &self.total)
+            .finish_non_exhaustive()
     }
 }
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self { counts: Box::new([0; BUCKETS]), total: 0 }
+        Self {
+            counts: Box::new([0; BUCKETS]),
+            total: 0,
+        }
     }
 }
 
@@ -155,7 +160,11 @@ impl Histogram {
 
 /// 1-based nearest rank of quantile `q` among `n` samples (at least 1, at most n).
 pub fn nearest_rank(n: u64, q: f64) -> u64 {
-    let q = if q.is_finite() { q.clamp(0.0, 1.0) } else { 1.0 };
+    let q = if q.is_finite() {
+        q.clamp(0.0, 1.0)
+    } else {
+        1.0
+    };
     // q*n <= n < 2^53 for any real sample count, so the cast is exact enough.
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let rank = (q * n as f64).ceil() as u64;
@@ -173,7 +182,11 @@ mod tests {
             let b = bucket_of(v);
             assert!(v <= upper_bound_ns(b), "value {v} above bucket {b}");
             if b > 0 {
-                assert!(v > upper_bound_ns(b - 1), "value {v} not above bucket {}", b - 1);
+                assert!(
+                    v > upper_bound_ns(b - 1),
+                    "value {v} not above bucket {}",
+                    b - 1
+                );
             }
             v = v * 3 / 2 + 1;
         }
@@ -184,7 +197,10 @@ mod tests {
         for b in 2..BUCKETS - 1 {
             let lower = upper_bound_ns(b - 1) + 1;
             let width = upper_bound_ns(b) - lower + 1;
-            assert!(width * 8 <= lower, "bucket {b}: width {width} lower {lower}");
+            assert!(
+                width * 8 <= lower,
+                "bucket {b}: width {width} lower {lower}"
+            );
         }
     }
 
@@ -216,10 +232,19 @@ mod tests {
         let mut victim = Histogram::default();
         assert_eq!(
             victim.merge_sparse(&[1, 2], &[1]),
-            Err(SparseError::LengthMismatch { buckets: 2, counts: 1 })
+            Err(SparseError::LengthMismatch {
+                buckets: 2,
+                counts: 1
+            })
         );
-        assert_eq!(victim.merge_sparse(&[9999], &[1]), Err(SparseError::BucketOutOfRange(9999)));
-        assert_eq!(victim.merge_sparse(&[1, 2], &[u64::MAX, 1]), Err(SparseError::Overflow));
+        assert_eq!(
+            victim.merge_sparse(&[9999], &[1]),
+            Err(SparseError::BucketOutOfRange(9999))
+        );
+        assert_eq!(
+            victim.merge_sparse(&[1, 2], &[u64::MAX, 1]),
+            Err(SparseError::Overflow)
+        );
         assert_eq!(victim.total(), 0);
     }
 

@@ -1,4 +1,4 @@
-//! The contract shared by PingMesh agents and the mesh controller: the gRPC API
+//! The contract shared by `PingMesh` agents and the mesh controller: the gRPC API
 //! (generated from `proto/pingmesh/v1/mesh.proto`) and small plain types both
 //! sides must agree on bit for bit (latency ladder, ECMP sizing, window alignment).
 

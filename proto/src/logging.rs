@@ -1,4 +1,4 @@
-//! Log setup shared by every PingMesh binary: `--log-format json|plain`, level
+//! Log setup shared by every `PingMesh` binary: `--log-format json|plain`, level
 //! from `--log-level` or `RUST_LOG`.
 
 use clap::{Args, ValueEnum};
@@ -15,8 +15,13 @@ pub struct LogArgs {
     /// Log line format.
     #[arg(long, env = "PINGMESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain, global = true)]
     pub log_format: LogFormat,
-    /// Log filter, e.g. `info` or `pingmesh_agent=debug,info` (RUST_LOG syntax).
-    #[arg(long, env = "PINGMESH_LOG_LEVEL", default_value = "info", global = true)]
+    /// Log filter, e.g. `info` or `pingmesh_agent=debug,info` (`RUST_LOG` syntax).
+    #[arg(
+        long,
+        env = "PINGMESH_LOG_LEVEL",
+        default_value = "info",
+        global = true
+    )]
     pub log_level: String,
 }
 
@@ -24,7 +29,9 @@ pub struct LogArgs {
 /// A second call (tests) is a no-op.
 pub fn init(args: &LogArgs) {
     let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match args.log_format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Plain => builder.try_init(),

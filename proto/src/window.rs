@@ -31,7 +31,10 @@ mod tests {
         assert_eq!(window_start(12_345, 5_000), 10_000);
         assert_eq!(window_start(10_000, 5_000), 10_000);
         assert_eq!(window_start(9_999, 5_000), 5_000);
-        assert_eq!(until_next_window(12_345, 5_000), Duration::from_millis(2_655));
+        assert_eq!(
+            until_next_window(12_345, 5_000),
+            Duration::from_millis(2_655)
+        );
     }
 
     #[test]

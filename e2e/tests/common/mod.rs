@@ -1,7 +1,6 @@
 //! Starts the built binaries as separate processes and talks to them over HTTP.
 
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
-
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener};
@@ -27,17 +26,28 @@ pub fn enabled(var: &str, why: &str) -> bool {
 /// Directory holding the workspace's binaries (next to this test's `deps/`).
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    exe.parent().and_then(Path::parent).expect("target profile dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target profile dir")
+        .to_path_buf()
 }
 
 pub fn binary(name: &str) -> PathBuf {
     let path = bin_dir().join(name);
-    assert!(path.exists(), "{} missing: run `cargo build --workspace --bins` first", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --workspace --bins` first",
+        path.display()
+    );
     path
 }
 
 pub fn free_port(ip: &str) -> u16 {
-    TcpListener::bind((ip, 0)).expect("bind a free port").local_addr().expect("local addr").port()
+    TcpListener::bind((ip, 0))
+        .expect("bind a free port")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }
 
 /// A child process killed when dropped.
@@ -101,7 +111,12 @@ pub fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Contr
     let child = Command::new(binary("pingmesh-operator"))
         .args(["standalone", "--config"])
         .arg(&config)
-        .args(["--grpc-addr", &grpc.to_string(), "--http-addr", &http.to_string()])
+        .args([
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--http-addr",
+            &http.to_string(),
+        ])
         .arg("--registry")
         .arg(format!("sqlite://{}", registry.display()))
         .env("PINGMESH_LOG_LEVEL", "info")
@@ -109,8 +124,19 @@ pub fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Contr
         .stderr(log_file(dir, "controller"))
         .spawn()
         .expect("start controller");
-    let c = Controller { proc: Proc { name: "controller".into(), child }, grpc, http, registry, config };
-    wait_for(Duration::from_secs(20), "controller /healthz", || get_text(http, "/healthz").is_some());
+    let c = Controller {
+        proc: Proc {
+            name: "controller".into(),
+            child,
+        },
+        grpc,
+        http,
+        registry,
+        config,
+    };
+    wait_for(Duration::from_secs(20), "controller /healthz", || {
+        get_text(http, "/healthz").is_some()
+    });
     c
 }
 
@@ -138,11 +164,20 @@ pub fn start_agent(dir: &Path, node: &str, tor: &str, ip: &str, controller: Sock
         .stderr(log_file(dir, node))
         .spawn()
         .expect("start agent");
-    Agent { proc: Proc { name: node.into(), child }, node: node.into(), ip: ip.into(), metrics }
+    Agent {
+        proc: Proc {
+            name: node.into(),
+            child,
+        },
+        node: node.into(),
+        ip: ip.into(),
+        metrics,
+    }
 }
 
 fn log_file(dir: &Path, name: &str) -> Stdio {
-    std::fs::File::create(dir.join(format!("{name}.log"))).map_or_else(|_| Stdio::null(), Stdio::from)
+    std::fs::File::create(dir.join(format!("{name}.log")))
+        .map_or_else(|_| Stdio::null(), Stdio::from)
 }
 
 /// Plain HTTP GET on a loopback address, blocking, with a short timeout.
@@ -150,7 +185,11 @@ pub fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).ok()?;
     let text = String::from_utf8(raw).ok()?;
@@ -158,7 +197,10 @@ pub fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
     if !head.starts_with("HTTP/1.1 200") {
         return None;
     }
-    if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         return Some(dechunk(body));
     }
     Some(body.to_owned())
@@ -195,23 +237,32 @@ pub fn wait_for(limit: Duration, what: &str, mut check: impl FnMut() -> bool) {
 
 /// The start of the newest judged window, from /api/v1/summary.
 pub fn judged_window(http: SocketAddr) -> Option<u64> {
-    get_json(http, "/api/v1/summary")?.get("windowStartMs")?.as_u64()
+    get_json(http, "/api/v1/summary")?
+        .get("windowStartMs")?
+        .as_u64()
 }
 
 /// Waits until `n` more windows have been judged; returns the last one's start.
 pub fn wait_windows(http: SocketAddr, n: u64) -> u64 {
     let start = judged_window(http).unwrap_or(0);
     let mut last = start;
-    wait_for(Duration::from_millis((n + 4) * WINDOW_MS + 5_000), "windows to be judged", || {
-        last = judged_window(http).unwrap_or(0);
-        last >= start + n * WINDOW_MS
-    });
+    wait_for(
+        Duration::from_millis((n + 4) * WINDOW_MS + 5_000),
+        "windows to be judged",
+        || {
+            last = judged_window(http).unwrap_or(0);
+            last >= start + n * WINDOW_MS
+        },
+    );
     last
 }
 
 pub fn connected_agents(http: SocketAddr) -> usize {
     get_json(http, "/api/v1/agents")
-        .and_then(|v| v.as_array().map(|a| a.iter().filter(|x| x["connected"] == true).count()))
+        .and_then(|v| {
+            v.as_array()
+                .map(|a| a.iter().filter(|x| x["connected"] == true).count())
+        })
         .unwrap_or(0)
 }
 
@@ -257,4 +308,23 @@ pub fn full_mesh(nodes: &[&str]) -> Vec<(String, String)> {
     }
     out.sort();
     out
+}
+
+/// Sum of every sample of a metric family (without `_bucket` etc.) in an agent's
+/// exposition; `None` when the family is absent or the scrape failed.
+pub fn metric_sum(addr: SocketAddr, family: &str) -> Option<f64> {
+    let text = get_text(addr, "/metrics")?;
+    let mut found = false;
+    let mut sum = 0.0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(family) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue;
+        }
+        found = true;
+        sum += rest.rsplit(' ').next()?.parse::<f64>().ok()?;
+    }
+    found.then_some(sum)
 }

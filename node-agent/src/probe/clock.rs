@@ -13,7 +13,9 @@ fn origin() -> Instant {
 /// the first call, so 0 can mean "missing" on the wire).
 pub fn host_now_ns() -> u64 {
     let base = origin();
-    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX).saturating_add(1)
+    u64::try_from(base.elapsed().as_nanos())
+        .unwrap_or(u64::MAX)
+        .saturating_add(1)
 }
 
 #[cfg(test)]

@@ -1,5 +1,8 @@
 //! The six-timestamp probe protocol: wire format, timing math, the pending
 //! table, and the prober and responder loops.
 pub mod clock;
+pub mod pending;
+pub mod prober;
+pub mod responder;
 pub mod timing;
 pub mod wire;

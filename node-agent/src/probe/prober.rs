@@ -253,10 +253,17 @@ impl Schedule {
         let mut due = BinaryHeap::with_capacity(targets.len());
         let mut flow_cursor = Vec::with_capacity(targets.len());
         for (i, t) in targets.iter().enumerate() {
-            due.push(Reverse((now + t.interval.mul_f64(rand::random_range(0.0..1.0)), i)));
+            due.push(Reverse((
+                now + t.interval.mul_f64(rand::random_range(0.0..1.0)),
+                i,
+            )));
             flow_cursor.push(rand::random_range(0..t.flows.max(1)));
         }
-        Self { targets, due, flow_cursor }
+        Self {
+            targets,
+            due,
+            flow_cursor,
+        }
     }
 
     fn next_due(&self) -> Option<Instant> {
@@ -267,7 +274,9 @@ impl Schedule {
     /// period after this one was due (not after now, so pacing does not drift).
     fn pop_due(&mut self) -> Option<usize> {
         let Reverse((at, i)) = self.due.pop()?;
-        let period = self.targets[i].interval.mul_f64(rand::random_range(0.9..1.1));
+        let period = self.targets[i]
+            .interval
+            .mul_f64(rand::random_range(0.9..1.1));
         let next = (at + period).max(Instant::now());
         self.due.push(Reverse((next, i)));
         Some(i)
@@ -296,7 +305,9 @@ async fn send_probe(
     let t1 = host_now_ns();
     let deadline = t1 + u64::from(timeout_ms) * 1_000_000;
     let expect_tx = flow_socket.socket.timestamp_support().tx;
-    let ctx = ProbeCtx { target: target.clone() };
+    let ctx = ProbeCtx {
+        target: target.clone(),
+    };
     // Registered before the send: the ACK may be read before send_to returns.
     let inserted = lock(&shared.pending).insert(seq, ctx, flow, window, t1, deadline, expect_tx);
     if let Err(e) = inserted {
@@ -307,7 +318,9 @@ async fn send_probe(
     match flow_socket.socket.send_to(&payload, target.addr).await {
         Ok(receipt) => {
             lock(&shared.aggregator).on_sent(window, &target.path);
-            let early_stamp = receipt.tx_key.and_then(|key| lock(&flow_socket.tx_keys).sent(key, seq));
+            let early_stamp = receipt
+                .tx_key
+                .and_then(|key| lock(&flow_socket.tx_keys).sent(key, seq));
             let mut pending = lock(&shared.pending);
             if let Some(kernel_ns) = early_stamp {
                 // Cannot finish the probe: it also waits for on_sent below.
@@ -343,7 +356,13 @@ async fn receive(shared: Arc<Shared>, flow: Arc<FlowSocket>, cancel: Cancellatio
                     None => continue,
                 }
             }
-            Ok(SocketEvent::Datagram { len, host_ns, kernel_ns, truncated, .. }) => {
+            Ok(SocketEvent::Datagram {
+                len,
+                host_ns,
+                kernel_ns,
+                truncated,
+                ..
+            }) => {
                 if truncated {
                     shared.metrics.malformed("prober", "truncated");
                     continue;
@@ -392,7 +411,11 @@ async fn receive(shared: Arc<Shared>, flow: Arc<FlowSocket>, cancel: Cancellatio
 }
 
 /// Expires probes past their deadline and hands finished windows to the reporter.
-async fn sweep(shared: Arc<Shared>, summaries: mpsc::Sender<Vec<WindowSummary>>, cancel: CancellationToken) {
+async fn sweep(
+    shared: Arc<Shared>,
+    summaries: mpsc::Sender<Vec<WindowSummary>>,
+    cancel: CancellationToken,
+) {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
@@ -406,7 +429,7 @@ async fn sweep(shared: Arc<Shared>, summaries: mpsc::Sender<Vec<WindowSummary>>,
         for outcome in expired {
             record(&shared, outcome);
         }
-        if ticks % 10 != 0 {
+        if !ticks.is_multiple_of(10) {
             continue;
         }
         shared.metrics.set_pending(lock(&shared.pending).len());
@@ -414,7 +437,9 @@ async fn sweep(shared: Arc<Shared>, summaries: mpsc::Sender<Vec<WindowSummary>>,
         let grace = shared.timeout_ms.load(Ordering::Relaxed) + 100;
         let finished = lock(&shared.aggregator).take_finished(unix_now_ms(), grace);
         if finished.unresolved > 0 {
-            shared.metrics.windows_dropped("unresolved_probes", finished.unresolved);
+            shared
+                .metrics
+                .windows_dropped("unresolved_probes", finished.unresolved);
         }
         if !finished.summaries.is_empty() && summaries.try_send(finished.summaries).is_err() {
             shared.metrics.windows_dropped("reporter_busy", 1);
@@ -425,7 +450,12 @@ async fn sweep(shared: Arc<Shared>, summaries: mpsc::Sender<Vec<WindowSummary>>,
 /// Books one finished probe in the metrics and its window.
 fn record(shared: &Shared, outcome: Outcome<ProbeCtx>) {
     match outcome {
-        Outcome::Answered { ctx, window_start_ms, times, .. } => {
+        Outcome::Answered {
+            ctx,
+            window_start_ms,
+            times,
+            ..
+        } => {
             let result = classify(&times);
             match &result {
                 Ok(sample) => shared.metrics.answered(&ctx.target.labels, sample),
@@ -433,7 +463,11 @@ fn record(shared: &Shared, outcome: Outcome<ProbeCtx>) {
             }
             lock(&shared.aggregator).on_answered(window_start_ms, &ctx.target.path, result);
         }
-        Outcome::Lost { ctx, flow, window_start_ms } => {
+        Outcome::Lost {
+            ctx,
+            flow,
+            window_start_ms,
+        } => {
             shared.metrics.lost(&ctx.target.labels);
             lock(&shared.aggregator).on_lost(window_start_ms, &ctx.target.path, flow);
         }

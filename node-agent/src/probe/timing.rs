@@ -15,7 +15,10 @@ pub struct Stamp {
 
 impl Stamp {
     pub fn host(host_ns: u64) -> Self {
-        Self { host_ns, kernel_ns: None }
+        Self {
+            host_ns,
+            kernel_ns: None,
+        }
     }
 }
 
@@ -120,11 +123,17 @@ mod tests {
         // host clock around 500: three unrelated clocks.
         ProbeTimes {
             t1_host_ns: 500,
-            t2: Stamp { host_ns: 700, kernel_ns: Some(1_000_000) },
+            t2: Stamp {
+                host_ns: 700,
+                kernel_ns: Some(1_000_000),
+            },
             t3_ns: 9_000_000,
             t4_ns: 9_000_300,
             responder_software_timed: false,
-            t5: Stamp { host_ns: 3_000, kernel_ns: Some(1_002_300) },
+            t5: Stamp {
+                host_ns: 3_000,
+                kernel_ns: Some(1_002_300),
+            },
             t6_host_ns: 3_500,
         }
     }

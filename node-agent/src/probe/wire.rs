@@ -52,18 +52,41 @@ pub struct Message {
 
 impl Message {
     pub fn probe(prober_id: u64, seq: u64) -> Self {
-        Self { kind: MessageType::Probe, flags: 0, prober_id, seq, t3_ns: 0, t4_ns: 0 }
+        Self {
+            kind: MessageType::Probe,
+            flags: 0,
+            prober_id,
+            seq,
+            t3_ns: 0,
+            t4_ns: 0,
+        }
     }
 
     /// The first ACK for `probe`: sent at once, carries nothing but identity.
     pub fn ack1(probe: &Message) -> Self {
-        Self { kind: MessageType::Ack1, flags: 0, t3_ns: 0, t4_ns: 0, ..*probe }
+        Self {
+            kind: MessageType::Ack1,
+            flags: 0,
+            t3_ns: 0,
+            t4_ns: 0,
+            ..*probe
+        }
     }
 
     /// The second ACK for `probe`, carrying the responder's T3 and T4.
     pub fn ack2(probe: &Message, t3_ns: u64, t4_ns: u64, software_timed: bool) -> Self {
-        let flags = if software_timed { FLAG_RESPONDER_SOFTWARE_TIMED } else { 0 };
-        Self { kind: MessageType::Ack2, flags, t3_ns, t4_ns, ..*probe }
+        let flags = if software_timed {
+            FLAG_RESPONDER_SOFTWARE_TIMED
+        } else {
+            0
+        };
+        Self {
+            kind: MessageType::Ack2,
+            flags,
+            t3_ns,
+            t4_ns,
+            ..*probe
+        }
     }
 
     pub fn responder_software_timed(&self) -> bool {
@@ -85,8 +108,9 @@ impl Message {
 
     /// Strict decoding: anything but a well-formed message of this version is an error.
     pub fn decode(buf: &[u8]) -> Result<Self, DecodeError> {
-        let bytes: &[u8; MESSAGE_LEN] =
-            buf.try_into().map_err(|_| DecodeError::WrongLength(buf.len()))?;
+        let bytes: &[u8; MESSAGE_LEN] = buf
+            .try_into()
+            .map_err(|_| DecodeError::WrongLength(buf.len()))?;
         if bytes[0..4] != MAGIC {
             return Err(DecodeError::BadMagic);
         }
@@ -149,7 +173,11 @@ mod tests {
     #[test]
     fn every_message_type_round_trips() {
         let probe = Message::probe(0xDEAD_BEEF, 42);
-        for m in [probe, Message::ack1(&probe), Message::ack2(&probe, 7, 9, true)] {
+        for m in [
+            probe,
+            Message::ack1(&probe),
+            Message::ack2(&probe, 7, 9, true),
+        ] {
             assert_eq!(Message::decode(&m.encode()), Ok(m));
         }
         assert!(Message::ack2(&probe, 1, 2, true).responder_software_timed());
@@ -159,7 +187,10 @@ mod tests {
     #[test]
     fn malformed_messages_are_typed_errors() {
         let good = Message::probe(1, 2).encode();
-        assert_eq!(Message::decode(&good[..39]), Err(DecodeError::WrongLength(39)));
+        assert_eq!(
+            Message::decode(&good[..39]),
+            Err(DecodeError::WrongLength(39))
+        );
         assert_eq!(Message::decode(&[]), Err(DecodeError::WrongLength(0)));
         let mut long = good.to_vec();
         long.push(0);
@@ -169,7 +200,10 @@ mod tests {
         assert_eq!(Message::decode(&bad), Err(DecodeError::BadMagic));
         let mut bad = good;
         bad[4] = 2;
-        assert_eq!(Message::decode(&bad), Err(DecodeError::UnsupportedVersion(2)));
+        assert_eq!(
+            Message::decode(&bad),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
         let mut bad = good;
         bad[5] = 0;
         assert_eq!(Message::decode(&bad), Err(DecodeError::UnknownType(0)));

@@ -24,7 +24,7 @@ use super::registry::{Registry, RegistryError};
 use super::types::{AgentRecord, MeshEndpoint};
 use crate::config::MeshConfig;
 
-/// How often presence is written to the registry (last_seen) for connected agents.
+/// How often presence is written to the registry (`last_seen`) for connected agents.
 const PERSIST_PRESENCE_EVERY: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
@@ -34,7 +34,11 @@ pub enum MeshError {
     #[error("node {0} is not registered; register first")]
     UnknownNode(String),
     #[error("node {node} registered again (session {current}); this session ({given}) is over")]
-    StaleSession { node: String, current: u64, given: u64 },
+    StaleSession {
+        node: String,
+        current: u64,
+        given: u64,
+    },
     #[error("endpoint {endpoint} belongs to node {owner}")]
     Conflict { endpoint: String, owner: String },
     #[error("registry unavailable: {0}")]
@@ -87,6 +91,8 @@ pub struct MeshController {
     state: Mutex<State>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     analyzer: Mutex<Analyzer>,
+    /// Cancelled on shutdown: ends every pinglist stream so the server can stop.
+    stopping: CancellationToken,
     pub metrics: ControllerMetrics,
 }
 
@@ -94,7 +100,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Summary of one ReportWindows call.
+/// Summary of one `ReportWindows` call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReportOutcome {
     pub accepted: u32,
@@ -104,7 +110,10 @@ pub struct ReportOutcome {
 
 impl MeshController {
     /// Opens the controller on an already-open registry and loads its contents.
-    pub async fn new(config: MeshConfig, registry: Arc<dyn Registry>) -> Result<Arc<Self>, MeshError> {
+    pub async fn new(
+        config: MeshConfig,
+        registry: Arc<dyn Registry>,
+    ) -> Result<Arc<Self>, MeshError> {
         let metrics = ControllerMetrics::new()
             .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
         let endpoints = registry.endpoints().await?;
@@ -126,6 +135,7 @@ impl MeshController {
             state: Mutex::new(state),
             snapshot,
             analyzer: Mutex::new(analyzer),
+            stopping: CancellationToken::new(),
             metrics,
         });
         controller.publish();
@@ -153,15 +163,28 @@ impl MeshController {
         };
         let now = unix_now_ms();
         let version = agent_version.chars().take(64).collect::<String>();
-        match self.registry.register(node, &version, session, &resolved, now).await {
+        match self
+            .registry
+            .register(node, &version, session, &resolved, now)
+            .await
+        {
             Ok(()) => {}
             Err(RegistryError::EndpointConflict { endpoint, owner }) => {
-                self.metrics.registrations.with_label_values(&["conflict"]).inc();
+                self.metrics
+                    .registrations
+                    .with_label_values(&["conflict"])
+                    .inc();
                 return Err(MeshError::Conflict { endpoint, owner });
             }
             Err(e) => {
-                self.metrics.registrations.with_label_values(&["error"]).inc();
-                self.metrics.registry_errors.with_label_values(&[e.category()]).inc();
+                self.metrics
+                    .registrations
+                    .with_label_values(&["error"])
+                    .inc();
+                self.metrics
+                    .registry_errors
+                    .with_label_values(&[e.category()])
+                    .inc();
                 return Err(e.into());
             }
         }
@@ -177,17 +200,29 @@ impl MeshController {
             p.persisted_ms = now;
         }
         self.publish();
-        tracing::info!(node, session, endpoints = resolved.len(), "agent registered");
+        tracing::info!(
+            node,
+            session,
+            endpoints = resolved.len(),
+            "agent registered"
+        );
         Ok((session, resolved))
     }
 
-    fn validate_registration(&self, node: &str, endpoints: &[v1::Endpoint]) -> Result<Vec<MeshEndpoint>, MeshError> {
+    fn validate_registration(
+        &self,
+        node: &str,
+        endpoints: &[v1::Endpoint],
+    ) -> Result<Vec<MeshEndpoint>, MeshError> {
         let invalid = |m: String| Err(MeshError::InvalidRequest(m));
         if !is_valid_id(node) {
             return invalid(format!("node name {node:?} is not a valid identifier"));
         }
         if endpoints.is_empty() || endpoints.len() > MAX_ENDPOINTS_PER_NODE {
-            return invalid(format!("a node registers 1 to {MAX_ENDPOINTS_PER_NODE} endpoints, not {}", endpoints.len()));
+            return invalid(format!(
+                "a node registers 1 to {MAX_ENDPOINTS_PER_NODE} endpoints, not {}",
+                endpoints.len()
+            ));
         }
         let mut out = Vec::with_capacity(endpoints.len());
         for e in endpoints {
@@ -200,7 +235,10 @@ impl MeshController {
             match Transport::try_from(e.transport) {
                 Ok(Transport::Udp) => {
                     if e.address.parse::<std::net::SocketAddr>().is_err() {
-                        return invalid(format!("UDP endpoint {} has address {:?}, not ip:port", e.id, e.address));
+                        return invalid(format!(
+                            "UDP endpoint {} has address {:?}, not ip:port",
+                            e.id, e.address
+                        ));
                     }
                 }
                 Ok(Transport::Rdma) => {
@@ -208,12 +246,24 @@ impl MeshController {
                         return invalid(format!("RDMA endpoint {} needs a GID and a QPN", e.id));
                     }
                 }
-                _ => return invalid(format!("endpoint {} has unknown transport {}", e.id, e.transport)),
+                _ => {
+                    return invalid(format!(
+                        "endpoint {} has unknown transport {}",
+                        e.id, e.transport
+                    ));
+                }
             }
             if !e.tor.is_empty() && !is_valid_id(&e.tor) {
-                return invalid(format!("endpoint {} has ToR {:?}, not a valid name", e.id, e.tor));
+                return invalid(format!(
+                    "endpoint {} has ToR {:?}, not a valid name",
+                    e.id, e.tor
+                ));
             }
-            let tor = if e.tor.is_empty() { self.config.default_tor.clone() } else { e.tor.clone() };
+            let tor = if e.tor.is_empty() {
+                self.config.default_tor.clone()
+            } else {
+                e.tor.clone()
+            };
             out.push(MeshEndpoint {
                 id: e.id.clone(),
                 node: node.to_owned(),
@@ -234,7 +284,11 @@ impl MeshController {
             // Not seen since this controller started: the registry may know it.
             _ => match self.registry.agent(node).await? {
                 Some(record) => {
-                    lock(&self.state).presence.entry(node.to_owned()).or_default().session = record.session;
+                    lock(&self.state)
+                        .presence
+                        .entry(node.to_owned())
+                        .or_default()
+                        .session = record.session;
                     record.session
                 }
                 None => return Err(MeshError::UnknownNode(node.to_owned())),
@@ -243,7 +297,11 @@ impl MeshController {
         if current == session {
             Ok(())
         } else {
-            Err(MeshError::StaleSession { node: node.to_owned(), current, given: session })
+            Err(MeshError::StaleSession {
+                node: node.to_owned(),
+                current,
+                given: session,
+            })
         }
     }
 
@@ -259,7 +317,10 @@ impl MeshController {
         }
         self.publish();
         tracing::info!(node, session, "agent connected");
-        PresenceGuard { controller: self.clone(), node: node.to_owned() }
+        PresenceGuard {
+            controller: self.clone(),
+            node: node.to_owned(),
+        }
     }
 
     fn disconnect(&self, node: &str) {
@@ -278,7 +339,20 @@ impl MeshController {
 
     /// The session a node is in now (0: none).
     pub fn current_session(&self, node: &str) -> u64 {
-        lock(&self.state).presence.get(node).map_or(0, |p| p.session)
+        lock(&self.state)
+            .presence
+            .get(node)
+            .map_or(0, |p| p.session)
+    }
+
+    /// Ends every pinglist stream (agents reconnect to the next controller).
+    pub fn shutdown(&self) {
+        self.stopping.cancel();
+    }
+
+    /// Resolves once [`MeshController::shutdown`] was called.
+    pub async fn stopping(&self) {
+        self.stopping.cancelled().await;
     }
 
     pub fn subscribe(&self) -> watch::Receiver<Arc<Snapshot>> {
@@ -287,11 +361,20 @@ impl MeshController {
 
     /// The pinglist of `node` in `snapshot`.
     pub fn pinglist(&self, node: &str, snapshot: &Snapshot) -> v1::Pinglist {
-        let mut list = snapshot.view.pinglist(node, &self.config.pinglist, snapshot.rotation_epoch, snapshot.version);
+        let mut list = snapshot.view.pinglist(
+            node,
+            &self.config.pinglist,
+            snapshot.rotation_epoch,
+            snapshot.version,
+        );
         let state = lock(&self.state);
         for t in &mut list.targets {
             if t.source_tor.is_empty() {
-                t.source_tor = state.endpoints.get(&t.source_endpoint).map(|e| e.tor.clone()).unwrap_or_default();
+                t.source_tor = state
+                    .endpoints
+                    .get(&t.source_endpoint)
+                    .map(|e| e.tor.clone())
+                    .unwrap_or_default();
             }
         }
         list
@@ -305,22 +388,58 @@ impl MeshController {
             let present: Vec<MeshEndpoint> = state
                 .endpoints
                 .values()
-                .filter(|e| state.presence.get(&e.node).is_some_and(|p| p.open_streams > 0))
+                .filter(|e| {
+                    state
+                        .presence
+                        .get(&e.node)
+                        .is_some_and(|p| p.open_streams > 0)
+                })
                 .cloned()
                 .collect();
-            let connected = state.presence.values().filter(|p| p.open_streams > 0).count();
-            let registered = state.endpoints.values().map(|e| &e.node).collect::<std::collections::HashSet<_>>().len();
-            (state.version, state.rotation_epoch, present, registered, connected)
+            let connected = state
+                .presence
+                .values()
+                .filter(|p| p.open_streams > 0)
+                .count();
+            let registered = state
+                .endpoints
+                .values()
+                .map(|e| &e.node)
+                .collect::<std::collections::HashSet<_>>()
+                .len();
+            (
+                state.version,
+                state.rotation_epoch,
+                present,
+                registered,
+                connected,
+            )
         };
-        self.metrics.endpoints.set(i64::try_from(present.len()).unwrap_or(i64::MAX));
-        self.metrics.agents.with_label_values(&["registered"]).set(i64::try_from(registered).unwrap_or(i64::MAX));
-        self.metrics.agents.with_label_values(&["connected"]).set(i64::try_from(connected).unwrap_or(i64::MAX));
+        self.metrics
+            .endpoints
+            .set(i64::try_from(present.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .agents
+            .with_label_values(&["registered"])
+            .set(i64::try_from(registered).unwrap_or(i64::MAX));
+        self.metrics
+            .agents
+            .with_label_values(&["connected"])
+            .set(i64::try_from(connected).unwrap_or(i64::MAX));
         let view = MeshView::new(present);
-        self.snapshot.send_replace(Arc::new(Snapshot { version, rotation_epoch: epoch, view }));
+        self.snapshot.send_replace(Arc::new(Snapshot {
+            version,
+            rotation_epoch: epoch,
+            view,
+        }));
     }
 
     /// Takes a node's window summaries into the analyzer.
-    pub fn report(&self, node: &str, windows: Vec<v1::WindowSummary>) -> Result<ReportOutcome, MeshError> {
+    pub fn report(
+        &self,
+        node: &str,
+        windows: Vec<v1::WindowSummary>,
+    ) -> Result<ReportOutcome, MeshError> {
         if windows.len() > MAX_SUMMARIES_PER_REPORT {
             return Err(MeshError::InvalidRequest(format!(
                 "{} summaries in one report; at most {MAX_SUMMARIES_PER_REPORT}",
@@ -331,7 +450,12 @@ impl MeshController {
             let state = lock(&self.state);
             windows
                 .iter()
-                .map(|w| state.endpoints.get(&w.source_endpoint).is_some_and(|e| e.node == node))
+                .map(|w| {
+                    state
+                        .endpoints
+                        .get(&w.source_endpoint)
+                        .is_some_and(|e| e.node == node)
+                })
                 .collect()
         };
         let mut outcome = ReportOutcome::default();
@@ -340,7 +464,10 @@ impl MeshController {
         for (summary, owned) in windows.into_iter().zip(owned) {
             if !owned {
                 outcome.rejected += 1;
-                self.metrics.summaries.with_label_values(&["not_own_endpoint"]).inc();
+                self.metrics
+                    .summaries
+                    .with_label_values(&["not_own_endpoint"])
+                    .inc();
                 continue;
             }
             match analyzer.ingest(summary, now) {
@@ -348,14 +475,23 @@ impl MeshController {
                 Ok(Ingested::Duplicate) => outcome.duplicates += 1,
                 Err(e) => {
                     outcome.rejected += 1;
-                    self.metrics.summaries.with_label_values(&[e.category()]).inc();
+                    self.metrics
+                        .summaries
+                        .with_label_values(&[e.category()])
+                        .inc();
                     tracing::debug!(node, error = %e, "window summary rejected");
                 }
             }
         }
         drop(analyzer);
-        self.metrics.summaries.with_label_values(&["accepted"]).inc_by(u64::from(outcome.accepted));
-        self.metrics.summaries.with_label_values(&["duplicate"]).inc_by(u64::from(outcome.duplicates));
+        self.metrics
+            .summaries
+            .with_label_values(&["accepted"])
+            .inc_by(u64::from(outcome.accepted));
+        self.metrics
+            .summaries
+            .with_label_values(&["duplicate"])
+            .inc_by(u64::from(outcome.duplicates));
         Ok(outcome)
     }
 
@@ -366,16 +502,22 @@ impl MeshController {
         let timeout_ms = u64::from(self.config.pinglist.probe_timeout_ms);
         let state = lock(&self.state);
         let topology = |endpoint: &str| {
-            state.endpoints.get(endpoint).map(|e| EndpointPlacement { node: e.node.clone(), tor: e.tor.clone() })
+            state.endpoints.get(endpoint).map(|e| EndpointPlacement {
+                node: e.node.clone(),
+                tor: e.tor.clone(),
+            })
         };
         // Present for the whole window: connected before it began, and still
         // connected, or disconnected only after its last probe timed out.
         let present = |endpoint: &str, window: u64| {
-            let Some(node) = state.endpoints.get(endpoint).map(|e| &e.node) else { return false };
+            let Some(node) = state.endpoints.get(endpoint).map(|e| &e.node) else {
+                return false;
+            };
             state.presence.get(node).is_some_and(|p| {
                 p.connected_since_ms != 0
                     && p.connected_since_ms <= window
-                    && (p.open_streams > 0 || p.last_disconnect_ms >= window + window_ms + timeout_ms)
+                    && (p.open_streams > 0
+                        || p.last_disconnect_ms >= window + window_ms + timeout_ms)
             })
         };
         let judged = lock(&self.analyzer).evaluate(window_start_ms, &topology, &present);
@@ -395,7 +537,9 @@ impl MeshController {
     fn publish_report_metrics(&self, report: &WindowReport) {
         let m = &self.metrics;
         m.windows_evaluated.inc();
-        m.excluded_paths.with_label_values(&["target_gone"]).inc_by(report.excluded_target_gone);
+        m.excluded_paths
+            .with_label_values(&["target_gone"])
+            .inc_by(report.excluded_target_gone);
         m.tor_pair_loss.reset();
         m.tor_pair_p99.reset();
         m.tor_pair_probes.reset();
@@ -405,16 +549,24 @@ impl MeshController {
                 m.tor_pair_loss.with_label_values(&labels).set(loss);
             }
             if let Some(p99) = pair.p99_network_rtt_ns {
-                m.tor_pair_p99.with_label_values(&labels).set(p99 as f64 / 1e9);
+                m.tor_pair_p99
+                    .with_label_values(&labels)
+                    .set(p99 as f64 / 1e9);
             }
-            for (result, n) in [("ok", pair.ok), ("lost", pair.lost), ("invalid", pair.invalid)] {
+            for (result, n) in [
+                ("ok", pair.ok),
+                ("lost", pair.lost),
+                ("invalid", pair.invalid),
+            ] {
                 m.tor_pair_probes
                     .with_label_values(&[labels[0], labels[1], result])
                     .set(i64::try_from(n).unwrap_or(i64::MAX));
             }
         }
         for f in &report.opened {
-            m.findings_opened.with_label_values(&[kind_label(f.kind)]).inc();
+            m.findings_opened
+                .with_label_values(&[kind_label(f.kind)])
+                .inc();
             tracing::warn!(kind = kind_label(f.kind), location = %f.location, evidence = %f.evidence, "finding opened");
         }
         for f in &report.cleared {
@@ -422,12 +574,18 @@ impl MeshController {
         }
         m.findings_open.reset();
         for f in self.open_findings() {
-            m.findings_open.with_label_values(&[kind_label(f.kind)]).inc();
+            m.findings_open
+                .with_label_values(&[kind_label(f.kind)])
+                .inc();
         }
     }
 
     pub fn open_findings(&self) -> Vec<Finding> {
-        lock(&self.analyzer).open_findings().into_iter().cloned().collect()
+        lock(&self.analyzer)
+            .open_findings()
+            .into_iter()
+            .cloned()
+            .collect()
     }
 
     pub fn last_report(&self) -> Option<Arc<WindowReport>> {
@@ -440,9 +598,21 @@ impl MeshController {
         Ok(records
             .into_iter()
             .map(|record| {
-                let connected = state.presence.get(&record.node).is_some_and(|p| p.open_streams > 0);
-                let endpoints = state.endpoints.values().filter(|e| e.node == record.node).cloned().collect();
-                AgentView { record, connected, endpoints }
+                let connected = state
+                    .presence
+                    .get(&record.node)
+                    .is_some_and(|p| p.open_streams > 0);
+                let endpoints = state
+                    .endpoints
+                    .values()
+                    .filter(|e| e.node == record.node)
+                    .cloned()
+                    .collect();
+                AgentView {
+                    record,
+                    connected,
+                    endpoints,
+                }
             })
             .collect())
     }
@@ -455,7 +625,9 @@ impl MeshController {
     /// stale agents. Runs until `cancel`.
     pub async fn run_background(self: Arc<Self>, cancel: CancellationToken) {
         let window_ms = self.config.pinglist.window_ms;
-        let delay = u64::from(window_ms) + u64::from(self.config.pinglist.probe_timeout_ms) + self.config.report_grace_ms;
+        let delay = u64::from(window_ms)
+            + u64::from(self.config.pinglist.probe_timeout_ms)
+            + self.config.report_grace_ms;
         let mut next_window = window_start(unix_now_ms(), window_ms);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -491,11 +663,14 @@ impl MeshController {
     async fn housekeeping(&self, now: u64) {
         let due: Vec<(String, u64)> = {
             let mut state = lock(&self.state);
-            let persist_every = u64::try_from(PERSIST_PRESENCE_EVERY.as_millis()).unwrap_or(u64::MAX);
+            let persist_every =
+                u64::try_from(PERSIST_PRESENCE_EVERY.as_millis()).unwrap_or(u64::MAX);
             state
                 .presence
                 .iter_mut()
-                .filter(|(_, p)| p.open_streams > 0 && now.saturating_sub(p.persisted_ms) >= persist_every)
+                .filter(|(_, p)| {
+                    p.open_streams > 0 && now.saturating_sub(p.persisted_ms) >= persist_every
+                })
                 .map(|(node, p)| {
                     p.persisted_ms = now;
                     (node.clone(), p.session)
@@ -504,7 +679,10 @@ impl MeshController {
         };
         for (node, session) in due {
             if let Err(e) = self.registry.touch(&node, session, now).await {
-                self.metrics.registry_errors.with_label_values(&[e.category()]).inc();
+                self.metrics
+                    .registry_errors
+                    .with_label_values(&[e.category()])
+                    .inc();
             }
         }
         let cutoff = now.saturating_sub(self.config.stale_after_secs.saturating_mul(1_000));
@@ -526,7 +704,10 @@ impl MeshController {
             }
             Ok(_) => {}
             Err(e) => {
-                self.metrics.registry_errors.with_label_values(&[e.category()]).inc();
+                self.metrics
+                    .registry_errors
+                    .with_label_values(&[e.category()])
+                    .inc();
                 tracing::warn!(error = %e, "expiring stale agents failed");
             }
         }

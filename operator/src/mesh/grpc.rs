@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use futures::Stream;
 use pingmesh_proto::limits::{MAX_MESSAGE_BYTES, is_valid_id};
-use pingmesh_proto::v1::mesh_controller_server::{MeshController as MeshService, MeshControllerServer};
+use pingmesh_proto::v1::mesh_controller_server::{
+    MeshController as MeshService, MeshControllerServer,
+};
 use pingmesh_proto::v1::{
     Pinglist, RegisterRequest, RegisterResponse, ReportWindowsRequest, ReportWindowsResponse,
     WatchPinglistRequest,
@@ -31,7 +33,11 @@ pub fn server(controller: Arc<MeshController>) -> MeshControllerServer<GrpcServi
 
 impl GrpcService {
     fn refuse(&self, rpc: &'static str, e: &MeshError) -> Status {
-        self.controller.metrics.rejected_requests.with_label_values(&[rpc, e.category()]).inc();
+        self.controller
+            .metrics
+            .rejected_requests
+            .with_label_values(&[rpc, e.category()])
+            .inc();
         match e {
             MeshError::InvalidRequest(m) => Status::invalid_argument(m.clone()),
             MeshError::UnknownNode(_) => Status::not_found(e.to_string()),
@@ -45,7 +51,10 @@ impl GrpcService {
         if is_valid_id(node) {
             Ok(())
         } else {
-            Err(self.refuse(rpc, &MeshError::InvalidRequest(format!("node name {node:?} is not a valid identifier"))))
+            Err(self.refuse(
+                rpc,
+                &MeshError::InvalidRequest(format!("node name {node:?} is not a valid identifier")),
+            ))
         }
     }
 }
@@ -54,7 +63,10 @@ type PinglistStream = Pin<Box<dyn Stream<Item = Result<Pinglist, Status>> + Send
 
 #[tonic::async_trait]
 impl MeshService for GrpcService {
-    async fn register(&self, request: Request<RegisterRequest>) -> Result<Response<RegisterResponse>, Status> {
+    async fn register(
+        &self,
+        request: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterResponse>, Status> {
         let r = request.into_inner();
         let (session, endpoints) = self
             .controller
@@ -63,7 +75,10 @@ impl MeshService for GrpcService {
             .map_err(|e| self.refuse("register", &e))?;
         Ok(Response::new(RegisterResponse {
             session,
-            endpoints: endpoints.iter().map(super::types::MeshEndpoint::to_proto).collect(),
+            endpoints: endpoints
+                .iter()
+                .map(super::types::MeshEndpoint::to_proto)
+                .collect(),
         }))
     }
 
@@ -75,7 +90,10 @@ impl MeshService for GrpcService {
     ) -> Result<Response<Self::WatchPinglistStream>, Status> {
         let r = request.into_inner();
         self.check_node("watch_pinglist", &r.node)?;
-        self.controller.check_session(&r.node, r.session).await.map_err(|e| self.refuse("watch_pinglist", &e))?;
+        self.controller
+            .check_session(&r.node, r.session)
+            .await
+            .map_err(|e| self.refuse("watch_pinglist", &e))?;
         let controller = self.controller.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -84,7 +102,11 @@ impl MeshService for GrpcService {
             let mut last_sent: Option<Pinglist> = None;
             loop {
                 if controller.current_session(&r.node) != r.session {
-                    let _ = tx.send(Err(Status::failed_precondition("the node registered again; this stream is over"))).await;
+                    let _ = tx
+                        .send(Err(Status::failed_precondition(
+                            "the node registered again; this stream is over",
+                        )))
+                        .await;
                     return;
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
@@ -103,6 +125,10 @@ impl MeshService for GrpcService {
                 }
                 tokio::select! {
                     () = tx.closed() => return,
+                    () = controller.stopping() => {
+                        let _ = tx.send(Err(Status::unavailable("mesh controller shutting down"))).await;
+                        return;
+                    }
                     changed = snapshots.changed() => if changed.is_err() { return },
                 }
             }
@@ -116,8 +142,17 @@ impl MeshService for GrpcService {
     ) -> Result<Response<ReportWindowsResponse>, Status> {
         let r = request.into_inner();
         self.check_node("report_windows", &r.node)?;
-        self.controller.check_session(&r.node, r.session).await.map_err(|e| self.refuse("report_windows", &e))?;
-        let outcome = self.controller.report(&r.node, r.windows).map_err(|e| self.refuse("report_windows", &e))?;
-        Ok(Response::new(ReportWindowsResponse { accepted: outcome.accepted, duplicates: outcome.duplicates }))
+        self.controller
+            .check_session(&r.node, r.session)
+            .await
+            .map_err(|e| self.refuse("report_windows", &e))?;
+        let outcome = self
+            .controller
+            .report(&r.node, r.windows)
+            .map_err(|e| self.refuse("report_windows", &e))?;
+        Ok(Response::new(ReportWindowsResponse {
+            accepted: outcome.accepted,
+            duplicates: outcome.duplicates,
+        }))
     }
 }

@@ -32,7 +32,11 @@ pub fn router(controller: Arc<MeshController>) -> Router {
 }
 
 fn unavailable(e: &dyn std::fmt::Display) -> Response {
-    (StatusCode::SERVICE_UNAVAILABLE, format!("registry unavailable: {e}")).into_response()
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("registry unavailable: {e}"),
+    )
+        .into_response()
 }
 
 async fn agents(State(c): Shared) -> Response {
@@ -86,7 +90,10 @@ pub async fn summarize(c: &MeshController) -> Result<MeshSummary, MeshError> {
         agents_connected: agents.iter().filter(|a| a.connected).count(),
         paths_judged: report.as_ref().map_or(0, |r| r.paths.len()),
         excluded_target_gone: report.as_ref().map_or(0, |r| r.excluded_target_gone),
-        tor_pairs: report.as_ref().map(|r| r.tor_pairs.clone()).unwrap_or_default(),
+        tor_pairs: report
+            .as_ref()
+            .map(|r| r.tor_pairs.clone())
+            .unwrap_or_default(),
         findings: c.open_findings(),
     })
 }
@@ -99,5 +106,8 @@ async fn summary(State(c): Shared) -> Response {
 }
 
 async fn metrics(State(c): Shared) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], c.metrics.encode())
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        c.metrics.encode(),
+    )
 }

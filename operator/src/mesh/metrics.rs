@@ -3,7 +3,8 @@
 //! is what a 10,000-node fleet should scrape instead of every agent's histograms.
 
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 #[derive(Debug)]
@@ -25,56 +26,132 @@ pub struct ControllerMetrics {
 }
 
 impl ControllerMetrics {
+    #[allow(clippy::too_many_lines)] // one declaration per metric, nothing to split
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let tor_pair = &["src_tor", "dst_tor"];
         Ok(Self {
-            agents: reg(&registry, IntGaugeVec::new(
-                Opts::new("pingmesh_controller_agents", "Agents known to the registry (registered) and with an open pinglist stream (connected)."),
-                &["state"],
-            )?)?,
-            endpoints: reg(&registry, IntGauge::new("pingmesh_controller_endpoints", "Endpoints in the registry.")?)?,
-            registrations: reg(&registry, IntCounterVec::new(
-                Opts::new("pingmesh_controller_registrations_total", "Agent registrations by result."),
-                &["result"],
-            )?)?,
-            summaries: reg(&registry, IntCounterVec::new(
-                Opts::new("pingmesh_controller_window_summaries_total", "Window summaries received, by result."),
-                &["result"],
-            )?)?,
-            rejected_requests: reg(&registry, IntCounterVec::new(
-                Opts::new("pingmesh_controller_rejected_requests_total", "gRPC requests refused, by call and reason."),
-                &["rpc", "reason"],
-            )?)?,
-            windows_evaluated: reg(&registry, IntCounter::new("pingmesh_controller_windows_evaluated_total", "Windows the analyzer has judged.")?)?,
-            excluded_paths: reg(&registry, IntCounterVec::new(
-                Opts::new("pingmesh_controller_excluded_paths_total", "Path-windows left out of analysis, by reason (target_gone: the target's agent was not up for the whole window)."),
-                &["reason"],
-            )?)?,
-            findings_open: reg(&registry, IntGaugeVec::new(
-                Opts::new("pingmesh_findings_open", "Open findings by kind."),
-                &["kind"],
-            )?)?,
-            findings_opened: reg(&registry, IntCounterVec::new(
-                Opts::new("pingmesh_findings_opened_total", "Findings opened, by kind."),
-                &["kind"],
-            )?)?,
-            registry_errors: reg(&registry, IntCounterVec::new(
-                Opts::new("pingmesh_controller_registry_errors_total", "Registry store errors, by category."),
-                &["category"],
-            )?)?,
-            tor_pair_loss: reg(&registry, GaugeVec::new(
-                Opts::new("pingmesh_tor_pair_loss_ratio", "Loss ratio lost/(ok+lost) between two ToRs in the last judged window (absent when nothing was probed)."),
-                tor_pair,
-            )?)?,
-            tor_pair_p99: reg(&registry, GaugeVec::new(
-                Opts::new("pingmesh_tor_pair_network_rtt_p99_seconds", "p99 network RTT between two ToRs in the last judged window (upper bucket bound)."),
-                tor_pair,
-            )?)?,
-            tor_pair_probes: reg(&registry, IntGaugeVec::new(
-                Opts::new("pingmesh_tor_pair_window_probes", "Probes between two ToRs in the last judged window, by result."),
-                &["src_tor", "dst_tor", "result"],
-            )?)?,
+            agents: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pingmesh_controller_agents",
+                        "Agents known to the registry (registered) and with an open pinglist stream (connected).",
+                    ),
+                    &["state"],
+                )?,
+            )?,
+            endpoints: reg(
+                &registry,
+                IntGauge::new(
+                    "pingmesh_controller_endpoints",
+                    "Endpoints in the registry.",
+                )?,
+            )?,
+            registrations: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_controller_registrations_total",
+                        "Agent registrations by result.",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            summaries: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_controller_window_summaries_total",
+                        "Window summaries received, by result.",
+                    ),
+                    &["result"],
+                )?,
+            )?,
+            rejected_requests: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_controller_rejected_requests_total",
+                        "gRPC requests refused, by call and reason.",
+                    ),
+                    &["rpc", "reason"],
+                )?,
+            )?,
+            windows_evaluated: reg(
+                &registry,
+                IntCounter::new(
+                    "pingmesh_controller_windows_evaluated_total",
+                    "Windows the analyzer has judged.",
+                )?,
+            )?,
+            excluded_paths: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_controller_excluded_paths_total",
+                        "Path-windows left out of analysis, by reason (target_gone: the target's agent was not up for the whole window).",
+                    ),
+                    &["reason"],
+                )?,
+            )?,
+            findings_open: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new("pingmesh_findings_open", "Open findings by kind."),
+                    &["kind"],
+                )?,
+            )?,
+            findings_opened: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_findings_opened_total",
+                        "Findings opened, by kind.",
+                    ),
+                    &["kind"],
+                )?,
+            )?,
+            registry_errors: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_controller_registry_errors_total",
+                        "Registry store errors, by category.",
+                    ),
+                    &["category"],
+                )?,
+            )?,
+            tor_pair_loss: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "pingmesh_tor_pair_loss_ratio",
+                        "Loss ratio lost/(ok+lost) between two ToRs in the last judged window (absent when nothing was probed).",
+                    ),
+                    tor_pair,
+                )?,
+            )?,
+            tor_pair_p99: reg(
+                &registry,
+                GaugeVec::new(
+                    Opts::new(
+                        "pingmesh_tor_pair_network_rtt_p99_seconds",
+                        "p99 network RTT between two ToRs in the last judged window (upper bucket bound).",
+                    ),
+                    tor_pair,
+                )?,
+            )?,
+            tor_pair_probes: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pingmesh_tor_pair_window_probes",
+                        "Probes between two ToRs in the last judged window, by result.",
+                    ),
+                    &["src_tor", "dst_tor", "result"],
+                )?,
+            )?,
             registry,
         })
     }
@@ -86,7 +163,10 @@ impl ControllerMetrics {
     }
 }
 
-fn reg<M: prometheus::core::Collector + Clone + 'static>(r: &Registry, m: M) -> Result<M, prometheus::Error> {
+fn reg<M: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    m: M,
+) -> Result<M, prometheus::Error> {
     r.register(Box::new(m.clone()))?;
     Ok(m)
 }

@@ -1,2 +1,10 @@
 //! The mesh controller: agent registry, pinglists, analyzer and APIs.
+pub mod analyzer;
+pub mod controller;
+pub mod grpc;
+pub mod http;
+pub mod metrics;
+pub mod pinglist;
+pub mod registry;
+pub mod server;
 pub mod types;

@@ -21,7 +21,11 @@ pub enum ServeError {
     #[error(transparent)]
     Mesh(#[from] MeshError),
     #[error("binding {what} on {addr}: {source}")]
-    Bind { what: &'static str, addr: SocketAddr, source: std::io::Error },
+    Bind {
+        what: &'static str,
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
     #[error("HTTP server: {0}")]
@@ -51,14 +55,24 @@ impl RunningController {
     }
 }
 
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), ServeError> {
-    let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { what, addr, source })?;
-    let local = listener.local_addr().map_err(|source| ServeError::Bind { what, addr, source })?;
+async fn bind(
+    what: &'static str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), ServeError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { what, addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| ServeError::Bind { what, addr, source })?;
     Ok((listener, local))
 }
 
 /// Starts everything; ports 0 in the config pick free ports (see the returned addresses).
-pub async fn start(config: MeshConfig, cancel: CancellationToken) -> Result<RunningController, ServeError> {
+pub async fn start(
+    config: MeshConfig,
+    cancel: CancellationToken,
+) -> Result<RunningController, ServeError> {
     let registry = open_registry(&config.registry).await?;
     let (grpc_listener, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
     let (http_listener, http_addr) = bind("HTTP", config.http_addr).await?;
@@ -68,7 +82,9 @@ pub async fn start(config: MeshConfig, cancel: CancellationToken) -> Result<Runn
     tasks.spawn({
         let (c, cancel) = (controller.clone(), cancel.clone());
         async move {
-            c.run_background(cancel).await;
+            c.clone().run_background(cancel).await;
+            // Open pinglist streams would hold the gRPC server's graceful shutdown forever.
+            c.shutdown();
             Ok(())
         }
     });
@@ -79,7 +95,10 @@ pub async fn start(config: MeshConfig, cancel: CancellationToken) -> Result<Runn
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
                 .add_service(grpc::server(c))
-                .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), cancel.cancelled_owned())
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(grpc_listener),
+                    cancel.cancelled_owned(),
+                )
                 .await?;
             Ok(())
         }
@@ -94,5 +113,10 @@ pub async fn start(config: MeshConfig, cancel: CancellationToken) -> Result<Runn
         }
     });
     tracing::info!(%grpc_addr, %http_addr, "mesh controller serving");
-    Ok(RunningController { controller, grpc_addr, http_addr, tasks })
+    Ok(RunningController {
+        controller,
+        grpc_addr,
+        http_addr,
+        tasks,
+    })
 }

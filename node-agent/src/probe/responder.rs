@@ -1,0 +1,685 @@
+//! The responder: answers every probe with two ACKs.
+//!
+//! ACK1 goes back at once, so the prober's T5 includes as little responder time
+//! as possible. ACK2 follows with T3 (the probe's receive stamp) and T4 (ACK1's
+//! send stamp). Both come from the socket's kernel clock, or both from the host
+//! monotonic clock with the software flag set: a kernel T3 is never paired with
+//! a host T4, since the two clocks cannot be subtracted.
+//!
+//! ACK1's kernel TX stamp arrives as a separate socket event, so ACK2 waits in a
+//! bounded table keyed by the stamp's key until the stamp comes or
+//! [`TX_TIMESTAMP_WAIT`] passes.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::probe::wire::{DecodeError, MESSAGE_LEN, Message, MessageType};
+use crate::transport::TransportError;
+use crate::transport::udp::{SocketEvent, UdpProbeSocket};
+
+/// How long ACK2 waits for ACK1's kernel TX stamp before going out host-timed.
+pub const TX_TIMESTAMP_WAIT: Duration = Duration::from_millis(20);
+
+/// Most ACK2s waiting for a TX stamp at once; beyond it the oldest goes out host-timed.
+pub const MAX_PENDING_ACK2: usize = 4096;
+
+/// Room for any valid message plus enough to tell "too long" from "cut".
+const RECEIVE_BUFFER_LEN: usize = MESSAGE_LEN + 24;
+
+/// Counts what the responder did; implementations feed metrics.
+pub trait ResponderObserver: Send + Sync {
+    /// An ACK2 went out; `software_timed` when its T3/T4 are host readings.
+    fn answered(&self, software_timed: bool);
+    /// A datagram was not a probe: a [`DecodeError::category`], or
+    /// `"not_a_probe"` for a well-formed message of another type.
+    fn malformed(&self, reason: &'static str);
+    /// Something was let go:
+    /// - `"ack1_send_failed"`, `"ack2_send_failed"`: that probe got no full answer;
+    /// - `"tx_timestamp_timeout"`, `"pending_ack2_overflow"`,
+    ///   `"tx_timestamp_mismatch"`: ACK1's kernel stamp was given up and that
+    ///   probe's ACK2 went out host-timed;
+    /// - a reason the socket gave for a skipped event (`"icmp_error"`, ...).
+    fn dropped(&self, reason: &'static str);
+}
+
+/// Answers probes on `socket` until `cancel` fires (then returns `Ok`). Only a
+/// failure to receive at all ends it early; bad input and failed sends are
+/// counted and skipped.
+pub async fn run_responder(
+    socket: Arc<UdpProbeSocket>,
+    observer: Arc<dyn ResponderObserver>,
+    cancel: CancellationToken,
+) -> Result<(), TransportError> {
+    let mut responder = Responder {
+        socket: Arc::clone(&socket),
+        observer,
+        pending: PendingAck2s::default(),
+    };
+    let mut buf = [0u8; RECEIVE_BUFFER_LEN];
+    tracing::debug!(
+        local = %socket.local_addr(),
+        support = ?socket.timestamp_support(),
+        "responder running"
+    );
+    loop {
+        let deadline = responder.pending.next_deadline();
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Ok(()),
+            () = sleep_until(deadline) => {
+                responder.expire(Instant::now()).await;
+            }
+            event = socket.next_event(&mut buf) => responder.handle(event?, &buf).await,
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+struct Responder {
+    socket: Arc<UdpProbeSocket>,
+    observer: Arc<dyn ResponderObserver>,
+    pending: PendingAck2s,
+}
+
+impl Responder {
+    async fn handle(&mut self, event: SocketEvent, buf: &[u8]) {
+        match event {
+            SocketEvent::Datagram {
+                len,
+                from,
+                host_ns,
+                kernel_ns,
+                truncated,
+            } => {
+                if truncated {
+                    self.observer
+                        .malformed(DecodeError::WrongLength(len).category());
+                    return;
+                }
+                match Message::decode(&buf[..len]) {
+                    Ok(probe) if probe.kind == MessageType::Probe => {
+                        self.answer(probe, from, host_ns, kernel_ns).await;
+                    }
+                    Ok(_) => self.observer.malformed("not_a_probe"),
+                    Err(error) => self.observer.malformed(error.category()),
+                }
+            }
+            SocketEvent::TxTimestamp { key, kernel_ns } => {
+                // Stamps of ACK2s (and of ACK1s already answered host-timed) match nothing.
+                let Some(ack) = self.pending.take(key) else {
+                    return;
+                };
+                if kernel_ns >= ack.t3_kernel_ns {
+                    self.send_ack2(&ack.probe, ack.peer, ack.t3_kernel_ns, kernel_ns, false)
+                        .await;
+                } else {
+                    // A stamp from before the probe arrived belongs to an older
+                    // send under a reused key, not to this ACK1.
+                    self.observer.dropped("tx_timestamp_mismatch");
+                    self.send_host_timed(&ack).await;
+                }
+            }
+            SocketEvent::Skipped { reason } => self.observer.dropped(reason),
+        }
+    }
+
+    async fn answer(
+        &mut self,
+        probe: Message,
+        peer: SocketAddr,
+        t3_host_ns: u64,
+        t3_kernel_ns: Option<u64>,
+    ) {
+        let receipt = match self
+            .socket
+            .send_to(&Message::ack1(&probe).encode(), peer)
+            .await
+        {
+            Ok(receipt) => receipt,
+            Err(error) => {
+                tracing::debug!(%peer, %error, "ACK1 send failed");
+                self.observer.dropped("ack1_send_failed");
+                return;
+            }
+        };
+        let waiting = PendingAck2 {
+            probe,
+            peer,
+            t3_kernel_ns: 0,
+            t3_host_ns,
+            t4_host_ns: receipt.host_ns,
+            deadline: Instant::now() + TX_TIMESTAMP_WAIT,
+        };
+        let (Some(t3_kernel_ns), Some(key)) = (t3_kernel_ns, receipt.tx_key) else {
+            // One kernel stamp without the other is useless: both host readings.
+            self.send_host_timed(&waiting).await;
+            return;
+        };
+        let displaced = self.pending.insert(
+            key,
+            PendingAck2 {
+                t3_kernel_ns,
+                ..waiting
+            },
+        );
+        if let Some(oldest) = displaced {
+            self.observer.dropped("pending_ack2_overflow");
+            self.send_host_timed(&oldest).await;
+        }
+    }
+
+    /// Sends the ACK2s whose TX stamp did not come in time, host-timed.
+    async fn expire(&mut self, now: Instant) {
+        while let Some(ack) = self.pending.pop_expired(now) {
+            self.observer.dropped("tx_timestamp_timeout");
+            self.send_host_timed(&ack).await;
+        }
+    }
+
+    async fn send_host_timed(&self, ack: &PendingAck2) {
+        self.send_ack2(&ack.probe, ack.peer, ack.t3_host_ns, ack.t4_host_ns, true)
+            .await;
+    }
+
+    async fn send_ack2(
+        &self,
+        probe: &Message,
+        peer: SocketAddr,
+        t3_ns: u64,
+        t4_ns: u64,
+        software_timed: bool,
+    ) {
+        let ack2 = Message::ack2(probe, t3_ns, t4_ns, software_timed).encode();
+        match self.socket.send_to(&ack2, peer).await {
+            Ok(_) => self.observer.answered(software_timed),
+            Err(error) => {
+                tracing::debug!(%peer, %error, "ACK2 send failed");
+                self.observer.dropped("ack2_send_failed");
+            }
+        }
+    }
+}
+
+/// An ACK2 waiting for ACK1's kernel TX stamp, with the host readings to fall back on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PendingAck2 {
+    probe: Message,
+    peer: SocketAddr,
+    t3_kernel_ns: u64,
+    t3_host_ns: u64,
+    t4_host_ns: u64,
+    deadline: Instant,
+}
+
+/// ACK2s by TX stamp key, bounded, expiring in the order they were added
+/// (every entry waits equally long).
+#[derive(Debug, Default)]
+struct PendingAck2s {
+    by_key: HashMap<u32, PendingAck2>,
+    /// Deadlines in insertion order; entries already taken are skipped lazily.
+    order: VecDeque<(Instant, u32)>,
+}
+
+impl PendingAck2s {
+    /// Adds `ack`; returns an entry it displaced: the oldest when the table is
+    /// full, or an older entry under the same key (keys wrap or restart).
+    fn insert(&mut self, key: u32, ack: PendingAck2) -> Option<PendingAck2> {
+        let displaced = match self.by_key.remove(&key) {
+            Some(same_key) => Some(same_key),
+            None if self.by_key.len() >= MAX_PENDING_ACK2 => self.pop_oldest(),
+            None => None,
+        };
+        self.order.push_back((ack.deadline, key));
+        self.by_key.insert(key, ack);
+        // Taken entries leave stale order slots behind; keep those bounded too.
+        if self.order.len() > 2 * MAX_PENDING_ACK2 {
+            let by_key = &self.by_key;
+            self.order
+                .retain(|(deadline, key)| by_key.get(key).is_some_and(|a| a.deadline == *deadline));
+        }
+        displaced
+    }
+
+    fn take(&mut self, key: u32) -> Option<PendingAck2> {
+        self.by_key.remove(&key)
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.order.front().map(|(deadline, _)| *deadline)
+    }
+
+    fn pop_expired(&mut self, now: Instant) -> Option<PendingAck2> {
+        while let Some(&(deadline, _)) = self.order.front() {
+            if deadline > now {
+                return None;
+            }
+            if let Some(ack) = self.pop_front_if_live() {
+                return Some(ack);
+            }
+        }
+        None
+    }
+
+    fn pop_oldest(&mut self) -> Option<PendingAck2> {
+        while !self.order.is_empty() {
+            if let Some(ack) = self.pop_front_if_live() {
+                return Some(ack);
+            }
+        }
+        None
+    }
+
+    /// Pops the front slot; returns its entry unless that was taken already.
+    fn pop_front_if_live(&mut self) -> Option<PendingAck2> {
+        let (deadline, key) = self.order.pop_front()?;
+        if self
+            .by_key
+            .get(&key)
+            .is_some_and(|ack| ack.deadline == deadline)
+        {
+            self.by_key.remove(&key)
+        } else {
+            None
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.by_key.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::transport::TimestampMode;
+
+    const GUARD: Duration = Duration::from_secs(5);
+
+    #[derive(Debug, Default)]
+    struct Counts {
+        answered_kernel: usize,
+        answered_software: usize,
+        malformed: BTreeMap<&'static str, usize>,
+        dropped: BTreeMap<&'static str, usize>,
+    }
+
+    #[derive(Debug, Default)]
+    struct CountingObserver(Mutex<Counts>);
+
+    impl CountingObserver {
+        fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
+            self.0.lock().unwrap()
+        }
+    }
+
+    impl ResponderObserver for CountingObserver {
+        fn answered(&self, software_timed: bool) {
+            let mut counts = self.counts();
+            if software_timed {
+                counts.answered_software += 1;
+            } else {
+                counts.answered_kernel += 1;
+            }
+        }
+        fn malformed(&self, reason: &'static str) {
+            *self.counts().malformed.entry(reason).or_default() += 1;
+        }
+        fn dropped(&self, reason: &'static str) {
+            *self.counts().dropped.entry(reason).or_default() += 1;
+        }
+    }
+
+    struct Running {
+        addr: SocketAddr,
+        observer: Arc<CountingObserver>,
+        cancel: CancellationToken,
+        task: tokio::task::JoinHandle<Result<(), TransportError>>,
+    }
+
+    fn start(mode: TimestampMode) -> Running {
+        let socket = Arc::new(UdpProbeSocket::bind(([127, 0, 0, 1], 0).into(), mode).unwrap());
+        let observer = Arc::new(CountingObserver::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_responder(
+            Arc::clone(&socket),
+            Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            cancel.clone(),
+        ));
+        Running {
+            addr: socket.local_addr(),
+            observer,
+            cancel,
+            task,
+        }
+    }
+
+    impl Running {
+        /// Cancels the responder, checks it ended cleanly, and hands back its counts.
+        async fn stop(self) -> Arc<CountingObserver> {
+            self.cancel.cancel();
+            let result = tokio::time::timeout(GUARD, self.task)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(result.is_ok(), "responder ended with {result:?}");
+            self.observer
+        }
+    }
+
+    fn prober() -> UdpProbeSocket {
+        UdpProbeSocket::bind(([127, 0, 0, 1], 0).into(), TimestampMode::Off).unwrap()
+    }
+
+    async fn next_message(socket: &UdpProbeSocket) -> Message {
+        let mut buf = [0u8; 64];
+        let event = tokio::time::timeout(GUARD, socket.next_event(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let SocketEvent::Datagram { len, .. } = event else {
+            panic!("expected a datagram, got {event:?}")
+        };
+        Message::decode(&buf[..len]).unwrap()
+    }
+
+    /// Sends `probe` and returns (ACK1, ACK2), checking both answer this probe.
+    async fn ask(
+        prober: &UdpProbeSocket,
+        responder: SocketAddr,
+        probe: Message,
+    ) -> (Message, Message) {
+        prober.send_to(&probe.encode(), responder).await.unwrap();
+        let ack1 = next_message(prober).await;
+        let ack2 = next_message(prober).await;
+        assert_eq!(
+            (ack1.kind, ack2.kind),
+            (MessageType::Ack1, MessageType::Ack2)
+        );
+        for ack in [ack1, ack2] {
+            assert_eq!((ack.prober_id, ack.seq), (probe.prober_id, probe.seq));
+        }
+        (ack1, ack2)
+    }
+
+    #[tokio::test]
+    async fn a_probe_gets_ack1_then_ack2_with_t4_not_before_t3() {
+        let responder = start(TimestampMode::Software);
+        let prober = prober();
+        let (mut asked, mut kernel_timed) = (0, 0);
+        // The first probes may miss their RX stamp while the kernel turns
+        // stamping on; those are answered host-timed, which is also correct.
+        for seq in 0..200 {
+            let (_, ack2) = ask(&prober, responder.addr, Message::probe(0xABCD, seq)).await;
+            asked += 1;
+            assert!(ack2.t3_ns > 0);
+            assert!(
+                ack2.t4_ns >= ack2.t3_ns,
+                "t4 {} before t3 {}",
+                ack2.t4_ns,
+                ack2.t3_ns
+            );
+            if ack2.responder_software_timed() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            } else {
+                kernel_timed += 1;
+                if kernel_timed == 10 {
+                    break;
+                }
+            }
+        }
+        assert!(kernel_timed > 0, "no ACK2 used kernel timestamps");
+        let observer = responder.stop().await;
+        let counts = observer.counts();
+        assert_eq!(counts.answered_kernel, kernel_timed);
+        assert_eq!(counts.answered_kernel + counts.answered_software, asked);
+    }
+
+    #[tokio::test]
+    async fn with_timestamping_off_ack2_carries_the_software_flag() {
+        let responder = start(TimestampMode::Off);
+        let prober = prober();
+        let (_, ack2) = ask(&prober, responder.addr, Message::probe(7, 1)).await;
+        assert!(ack2.responder_software_timed());
+        assert!(ack2.t3_ns > 0 && ack2.t4_ns >= ack2.t3_ns);
+        assert_eq!(responder.stop().await.counts().answered_software, 1);
+    }
+
+    #[tokio::test]
+    async fn malformed_input_is_counted_and_the_next_probe_is_still_answered() {
+        let responder = start(TimestampMode::Software);
+        let prober = prober();
+        let probe = Message::probe(42, 9);
+        let mut wrong_version = probe.encode();
+        wrong_version[4] = 2;
+        let junk: [&[u8]; 6] = [
+            b"garbage",
+            &[0xFF; MESSAGE_LEN],
+            &wrong_version,
+            &Message::ack1(&probe).encode(),
+            &Message::ack2(&probe, 1, 2, false).encode(),
+            &[0u8; 200],
+        ];
+        for datagram in junk {
+            prober.send_to(datagram, responder.addr).await.unwrap();
+        }
+        ask(&prober, responder.addr, probe).await;
+
+        let observer = responder.stop().await;
+        let counts = observer.counts();
+        let expected: BTreeMap<&str, usize> = [
+            ("wrong_length", 2),
+            ("bad_magic", 1),
+            ("unsupported_version", 1),
+            ("not_a_probe", 2),
+        ]
+        .into();
+        assert_eq!(counts.malformed, expected);
+        assert_eq!(counts.answered_kernel + counts.answered_software, 1);
+    }
+
+    #[tokio::test]
+    async fn each_prober_is_answered_at_its_own_address() {
+        let responder = start(TimestampMode::Software);
+        let (first, second) = (prober(), prober());
+        first
+            .send_to(&Message::probe(1, 10).encode(), responder.addr)
+            .await
+            .unwrap();
+        second
+            .send_to(&Message::probe(2, 20).encode(), responder.addr)
+            .await
+            .unwrap();
+        for (socket, id) in [(&first, 1), (&second, 2)] {
+            for _ in 0..2 {
+                assert_eq!(next_message(socket).await.prober_id, id);
+            }
+        }
+        responder.stop().await;
+    }
+
+    #[tokio::test]
+    async fn cancelling_stops_an_idle_responder_cleanly() {
+        let responder = start(TimestampMode::Software);
+        tokio::task::yield_now().await;
+        responder.stop().await;
+    }
+
+    /// A responder driven by hand, answering to a fresh prober socket.
+    fn responder_by_hand() -> (Responder, Arc<CountingObserver>, UdpProbeSocket) {
+        let observer = Arc::new(CountingObserver::default());
+        let socket = UdpProbeSocket::bind(([127, 0, 0, 1], 0).into(), TimestampMode::Off).unwrap();
+        let responder = Responder {
+            socket: Arc::new(socket),
+            observer: Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            pending: PendingAck2s::default(),
+        };
+        (responder, observer, prober())
+    }
+
+    fn waiting_for(prober: &UdpProbeSocket, t3_kernel_ns: u64, deadline: Instant) -> PendingAck2 {
+        PendingAck2 {
+            peer: prober.local_addr(),
+            t3_kernel_ns,
+            ..pending(77, deadline)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_tx_stamp_that_never_comes_sends_ack2_with_both_host_stamps() {
+        let (mut responder, observer, prober) = responder_by_hand();
+        let now = Instant::now();
+        responder
+            .pending
+            .insert(5, waiting_for(&prober, 10, now + TX_TIMESTAMP_WAIT));
+        responder.expire(now).await;
+        assert_eq!(responder.pending.len(), 1, "not due yet");
+
+        responder.expire(now + TX_TIMESTAMP_WAIT).await;
+        let ack2 = next_message(&prober).await;
+        assert_eq!((ack2.kind, ack2.seq), (MessageType::Ack2, 77));
+        assert_eq!((ack2.t3_ns, ack2.t4_ns), (20, 30), "host T3 and host T4");
+        assert!(ack2.responder_software_timed());
+        let counts = observer.counts();
+        assert_eq!(counts.dropped.get("tx_timestamp_timeout"), Some(&1));
+        assert_eq!(counts.answered_software, 1);
+    }
+
+    #[tokio::test]
+    async fn a_tx_stamp_arriving_in_time_pairs_with_the_kernel_rx_stamp() {
+        let (mut responder, observer, prober) = responder_by_hand();
+        let later = Instant::now() + TX_TIMESTAMP_WAIT;
+        responder
+            .pending
+            .insert(5, waiting_for(&prober, 1_000, later));
+        let stamp = SocketEvent::TxTimestamp {
+            key: 5,
+            kernel_ns: 1_500,
+        };
+        responder.handle(stamp, &[]).await;
+        let ack2 = next_message(&prober).await;
+        assert_eq!((ack2.t3_ns, ack2.t4_ns), (1_000, 1_500));
+        assert!(!ack2.responder_software_timed());
+        assert_eq!(observer.counts().answered_kernel, 1);
+        assert_eq!(responder.pending.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_tx_stamp_from_before_the_probe_arrived_is_not_used() {
+        let (mut responder, observer, prober) = responder_by_hand();
+        let later = Instant::now() + TX_TIMESTAMP_WAIT;
+        responder
+            .pending
+            .insert(5, waiting_for(&prober, 1_000, later));
+        let stamp = SocketEvent::TxTimestamp {
+            key: 5,
+            kernel_ns: 999,
+        };
+        responder.handle(stamp, &[]).await;
+        let ack2 = next_message(&prober).await;
+        assert_eq!((ack2.t3_ns, ack2.t4_ns), (20, 30));
+        assert!(ack2.responder_software_timed());
+        assert_eq!(
+            observer.counts().dropped.get("tx_timestamp_mismatch"),
+            Some(&1)
+        );
+    }
+
+    fn pending(seq: u64, deadline: Instant) -> PendingAck2 {
+        PendingAck2 {
+            probe: Message::probe(1, seq),
+            peer: ([127, 0, 0, 1], 9).into(),
+            t3_kernel_ns: 10,
+            t3_host_ns: 20,
+            t4_host_ns: 30,
+            deadline,
+        }
+    }
+
+    #[test]
+    fn pending_ack2s_expire_in_order_and_skip_taken_ones() {
+        let t0 = Instant::now();
+        let mut table = PendingAck2s::default();
+        for (key, ms) in [(5, 1), (6, 2), (7, 3)] {
+            assert!(
+                table
+                    .insert(key, pending(u64::from(key), t0 + Duration::from_millis(ms)))
+                    .is_none()
+            );
+        }
+        assert_eq!(table.take(6).map(|a| a.probe.seq), Some(6));
+        assert_eq!(table.take(6), None);
+        assert_eq!(table.next_deadline(), Some(t0 + Duration::from_millis(1)));
+
+        let later = t0 + Duration::from_millis(3);
+        let expired: Vec<u64> = std::iter::from_fn(|| table.pop_expired(later))
+            .map(|a| a.probe.seq)
+            .collect();
+        assert_eq!(expired, vec![5, 7]);
+        assert_eq!(table.len(), 0);
+        assert_eq!(table.pop_expired(later + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn pending_ack2s_not_yet_due_stay() {
+        let t0 = Instant::now();
+        let mut table = PendingAck2s::default();
+        table.insert(1, pending(1, t0 + Duration::from_millis(5)));
+        assert_eq!(table.pop_expired(t0), None);
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn a_full_pending_table_displaces_its_oldest_entry() {
+        let t0 = Instant::now();
+        let mut table = PendingAck2s::default();
+        let max = u32::try_from(MAX_PENDING_ACK2).unwrap();
+        for key in 0..max {
+            assert!(table.insert(key, pending(u64::from(key), t0)).is_none());
+        }
+        table.take(0);
+        // Key 0 is gone, so the oldest live entry is key 1 once the table is full again.
+        assert!(table.insert(max, pending(u64::from(max), t0)).is_none());
+        let displaced = table.insert(max + 1, pending(u64::from(max) + 1, t0));
+        assert_eq!(displaced.map(|a| a.probe.seq), Some(1));
+        assert_eq!(table.len(), MAX_PENDING_ACK2);
+    }
+
+    #[test]
+    fn a_reused_key_displaces_the_older_entry() {
+        let t0 = Instant::now();
+        let mut table = PendingAck2s::default();
+        table.insert(3, pending(30, t0));
+        let displaced = table.insert(3, pending(31, t0 + Duration::from_millis(1)));
+        assert_eq!(displaced.map(|a| a.probe.seq), Some(30));
+        assert_eq!(table.take(3).map(|a| a.probe.seq), Some(31));
+        // The displaced entry's slot is stale and must not expire anything.
+        assert_eq!(table.pop_expired(t0 + Duration::from_secs(1)), None);
+    }
+
+    #[test]
+    fn stale_slots_stay_bounded_when_acks_are_taken_in_time() {
+        let t0 = Instant::now();
+        let mut table = PendingAck2s::default();
+        for key in 0..(10 * MAX_PENDING_ACK2) {
+            let key = u32::try_from(key).unwrap();
+            table.insert(key, pending(u64::from(key), t0));
+            table.take(key);
+        }
+        assert!(table.order.len() <= 2 * MAX_PENDING_ACK2 + 1);
+    }
+}

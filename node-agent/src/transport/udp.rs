@@ -1,0 +1,668 @@
+//! The UDP probe socket: non-blocking, driven by tokio, with kernel RX and TX
+//! timestamps where the platform has them.
+//!
+//! One task may send while another waits for events: both take `&self`, so the
+//! socket is shared through an `Arc`. A datagram's TX timestamp arrives later as
+//! its own [`SocketEvent::TxTimestamp`], under the key its [`SendReceipt`] named.
+
+use std::io;
+use std::mem::MaybeUninit;
+use std::net::SocketAddr;
+
+use socket2::{Domain, MaybeUninitSlice, Protocol, SockAddr, Socket, Type};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+
+use super::timestamping::{self, KernelTimestamps};
+use super::{TimestampMode, TimestampSupport, TransportError};
+use crate::probe::clock::host_now_ns;
+
+/// What a successful send reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SendReceipt {
+    /// Host monotonic reading taken right after the send returned.
+    pub host_ns: u64,
+    /// The key of this datagram's coming [`SocketEvent::TxTimestamp`]; `None`
+    /// when the socket has no TX timestamps.
+    pub tx_key: Option<u32>,
+}
+
+/// One thing the socket has to say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketEvent {
+    /// A datagram, its first `len` bytes in the caller's buffer.
+    Datagram {
+        len: usize,
+        from: SocketAddr,
+        /// Host monotonic reading taken right after the receive returned.
+        host_ns: u64,
+        /// Kernel or NIC receive timestamp; comparable only with other kernel
+        /// stamps of this socket.
+        kernel_ns: Option<u64>,
+        /// The datagram was longer than the buffer and was cut to `len` bytes.
+        truncated: bool,
+    },
+    /// The kernel's transmit timestamp of the send whose receipt had `key`.
+    TxTimestamp { key: u32, kernel_ns: u64 },
+    /// Something that is neither (an ICMP error for an earlier send, an error
+    /// queue entry without a stamp). Worth a counter, not a stop.
+    Skipped { reason: &'static str },
+}
+
+/// A UDP socket for probe traffic.
+#[derive(Debug)]
+pub struct UdpProbeSocket {
+    io: AsyncFd<Socket>,
+    local_addr: SocketAddr,
+    /// `None` when no kernel timestamps are on (mode `Off`, or not Linux).
+    kernel: Option<KernelTimestamps>,
+}
+
+impl UdpProbeSocket {
+    /// Binds a non-blocking socket to `addr` and turns on the timestamps `mode`
+    /// asks for (as far as the platform allows: see [`Self::timestamp_support`]).
+    /// Must be called inside a tokio runtime with IO enabled.
+    pub fn bind(addr: SocketAddr, mode: TimestampMode) -> Result<Self, TransportError> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(TransportError::NoRuntime);
+        }
+        let create = |source| TransportError::Create { addr, source };
+        let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))
+            .map_err(create)?;
+        socket.set_nonblocking(true).map_err(create)?;
+        socket
+            .bind(&addr.into())
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        let local_addr = socket
+            .local_addr()
+            .and_then(|a| {
+                a.as_socket()
+                    .ok_or_else(|| io::Error::other("bound address is not IP"))
+            })
+            .map_err(|source| TransportError::Bind { addr, source })?;
+        let kernel = timestamping::enable(&socket, local_addr, mode)?;
+        // SAFETY: the socket owns its descriptor and moves into the AsyncFd, which
+        // never replaces it, so the descriptor stays open and the same for the
+        // AsyncFd's whole life.
+        let io = unsafe {
+            AsyncFd::register_with_interest(socket, Interest::READABLE | Interest::WRITABLE)
+        }
+        .map_err(|e| TransportError::Register {
+            addr: local_addr,
+            source: e.into_parts().1,
+        })?;
+        let socket = Self {
+            io,
+            local_addr,
+            kernel,
+        };
+        tracing::debug!(
+            local = %socket.local_addr,
+            ?mode,
+            support = ?socket.timestamp_support(),
+            "probe socket bound"
+        );
+        Ok(socket)
+    }
+
+    /// The address the socket is bound to (with the port the OS picked for port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The timestamps that actually got turned on.
+    pub fn timestamp_support(&self) -> TimestampSupport {
+        self.kernel
+            .as_ref()
+            .map_or(TimestampSupport::NONE, KernelTimestamps::support)
+    }
+
+    /// Sends one datagram to `dst`, waiting while the send buffer is full.
+    pub async fn send_to(
+        &self,
+        payload: &[u8],
+        dst: SocketAddr,
+    ) -> Result<SendReceipt, TransportError> {
+        let dst_addr = SockAddr::from(dst);
+        loop {
+            let mut guard = self
+                .io
+                .writable()
+                .await
+                .map_err(|source| TransportError::Send { dst, source })?;
+            let attempt = guard.try_io(|io| {
+                let socket = io.get_ref();
+                let tx_key = if let Some(kernel) = &self.kernel {
+                    Some(kernel.send(socket, payload, &dst_addr)?)
+                } else {
+                    socket.send_to(payload, &dst_addr)?;
+                    None
+                };
+                Ok(SendReceipt {
+                    host_ns: host_now_ns(),
+                    tx_key,
+                })
+            });
+            match attempt {
+                Ok(Ok(receipt)) => return Ok(receipt),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(source)) => return Err(TransportError::Send { dst, source }),
+                // Send buffer full: readiness was cleared, wait for room.
+                Err(_would_block) => {}
+            }
+        }
+    }
+
+    /// Waits for the next datagram, TX timestamp or skippable error. A datagram
+    /// longer than `buf` is cut and marked `truncated`.
+    ///
+    /// Cancel-safe: dropping the future before it completes loses nothing.
+    pub async fn next_event(&self, buf: &mut [u8]) -> Result<SocketEvent, TransportError> {
+        // TX timestamps wake the socket through its error readiness, not readable.
+        let interest = if self.kernel.is_some() {
+            Interest::READABLE | Interest::ERROR
+        } else {
+            Interest::READABLE
+        };
+        loop {
+            let mut guard = self
+                .io
+                .ready(interest)
+                .await
+                .map_err(|source| TransportError::Receive { source })?;
+            match self.try_next_event(buf) {
+                Ok(event) => return Ok(event),
+                // Both queues were tried after the wake-up, so clearing loses no edge.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_delivered_network_error(&e) => {
+                    return Ok(SocketEvent::Skipped {
+                        reason: "icmp_error",
+                    });
+                }
+                Err(source) => return Err(TransportError::Receive { source }),
+            }
+        }
+    }
+
+    fn try_next_event(&self, buf: &mut [u8]) -> io::Result<SocketEvent> {
+        let socket = self.io.get_ref();
+        match &self.kernel {
+            Some(kernel) => match kernel.recv_error_queue(socket) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    kernel.recv_datagram(socket, buf)
+                }
+                entry => entry,
+            },
+            None => recv_without_timestamps(socket, buf),
+        }
+    }
+
+    #[cfg(all(test, target_os = "linux"))]
+    fn kernel_timestamps(&self) -> Option<&KernelTimestamps> {
+        self.kernel.as_ref()
+    }
+}
+
+/// The portable receive path, used everywhere when kernel timestamps are off.
+fn recv_without_timestamps(socket: &Socket, buf: &mut [u8]) -> io::Result<SocketEvent> {
+    let mut bufs = [MaybeUninitSlice::new(as_uninit(buf))];
+    let (len, flags, from) = socket.recv_from_vectored(&mut bufs)?;
+    let host_ns = host_now_ns();
+    let Some(from) = from.as_socket() else {
+        return Ok(SocketEvent::Skipped {
+            reason: "datagram_without_source",
+        });
+    };
+    Ok(SocketEvent::Datagram {
+        len,
+        from,
+        host_ns,
+        kernel_ns: None,
+        truncated: flags.is_truncated(),
+    })
+}
+
+fn as_uninit(buf: &mut [u8]) -> &mut [MaybeUninit<u8>] {
+    // SAFETY: `MaybeUninit<u8>` has the layout of `u8`, and a receive only ever
+    // writes initialised bytes, so `buf` stays fully initialised.
+    unsafe { &mut *(std::ptr::from_mut::<[u8]>(buf) as *mut [MaybeUninit<u8>]) }
+}
+
+/// An error an earlier datagram provoked (ICMP unreachable and kin), delivered
+/// on a later call; the socket itself is fine.
+fn is_delivered_network_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::HostUnreachable
+            | io::ErrorKind::NetworkUnreachable
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+
+    const GUARD: Duration = Duration::from_secs(5);
+
+    fn loopback() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 0))
+    }
+
+    async fn next(socket: &UdpProbeSocket, buf: &mut [u8]) -> SocketEvent {
+        tokio::time::timeout(GUARD, socket.next_event(buf))
+            .await
+            .expect("socket event within the guard time")
+            .expect("receive")
+    }
+
+    /// Next datagram, setting aside the TX stamps this socket's own sends produce.
+    async fn next_datagram(socket: &UdpProbeSocket, buf: &mut [u8]) -> SocketEvent {
+        loop {
+            let event = next(socket, buf).await;
+            if matches!(event, SocketEvent::Datagram { .. }) {
+                return event;
+            }
+        }
+    }
+
+    async fn tx_stamps(socket: &UdpProbeSocket, count: usize) -> Vec<(u32, u64)> {
+        let mut buf = [0u8; 64];
+        let mut stamps = Vec::new();
+        while stamps.len() < count {
+            match next(socket, &mut buf).await {
+                SocketEvent::TxTimestamp { key, kernel_ns } => stamps.push((key, kernel_ns)),
+                other => panic!("expected a TX timestamp, got {other:?}"),
+            }
+        }
+        stamps
+    }
+
+    #[test]
+    fn binding_outside_a_runtime_is_an_error_not_a_panic() {
+        let err = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap_err();
+        assert_eq!(err.category(), "no_runtime");
+    }
+
+    #[tokio::test]
+    async fn with_timestamping_off_datagrams_flow_and_carry_no_kernel_stamps() {
+        let a = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+        let b = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+        assert_eq!(a.timestamp_support(), TimestampSupport::NONE);
+
+        let receipt = a.send_to(b"hello", b.local_addr()).await.unwrap();
+        assert_eq!(receipt.tx_key, None);
+        assert!(receipt.host_ns > 0);
+
+        let mut buf = [0u8; 64];
+        let SocketEvent::Datagram {
+            len,
+            from,
+            host_ns,
+            kernel_ns,
+            truncated,
+        } = next(&b, &mut buf).await
+        else {
+            panic!("expected a datagram");
+        };
+        assert_eq!(&buf[..len], b"hello");
+        assert_eq!(from, a.local_addr());
+        assert!(host_ns >= receipt.host_ns);
+        assert_eq!(kernel_ns, None);
+        assert!(!truncated);
+    }
+
+    async fn oversized_datagram_is_cut_and_flagged(mode: TimestampMode) {
+        let a = UdpProbeSocket::bind(loopback(), mode).unwrap();
+        let b = UdpProbeSocket::bind(loopback(), mode).unwrap();
+        let payload: Vec<u8> = (0..100u8).collect();
+        a.send_to(&payload, b.local_addr()).await.unwrap();
+        a.send_to(&payload[..10], b.local_addr()).await.unwrap();
+
+        let mut buf = [0u8; 40];
+        let SocketEvent::Datagram { len, truncated, .. } = next_datagram(&b, &mut buf).await else {
+            unreachable!()
+        };
+        assert!(truncated, "a 100-byte datagram does not fit 40 bytes");
+        assert_eq!(len, 40);
+        assert_eq!(&buf[..], &payload[..40]);
+
+        let SocketEvent::Datagram { len, truncated, .. } = next_datagram(&b, &mut buf).await else {
+            unreachable!()
+        };
+        assert!(!truncated);
+        assert_eq!(len, 10);
+    }
+
+    #[tokio::test]
+    async fn oversized_datagram_is_cut_and_flagged_without_timestamps() {
+        oversized_datagram_is_cut_and_flagged(TimestampMode::Off).await;
+    }
+
+    #[tokio::test]
+    async fn sender_and_receiver_tasks_share_one_socket() {
+        let a = Arc::new(UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap());
+        let b = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+        let b_addr = b.local_addr();
+        let receiver = {
+            let a = Arc::clone(&a);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 16];
+                let SocketEvent::Datagram { len, .. } = next(&a, &mut buf).await else {
+                    unreachable!()
+                };
+                buf[..len].to_vec()
+            })
+        };
+        a.send_to(b"ping", b_addr).await.unwrap();
+        let mut buf = [0u8; 16];
+        let SocketEvent::Datagram { from, .. } = next(&b, &mut buf).await else {
+            unreachable!()
+        };
+        b.send_to(b"pong", from).await.unwrap();
+        assert_eq!(receiver.await.unwrap(), b"pong");
+    }
+
+    #[cfg(target_os = "linux")]
+    mod kernel_timestamps {
+        use super::*;
+
+        /// A datagram that carried kernel stamps at both ends.
+        struct Stamped {
+            receipt: SendReceipt,
+            tx_ns: u64,
+            len: usize,
+            from: SocketAddr,
+            rx_ns: u64,
+        }
+
+        /// The kernel turns RX software stamping on asynchronously when the first
+        /// socket of the host asks for it, so the first datagrams after that may
+        /// arrive unstamped: retry a bounded number of times.
+        async fn send_until_rx_stamped(
+            sender: &UdpProbeSocket,
+            receiver: &UdpProbeSocket,
+            payload: &[u8],
+            buf: &mut [u8],
+        ) -> Stamped {
+            const ATTEMPTS: usize = 100;
+            for _ in 0..ATTEMPTS {
+                let receipt = sender
+                    .send_to(payload, receiver.local_addr())
+                    .await
+                    .unwrap();
+                let [(key, tx_ns)] = tx_stamps(sender, 1).await[..] else {
+                    unreachable!()
+                };
+                assert_eq!(Some(key), receipt.tx_key);
+                let SocketEvent::Datagram {
+                    len,
+                    from,
+                    kernel_ns,
+                    ..
+                } = next_datagram(receiver, buf).await
+                else {
+                    unreachable!()
+                };
+                if let Some(rx_ns) = kernel_ns {
+                    return Stamped {
+                        receipt,
+                        tx_ns,
+                        len,
+                        from,
+                        rx_ns,
+                    };
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("none of {ATTEMPTS} datagrams carried an RX timestamp");
+        }
+
+        #[tokio::test]
+        async fn datagram_round_trip_carries_kernel_rx_timestamps() {
+            let a = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            let b = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            let software = TimestampSupport {
+                rx: true,
+                tx: true,
+                hardware: false,
+            };
+            assert_eq!(a.timestamp_support(), software);
+
+            let mut buf = [0u8; 64];
+            let there = send_until_rx_stamped(&a, &b, b"ping", &mut buf).await;
+            assert_eq!(&buf[..there.len], b"ping");
+            assert_eq!(there.from, a.local_addr());
+
+            let back = send_until_rx_stamped(&b, &a, b"pong", &mut buf).await;
+            assert_eq!(&buf[..back.len], b"pong");
+            assert_eq!(back.from, b.local_addr());
+            assert!(back.receipt.host_ns >= there.receipt.host_ns);
+        }
+
+        async fn tx_keys_follow_send_order(socket: UdpProbeSocket) {
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let mut keys = Vec::new();
+            for i in 0..50u8 {
+                let receipt = socket.send_to(&[i], sink.local_addr()).await.unwrap();
+                keys.push(receipt.tx_key.expect("TX timestamping is on"));
+            }
+            assert_eq!(keys, (0..50).collect::<Vec<u32>>());
+            let reported: Vec<u32> = tx_stamps(&socket, 50)
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(reported, keys);
+        }
+
+        #[tokio::test]
+        async fn tx_timestamps_arrive_under_keys_in_send_order() {
+            tx_keys_follow_send_order(
+                UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap(),
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn tx_timestamps_arrive_under_keys_in_send_order_with_the_kernel_counter() {
+            let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            socket.kernel_timestamps().unwrap().use_kernel_counter();
+            tx_keys_follow_send_order(socket).await;
+        }
+
+        async fn failed_send_keeps_its_key(socket: UdpProbeSocket) {
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let first = socket.send_to(b"1", sink.local_addr()).await.unwrap();
+            // Broadcast without SO_BROADCAST is refused (EACCES).
+            let refused = socket
+                .send_to(b"x", SocketAddr::from(([255, 255, 255, 255], 9)))
+                .await;
+            assert_eq!(refused.unwrap_err().category(), "send");
+            let second = socket.send_to(b"2", sink.local_addr()).await.unwrap();
+            assert_eq!(first.tx_key, Some(0));
+            assert_eq!(second.tx_key, Some(1));
+            let reported: Vec<u32> = tx_stamps(&socket, 2)
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(reported, vec![0, 1]);
+        }
+
+        #[tokio::test]
+        async fn a_failed_send_does_not_use_up_a_key() {
+            failed_send_keeps_its_key(
+                UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap(),
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn a_failed_send_does_not_use_up_a_key_with_the_kernel_counter() {
+            let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            socket.kernel_timestamps().unwrap().use_kernel_counter();
+            failed_send_keeps_its_key(socket).await;
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_senders_get_distinct_keys_that_all_report() {
+            let socket =
+                Arc::new(UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap());
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let dst = sink.local_addr();
+            let senders: Vec<_> = (0..4)
+                .map(|_| {
+                    let socket = Arc::clone(&socket);
+                    tokio::spawn(async move {
+                        let mut keys = Vec::new();
+                        for _ in 0..25 {
+                            keys.push(socket.send_to(b"k", dst).await.unwrap().tx_key.unwrap());
+                        }
+                        keys
+                    })
+                })
+                .collect();
+            let mut sent = BTreeSet::new();
+            for sender in senders {
+                sent.extend(sender.await.unwrap());
+            }
+            assert_eq!(sent, (0..100).collect::<BTreeSet<u32>>());
+            let reported: BTreeSet<u32> = tx_stamps(&socket, 100)
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(reported, sent);
+        }
+
+        #[tokio::test]
+        async fn rx_stamp_minus_tx_stamp_of_one_datagram_is_non_negative_and_small() {
+            let a = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            let b = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            let mut buf = [0u8; 64];
+            let stamped = send_until_rx_stamped(&a, &b, b"stamp me", &mut buf).await;
+            let one_way = i128::from(stamped.rx_ns) - i128::from(stamped.tx_ns);
+            assert!(
+                one_way >= 0,
+                "RX stamp precedes TX stamp by {} ns",
+                -one_way
+            );
+            // Stamps from two different clocks would be seconds or years apart.
+            assert!(
+                one_way < 1_000_000_000,
+                "one-way loopback time of {one_way} ns"
+            );
+        }
+
+        #[tokio::test]
+        async fn oversized_datagram_is_cut_and_flagged_with_timestamps() {
+            oversized_datagram_is_cut_and_flagged(TimestampMode::Software).await;
+        }
+
+        #[tokio::test]
+        async fn hardware_mode_falls_back_to_software_where_the_nic_has_none() {
+            // Loopback has no NIC clock, so the ioctl is refused.
+            let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Hardware).unwrap();
+            assert_eq!(
+                socket.timestamp_support(),
+                TimestampSupport {
+                    rx: true,
+                    tx: true,
+                    hardware: false
+                }
+            );
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let receipt = socket.send_to(b"hw?", sink.local_addr()).await.unwrap();
+            assert_eq!(tx_stamps(&socket, 1).await[0].0, receipt.tx_key.unwrap());
+        }
+
+        #[tokio::test]
+        async fn per_send_keys_are_the_ones_the_kernel_reports() {
+            let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            let kernel = socket.kernel_timestamps().unwrap();
+            kernel.skip_keys_to(u32::MAX - 1);
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let mut keys = Vec::new();
+            for _ in 0..3 {
+                keys.push(
+                    socket
+                        .send_to(b"k", sink.local_addr())
+                        .await
+                        .unwrap()
+                        .tx_key
+                        .unwrap(),
+                );
+            }
+            if !kernel.uses_per_send_keys() {
+                // Kernels before 6.13 number sends themselves; the other tests cover that.
+                return;
+            }
+            assert_eq!(keys, vec![u32::MAX - 1, u32::MAX, 0]);
+            let reported: Vec<u32> = tx_stamps(&socket, 3)
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(reported, keys);
+        }
+
+        /// A datagram dropped by the firewall fails with `EPERM` after the kernel
+        /// counter has moved on; the keys must still match.
+        ///
+        /// The tests using this need root and nft; run them in a private network
+        /// namespace so the rule touches nothing else (build first: `cargo test
+        /// -p pingmesh-agent --lib --no-run`, then run the test binary it names):
+        ///
+        /// ```text
+        /// unshare -n sh -c 'ip link set lo up && nft add table inet t &&
+        ///   nft add chain inet t out "{ type filter hook output priority 0 ; }" &&
+        ///   nft add rule inet t out udp dport 9 drop &&
+        ///   target/debug/deps/pingmesh_agent-HASH firewall_drop --ignored'
+        /// ```
+        async fn firewall_drop_keeps_keys_matched(socket: UdpProbeSocket) {
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let mut receipts = vec![socket.send_to(b"1", sink.local_addr()).await.unwrap()];
+            let dropped = socket
+                .send_to(b"x", SocketAddr::from(([127, 0, 0, 1], 9)))
+                .await;
+            let Err(TransportError::Send { source, .. }) = dropped else {
+                panic!("expected the firewall to refuse the send, got {dropped:?}");
+            };
+            assert_eq!(source.raw_os_error(), Some(libc::EPERM));
+            for _ in 0..3 {
+                receipts.push(socket.send_to(b"2", sink.local_addr()).await.unwrap());
+            }
+            let sent: Vec<u32> = receipts.iter().map(|r| r.tx_key.unwrap()).collect();
+            let reported: Vec<u32> = tx_stamps(&socket, sent.len())
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(reported, sent);
+        }
+
+        #[tokio::test]
+        #[ignore = "needs root and an nft drop rule in a private network namespace"]
+        async fn a_firewall_drop_keeps_keys_matched() {
+            firewall_drop_keeps_keys_matched(
+                UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap(),
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        #[ignore = "needs root and an nft drop rule in a private network namespace"]
+        async fn a_firewall_drop_keeps_keys_matched_with_the_kernel_counter() {
+            let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            socket.kernel_timestamps().unwrap().use_kernel_counter();
+            firewall_drop_keeps_keys_matched(socket).await;
+        }
+    }
+}

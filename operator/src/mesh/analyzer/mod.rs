@@ -1,0 +1,237 @@
+//! The analyzer, phase 1: joins window summaries from all agents, computes per-path
+//! and per-ToR-pair loss and latency, judges them against the SLA and keeps
+//! findings with hysteresis. Pure logic: the caller supplies time, topology and
+//! agent presence.
+//!
+//! Flow: [`Analyzer::ingest`] every summary as it arrives; once a window is
+//! complete (its end plus a grace period for late reports), [`Analyzer::evaluate`]
+//! it. Windows are evaluated in increasing order; summaries for a window that has
+//! been evaluated are refused.
+
+mod findings;
+mod policy;
+mod stats;
+mod window;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use pingmesh_proto::v1;
+use serde::{Deserialize, Serialize};
+
+pub use findings::{ClearReason, Finding, FindingKind};
+pub use policy::{MAX_HYSTERESIS_WINDOWS, SlaPolicy, SlaPolicyError};
+pub use stats::{EndpointPlacement, Judgement, PathStats, ProbeKind, TorPairStats, loss_ratio};
+pub use window::{
+    IngestError, Ingested, MAX_FUTURE_WINDOWS, MAX_PAST_WINDOWS, MAX_PATHS_PER_WINDOW,
+};
+
+use findings::Hysteresis;
+use window::{Acceptance, WindowData};
+
+/// Everything the analyzer concluded about one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WindowReport {
+    pub window_start_ms: u64,
+    pub window_ms: u32,
+    /// Judged and unjudged paths, by (source, target).
+    pub paths: Vec<PathStats>,
+    /// By (source ToR, target ToR); same-ToR pairs hold the ToR mesh.
+    pub tor_pairs: Vec<TorPairStats>,
+    /// Findings opened by this window, by (kind, location).
+    pub opened: Vec<Finding>,
+    /// Findings closed by this window (recovered or gone).
+    pub cleared: Vec<Finding>,
+    /// Paths left out because their target's agent was not present all window.
+    pub excluded_target_gone: u64,
+    /// Paths left out because an endpoint is unknown to the topology.
+    pub excluded_unplaced: u64,
+}
+
+/// Why a window could not be evaluated.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EvaluateError {
+    #[error("window {window_start_ms} is not a multiple of the {window_ms} ms window")]
+    MisalignedWindow {
+        window_start_ms: u64,
+        window_ms: u32,
+    },
+    #[error(
+        "window {window_start_ms} is not after the last evaluated window {evaluated_through_ms}"
+    )]
+    AlreadyEvaluated {
+        window_start_ms: u64,
+        evaluated_through_ms: u64,
+    },
+}
+
+impl EvaluateError {
+    /// Bounded label for metrics.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Self::MisalignedWindow { .. } => "misaligned_window",
+            Self::AlreadyEvaluated { .. } => "already_evaluated",
+        }
+    }
+}
+
+/// Collects summaries per window and turns complete windows into reports.
+#[derive(Debug)]
+pub struct Analyzer {
+    sla: SlaPolicy,
+    window_ms: u32,
+    windows: BTreeMap<u64, WindowData>,
+    evaluated_through_ms: Option<u64>,
+    /// Paths in the last evaluated window: the size new windows start with.
+    expected_paths: usize,
+    hysteresis: Hysteresis,
+    last_report: Option<Arc<WindowReport>>,
+}
+
+impl Analyzer {
+    /// An analyzer for `window_ms` windows; refuses an invalid SLA or a zero window.
+    pub fn new(sla: SlaPolicy, window_ms: u32) -> Result<Self, SlaPolicyError> {
+        sla.validate()?;
+        if window_ms == 0 {
+            return Err(SlaPolicyError::new("windowMs", &0, &"at least 1"));
+        }
+        Ok(Self {
+            sla,
+            window_ms,
+            windows: BTreeMap::new(),
+            evaluated_through_ms: None,
+            expected_paths: 0,
+            hysteresis: Hysteresis::default(),
+            last_report: None,
+        })
+    }
+
+    pub fn sla(&self) -> &SlaPolicy {
+        &self.sla
+    }
+
+    /// Replaces the SLA; open findings and streaks carry over.
+    pub fn set_sla(&mut self, sla: SlaPolicy) -> Result<(), SlaPolicyError> {
+        sla.validate()?;
+        self.sla = sla;
+        Ok(())
+    }
+
+    pub fn window_ms(&self) -> u32 {
+        self.window_ms
+    }
+
+    /// Summaries held for windows not evaluated yet.
+    pub fn buffered_summaries(&self) -> usize {
+        self.windows.values().map(|w| w.paths.len()).sum()
+    }
+
+    /// The newest window evaluated so far.
+    pub fn evaluated_through_ms(&self) -> Option<u64> {
+        self.evaluated_through_ms
+    }
+
+    /// Checks and stores one summary. `now_ms` (Unix ms, the controller's clock)
+    /// bounds which windows are accepted: from [`MAX_PAST_WINDOWS`] before the
+    /// current one to [`MAX_FUTURE_WINDOWS`] after it, and never one already
+    /// evaluated.
+    pub fn ingest(
+        &mut self,
+        summary: v1::WindowSummary,
+        now_ms: u64,
+    ) -> Result<Ingested, IngestError> {
+        let accept = Acceptance {
+            window: self.window_ms,
+            evaluated_through: self.evaluated_through_ms,
+            now: now_ms,
+        };
+        window::check(&summary, &accept)?;
+        let start = summary.window_start_ms;
+        if !self.windows.contains_key(&start) {
+            // Windows nobody evaluated in time can no longer receive data: drop them
+            // so a stalled evaluator cannot make memory grow without bound.
+            let oldest = accept.oldest_accepted_ms();
+            self.windows.retain(|&s, _| s >= oldest);
+        }
+        // Normally one window fills while the previous one waits for late reports;
+        // beyond that, windows start small so stray summaries for many windows
+        // cannot each reserve a whole window's worth of memory.
+        let expected = if self.windows.len() < 2 {
+            self.expected_paths
+        } else {
+            0
+        };
+        self.windows
+            .entry(start)
+            .or_insert_with(|| WindowData::with_capacity(expected))
+            .insert(summary)
+    }
+
+    /// Evaluates one complete window and drops its data (and any older window's).
+    ///
+    /// `topology` maps an endpoint id to its node and ToR; `target_present` says
+    /// whether the endpoint's agent was present for the whole window starting at
+    /// the given time. Each is asked once per endpoint per window.
+    pub fn evaluate(
+        &mut self,
+        window_start_ms: u64,
+        topology: &dyn Fn(&str) -> Option<EndpointPlacement>,
+        target_present: &dyn Fn(&str, u64) -> bool,
+    ) -> Result<Arc<WindowReport>, EvaluateError> {
+        if !window_start_ms.is_multiple_of(u64::from(self.window_ms)) {
+            return Err(EvaluateError::MisalignedWindow {
+                window_start_ms,
+                window_ms: self.window_ms,
+            });
+        }
+        if let Some(done) = self
+            .evaluated_through_ms
+            .filter(|&done| window_start_ms <= done)
+        {
+            return Err(EvaluateError::AlreadyEvaluated {
+                window_start_ms,
+                evaluated_through_ms: done,
+            });
+        }
+        let later = match window_start_ms.checked_add(1) {
+            Some(next) => self.windows.split_off(&next),
+            None => BTreeMap::new(),
+        };
+        let data = std::mem::replace(&mut self.windows, later)
+            .remove(&window_start_ms)
+            .unwrap_or_default();
+        self.evaluated_through_ms = Some(window_start_ms);
+        self.expected_paths = data.paths.len().min(MAX_PATHS_PER_WINDOW);
+
+        let stats = stats::collect(data, window_start_ms, &self.sla, topology, target_present);
+        let transitions =
+            self.hysteresis
+                .step(window_start_ms, &stats.paths, &stats.tor_pairs, &self.sla);
+        let report = Arc::new(WindowReport {
+            window_start_ms,
+            window_ms: self.window_ms,
+            paths: stats.paths,
+            tor_pairs: stats.tor_pairs,
+            opened: transitions.opened,
+            cleared: transitions.cleared,
+            excluded_target_gone: stats.excluded_target_gone,
+            excluded_unplaced: stats.excluded_unplaced,
+        });
+        self.last_report = Some(Arc::clone(&report));
+        Ok(report)
+    }
+
+    /// Open findings, by kind then location.
+    pub fn open_findings(&self) -> Vec<&Finding> {
+        self.hysteresis.open_findings()
+    }
+
+    /// The report of the last evaluated window.
+    pub fn last_report(&self) -> Option<Arc<WindowReport>> {
+        self.last_report.clone()
+    }
+}

@@ -1,0 +1,366 @@
+//! Per-path and per-ToR-pair statistics of one window, and their SLA judgement.
+//!
+//! Loss is lost / (ok + lost), computed only where that denominator is non-zero.
+//! Invalid samples (answered, but with timestamps that make no sense) are counted
+//! on their own and are never loss: they say the prober or responder host
+//! misbehaved, not that the network dropped a packet.
+
+use std::collections::HashMap;
+
+use pingmesh_proto::{ladder, v1};
+use serde::{Deserialize, Serialize};
+
+use super::policy::SlaPolicy;
+use super::window::{FastHash, PathKey, PathRecord, WindowData};
+
+/// Where an endpoint sits, as the controller's registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointPlacement {
+    pub node: String,
+    pub tor: String,
+}
+
+/// Which pinglist entry a path came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ProbeKind {
+    Unspecified,
+    TorMesh,
+    InterTor,
+    Service,
+}
+
+impl ProbeKind {
+    /// Unknown wire values (from newer agents) read as unspecified.
+    pub fn from_wire(kind: i32) -> Self {
+        match v1::TargetKind::try_from(kind) {
+            Ok(v1::TargetKind::TorMesh) => Self::TorMesh,
+            Ok(v1::TargetKind::InterTor) => Self::InterTor,
+            Ok(v1::TargetKind::Service) => Self::Service,
+            _ => Self::Unspecified,
+        }
+    }
+}
+
+/// The SLA verdict on one aspect (loss or latency) of one window.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Judgement {
+    /// Too few probes to judge.
+    NotJudged,
+    Met,
+    Violated,
+}
+
+/// One path's window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PathStats {
+    pub source_endpoint: String,
+    pub target_endpoint: String,
+    pub source_tor: String,
+    pub target_tor: String,
+    pub kind: ProbeKind,
+    pub ok: u64,
+    pub lost: u64,
+    pub invalid: u64,
+    pub software_timed: u64,
+    /// lost / (ok + lost); absent when nothing was answered or lost.
+    pub loss_ratio: Option<f64>,
+    /// The agent's exact percentiles of network RTT.
+    pub p50_network_rtt_ns: Option<u64>,
+    pub p99_network_rtt_ns: Option<u64>,
+    /// Bit i: a probe on flow i was lost.
+    pub lost_flows_mask: u64,
+    pub loss: Judgement,
+    pub latency: Judgement,
+}
+
+/// All judged paths from one ToR to another (or within one ToR) in one window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TorPairStats {
+    pub source_tor: String,
+    pub target_tor: String,
+    /// Paths merged into this pair.
+    pub paths: u64,
+    pub ok: u64,
+    pub lost: u64,
+    pub invalid: u64,
+    pub loss_ratio: Option<f64>,
+    /// Upper bounds of the ladder buckets holding the percentiles of the merged
+    /// histograms: at most 12.5 % above the truth, never below it.
+    pub p50_network_rtt_ns: Option<u64>,
+    pub p99_network_rtt_ns: Option<u64>,
+    pub loss: Judgement,
+    pub latency: Judgement,
+}
+
+/// lost / (ok + lost), or `None` when that is 0 / 0.
+pub fn loss_ratio(ok: u64, lost: u64) -> Option<f64> {
+    let probes = ok.saturating_add(lost);
+    (probes > 0).then(|| lost as f64 / probes as f64)
+}
+
+fn judge_loss(sla: &SlaPolicy, ok: u64, lost: u64) -> Judgement {
+    match loss_ratio(ok, lost) {
+        Some(ratio) if ok.saturating_add(lost) >= sla.min_probes => {
+            if ratio > sla.max_loss_ratio {
+                Judgement::Violated
+            } else {
+                Judgement::Met
+            }
+        }
+        _ => Judgement::NotJudged,
+    }
+}
+
+/// Latency needs `min_probes` answered probes: the p99 of a handful of samples
+/// is just their maximum.
+fn judge_latency(sla: &SlaPolicy, ok: u64, p99_ns: Option<u64>) -> Judgement {
+    match p99_ns {
+        Some(p99) if ok >= sla.min_probes => {
+            if p99 > sla.max_p99_network_rtt_ns {
+                Judgement::Violated
+            } else {
+                Judgement::Met
+            }
+        }
+        _ => Judgement::NotJudged,
+    }
+}
+
+/// A window's statistics, with what was left out and why.
+#[derive(Debug, Default)]
+pub(super) struct WindowStats {
+    pub paths: Vec<PathStats>,
+    pub tor_pairs: Vec<TorPairStats>,
+    pub excluded_target_gone: u64,
+    pub excluded_unplaced: u64,
+}
+
+/// Looks endpoints up once per window, however many paths they are on.
+struct PlacementCache<'a> {
+    topology: &'a dyn Fn(&str) -> Option<EndpointPlacement>,
+    target_present: &'a dyn Fn(&str, u64) -> bool,
+    window_start_ms: u64,
+    /// Endpoint id -> index into `tors`.
+    tor_of: HashMap<String, Option<usize>, FastHash>,
+    present: HashMap<String, bool, FastHash>,
+    tors: Vec<String>,
+    tor_index: HashMap<String, usize, FastHash>,
+}
+
+impl PlacementCache<'_> {
+    fn tor_of(&mut self, endpoint: &str) -> Option<usize> {
+        if let Some(&tor) = self.tor_of.get(endpoint) {
+            return tor;
+        }
+        let tor = (self.topology)(endpoint).map(|placement| self.intern_tor(placement.tor));
+        self.tor_of.insert(endpoint.to_owned(), tor);
+        tor
+    }
+
+    fn intern_tor(&mut self, tor: String) -> usize {
+        if let Some(&i) = self.tor_index.get(&tor) {
+            return i;
+        }
+        self.tors.push(tor.clone());
+        self.tor_index.insert(tor, self.tors.len() - 1);
+        self.tors.len() - 1
+    }
+
+    fn present(&mut self, endpoint: &str) -> bool {
+        if let Some(&present) = self.present.get(endpoint) {
+            return present;
+        }
+        let present = (self.target_present)(endpoint, self.window_start_ms);
+        self.present.insert(endpoint.to_owned(), present);
+        present
+    }
+}
+
+/// Merged ToR-pair data while a window is being collected.
+#[derive(Debug, Default)]
+struct PairAccumulator {
+    paths: u64,
+    ok: u64,
+    lost: u64,
+    invalid: u64,
+    histogram: ladder::Histogram,
+}
+
+/// Turns a window's summaries into statistics. Paths whose target was not present
+/// for the whole window are left out (a vanished responder is not a network
+/// fault), as are paths with an endpoint the topology does not know.
+pub(super) fn collect(
+    data: WindowData,
+    window_start_ms: u64,
+    sla: &SlaPolicy,
+    topology: &dyn Fn(&str) -> Option<EndpointPlacement>,
+    target_present: &dyn Fn(&str, u64) -> bool,
+) -> WindowStats {
+    let mut cache = PlacementCache {
+        topology,
+        target_present,
+        window_start_ms,
+        tor_of: HashMap::default(),
+        present: HashMap::default(),
+        tors: Vec::new(),
+        tor_index: HashMap::default(),
+    };
+    let mut stats = WindowStats::default();
+    let mut pairs: HashMap<(usize, usize), PairAccumulator, FastHash> = HashMap::default();
+    stats.paths.reserve(data.paths.len());
+    for ((source, target), record) in data.paths {
+        if !cache.present(&target) {
+            stats.excluded_target_gone += 1;
+            continue;
+        }
+        let (Some(source_tor), Some(target_tor)) = (cache.tor_of(&source), cache.tor_of(&target))
+        else {
+            stats.excluded_unplaced += 1;
+            continue;
+        };
+        let pair = pairs.entry((source_tor, target_tor)).or_default();
+        pair.paths += 1;
+        pair.ok = pair.ok.saturating_add(record.ok);
+        pair.lost = pair.lost.saturating_add(record.lost);
+        pair.invalid = pair.invalid.saturating_add(record.invalid);
+        // Checked at ingest; a failure here would only mean a lost histogram.
+        if pair
+            .histogram
+            .merge_sparse(&record.histogram_buckets, &record.histogram_counts)
+            .is_err()
+        {
+            tracing::debug!(%source, %target, "skipping a histogram that no longer merges");
+        }
+        let names = (
+            cache.tors[source_tor].clone(),
+            cache.tors[target_tor].clone(),
+        );
+        stats
+            .paths
+            .push(path_stats((source, target), names, &record, sla));
+    }
+    stats.tor_pairs = pairs
+        .into_iter()
+        .map(|((s, t), acc)| pair_stats(cache.tors[s].clone(), cache.tors[t].clone(), &acc, sla))
+        .collect();
+    stats.paths.sort_unstable_by(|a, b| {
+        (&a.source_endpoint, &a.target_endpoint).cmp(&(&b.source_endpoint, &b.target_endpoint))
+    });
+    stats.tor_pairs.sort_unstable_by(|a, b| {
+        (&a.source_tor, &a.target_tor).cmp(&(&b.source_tor, &b.target_tor))
+    });
+    stats
+}
+
+fn path_stats(
+    (source_endpoint, target_endpoint): PathKey,
+    (source_tor, target_tor): (String, String),
+    r: &PathRecord,
+    sla: &SlaPolicy,
+) -> PathStats {
+    let (p50, p99) = if r.ok == 0 {
+        (None, None)
+    } else if r.p99_ns.is_some() {
+        (r.p50_ns, r.p99_ns)
+    } else {
+        // No exact stats sent: fall back to the histogram's bucket bounds.
+        let mut h = ladder::Histogram::default();
+        if h.merge_sparse(&r.histogram_buckets, &r.histogram_counts)
+            .is_err()
+        {
+            h = ladder::Histogram::default();
+        }
+        (h.quantile_upper_ns(0.5), h.quantile_upper_ns(0.99))
+    };
+    PathStats {
+        source_endpoint,
+        target_endpoint,
+        source_tor,
+        target_tor,
+        kind: r.kind,
+        ok: r.ok,
+        lost: r.lost,
+        invalid: r.invalid,
+        software_timed: r.software_timed,
+        loss_ratio: loss_ratio(r.ok, r.lost),
+        p50_network_rtt_ns: p50,
+        p99_network_rtt_ns: p99,
+        lost_flows_mask: r.lost_flows_mask,
+        loss: judge_loss(sla, r.ok, r.lost),
+        latency: judge_latency(sla, r.ok, p99),
+    }
+}
+
+fn pair_stats(
+    source_tor: String,
+    target_tor: String,
+    acc: &PairAccumulator,
+    sla: &SlaPolicy,
+) -> TorPairStats {
+    let p99 = acc.histogram.quantile_upper_ns(0.99);
+    // Latency is judged on the samples the histograms actually hold.
+    let timed = acc.histogram.total().min(acc.ok);
+    TorPairStats {
+        source_tor,
+        target_tor,
+        paths: acc.paths,
+        ok: acc.ok,
+        lost: acc.lost,
+        invalid: acc.invalid,
+        loss_ratio: loss_ratio(acc.ok, acc.lost),
+        p50_network_rtt_ns: acc.histogram.quantile_upper_ns(0.5),
+        p99_network_rtt_ns: p99,
+        loss: judge_loss(sla, acc.ok, acc.lost),
+        latency: judge_latency(sla, timed, p99),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loss_ratio_is_undefined_without_answered_or_lost_probes() {
+        assert_eq!(loss_ratio(0, 0), None);
+        assert_eq!(loss_ratio(3, 1), Some(0.25));
+        assert_eq!(loss_ratio(0, 7), Some(1.0));
+    }
+
+    #[test]
+    fn judgements_need_enough_probes() {
+        let sla = SlaPolicy {
+            min_probes: 10,
+            ..SlaPolicy::default()
+        };
+        assert_eq!(judge_loss(&sla, 0, 9), Judgement::NotJudged);
+        assert_eq!(judge_loss(&sla, 0, 10), Judgement::Violated);
+        assert_eq!(judge_loss(&sla, 100, 1), Judgement::Met);
+        assert_eq!(judge_loss(&sla, 98, 2), Judgement::Violated);
+        assert_eq!(
+            judge_latency(&sla, 9, Some(10_000_000)),
+            Judgement::NotJudged
+        );
+        assert_eq!(
+            judge_latency(&sla, 10, Some(10_000_000)),
+            Judgement::Violated
+        );
+        assert_eq!(
+            judge_latency(&sla, 10, Some(sla.max_p99_network_rtt_ns)),
+            Judgement::Met
+        );
+        assert_eq!(judge_latency(&sla, 10, None), Judgement::NotJudged);
+    }
+
+    #[test]
+    fn unknown_wire_kinds_read_as_unspecified() {
+        assert_eq!(
+            ProbeKind::from_wire(v1::TargetKind::InterTor as i32),
+            ProbeKind::InterTor
+        );
+        assert_eq!(ProbeKind::from_wire(99), ProbeKind::Unspecified);
+    }
+}

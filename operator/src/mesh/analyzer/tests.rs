@@ -1,0 +1,520 @@
+//! Whole-analyzer behaviour: ingest, evaluate, hysteresis.
+
+use pingmesh_proto::ladder;
+
+use super::*;
+
+const WINDOW: u32 = 5_000;
+const W: u64 = WINDOW as u64;
+/// A window start far from the Unix epoch, like real time.
+const T0: u64 = 1_700_000_000_000;
+
+/// Endpoint "a1/udp0" lives on node "a1" under "tor-a".
+fn topology(id: &str) -> Option<EndpointPlacement> {
+    let node = id.split('/').next()?;
+    let rack = node.chars().next()?;
+    (node != "ghost").then(|| EndpointPlacement {
+        node: node.to_owned(),
+        tor: format!("tor-{rack}"),
+    })
+}
+
+fn everyone_present(_: &str, _: u64) -> bool {
+    true
+}
+
+fn analyzer() -> Analyzer {
+    Analyzer::new(SlaPolicy::default(), WINDOW).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A consistent summary: `ok` answered probes all at `rtt_ns`, `lost` lost.
+fn summary(
+    window: u64,
+    src: &str,
+    dst: &str,
+    ok: u64,
+    lost: u64,
+    rtt_ns: u64,
+) -> v1::WindowSummary {
+    let mut histogram = ladder::Histogram::default();
+    for _ in 0..ok {
+        histogram.record(rtt_ns);
+    }
+    let (buckets, counts) = histogram.to_sparse();
+    v1::WindowSummary {
+        window_start_ms: T0 + window * W,
+        window_ms: WINDOW,
+        source_endpoint: src.to_owned(),
+        target_endpoint: dst.to_owned(),
+        kind: v1::TargetKind::InterTor.into(),
+        sent: ok + lost,
+        ok,
+        lost,
+        invalid: 0,
+        software_timed: 0,
+        network_rtt: (ok > 0).then_some(v1::DelayStats {
+            min_ns: rtt_ns,
+            p50_ns: rtt_ns,
+            p99_ns: rtt_ns,
+            max_ns: rtt_ns,
+        }),
+        prober_delay: None,
+        responder_delay: None,
+        network_rtt_histogram: Some(v1::LadderHistogram { buckets, counts }),
+        lost_flows_mask: u64::from(lost > 0),
+    }
+}
+
+fn now_for(window: u64) -> u64 {
+    T0 + (window + 1) * W + 1_000
+}
+
+fn ingest(a: &mut Analyzer, s: v1::WindowSummary) -> Ingested {
+    let window = (s.window_start_ms - T0) / W;
+    a.ingest(s, now_for(window))
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn evaluate(a: &mut Analyzer, window: u64) -> Arc<WindowReport> {
+    a.evaluate(T0 + window * W, &topology, &everyone_present)
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// One window of a1 -> b1 with the given loss, evaluated.
+fn path_window(a: &mut Analyzer, window: u64, ok: u64, lost: u64) -> Arc<WindowReport> {
+    ingest(a, summary(window, "a1/udp0", "b1/udp0", ok, lost, 20_000));
+    evaluate(a, window)
+}
+
+fn kinds(findings: &[Finding]) -> Vec<FindingKind> {
+    findings.iter().map(|f| f.kind).collect()
+}
+
+#[test]
+fn two_bad_windows_open_a_finding_and_one_does_not() {
+    let mut a = analyzer();
+    let first = path_window(&mut a, 0, 0, 50);
+    assert!(first.opened.is_empty());
+    assert!(a.open_findings().is_empty());
+    let second = path_window(&mut a, 1, 0, 50);
+    assert_eq!(
+        kinds(&second.opened),
+        vec![FindingKind::PathLoss, FindingKind::TorPairLoss]
+    );
+    let path = &second.opened[0];
+    assert_eq!(path.location, "a1/udp0 -> b1/udp0");
+    assert_eq!(
+        (path.source_tor.as_str(), path.target_tor.as_str()),
+        ("tor-a", "tor-b")
+    );
+    assert_eq!(path.evidence, "loss 100.0% (100/100) over 2 windows");
+    assert_eq!(
+        (path.first_bad_window_ms, path.opened_at_window_ms),
+        (T0, T0 + W)
+    );
+    assert_eq!(path.loss_ratio, Some(1.0));
+    assert_eq!(second.opened[1].location, "tor-a -> tor-b");
+    assert_eq!(a.open_findings().len(), 2);
+}
+
+#[test]
+fn a_good_window_between_bad_ones_resets_the_streak() {
+    let mut a = analyzer();
+    path_window(&mut a, 0, 0, 50);
+    path_window(&mut a, 1, 100, 0);
+    let third = path_window(&mut a, 2, 0, 50);
+    assert!(third.opened.is_empty());
+    let fourth = path_window(&mut a, 3, 0, 50);
+    assert_eq!(fourth.opened.len(), 2);
+}
+
+#[test]
+fn three_good_windows_clear_a_finding_and_two_do_not() {
+    let mut a = analyzer();
+    path_window(&mut a, 0, 0, 50);
+    path_window(&mut a, 1, 0, 50);
+    assert!(path_window(&mut a, 2, 100, 0).cleared.is_empty());
+    assert!(path_window(&mut a, 3, 100, 0).cleared.is_empty());
+    assert_eq!(a.open_findings().len(), 2);
+    let third_good = path_window(&mut a, 4, 100, 0);
+    assert_eq!(
+        kinds(&third_good.cleared),
+        vec![FindingKind::PathLoss, FindingKind::TorPairLoss]
+    );
+    assert!(
+        third_good
+            .cleared
+            .iter()
+            .all(|f| f.clear_reason == Some(ClearReason::Recovered))
+    );
+    assert_eq!(third_good.cleared[0].cleared_at_window_ms, Some(T0 + 4 * W));
+    assert!(a.open_findings().is_empty());
+}
+
+#[test]
+fn a_bad_window_while_open_restarts_the_count_to_clear() {
+    let mut a = analyzer();
+    path_window(&mut a, 0, 0, 50);
+    path_window(&mut a, 1, 0, 50);
+    path_window(&mut a, 2, 100, 0);
+    path_window(&mut a, 3, 100, 0);
+    let bad_again = path_window(&mut a, 4, 0, 50);
+    assert!(bad_again.opened.is_empty(), "already open");
+    assert_eq!(a.open_findings()[0].last_bad_window_ms, T0 + 4 * W);
+    for window in 5..7 {
+        assert!(path_window(&mut a, window, 100, 0).cleared.is_empty());
+    }
+    assert_eq!(path_window(&mut a, 7, 100, 0).cleared.len(), 2);
+}
+
+#[test]
+fn windows_without_data_neither_advance_nor_reset_the_streak() {
+    let mut a = analyzer();
+    path_window(&mut a, 0, 0, 50);
+    assert!(evaluate(&mut a, 1).opened.is_empty());
+    assert!(evaluate(&mut a, 2).opened.is_empty());
+    assert_eq!(path_window(&mut a, 3, 0, 50).opened.len(), 2);
+}
+
+#[test]
+fn a_key_without_data_for_long_is_forgotten_and_its_finding_closes_as_gone() {
+    let mut a = analyzer();
+    path_window(&mut a, 0, 0, 50);
+    path_window(&mut a, 1, 0, 50);
+    let forget_after = u64::from(a.sla().forget_after_windows);
+    for window in 2..=forget_after {
+        assert!(
+            evaluate(&mut a, window).cleared.is_empty(),
+            "window {window}"
+        );
+    }
+    let last = evaluate(&mut a, 1 + forget_after);
+    assert_eq!(last.cleared.len(), 2);
+    assert!(
+        last.cleared
+            .iter()
+            .all(|f| f.clear_reason == Some(ClearReason::Gone))
+    );
+    assert!(a.open_findings().is_empty());
+}
+
+#[test]
+fn paths_to_a_target_that_went_away_are_excluded_not_findings() {
+    let mut a = analyzer();
+    let b1_gone = |id: &str, _: u64| id != "b1/udp0";
+    for window in 0..3 {
+        ingest(&mut a, summary(window, "a1/udp0", "b1/udp0", 0, 50, 20_000));
+        ingest(&mut a, summary(window, "a1/udp0", "b2/udp0", 50, 0, 20_000));
+        let report = a
+            .evaluate(T0 + window * W, &topology, &b1_gone)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(report.excluded_target_gone, 1);
+        assert_eq!(report.paths.len(), 1);
+        assert_eq!(report.paths[0].target_endpoint, "b2/udp0");
+        assert_eq!(report.tor_pairs[0].lost, 0);
+        assert!(report.opened.is_empty());
+    }
+    assert!(a.open_findings().is_empty());
+}
+
+#[test]
+fn paths_with_an_endpoint_the_topology_does_not_know_are_excluded() {
+    let mut a = analyzer();
+    ingest(&mut a, summary(0, "ghost/udp0", "b1/udp0", 0, 50, 20_000));
+    let report = evaluate(&mut a, 0);
+    assert_eq!((report.excluded_unplaced, report.paths.len()), (1, 0));
+}
+
+#[test]
+fn invalid_samples_are_counted_apart_and_are_not_loss() {
+    let mut a = analyzer();
+    for window in 0..3 {
+        let mut s = summary(window, "a1/udp0", "b1/udp0", 20, 0, 20_000);
+        s.invalid = 80;
+        s.sent = 100;
+        ingest(&mut a, s);
+        let report = evaluate(&mut a, window);
+        let path = &report.paths[0];
+        assert_eq!((path.ok, path.lost, path.invalid), (20, 0, 80));
+        assert_eq!(path.loss_ratio, Some(0.0));
+        assert_eq!(path.loss, Judgement::Met);
+        assert_eq!(report.tor_pairs[0].invalid, 80);
+        assert_eq!(report.tor_pairs[0].loss_ratio, Some(0.0));
+        assert!(report.opened.is_empty());
+    }
+}
+
+#[test]
+fn windows_below_min_probes_are_not_judged() {
+    let mut a = analyzer();
+    for window in 0..4 {
+        let report = path_window(&mut a, window, 0, 9);
+        assert_eq!(report.paths[0].loss, Judgement::NotJudged);
+        assert_eq!(report.paths[0].latency, Judgement::NotJudged);
+        assert_eq!(report.paths[0].loss_ratio, Some(1.0));
+        assert!(report.opened.is_empty());
+    }
+    assert!(a.open_findings().is_empty());
+}
+
+#[test]
+fn slow_path_opens_a_latency_finding_with_its_p99() {
+    let mut a = analyzer();
+    for window in 0..2 {
+        ingest(
+            &mut a,
+            summary(window, "a1/udp0", "a2/udp0", 100, 0, 2_000_000),
+        );
+        evaluate(&mut a, window);
+    }
+    let open = a.open_findings();
+    assert_eq!(
+        open.iter().map(|f| f.kind).collect::<Vec<_>>(),
+        vec![FindingKind::PathLatency, FindingKind::TorPairLatency]
+    );
+    assert_eq!(open[0].p99_ns, Some(2_000_000));
+    assert_eq!(open[1].location, "tor-a -> tor-a");
+    assert!(
+        open[0].evidence.contains("2000.0 us"),
+        "{}",
+        open[0].evidence
+    );
+}
+
+#[test]
+fn tor_pair_merges_histograms_and_reports_bucket_upper_bounds() {
+    let mut a = analyzer();
+    // 99 fast samples on one path, 2 slow ones on another: the merged p99 is slow.
+    ingest(&mut a, summary(0, "a1/udp0", "b1/udp0", 99, 0, 10_000));
+    ingest(&mut a, summary(0, "a2/udp0", "b2/udp0", 2, 0, 3_000_000));
+    ingest(&mut a, summary(0, "b1/udp0", "a1/udp0", 10, 0, 10_000));
+    let report = evaluate(&mut a, 0);
+    assert_eq!(report.tor_pairs.len(), 2);
+    let ab = &report.tor_pairs[0];
+    assert_eq!(
+        (ab.source_tor.as_str(), ab.target_tor.as_str()),
+        ("tor-a", "tor-b")
+    );
+    assert_eq!((ab.paths, ab.ok), (2, 101));
+    let slow_bucket = ladder::upper_bound_ns(ladder::bucket_of(3_000_000));
+    let fast_bucket = ladder::upper_bound_ns(ladder::bucket_of(10_000));
+    assert_eq!(ab.p99_network_rtt_ns, Some(slow_bucket));
+    assert_eq!(ab.p50_network_rtt_ns, Some(fast_bucket));
+    assert_eq!(ab.latency, Judgement::Violated);
+    // The paths keep their agents' exact values.
+    assert_eq!(report.paths[0].p99_network_rtt_ns, Some(10_000));
+    assert_eq!(report.paths[0].latency, Judgement::Met);
+}
+
+#[test]
+fn duplicate_summary_is_reported_and_the_first_one_stands() {
+    let mut a = analyzer();
+    assert_eq!(
+        ingest(&mut a, summary(0, "a1/udp0", "b1/udp0", 100, 0, 10_000)),
+        Ingested::Accepted
+    );
+    assert_eq!(
+        ingest(&mut a, summary(0, "a1/udp0", "b1/udp0", 0, 100, 10_000)),
+        Ingested::Duplicate
+    );
+    assert_eq!(
+        ingest(&mut a, summary(0, "b1/udp0", "a1/udp0", 0, 100, 10_000)),
+        Ingested::Accepted
+    );
+    assert_eq!(a.buffered_summaries(), 2);
+    let report = evaluate(&mut a, 0);
+    assert_eq!(report.paths[0].lost, 0);
+}
+
+/// Summaries for window 5 that must be refused once window 3 was evaluated,
+/// each with the category it must be refused under.
+fn refused_summaries() -> Vec<(v1::WindowSummary, &'static str)> {
+    let good = || summary(5, "a1/udp0", "b1/udp0", 10, 0, 10_000);
+    vec![
+        (
+            v1::WindowSummary {
+                window_ms: 1_000,
+                ..good()
+            },
+            "window_length_mismatch",
+        ),
+        (
+            v1::WindowSummary {
+                window_start_ms: T0 + 5 * W + 1,
+                ..good()
+            },
+            "misaligned_window",
+        ),
+        (
+            v1::WindowSummary { sent: 11, ..good() },
+            "counts_do_not_add_up",
+        ),
+        (
+            v1::WindowSummary {
+                sent: 0,
+                ok: u64::MAX,
+                lost: 1,
+                ..good()
+            },
+            "counts_do_not_add_up",
+        ),
+        (
+            v1::WindowSummary {
+                software_timed: 11,
+                ..good()
+            },
+            "software_timed_above_ok",
+        ),
+        (
+            v1::WindowSummary {
+                source_endpoint: String::new(),
+                ..good()
+            },
+            "invalid_endpoint_id",
+        ),
+        (
+            v1::WindowSummary {
+                target_endpoint: "b 1".into(),
+                ..good()
+            },
+            "invalid_endpoint_id",
+        ),
+        (
+            summary(3, "a1/udp0", "b2/udp0", 10, 0, 10_000),
+            "already_evaluated",
+        ),
+        (
+            v1::WindowSummary {
+                window_start_ms: T0 + 4 * W - 20 * W,
+                ..good()
+            },
+            "too_old",
+        ),
+        (
+            v1::WindowSummary {
+                window_start_ms: T0 + 20 * W,
+                ..good()
+            },
+            "too_far_in_future",
+        ),
+        (
+            v1::WindowSummary {
+                network_rtt_histogram: Some(v1::LadderHistogram {
+                    buckets: vec![1, 2],
+                    counts: vec![1],
+                }),
+                ..good()
+            },
+            "malformed_histogram",
+        ),
+        (
+            v1::WindowSummary {
+                network_rtt_histogram: Some(v1::LadderHistogram {
+                    buckets: vec![60_000],
+                    counts: vec![1],
+                }),
+                ..good()
+            },
+            "malformed_histogram",
+        ),
+        (
+            v1::WindowSummary {
+                network_rtt_histogram: Some(v1::LadderHistogram {
+                    buckets: vec![1, 2],
+                    counts: vec![u64::MAX, 1],
+                }),
+                ..good()
+            },
+            "malformed_histogram",
+        ),
+    ]
+}
+
+#[test]
+fn every_inconsistent_summary_is_refused_with_its_category() {
+    let mut a = analyzer();
+    ingest(&mut a, summary(3, "a1/udp0", "b1/udp0", 10, 0, 10_000));
+    evaluate(&mut a, 3);
+    let now = now_for(5);
+    for (s, category) in refused_summaries() {
+        let err = a.ingest(s, now).err();
+        assert_eq!(
+            err.as_ref().map(IngestError::category),
+            Some(category),
+            "{err:?}"
+        );
+    }
+    assert_eq!(a.buffered_summaries(), 0, "nothing refused was stored");
+    let good = summary(5, "a1/udp0", "b1/udp0", 10, 0, 10_000);
+    assert_eq!(a.ingest(good, now), Ok(Ingested::Accepted));
+}
+
+#[test]
+fn evaluating_out_of_order_or_off_the_grid_is_refused() {
+    let mut a = analyzer();
+    evaluate(&mut a, 2);
+    let again = a.evaluate(T0 + 2 * W, &topology, &everyone_present).err();
+    assert_eq!(
+        again.as_ref().map(EvaluateError::category),
+        Some("already_evaluated")
+    );
+    let older = a.evaluate(T0 + W, &topology, &everyone_present).err();
+    assert!(matches!(
+        older,
+        Some(EvaluateError::AlreadyEvaluated { .. })
+    ));
+    let off = a
+        .evaluate(T0 + 3 * W + 7, &topology, &everyone_present)
+        .err();
+    assert_eq!(off.map(|e| e.category()), Some("misaligned_window"));
+}
+
+#[test]
+fn evaluating_a_window_drops_its_data_and_older_windows() {
+    let mut a = analyzer();
+    ingest(&mut a, summary(0, "a1/udp0", "b1/udp0", 10, 0, 10_000));
+    ingest(&mut a, summary(1, "a1/udp0", "b1/udp0", 10, 0, 10_000));
+    ingest(&mut a, summary(2, "a1/udp0", "b1/udp0", 10, 0, 10_000));
+    let report = evaluate(&mut a, 1);
+    assert_eq!(report.paths.len(), 1);
+    assert_eq!(a.buffered_summaries(), 1, "only window 2 is left");
+    assert_eq!(a.last_report().map(|r| r.window_start_ms), Some(T0 + W));
+    assert_eq!(a.evaluated_through_ms(), Some(T0 + W));
+}
+
+#[test]
+fn report_serializes_in_camel_case() {
+    let mut a = analyzer();
+    path_window(&mut a, 0, 0, 50);
+    let report = path_window(&mut a, 1, 0, 50);
+    let json = serde_json::to_value(report.as_ref()).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(json["windowStartMs"], T0 + W);
+    assert_eq!(json["excludedTargetGone"], 0);
+    assert_eq!(json["paths"][0]["lossRatio"], 1.0);
+    assert!(
+        json["paths"][0]["p99NetworkRttNs"].is_null(),
+        "nothing answered, no RTT"
+    );
+    assert_eq!(json["paths"][0]["loss"], "violated");
+    assert_eq!(json["opened"][0]["kind"], "pathLoss");
+    assert_eq!(json["opened"][0]["openedAtWindowMs"], T0 + W);
+    assert!(json["opened"][0].get("clearReason").is_none());
+    let back: WindowReport = serde_json::from_value(json).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(&back, report.as_ref());
+}
+
+#[test]
+fn invalid_sla_or_window_is_refused_at_construction() {
+    assert!(
+        Analyzer::new(
+            SlaPolicy {
+                min_probes: 0,
+                ..SlaPolicy::default()
+            },
+            WINDOW
+        )
+        .is_err()
+    );
+    let err = Analyzer::new(SlaPolicy::default(), 0).err();
+    assert_eq!(err.map(|e| e.field), Some("windowMs"));
+}
