@@ -52,6 +52,14 @@ pub fn render(summary: &MeshSummary) -> String {
     out
 }
 
+/// "HH:MM:SS.mmmZ" of a Unix-ms instant: enough to tell windows apart at a glance.
+fn utc_time_of_day(unix_ms: u64) -> String {
+    let ms_of_day = unix_ms % 86_400_000;
+    let (h, m, s, ms) =
+        (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1_000 % 60, ms_of_day % 1_000);
+    format!("{h:02}:{m:02}:{s:02}.{ms:03}Z")
+}
+
 fn duration(ns: Option<u64>) -> String {
     match ns {
         None => "-".to_owned(),
@@ -63,6 +71,12 @@ fn duration(ns: Option<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_starts_print_as_utc_time_of_day() {
+        // 2026-11-27T05:12:35Z
+        assert_eq!(utc_time_of_day(1_795_756_355_000), "05:12:35.000Z");
+    }
 
     #[test]
     fn durations_pick_a_readable_unit() {

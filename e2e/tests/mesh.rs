@@ -61,6 +61,47 @@ fn promtool_check(promtool: &str, what: &str, exposition: &str) {
     );
 }
 
+/// Every metric a dashboard or alert of the chart queries is one the agent or
+/// the controller exports. The reconciler's own metrics (`pingmesh_reconcile_*`)
+/// need a Kubernetes API server to be served; they are checked against the
+/// names the operator's source registers instead.
+fn check_chart_metric_names(agent: &str, controller: &str) {
+    let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/pingmesh");
+    let expressions = promql::chart_expressions(&chart);
+    if expressions.is_empty() {
+        eprintln!("no chart at {}: nothing to cross-check", chart.display());
+        return;
+    }
+    let mut exported = promql::exported_names(agent);
+    exported.extend(promql::exported_names(controller));
+    let operator_source = source_text(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/src"));
+    let mut unknown = BTreeSet::new();
+    for (file, expr) in &expressions {
+        for name in promql::metric_names_in(expr) {
+            let base = ["_bucket", "_sum", "_count"].iter().fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+            let known = exported.contains(&name)
+                || (name.starts_with("pingmesh_reconcile_") && operator_source.contains(&format!("\"{base}\"")));
+            if !known {
+                unknown.insert(format!("{name} ({})", file.display()));
+            }
+        }
+    }
+    assert!(unknown.is_empty(), "the chart queries metrics nobody exports: {unknown:#?}");
+}
+
+fn source_text(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.push_str(&source_text(&path));
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push_str(&std::fs::read_to_string(&path).unwrap_or_default());
+        }
+    }
+    out
+}
+
 #[test]
 #[ignore = "needs the built binaries: PINGMESH_E2E=1 (hack/test.sh)"]
 fn every_agent_probes_every_target_and_a_killed_agent_leaves_without_a_finding() {
@@ -115,6 +156,7 @@ fn every_agent_probes_every_target_and_a_killed_agent_leaves_without_a_finding()
         "agent exports RTT histograms"
     );
     assert!(agent_text.contains(r#"result="ok""#));
+    check_chart_metric_names(&agent_text, &get_text(controller.http, "/metrics").unwrap());
     if let Some(promtool) = std::env::var("PINGMESH_PROMTOOL")
         .ok()
         .filter(|p| !p.is_empty())

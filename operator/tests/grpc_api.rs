@@ -7,7 +7,8 @@ use pingmesh_operator::config::MeshConfig;
 use pingmesh_operator::mesh::server::{self, RunningController};
 use pingmesh_proto::v1::mesh_controller_client::MeshControllerClient;
 use pingmesh_proto::v1::{
-    Endpoint, RegisterRequest, ReportWindowsRequest, Transport, WatchPinglistRequest, WindowSummary,
+    Endpoint, Pinglist, RegisterRequest, ReportWindowsRequest, Transport, WatchPinglistRequest,
+    WindowSummary,
 };
 use pingmesh_proto::window::{unix_now_ms, window_start};
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,32 @@ impl Harness {
             client,
             _dir: dir,
         }
+    }
+
+    /// Registers `node` with one UDP endpoint; returns the session.
+    async fn register_node(&mut self, node: &str, port: u16) -> u64 {
+        let request = register(node, vec![udp(node, port)]);
+        self.client
+            .register(request)
+            .await
+            .unwrap()
+            .into_inner()
+            .session
+    }
+
+    async fn watch(
+        &mut self,
+        node: &str,
+        session: u64,
+    ) -> Result<tonic::Streaming<Pinglist>, tonic::Status> {
+        let request = WatchPinglistRequest {
+            node: node.into(),
+            session,
+        };
+        self.client
+            .watch_pinglist(request)
+            .await
+            .map(tonic::Response::into_inner)
     }
 
     async fn stop(mut self) {
@@ -161,10 +188,7 @@ async fn malformed_registrations_are_refused_with_clear_errors() {
 #[tokio::test]
 async fn a_node_cannot_claim_another_nodes_endpoint() {
     let mut h = Harness::start().await;
-    h.client
-        .register(register("n1", vec![udp("n1", 1)]))
-        .await
-        .unwrap();
+    h.register_node("n1", 1).await;
     let status = h
         .client
         .register(register("n2", vec![udp("n1", 2)]))
@@ -182,13 +206,7 @@ async fn a_node_cannot_claim_another_nodes_endpoint() {
 #[tokio::test]
 async fn unknown_nodes_and_stale_sessions_are_told_to_register() {
     let mut h = Harness::start().await;
-    let watch = h
-        .client
-        .watch_pinglist(WatchPinglistRequest {
-            node: "ghost".into(),
-            session: 1,
-        })
-        .await;
+    let watch = h.watch("ghost", 1).await;
     assert_eq!(watch.unwrap_err().code(), Code::NotFound);
     let report = h
         .client
@@ -200,53 +218,20 @@ async fn unknown_nodes_and_stale_sessions_are_told_to_register() {
         .await;
     assert_eq!(report.unwrap_err().code(), Code::NotFound);
 
-    let first = h
-        .client
-        .register(register("n1", vec![udp("n1", 1)]))
-        .await
-        .unwrap()
-        .into_inner()
-        .session;
-    let second = h
-        .client
-        .register(register("n1", vec![udp("n1", 1)]))
-        .await
-        .unwrap()
-        .into_inner()
-        .session;
+    let first = h.register_node("n1", 1).await;
+    let second = h.register_node("n1", 1).await;
     assert_ne!(first, second);
-    let stale = h
-        .client
-        .watch_pinglist(WatchPinglistRequest {
-            node: "n1".into(),
-            session: first,
-        })
-        .await;
+    let stale = h.watch("n1", first).await;
     assert_eq!(stale.unwrap_err().code(), Code::FailedPrecondition);
-    h.client
-        .watch_pinglist(WatchPinglistRequest {
-            node: "n1".into(),
-            session: second,
-        })
-        .await
-        .unwrap();
+    h.watch("n1", second).await.unwrap();
     h.stop().await;
 }
 
 #[tokio::test]
 async fn bad_summaries_are_counted_and_good_ones_in_the_same_report_kept() {
     let mut h = Harness::start().await;
-    let session = h
-        .client
-        .register(register("n1", vec![udp("n1", 1)]))
-        .await
-        .unwrap()
-        .into_inner()
-        .session;
-    h.client
-        .register(register("n2", vec![udp("n2", 2)]))
-        .await
-        .unwrap();
+    let session = h.register_node("n1", 1).await;
+    h.register_node("n2", 2).await;
     let windows = vec![
         summary("n1/udp0", "n2/udp0", 10, 10), // fine
         summary("n1/udp0", "n2/udp0", 10, 10), // duplicate
@@ -298,50 +283,20 @@ async fn an_oversized_message_is_refused_and_the_server_keeps_serving() {
         ),
         "{status:?}"
     );
-    h.client
-        .register(register("n1", vec![udp("n1", 1)]))
-        .await
-        .unwrap();
+    h.register_node("n1", 1).await;
     h.stop().await;
 }
 
 #[tokio::test]
 async fn the_pinglist_stream_pushes_a_new_list_when_a_peer_connects() {
     let mut h = Harness::start().await;
-    let s1 = h
-        .client
-        .register(register("n1", vec![udp("n1", 1)]))
-        .await
-        .unwrap()
-        .into_inner()
-        .session;
-    let mut stream = h
-        .client
-        .watch_pinglist(WatchPinglistRequest {
-            node: "n1".into(),
-            session: s1,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s1 = h.register_node("n1", 1).await;
+    let mut stream = h.watch("n1", s1).await.unwrap();
     let first = stream.message().await.unwrap().unwrap();
     assert!(first.targets.is_empty(), "alone in the mesh: {first:?}");
 
-    let mut peer = h.client.clone();
-    let s2 = peer
-        .register(register("n2", vec![udp("n2", 2)]))
-        .await
-        .unwrap()
-        .into_inner()
-        .session;
-    let mut peer_stream = peer
-        .watch_pinglist(WatchPinglistRequest {
-            node: "n2".into(),
-            session: s2,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let s2 = h.register_node("n2", 2).await;
+    let mut peer_stream = h.watch("n2", s2).await.unwrap();
     let _ = peer_stream.message().await.unwrap().unwrap();
 
     let second = stream.message().await.unwrap().unwrap();

@@ -320,6 +320,26 @@ fn validate_registration(node: &str, endpoints: &[MeshEndpoint]) -> Result<(), R
     Ok(())
 }
 
+/// Why a `touch` that changed no row was refused, given the node's current row;
+/// `Ok` when the row already carries this session (it registered again meanwhile).
+pub(crate) fn touch_refusal(
+    node: &str,
+    session: u64,
+    current: Option<AgentRecord>,
+) -> Result<(), RegistryError> {
+    match current {
+        None => Err(RegistryError::UnknownNode {
+            node: node.to_owned(),
+        }),
+        Some(current) if current.session != session => Err(RegistryError::StaleSession {
+            node: node.to_owned(),
+            current: current.session,
+            given: session,
+        }),
+        Some(_) => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -459,18 +459,7 @@ impl Registry for RqliteRegistry {
         if result.changed() {
             return Ok(());
         }
-        match self.agent(node).await? {
-            None => Err(RegistryError::UnknownNode {
-                node: node.to_owned(),
-            }),
-            Some(current) if current.session != session => Err(RegistryError::StaleSession {
-                node: node.to_owned(),
-                current: current.session,
-                given: session,
-            }),
-            // The agent registered again with this very session in between.
-            Some(_) => Ok(()),
-        }
+        super::touch_refusal(node, session, self.agent(node).await?)
     }
 
     async fn remove_node(&self, node: &str) -> Result<bool, RegistryError> {

@@ -233,19 +233,7 @@ fn touch_in(
     if updated > 0 {
         return Ok(());
     }
-    match agent_in(connection, node)? {
-        None => Err(RegistryError::UnknownNode {
-            node: node.to_owned(),
-        }),
-        Some(current) if current.session != session => Err(RegistryError::StaleSession {
-            node: node.to_owned(),
-            current: current.session,
-            given: session,
-        }),
-        // Only this process writes, under the mutex, so a matching session here
-        // would mean the row changed between two statements: nothing to do.
-        Some(_) => Ok(()),
-    }
+    super::touch_refusal(node, session, agent_in(connection, node)?)
 }
 
 fn agent_in(connection: &Connection, node: &str) -> Result<Option<AgentRecord>, RegistryError> {
