@@ -24,12 +24,16 @@ struct Harness {
 
 impl Harness {
     async fn start() -> Self {
+        Self::start_with(MeshConfig::default()).await
+    }
+
+    async fn start_with(base: MeshConfig) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let config = MeshConfig {
             grpc_addr: "127.0.0.1:0".parse().unwrap(),
             http_addr: "127.0.0.1:0".parse().unwrap(),
             registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
-            ..MeshConfig::default()
+            ..base
         };
         let cancel = CancellationToken::new();
         let running = server::start(config, cancel.clone()).await.unwrap();
@@ -310,5 +314,38 @@ async fn the_pinglist_stream_pushes_a_new_list_when_a_peer_connects() {
     drop(peer_stream);
     let third = stream.message().await.unwrap().unwrap();
     assert!(third.targets.is_empty(), "{third:?}");
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn stale_agents_expire_but_connected_ones_stay() {
+    let mut h = Harness::start_with(MeshConfig {
+        stale_after_secs: 3,
+        ..MeshConfig::default()
+    })
+    .await;
+    h.register_node("gone", 1).await;
+    let session = h.register_node("here", 2).await;
+    let _stream = h.watch("here", session).await.unwrap();
+    let controller = h.running.as_ref().unwrap().controller.clone();
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await; // let the stream connect
+
+    controller.housekeeping(unix_now_ms() + 10_000).await;
+    let nodes: Vec<String> = controller
+        .agents()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.record.node)
+        .collect();
+    assert_eq!(nodes, vec!["here".to_owned()]);
+    let endpoints: Vec<String> = controller
+        .endpoints()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(endpoints, vec!["here/udp0".to_owned()]);
     h.stop().await;
 }

@@ -660,11 +660,17 @@ impl MeshController {
     }
 
     /// Persists presence of connected agents and expires agents gone too long.
-    async fn housekeeping(&self, now: u64) {
+    ///
+    /// Runs every few seconds from [`MeshController::run_background`]; public so
+    /// tests can run it at a chosen time.
+    pub async fn housekeeping(&self, now: u64) {
+        let stale_after_ms = self.config.stale_after_secs.saturating_mul(1_000);
         let due: Vec<(String, u64)> = {
             let mut state = lock(&self.state);
-            let persist_every =
-                u64::try_from(PERSIST_PRESENCE_EVERY.as_millis()).unwrap_or(u64::MAX);
+            // Often enough that a connected agent is never older than the cutoff.
+            let persist_every = u64::try_from(PERSIST_PRESENCE_EVERY.as_millis())
+                .unwrap_or(u64::MAX)
+                .min(stale_after_ms / 3);
             state
                 .presence
                 .iter_mut()
@@ -685,7 +691,7 @@ impl MeshController {
                     .inc();
             }
         }
-        let cutoff = now.saturating_sub(self.config.stale_after_secs.saturating_mul(1_000));
+        let cutoff = now.saturating_sub(stale_after_ms);
         match self.registry.expire(cutoff).await {
             Ok(removed) if !removed.is_empty() => {
                 {
