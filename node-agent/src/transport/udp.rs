@@ -10,8 +10,8 @@ use std::mem::MaybeUninit;
 use std::net::SocketAddr;
 
 use socket2::{Domain, MaybeUninitSlice, Protocol, SockAddr, Socket, Type};
-use tokio::io::Interest;
 use tokio::io::unix::AsyncFd;
+use tokio::io::{Interest, Ready};
 
 use super::timestamping::{self, KernelTimestamps};
 use super::{TimestampMode, TimestampSupport, TransportError};
@@ -170,10 +170,28 @@ impl UdpProbeSocket {
                 .ready(interest)
                 .await
                 .map_err(|source| TransportError::Receive { source })?;
-            match self.try_next_event(buf) {
+            // Read only the queue the wake-up was for: trying the other one first
+            // would cost an extra failing recvmsg per datagram.
+            let ready = guard.ready();
+            let (result, queue) = match &self.kernel {
+                Some(kernel) if ready.is_error() => {
+                    (kernel.recv_error_queue(self.io.get_ref()), Ready::ERROR)
+                }
+                Some(kernel) => (
+                    kernel.recv_datagram(self.io.get_ref(), buf),
+                    Ready::READABLE,
+                ),
+                None => (
+                    recv_without_timestamps(self.io.get_ref(), buf),
+                    Ready::READABLE,
+                ),
+            };
+            match result {
                 Ok(event) => return Ok(event),
-                // Both queues were tried after the wake-up, so clearing loses no edge.
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                // This queue is drained; the edge of the other one is still recorded.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    guard.clear_ready_matching(queue)
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_delivered_network_error(&e) => {
                     return Ok(SocketEvent::Skipped {
@@ -182,19 +200,6 @@ impl UdpProbeSocket {
                 }
                 Err(source) => return Err(TransportError::Receive { source }),
             }
-        }
-    }
-
-    fn try_next_event(&self, buf: &mut [u8]) -> io::Result<SocketEvent> {
-        let socket = self.io.get_ref();
-        match &self.kernel {
-            Some(kernel) => match kernel.recv_error_queue(socket) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    kernel.recv_datagram(socket, buf)
-                }
-                entry => entry,
-            },
-            None => recv_without_timestamps(socket, buf),
         }
     }
 
