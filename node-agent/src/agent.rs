@@ -14,12 +14,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, TransportChoice};
 use crate::control::{Identity, run_control};
 use crate::metrics::{AgentMetrics, MetricsError};
 use crate::probe::prober::{ProberConfig, run_prober};
 use crate::probe::responder::{ResponderObserver, run_responder};
 use crate::transport::TransportError;
+use crate::transport::rdma::{Availability, rdma_available};
 use crate::transport::udp::UdpProbeSocket;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +112,11 @@ pub async fn start(
     let bound = responder_socket.local_addr();
     let advertised = advertise_address(&config, bound).await?;
     let support = responder_socket.timestamp_support();
-    metrics.set_transport("udp", support.rx && support.tx, "no_rdma_transport_built");
+    metrics.set_transport(
+        "udp",
+        support.rx && support.tx,
+        udp_reason(config.transport)?,
+    );
     tracing::info!(node = %config.node, udp = %advertised, kernel_rx = support.rx, kernel_tx = support.tx, "UDP endpoint ready");
 
     let endpoint = Endpoint {
@@ -175,6 +180,32 @@ pub async fn start(
         metrics,
         tasks,
     })
+}
+
+/// Why the agent runs over UDP (a bounded metric label), or why it must not start.
+///
+/// The RDMA transport is built and tested on its own (`transport::rdma`) but the
+/// prober does not drive it yet, so RDMA hosts run the same protocol over UDP.
+fn udp_reason(choice: TransportChoice) -> Result<&'static str, AgentError> {
+    match choice {
+        TransportChoice::Udp => Ok("configured"),
+        TransportChoice::Rdma => Err(AgentError::Config(
+            "--transport rdma: this agent cannot probe over RDMA yet; use auto or udp".into(),
+        )),
+        TransportChoice::Auto => match rdma_available() {
+            Availability::Unavailable { reason } => {
+                tracing::info!(%reason, "no RDMA devices; probing over UDP");
+                Ok("no_rdma_device")
+            }
+            Availability::Available { devices } => {
+                tracing::warn!(
+                    ?devices,
+                    "RDMA devices found, but RDMA probing is not available in this agent yet; probing over UDP"
+                );
+                Ok("rdma_prober_not_available")
+            }
+        },
+    }
 }
 
 /// Binds `addr` and serves `app` on it until `cancel`; returns the bound address.
@@ -294,5 +325,28 @@ impl ResponderObserver for MetricsObserver {
     }
     fn dropped(&self, reason: &'static str) {
         self.0.responder_dropped(reason);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_choice_maps_to_udp_or_a_clear_refusal() {
+        assert_eq!(udp_reason(TransportChoice::Udp).unwrap(), "configured");
+        let refused = udp_reason(TransportChoice::Rdma).unwrap_err().to_string();
+        assert!(refused.contains("cannot probe over RDMA yet"), "{refused}");
+        // Whatever this host has, auto never fails.
+        let auto = udp_reason(TransportChoice::Auto).unwrap();
+        assert!(["no_rdma_device", "rdma_prober_not_available"].contains(&auto));
+    }
+
+    #[tokio::test]
+    async fn an_invalid_node_name_is_refused_before_anything_starts() {
+        let mut config = AgentConfig::local("bad name", "", "http://127.0.0.1:1", [127, 0, 0, 1].into());
+        config.transport = TransportChoice::Udp;
+        let err = start(config, CancellationToken::new()).await.unwrap_err();
+        assert_eq!(err.category(), "config");
     }
 }

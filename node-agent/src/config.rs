@@ -27,8 +27,21 @@ impl From<TimestampChoice> for TimestampMode {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TransportChoice {
+    /// RDMA when the host has RNICs and the RDMA prober is available, else UDP.
+    Auto,
+    /// RDMA only; the agent refuses to start without it.
+    Rdma,
+    /// UDP with kernel timestamps.
+    Udp,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct AgentConfig {
+    /// Which transport probes run over.
+    #[arg(long, env = "PINGMESH_TRANSPORT", value_enum, default_value_t = TransportChoice::Auto)]
+    pub transport: TransportChoice,
     /// Mesh controller gRPC URL.
     #[arg(
         long,
@@ -77,6 +90,7 @@ impl AgentConfig {
     /// A configuration for tests and the local demo: everything on loopback.
     pub fn local(node: &str, tor: &str, controller: &str, ip: IpAddr) -> Self {
         Self {
+            transport: TransportChoice::Udp,
             controller: controller.to_owned(),
             node: node.to_owned(),
             tor: tor.to_owned(),

@@ -456,7 +456,26 @@ mod tests {
         let m = AgentMetrics::new("node-1", false).unwrap();
         m.lost(&labels("tor-b"));
         let t = text(&m);
-        assert!(t.contains(r#"pingmesh_probes_total{dst_tor="tor-b",node="node-1",result="lost",src_tor="tor-a"} 1"#), "{t}");
+        let series: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
+        assert!(!series.is_empty());
+        for line in &series {
+            assert!(
+                line.contains(r#"node="node-1""#),
+                "series without the node label: {line}"
+            );
+        }
+        let lost = series
+            .iter()
+            .find(|l| l.starts_with("pingmesh_probes_total{"))
+            .unwrap();
+        for label in [
+            r#"dst_tor="tor-b""#,
+            r#"src_tor="tor-a""#,
+            r#"result="lost""#,
+        ] {
+            assert!(lost.contains(label), "{lost}");
+        }
+        assert!(lost.ends_with(" 1"), "{lost}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use thiserror::Error;
 
+pub mod rdma;
 pub mod udp;
 
 #[cfg(target_os = "linux")]

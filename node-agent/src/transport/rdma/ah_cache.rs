@@ -77,7 +77,13 @@ impl<H> AhCache<H> {
             if self.entries.len() >= self.capacity {
                 evicted = self.evict_least_recently_used();
             }
-            self.entries.insert(*key, Slot { handle, last_used: tick });
+            self.entries.insert(
+                *key,
+                Slot {
+                    handle,
+                    last_used: tick,
+                },
+            );
         } else {
             self.hits += 1;
         }
@@ -112,7 +118,11 @@ impl<H> AhCache<H> {
     }
 
     fn evict_least_recently_used(&mut self) -> Option<H> {
-        let oldest = *self.entries.iter().min_by_key(|(_, slot)| slot.last_used)?.0;
+        let oldest = *self
+            .entries
+            .iter()
+            .min_by_key(|(_, slot)| slot.last_used)?
+            .0;
         self.entries.remove(&oldest).map(|slot| slot.handle)
     }
 }
@@ -130,6 +140,7 @@ mod tests {
         }
     }
 
+    #[allow(clippy::unnecessary_wraps)] // the shape get_or_create takes
     fn create(k: &AhKey) -> Result<u32, ()> {
         Ok(k.flow_label)
     }
@@ -138,7 +149,11 @@ mod tests {
     fn a_second_lookup_of_a_key_is_a_hit_and_creates_nothing() {
         let mut cache = AhCache::new(4);
         assert!(cache.get_or_create(&key(1), create).unwrap().created);
-        let again = cache.get_or_create(&key(1), |_| -> Result<u32, ()> { panic!("must not create") }).unwrap();
+        let again = cache
+            .get_or_create(&key(1), |_| -> Result<u32, ()> {
+                panic!("must not create")
+            })
+            .unwrap();
         assert!(!again.created);
         assert_eq!(*again.handle, 1);
         assert_eq!(cache.hits_and_misses(), (1, 1));
@@ -148,7 +163,10 @@ mod tests {
     fn keys_differing_only_in_traffic_class_get_their_own_handles() {
         let mut cache = AhCache::new(4);
         cache.get_or_create(&key(1), create).unwrap();
-        let other = AhKey { traffic_class: 0x60, ..key(1) };
+        let other = AhKey {
+            traffic_class: 0x60,
+            ..key(1)
+        };
         assert!(cache.get_or_create(&other, create).unwrap().created);
         assert_eq!(cache.len(), 2);
     }
@@ -171,7 +189,13 @@ mod tests {
         let mut cache = AhCache::new(8);
         let mut evicted = 0;
         for label in 0..100 {
-            evicted += usize::from(cache.get_or_create(&key(label), create).unwrap().evicted.is_some());
+            evicted += usize::from(
+                cache
+                    .get_or_create(&key(label), create)
+                    .unwrap()
+                    .evicted
+                    .is_some(),
+            );
             assert!(cache.len() <= 8);
         }
         assert_eq!(evicted, 92);
@@ -185,7 +209,12 @@ mod tests {
     fn a_failed_create_leaves_the_cache_unchanged() {
         let mut cache: AhCache<u32> = AhCache::new(1);
         cache.get_or_create(&key(1), create).unwrap();
-        assert_eq!(cache.get_or_create(&key(2), |_| Err("no route")).unwrap_err(), "no route");
+        assert_eq!(
+            cache
+                .get_or_create(&key(2), |_| Err("no route"))
+                .unwrap_err(),
+            "no route"
+        );
         assert_eq!(cache.len(), 1);
         assert!(!cache.get_or_create(&key(1), create).unwrap().created);
     }

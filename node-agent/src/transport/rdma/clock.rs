@@ -82,6 +82,7 @@ mod tests {
         assert_eq!(clock.to_ns(0xFFF0), 0xFFF0);
         assert_eq!(clock.to_ns(0x0010), 0x1_0010);
         assert_eq!(clock.to_ns(0x8000), 0x1_8000);
+        assert_eq!(clock.to_ns(0xF000), 0x1_F000);
         assert_eq!(clock.to_ns(0x0001), 0x2_0001);
     }
 
@@ -91,7 +92,11 @@ mod tests {
         assert_eq!(clock.to_ns(0x0010), 0x0010);
         assert_eq!(clock.to_ns(0x0100), 0x0100);
         assert_eq!(clock.to_ns(0x00F0), 0x00F0, "older stamp stays older");
-        assert_eq!(clock.to_ns(0x0200), 0x0200, "and does not move the newest back");
+        assert_eq!(
+            clock.to_ns(0x0200),
+            0x0200,
+            "and does not move the newest back"
+        );
         // Older across a wrap: newest is just past the wrap, the straggler just before.
         let mut clock = NicClock::new(1_000_000, 0xFFFF).unwrap();
         clock.to_ns(0xFFF0);

@@ -69,7 +69,10 @@ pub fn discover_endpoints(
         let ports = match sorted_names(&ports_dir) {
             Ok(ports) => ports,
             Err(source) => {
-                found.skipped.push(RdmaError::Sysfs { path: ports_dir, source });
+                found.skipped.push(RdmaError::Sysfs {
+                    path: ports_dir,
+                    source,
+                });
                 continue;
             }
         };
@@ -115,7 +118,9 @@ fn port_endpoint(
             checked,
         },
     })?;
-    let GidEntry { index, gid, netdev, .. } = entry;
+    let GidEntry {
+        index, gid, netdev, ..
+    } = entry;
     Ok(RnicEndpointSpec {
         endpoint_id: format!("{node}/{device}-p{port}"),
         device: device.to_owned(),
@@ -146,7 +151,9 @@ pub fn read_gid_table(root: &Path, device: &str, port: u8) -> Result<Vec<GidEntr
             let name = index.to_string();
             GidEntry {
                 index,
-                gid: read_trimmed(&gids_dir.join(&name)).ok().and_then(|t| t.parse().ok()),
+                gid: read_trimmed(&gids_dir.join(&name))
+                    .ok()
+                    .and_then(|t| t.parse().ok()),
                 kind: read_trimmed(&port_dir.join("gid_attrs/types").join(&name))
                     .ok()
                     .and_then(|t| GidType::parse(&t)),
@@ -168,7 +175,9 @@ pub fn driver_name(root: &Path, device: &str) -> Option<String> {
 /// Soft-RoCE (rxe) re-delivers completions through the extended poll API and
 /// has no completion timestamps: such devices are polled the classic way.
 pub fn is_soft_roce(driver: Option<&str>, device: &str, vendor_id: u32) -> bool {
-    driver == Some("rdma_rxe") || vendor_id == SOFT_ROCE_VENDOR_ID || (driver.is_none() && device.starts_with("rxe"))
+    driver == Some("rdma_rxe")
+        || vendor_id == SOFT_ROCE_VENDOR_ID
+        || (driver.is_none() && device.starts_with("rxe"))
 }
 
 fn port_dir(root: &Path, device: &str, port: u8) -> PathBuf {
@@ -227,9 +236,14 @@ pub(crate) mod tests {
             for (i, (gid, kind)) in gids.iter().enumerate() {
                 self.write(&format!("{base}/gids/{i}"), &format!("{gid}\n"));
                 match kind {
-                    Some(kind) => self.write(&format!("{base}/gid_attrs/types/{i}"), &format!("{kind}\n")),
+                    Some(kind) => {
+                        self.write(&format!("{base}/gid_attrs/types/{i}"), &format!("{kind}\n"));
+                    }
                     // A directory where a file should be: reading it fails like EINVAL does.
-                    None => fs::create_dir_all(self.root().join(format!("{base}/gid_attrs/types/{i}"))).unwrap(),
+                    None => {
+                        fs::create_dir_all(self.root().join(format!("{base}/gid_attrs/types/{i}")))
+                            .unwrap();
+                    }
                 }
                 self.write(&format!("{base}/gid_attrs/ndevs/{i}"), "eth0\n");
             }
@@ -242,7 +256,10 @@ pub(crate) mod tests {
                 port,
                 "4: ACTIVE",
                 &[
-                    ("fe80:0000:0000:0000:0202:c9ff:fe00:0001", Some("IB/RoCE v1")),
+                    (
+                        "fe80:0000:0000:0000:0202:c9ff:fe00:0001",
+                        Some("IB/RoCE v1"),
+                    ),
                     ("fe80:0000:0000:0000:0202:c9ff:fe00:0001", Some("RoCE v2")),
                     (&v4, Some("IB/RoCE v1")),
                     (&v4, Some("RoCE v2")),
@@ -259,10 +276,17 @@ pub(crate) mod tests {
         fake.typical_port("mlx5_1", 1, "0a00:0107");
         let found = discover_endpoints(fake.root(), "node-a", &[], None);
         assert!(found.skipped.is_empty(), "{:?}", found.skipped);
-        let ids: Vec<_> = found.endpoints.iter().map(|e| e.endpoint_id.as_str()).collect();
+        let ids: Vec<_> = found
+            .endpoints
+            .iter()
+            .map(|e| e.endpoint_id.as_str())
+            .collect();
         assert_eq!(ids, ["node-a/mlx5_0-p1", "node-a/mlx5_1-p1"]);
         let first = &found.endpoints[0];
-        assert_eq!((first.gid_index, first.gid), (3, Gid::from_ipv4([10, 0, 0, 7])));
+        assert_eq!(
+            (first.gid_index, first.gid),
+            (3, Gid::from_ipv4([10, 0, 0, 7]))
+        );
         assert_eq!(first.netdev.as_deref(), Some("eth0"));
         assert!(first.port_active);
         assert_eq!(found.endpoints[1].gid, Gid::from_ipv4([10, 0, 1, 7]));
@@ -299,7 +323,10 @@ pub(crate) mod tests {
             1,
             "1: DOWN",
             &[
-                ("fe80:0000:0000:0000:0202:c9ff:fe00:0001", Some("IB/RoCE v1")),
+                (
+                    "fe80:0000:0000:0000:0202:c9ff:fe00:0001",
+                    Some("IB/RoCE v1"),
+                ),
                 ("fe80:0000:0000:0000:0202:c9ff:fe00:0001", Some("RoCE v2")),
                 ("0000:0000:0000:0000:0000:0000:0000:0000", Some("RoCE v2")),
             ],
@@ -354,14 +381,18 @@ pub(crate) mod tests {
     #[test]
     fn more_than_ten_gid_entries_are_read_in_numeric_order() {
         let fake = FakeSysfs::new();
-        let mut gids: Vec<(&str, Option<&str>)> = vec![("0000:0000:0000:0000:0000:0000:0000:0000", Some("RoCE v2")); 12];
+        let mut gids: Vec<(&str, Option<&str>)> =
+            vec![("0000:0000:0000:0000:0000:0000:0000:0000", Some("RoCE v2")); 12];
         gids[11] = ("0000:0000:0000:0000:0000:ffff:0a00:000b", Some("RoCE v2"));
         gids[2] = ("0000:0000:0000:0000:0000:ffff:0a00:0002", Some("RoCE v2"));
         fake.port("mlx5_0", 1, "4: ACTIVE", &gids);
         let table = read_gid_table(fake.root(), "mlx5_0", 1).unwrap();
         let order: Vec<u16> = table.iter().map(|e| e.index).collect();
         assert_eq!(order, (0..12).collect::<Vec<u16>>());
-        assert_eq!(discover_endpoints(fake.root(), "n", &[], None).endpoints[0].gid_index, 2);
+        assert_eq!(
+            discover_endpoints(fake.root(), "n", &[], None).endpoints[0].gid_index,
+            2
+        );
     }
 
     #[test]

@@ -12,7 +12,10 @@ use super::flow_label::ack_flow_label;
 use super::gid::Gid;
 use super::grh::parse_grh;
 use super::verbs::{Completion, CompletionKind, Resource, STATUS_SUCCESS, SendRequest, Verbs};
-use super::{GRH_LEN, MAX_PAYLOAD, MESH_QKEY, QUEUE_DEPTH, QpRole, RdmaDest, RdmaError, RdmaEvent, SendReceipt};
+use super::{
+    GRH_LEN, MAX_PAYLOAD, MESH_QKEY, QUEUE_DEPTH, QpRole, RdmaDest, RdmaError, RdmaEvent,
+    SendReceipt,
+};
 use crate::probe::clock::host_now_ns;
 
 /// Settings the engine needs besides the device.
@@ -63,12 +66,18 @@ pub struct Engine<V: Verbs> {
     torn_down: bool,
 }
 
-/// The work request id of a send: its key above, its slot below.
+/// Set in the work request id of every send and of no receive (a receive's id
+/// is its slot). An error completion's opcode is undefined, so this bit is how
+/// the device layer tells sends from receives.
+pub const SEND_WR_FLAG: u64 = 1 << 63;
+
+/// The work request id of a send: the flag, its key, its slot.
 fn send_wr_id(key: u32, slot: u16) -> u64 {
-    (u64::from(key) << 16) | u64::from(slot)
+    SEND_WR_FLAG | (u64::from(key) << 16) | u64::from(slot)
 }
 
 fn split_send_wr_id(wr_id: u64) -> (u32, u16) {
+    let wr_id = wr_id & !SEND_WR_FLAG;
     let slot = u16::try_from(wr_id & 0xFFFF).unwrap_or(u16::MAX);
     let key = u32::try_from(wr_id >> 16).unwrap_or(u32::MAX);
     (key, slot)
@@ -126,9 +135,17 @@ impl<V: Verbs> Engine<V> {
     /// Posts `payload` to `dest` from `role`'s queue pair. The key in the
     /// receipt comes back in the send's completion event; a failed post uses
     /// up no key.
-    pub fn send(&mut self, role: QpRole, payload: &[u8], dest: &RdmaDest) -> Result<SendReceipt, RdmaError> {
+    pub fn send(
+        &mut self,
+        role: QpRole,
+        payload: &[u8],
+        dest: &RdmaDest,
+    ) -> Result<SendReceipt, RdmaError> {
         if payload.len() > MAX_PAYLOAD {
-            return Err(RdmaError::PayloadTooLarge { len: payload.len(), max: MAX_PAYLOAD });
+            return Err(RdmaError::PayloadTooLarge {
+                len: payload.len(),
+                max: MAX_PAYLOAD,
+            });
         }
         let queue = &mut self.queues[role.index()];
         let Some(slot) = queue.free_slots.pop() else {
@@ -159,7 +176,9 @@ impl<V: Verbs> Engine<V> {
                     remote_qkey: MESH_QKEY,
                     payload,
                 };
-                verbs.post_send(role, &request).map_err(|e| ("ibv_post_send", e))
+                verbs
+                    .post_send(role, &request)
+                    .map_err(|e| ("ibv_post_send", e))
             }
             Err(e) => Err(("ibv_create_ah", e)),
         };
@@ -179,7 +198,11 @@ impl<V: Verbs> Engine<V> {
     /// The next event of `role`'s queue pair, or `None` when there is none and
     /// the completion queue has been armed: the caller then waits for the
     /// completion channel and calls again.
-    pub fn next_ready(&mut self, role: QpRole, buf: &mut [u8]) -> Result<Option<RdmaEvent>, RdmaError> {
+    pub fn next_ready(
+        &mut self,
+        role: QpRole,
+        buf: &mut [u8],
+    ) -> Result<Option<RdmaEvent>, RdmaError> {
         let mut armed = false;
         loop {
             if let Some((completion, host_ns)) = self.queues[role.index()].backlog.pop_front() {
@@ -194,7 +217,9 @@ impl<V: Verbs> Engine<V> {
             }
             // Arm, then poll once more: a completion that landed between the
             // empty poll and the arm would otherwise wait for the next one.
-            self.verbs.arm(role).map_err(|e| self.verbs_error("ibv_req_notify_cq", e))?;
+            self.verbs
+                .arm(role)
+                .map_err(|e| self.verbs_error("ibv_req_notify_cq", e))?;
             armed = true;
         }
     }
@@ -213,7 +238,13 @@ impl<V: Verbs> Engine<V> {
         Ok(())
     }
 
-    fn event_of(&mut self, role: QpRole, c: Completion, host_ns: u64, buf: &mut [u8]) -> Result<RdmaEvent, RdmaError> {
+    fn event_of(
+        &mut self,
+        role: QpRole,
+        c: Completion,
+        host_ns: u64,
+        buf: &mut [u8],
+    ) -> Result<RdmaEvent, RdmaError> {
         let nic_ns = match (c.raw_timestamp, self.clock.as_mut()) {
             (Some(raw), Some(clock)) => Some(clock.to_ns(raw)),
             _ => None,
@@ -224,26 +255,47 @@ impl<V: Verbs> Engine<V> {
         }
     }
 
-    fn send_completed(&mut self, role: QpRole, c: Completion, host_ns: u64, nic_ns: Option<u64>) -> RdmaEvent {
+    fn send_completed(
+        &mut self,
+        role: QpRole,
+        c: Completion,
+        host_ns: u64,
+        nic_ns: Option<u64>,
+    ) -> RdmaEvent {
         let (key, slot) = split_send_wr_id(c.wr_id);
         let queue = &mut self.queues[role.index()];
         let Some(occupant) = queue.key_of_slot.get_mut(usize::from(slot)) else {
-            return RdmaEvent::Skipped { reason: "unknown_send_completion" };
+            return RdmaEvent::Skipped {
+                reason: "unknown_send_completion",
+            };
         };
         if *occupant != Some(key) {
-            return RdmaEvent::Skipped { reason: "unknown_send_completion" };
+            return RdmaEvent::Skipped {
+                reason: "unknown_send_completion",
+            };
         }
         *occupant = None;
         queue.free_slots.push(slot);
-        if !self.retired.is_empty() && QpRole::ALL.iter().all(|r| self.queues[r.index()].outstanding() == 0) {
+        if !self.retired.is_empty()
+            && QpRole::ALL
+                .iter()
+                .all(|r| self.queues[r.index()].outstanding() == 0)
+        {
             for ah in self.retired.drain(..) {
                 self.verbs.destroy_ah(ah);
             }
         }
         if c.status == STATUS_SUCCESS {
-            RdmaEvent::TxTimestamp { key, host_ns, nic_ns }
+            RdmaEvent::TxTimestamp {
+                key,
+                host_ns,
+                nic_ns,
+            }
         } else {
-            RdmaEvent::SendFailed { key, status: c.status }
+            RdmaEvent::SendFailed {
+                key,
+                status: c.status,
+            }
         }
     }
 
@@ -256,10 +308,14 @@ impl<V: Verbs> Engine<V> {
         buf: &mut [u8],
     ) -> Result<RdmaEvent, RdmaError> {
         let Ok(slot) = u16::try_from(c.wr_id) else {
-            return Ok(RdmaEvent::Skipped { reason: "unknown_receive_completion" });
+            return Ok(RdmaEvent::Skipped {
+                reason: "unknown_receive_completion",
+            });
         };
         if slot >= QUEUE_DEPTH {
-            return Ok(RdmaEvent::Skipped { reason: "unknown_receive_completion" });
+            return Ok(RdmaEvent::Skipped {
+                reason: "unknown_receive_completion",
+            });
         }
         let event = self.read_datagram(role, slot, &c, host_ns, nic_ns, buf);
         // The slot goes back to the NIC whatever it held; a flushed receive
@@ -280,15 +336,23 @@ impl<V: Verbs> Engine<V> {
         buf: &mut [u8],
     ) -> RdmaEvent {
         if c.status != STATUS_SUCCESS {
-            return RdmaEvent::Skipped { reason: "receive_error" };
+            return RdmaEvent::Skipped {
+                reason: "receive_error",
+            };
         }
         let area = self.verbs.recv_area(role, slot);
-        let received = usize::try_from(c.byte_len).unwrap_or(usize::MAX).min(area.len());
+        let received = usize::try_from(c.byte_len)
+            .unwrap_or(usize::MAX)
+            .min(area.len());
         if received < GRH_LEN {
-            return RdmaEvent::Skipped { reason: "short_receive" };
+            return RdmaEvent::Skipped {
+                reason: "short_receive",
+            };
         }
         let Some(grh) = parse_grh(&area[..GRH_LEN], self.config.local_gid.is_ipv4_mapped()) else {
-            return RdmaEvent::Skipped { reason: "unreadable_grh" };
+            return RdmaEvent::Skipped {
+                reason: "unreadable_grh",
+            };
         };
         let payload = &area[GRH_LEN..received];
         let len = payload.len().min(buf.len());

@@ -99,6 +99,9 @@ mod tests {
         assert_ne!(first, 0);
         assert_eq!(first, ack_flow_label(Some(0), &gid, 7));
         assert_ne!(first, ack_flow_label(None, &gid, 8));
-        assert_ne!(first, ack_flow_label(None, &Gid::from_ipv4([10, 0, 0, 2]), 7));
+        assert_ne!(
+            first,
+            ack_flow_label(None, &Gid::from_ipv4([10, 0, 0, 2]), 7)
+        );
     }
 }

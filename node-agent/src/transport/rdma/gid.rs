@@ -136,7 +136,10 @@ pub enum GidChoiceError {
 /// Picks the GID entry to use: the override's index if given (it must be a
 /// usable RoCE v2 entry, of either address family), else the lowest-indexed
 /// RoCE v2 entry with an IPv4-mapped address.
-pub fn choose_gid(entries: &[GidEntry], override_index: Option<u16>) -> Result<GidEntry, GidChoiceError> {
+pub fn choose_gid(
+    entries: &[GidEntry],
+    override_index: Option<u16>,
+) -> Result<GidEntry, GidChoiceError> {
     if let Some(index) = override_index {
         let Some(entry) = entries.iter().find(|e| e.index == index) else {
             return Err(GidChoiceError::Unusable {
@@ -190,7 +193,12 @@ mod tests {
         assert_eq!(gid, Gid::from_ipv4([10, 0, 0, 7]));
         assert!(gid.is_ipv4_mapped());
         assert_eq!(gid.to_string(), "::ffff:10.0.0.7");
-        assert!("fe80:0000:0000:0000:0202:c9ff:fe00:0001".parse::<Gid>().unwrap().is_link_local());
+        assert!(
+            "fe80:0000:0000:0000:0202:c9ff:fe00:0001"
+                .parse::<Gid>()
+                .unwrap()
+                .is_link_local()
+        );
         assert!("not a gid".parse::<Gid>().is_err());
         assert!("::".parse::<Gid>().unwrap().is_zero());
     }

@@ -46,13 +46,21 @@ pub fn parse_grh(area: &[u8], local_is_ipv4: bool) -> Option<GrhInfo> {
     src.copy_from_slice(&area[8..24]);
     Some(GrhInfo {
         src_gid: Gid(src),
-        flow_label: Some((u32::from(area[1] & 0x0F) << 16) | (u32::from(area[2]) << 8) | u32::from(area[3])),
+        flow_label: Some(
+            (u32::from(area[1] & 0x0F) << 16) | (u32::from(area[2]) << 8) | u32::from(area[3]),
+        ),
         traffic_class: (area[0] << 4) | (area[1] >> 4),
     })
 }
 
 /// Writes a GRH area the way a NIC would; for the fake verbs layer and tests.
-pub fn encode_grh(src: &Gid, dst: &Gid, flow_label: u32, traffic_class: u8, ipv4: bool) -> [u8; GRH_LEN] {
+pub fn encode_grh(
+    src: &Gid,
+    dst: &Gid,
+    flow_label: u32,
+    traffic_class: u8,
+    ipv4: bool,
+) -> [u8; GRH_LEN] {
     let mut out = [0u8; GRH_LEN];
     if ipv4 {
         let ip = &mut out[20..];
@@ -67,8 +75,10 @@ pub fn encode_grh(src: &Gid, dst: &Gid, flow_label: u32, traffic_class: u8, ipv4
     } else {
         let label = flow_label & 0x000F_FFFF;
         out[0] = 0x60 | (traffic_class >> 4);
-        out[1] = (traffic_class << 4) | ((label >> 16) as u8 & 0x0F);
-        out[2..4].copy_from_slice(&(label as u16).to_be_bytes());
+        let [_, high, mid, low] = label.to_be_bytes();
+        out[1] = (traffic_class << 4) | (high & 0x0F);
+        out[2] = mid;
+        out[3] = low;
         out[6] = 0x11; // next header: UDP
         out[7] = 64; // hop limit
         out[8..24].copy_from_slice(&src.0);
@@ -88,7 +98,11 @@ mod tests {
         let area = encode_grh(&src, &dst, 0xA_BCDE, 0x68, false);
         assert_eq!(
             parse_grh(&area, false),
-            Some(GrhInfo { src_gid: src, flow_label: Some(0xA_BCDE), traffic_class: 0x68 })
+            Some(GrhInfo {
+                src_gid: src,
+                flow_label: Some(0xA_BCDE),
+                traffic_class: 0x68
+            })
         );
     }
 
@@ -99,7 +113,11 @@ mod tests {
         let area = encode_grh(&src, &dst, 0x1234, 0x60, true);
         assert_eq!(
             parse_grh(&area, true),
-            Some(GrhInfo { src_gid: src, flow_label: None, traffic_class: 0x60 })
+            Some(GrhInfo {
+                src_gid: src,
+                flow_label: None,
+                traffic_class: 0x60
+            })
         );
     }
 

@@ -34,19 +34,19 @@ pub mod verbs;
 #[cfg(all(target_os = "linux", feature = "rdma"))]
 mod real;
 #[cfg(all(target_os = "linux", feature = "rdma"))]
-pub use real::{RdmaEndpoint, RdmaQueue, rdma_available};
+pub use real::{RdmaEndpoint, rdma_available};
 
 #[cfg(not(all(target_os = "linux", feature = "rdma")))]
 mod stub;
 #[cfg(not(all(target_os = "linux", feature = "rdma")))]
-pub use stub::{RdmaEndpoint, RdmaQueue, rdma_available};
+pub use stub::{RdmaEndpoint, rdma_available};
 
 pub use discovery::{Discovery, RnicEndpointSpec, discover_endpoints};
 pub use gid::Gid;
 
-/// The Q_Key every queue pair of the mesh uses. UD receives drop datagrams
-/// whose Q_Key differs, so all agents must agree on it. The high bit is clear:
-/// Q_Keys with it set are privileged (controlled Q_Keys).
+/// The `Q_Key` every queue pair of the mesh uses. UD receives drop datagrams
+/// whose `Q_Key` differs, so all agents must agree on it. The high bit is
+/// clear: `Q_Keys` with it set are privileged (controlled `Q_Keys`).
 pub const MESH_QKEY: u32 = 0x5049_4E47 & 0x7FFF_FFFF;
 
 /// Send and receive work requests per queue pair. Probes are small and paced;
@@ -146,6 +146,33 @@ pub enum DeviceEvent {
     Other { name: &'static str },
 }
 
+/// Maps an `ibv_event_type` code and its port element to what the agent acts
+/// on. Codes are plain integers here so an unknown (newer) code is harmless.
+pub fn device_event_of(code: u32, port: u8) -> DeviceEvent {
+    match code {
+        9 => DeviceEvent::PortUp { port },
+        10 => DeviceEvent::PortDown { port },
+        8 => DeviceEvent::Fatal {
+            reason: "device fatal error (IBV_EVENT_DEVICE_FATAL)".to_owned(),
+        },
+        0 => DeviceEvent::Fatal {
+            reason: "completion queue error (IBV_EVENT_CQ_ERR)".to_owned(),
+        },
+        1 => DeviceEvent::Fatal {
+            reason: "queue pair fatal error (IBV_EVENT_QP_FATAL)".to_owned(),
+        },
+        2 | 3 => DeviceEvent::Fatal {
+            reason: format!("queue pair error (event {code})"),
+        },
+        18 => DeviceEvent::Other { name: "gid_change" },
+        11 => DeviceEvent::Other { name: "lid_change" },
+        12 => DeviceEvent::Other {
+            name: "pkey_change",
+        },
+        _ => DeviceEvent::Other { name: "other" },
+    }
+}
+
 /// Whether this host can run the RDMA transport, for the agent's choice of
 /// transport. Never a panic: a host without RDMA is a normal host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,7 +266,9 @@ pub enum RdmaError {
         port: u8,
         checked: usize,
     },
-    #[error("{device} port {port} has link layer {link_layer:?}; only RoCE (Ethernet) is supported")]
+    #[error(
+        "{device} port {port} has link layer {link_layer:?}; only RoCE (Ethernet) is supported"
+    )]
     NotRoce {
         device: String,
         port: u8,
@@ -314,6 +343,26 @@ mod tests {
     }
 
     #[test]
+    fn port_and_fatal_events_map_to_pause_resume_and_reopen() {
+        assert_eq!(device_event_of(10, 1), DeviceEvent::PortDown { port: 1 });
+        assert_eq!(device_event_of(9, 2), DeviceEvent::PortUp { port: 2 });
+        for fatal in [0, 1, 2, 3, 8] {
+            assert!(
+                matches!(device_event_of(fatal, 1), DeviceEvent::Fatal { .. }),
+                "code {fatal}"
+            );
+        }
+        assert_eq!(
+            device_event_of(18, 1),
+            DeviceEvent::Other { name: "gid_change" }
+        );
+        assert_eq!(
+            device_event_of(4_000, 1),
+            DeviceEvent::Other { name: "other" }
+        );
+    }
+
+    #[test]
     fn the_mesh_qkey_is_not_a_privileged_qkey() {
         assert_eq!(MESH_QKEY & 0x8000_0000, 0);
         assert_ne!(MESH_QKEY, 0);
@@ -324,14 +373,42 @@ mod tests {
         let io = || io::Error::other("x");
         let errors = [
             RdmaError::Unsupported { what: "x" },
-            RdmaError::NoDevices { reason: String::new() },
-            RdmaError::DeviceNotFound { device: String::new() },
-            RdmaError::Sysfs { path: PathBuf::new(), source: io() },
-            RdmaError::GidNotUsable { device: String::new(), port: 1, index: 0, reason: String::new() },
-            RdmaError::NoRoceV2Gid { device: String::new(), port: 1, checked: 0 },
-            RdmaError::NotRoce { device: String::new(), port: 1, link_layer: String::new() },
-            RdmaError::Verbs { op: "x", device: String::new(), source: io() },
-            RdmaError::SendQueueFull { device: String::new(), role: QpRole::Prober, depth: 1 },
+            RdmaError::NoDevices {
+                reason: String::new(),
+            },
+            RdmaError::DeviceNotFound {
+                device: String::new(),
+            },
+            RdmaError::Sysfs {
+                path: PathBuf::new(),
+                source: io(),
+            },
+            RdmaError::GidNotUsable {
+                device: String::new(),
+                port: 1,
+                index: 0,
+                reason: String::new(),
+            },
+            RdmaError::NoRoceV2Gid {
+                device: String::new(),
+                port: 1,
+                checked: 0,
+            },
+            RdmaError::NotRoce {
+                device: String::new(),
+                port: 1,
+                link_layer: String::new(),
+            },
+            RdmaError::Verbs {
+                op: "x",
+                device: String::new(),
+                source: io(),
+            },
+            RdmaError::SendQueueFull {
+                device: String::new(),
+                role: QpRole::Prober,
+                depth: 1,
+            },
             RdmaError::PayloadTooLarge { len: 1, max: 0 },
             RdmaError::NoRuntime,
         ];

@@ -92,11 +92,26 @@ pub trait Verbs {
 /// A call the fake saw.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Call {
-    CreateAh { id: u32, key: AhKey },
-    DestroyAh { id: u32 },
-    PostSend { role: QpRole, wr_id: u64, ah: u32, remote_qpn: u32 },
-    PostRecv { role: QpRole, slot: u16 },
-    Arm { role: QpRole },
+    CreateAh {
+        id: u32,
+        key: AhKey,
+    },
+    DestroyAh {
+        id: u32,
+    },
+    PostSend {
+        role: QpRole,
+        wr_id: u64,
+        ah: u32,
+        remote_qpn: u32,
+    },
+    PostRecv {
+        role: QpRole,
+        slot: u16,
+    },
+    Arm {
+        role: QpRole,
+    },
     Release(Resource),
 }
 
@@ -161,12 +176,25 @@ impl RecordingVerbs {
 
     /// Delivers a datagram to `role` as if it came from `from` over the wire.
     /// Returns false when no receive was posted (the datagram is dropped, as a NIC would).
-    pub fn deliver(&mut self, role: QpRole, from: &Gid, from_qpn: u32, flow_label: u32, payload: &[u8]) -> bool {
+    pub fn deliver(
+        &mut self,
+        role: QpRole,
+        from: &Gid,
+        from_qpn: u32,
+        flow_label: u32,
+        payload: &[u8],
+    ) -> bool {
         let Some(slot) = self.posted_recv[role.index()].pop_front() else {
             return false;
         };
         let area = &mut self.recv_slots[role.index()][usize::from(slot)];
-        area[..GRH_LEN].copy_from_slice(&encode_grh(from, &self.local_gid, flow_label, 0, self.ipv4));
+        area[..GRH_LEN].copy_from_slice(&encode_grh(
+            from,
+            &self.local_gid,
+            flow_label,
+            0,
+            self.ipv4,
+        ));
         let len = payload.len().min(MAX_PAYLOAD);
         area[GRH_LEN..GRH_LEN + len].copy_from_slice(&payload[..len]);
         let raw_timestamp = self.tick();
@@ -205,9 +233,15 @@ impl Verbs for RecordingVerbs {
         if let Some(errno) = self.fail_next_ah.take() {
             return Err(io::Error::from_raw_os_error(errno));
         }
-        let ah = FakeAh { id: self.next_ah, key: *key };
+        let ah = FakeAh {
+            id: self.next_ah,
+            key: *key,
+        };
         self.next_ah += 1;
-        self.record(Call::CreateAh { id: ah.id, key: *key });
+        self.record(Call::CreateAh {
+            id: ah.id,
+            key: *key,
+        });
         Ok(ah)
     }
 
@@ -234,10 +268,19 @@ impl Verbs for RecordingVerbs {
             src_qp: 0,
             raw_timestamp,
         });
-        if let Some(target) = QpRole::ALL.into_iter().find(|r| self.qpns[r.index()] == request.remote_qpn) {
+        if let Some(target) = QpRole::ALL
+            .into_iter()
+            .find(|r| self.qpns[r.index()] == request.remote_qpn)
+        {
             let from = self.local_gid;
             let qpn = self.qpns[role.index()];
-            self.deliver(target, &from, qpn, request.ah.key.flow_label, request.payload);
+            self.deliver(
+                target,
+                &from,
+                qpn,
+                request.ah.key.flow_label,
+                request.payload,
+            );
         }
         Ok(())
     }
@@ -249,7 +292,9 @@ impl Verbs for RecordingVerbs {
     }
 
     fn recv_area(&self, role: QpRole, slot: u16) -> &[u8] {
-        self.recv_slots[role.index()].get(usize::from(slot)).map_or(&[], |s| &s[..])
+        self.recv_slots[role.index()]
+            .get(usize::from(slot))
+            .map_or(&[], |s| &s[..])
     }
 
     fn poll(&mut self, role: QpRole, out: &mut Vec<Completion>) -> io::Result<()> {
