@@ -21,6 +21,9 @@ if [[ -z "${SKIP_LINT:-}" ]]; then
   cargo clippy --workspace --all-targets --locked --no-default-features -- -D warnings
 fi
 
+step "Kubernetes manifests, dashboards, alerts, Tiltfile (offline)"
+hack/validate-manifests.sh
+
 step "cargo test (default features)"
 cargo test --workspace --locked
 
@@ -53,6 +56,11 @@ else
   skipped+=("iptables fault injection (needs root and iptables)")
 fi
 env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked -- --include-ignored --test-threads=1
+
+if [[ -n "${PINGMESH_E2E_KIND:-}" ]]; then
+  step "end-to-end on kind (real cluster; needs docker, kind, kubectl, helm)"
+  hack/e2e-kind.sh
+fi
 
 if ((${#skipped[@]})); then
   printf '\nSKIPPED on this machine:\n'
