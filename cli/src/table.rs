@@ -55,8 +55,12 @@ pub fn render(summary: &MeshSummary) -> String {
 /// "HH:MM:SS.mmmZ" of a Unix-ms instant: enough to tell windows apart at a glance.
 fn utc_time_of_day(unix_ms: u64) -> String {
     let ms_of_day = unix_ms % 86_400_000;
-    let (h, m, s, ms) =
-        (ms_of_day / 3_600_000, ms_of_day / 60_000 % 60, ms_of_day / 1_000 % 60, ms_of_day % 1_000);
+    let (h, m, s, ms) = (
+        ms_of_day / 3_600_000,
+        ms_of_day / 60_000 % 60,
+        ms_of_day / 1_000 % 60,
+        ms_of_day % 1_000,
+    );
     format!("{h:02}:{m:02}:{s:02}.{ms:03}Z")
 }
 

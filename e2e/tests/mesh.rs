@@ -74,19 +74,26 @@ fn check_chart_metric_names(agent: &str, controller: &str) {
     }
     let mut exported = promql::exported_names(agent);
     exported.extend(promql::exported_names(controller));
-    let operator_source = source_text(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/src"));
+    let operator_source =
+        source_text(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../operator/src"));
     let mut unknown = BTreeSet::new();
     for (file, expr) in &expressions {
         for name in promql::metric_names_in(expr) {
-            let base = ["_bucket", "_sum", "_count"].iter().fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
             let known = exported.contains(&name)
-                || (name.starts_with("pingmesh_reconcile_") && operator_source.contains(&format!("\"{base}\"")));
+                || (name.starts_with("pingmesh_reconcile_")
+                    && operator_source.contains(&format!("\"{base}\"")));
             if !known {
                 unknown.insert(format!("{name} ({})", file.display()));
             }
         }
     }
-    assert!(unknown.is_empty(), "the chart queries metrics nobody exports: {unknown:#?}");
+    assert!(
+        unknown.is_empty(),
+        "the chart queries metrics nobody exports: {unknown:#?}"
+    );
 }
 
 fn source_text(dir: &std::path::Path) -> String {

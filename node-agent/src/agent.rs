@@ -344,7 +344,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_invalid_node_name_is_refused_before_anything_starts() {
-        let mut config = AgentConfig::local("bad name", "", "http://127.0.0.1:1", [127, 0, 0, 1].into());
+        let mut config =
+            AgentConfig::local("bad name", "", "http://127.0.0.1:1", [127, 0, 0, 1].into());
         config.transport = TransportChoice::Udp;
         let err = start(config, CancellationToken::new()).await.unwrap_err();
         assert_eq!(err.category(), "config");

@@ -20,6 +20,17 @@ struct Cli {
 enum Command {
     /// Run the mesh controller on its own, without Kubernetes (systemd, a shell, the demo).
     Standalone(MeshArgs),
+    /// Run in a cluster: reconcile PingMesh resources and host the mesh controller.
+    #[cfg(feature = "kubernetes")]
+    Run(Box<pingmesh_operator::reconcile::run::RunArgs>),
+    /// Print the PingMesh CRD (custom resource definition) as YAML, or write it with `--write DIR`.
+    #[cfg(feature = "kubernetes")]
+    Crd {
+        /// Directory to write `pingmesh.io_pingmeshes.yaml` into (also refreshes the
+        /// Helm chart's copy when `DIR/../charts/pingmesh/files/crds` exists).
+        #[arg(long, value_name = "DIR")]
+        write: Option<std::path::PathBuf>,
+    },
 }
 
 #[tokio::main]
@@ -35,6 +46,19 @@ async fn main() -> anyhow::Result<()> {
             tracing::info!("shutting down");
             cancel.cancel();
             running.wait().await?;
+        }
+        #[cfg(feature = "kubernetes")]
+        Command::Run(args) => pingmesh_operator::reconcile::run::run(*args).await?,
+        #[cfg(feature = "kubernetes")]
+        Command::Crd { write: None } => {
+            use std::io::Write as _;
+            std::io::stdout().write_all(pingmesh_operator::crd::crd_yaml()?.as_bytes())?;
+        }
+        #[cfg(feature = "kubernetes")]
+        Command::Crd { write: Some(dir) } => {
+            for path in pingmesh_operator::crd::write_crd(&dir)? {
+                tracing::info!(path = %path.display(), "wrote CRD");
+            }
         }
     }
     Ok(())

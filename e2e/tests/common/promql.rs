@@ -9,9 +9,13 @@ use std::path::{Path, PathBuf};
 pub fn exported_names(exposition: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for line in exposition.lines() {
-        let Some(rest) = line.strip_prefix("# TYPE ") else { continue };
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
         let mut parts = rest.split_whitespace();
-        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else { continue };
+        let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
         out.insert(name.to_owned());
         if kind == "histogram" || kind == "summary" {
             for suffix in ["_bucket", "_sum", "_count"] {
@@ -29,7 +33,8 @@ pub fn metric_names_in(expr: &str) -> BTreeSet<String> {
     let mut i = 0;
     while let Some(pos) = expr[i..].find("pingmesh_") {
         let start = i + pos;
-        let boundary = start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let boundary =
+            start == 0 || !(bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
         let mut end = start;
         while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
             end += 1;
@@ -48,14 +53,17 @@ pub fn chart_expressions(chart: &Path) -> Vec<(PathBuf, String)> {
     let mut out = Vec::new();
     for file in files_under(&chart.join("dashboards")) {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
-        let json: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let json: serde_json::Value =
+            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         collect_exprs(&json, &mut |e| out.push((file.clone(), e.to_owned())));
     }
     for file in files_under(&chart.join("templates")) {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
         for (i, line) in lines.iter().enumerate() {
-            let Some((head, expr)) = line.split_once("expr:") else { continue };
+            let Some((head, expr)) = line.split_once("expr:") else {
+                continue;
+            };
             let expr = expr.trim();
             if !(expr.is_empty() || expr.starts_with('|') || expr.starts_with('>')) {
                 out.push((file.clone(), expr.to_owned()));
@@ -94,7 +102,9 @@ fn collect_exprs(v: &serde_json::Value, f: &mut impl FnMut(&str)) {
 
 fn files_under(dir: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
-    let Ok(entries) = std::fs::read_dir(dir) else { return out };
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for entry in entries.flatten() {
         let path = entry.path();
         if path.is_dir() {
@@ -116,12 +126,16 @@ mod tests {
         let names = metric_names_in(
             r#"histogram_quantile(0.99, sum by (le) (rate(pingmesh_network_rtt_seconds_bucket{src_tor="$src"}[5m]))) / my_pingmesh_x"#,
         );
-        assert_eq!(names.into_iter().collect::<Vec<_>>(), vec!["pingmesh_network_rtt_seconds_bucket"]);
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            vec!["pingmesh_network_rtt_seconds_bucket"]
+        );
     }
 
     #[test]
     fn histograms_expand_to_their_series_names() {
-        let names = exported_names("# HELP a x\n# TYPE pingmesh_rtt histogram\n# TYPE pingmesh_up gauge\n");
+        let names =
+            exported_names("# HELP a x\n# TYPE pingmesh_rtt histogram\n# TYPE pingmesh_up gauge\n");
         assert!(names.contains("pingmesh_rtt_bucket") && names.contains("pingmesh_up"));
     }
 }

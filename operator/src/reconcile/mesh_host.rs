@@ -1,0 +1,112 @@
+//! The mesh controller as `run` hosts it: its probing and SLA policy comes
+//! from one `PingMesh` (the policy source), and a change of that policy
+//! restarts the mesh controller in-process with the new one. The controller
+//! reads its policy once at start, and a restart is cheap: agents reconnect
+//! on their own and the registry is persistent.
+
+use std::sync::{Arc, RwLock};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use super::mesh_status::{MeshStatus, MeshStatusSource, PolicyState};
+use crate::crd::PingMesh;
+use crate::mesh::analyzer::SlaPolicy;
+use crate::mesh::controller::MeshController;
+use crate::mesh::pinglist::PinglistPolicy;
+
+/// The part of the mesh controller's configuration a `PingMesh` sets.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MeshPolicy {
+    pub pinglist: PinglistPolicy,
+    pub sla: SlaPolicy,
+}
+
+impl MeshPolicy {
+    /// The policy `pm`'s spec asks for.
+    pub fn of(pm: &PingMesh) -> Self {
+        Self {
+            pinglist: pm.spec.pinglist_policy(),
+            sla: pm.spec.sla_policy(),
+        }
+    }
+
+    /// The policy a running controller has.
+    pub fn running(controller: &MeshController) -> Self {
+        Self {
+            pinglist: controller.config().pinglist.clone(),
+            sla: controller.config().sla.clone(),
+        }
+    }
+}
+
+/// The hosted mesh controller, swapped on restart.
+#[derive(Debug)]
+pub struct MeshHost {
+    current: RwLock<Arc<MeshController>>,
+    /// `namespace/name` of the policy source.
+    source: String,
+    wanted: watch::Sender<Option<MeshPolicy>>,
+}
+
+impl MeshHost {
+    pub fn new(controller: Arc<MeshController>, source: String) -> Self {
+        let (wanted, _) = watch::channel(None);
+        Self {
+            current: RwLock::new(controller),
+            source,
+            wanted,
+        }
+    }
+
+    /// The controller serving now.
+    pub fn current(&self) -> Arc<MeshController> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Puts a restarted controller in place.
+    pub fn replace(&self, controller: Arc<MeshController>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = controller;
+    }
+
+    /// Policies the source asked for; `run` restarts the controller on a change.
+    pub fn policy_requests(&self) -> watch::Receiver<Option<MeshPolicy>> {
+        self.wanted.subscribe()
+    }
+}
+
+#[async_trait]
+impl MeshStatusSource for MeshHost {
+    async fn mesh_status(&self) -> Result<MeshStatus, String> {
+        self.current().mesh_status().await
+    }
+
+    fn sync_policy(&self, pm: &PingMesh) -> PolicyState {
+        let key = format!(
+            "{}/{}",
+            pm.metadata.namespace.as_deref().unwrap_or_default(),
+            pm.metadata.name.as_deref().unwrap_or_default()
+        );
+        if key != self.source {
+            return PolicyState::FromOtherMesh(self.source.clone());
+        }
+        let wanted = MeshPolicy::of(pm);
+        if MeshPolicy::running(&self.current()) == wanted {
+            return PolicyState::Applied;
+        }
+        self.wanted.send_if_modified(|current| {
+            let changed = current.as_ref() != Some(&wanted);
+            if changed {
+                *current = Some(wanted.clone());
+            }
+            changed
+        });
+        PolicyState::Restarting
+    }
+}

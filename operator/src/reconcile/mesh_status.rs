@@ -1,0 +1,100 @@
+//! What the hosted mesh controller reports into `PingMesh` status.
+
+use async_trait::async_trait;
+
+use crate::mesh::controller::{MeshController, kind_label};
+
+/// A finding as the status lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshFinding {
+    /// camelCase kind, e.g. `pathLoss`.
+    pub kind: String,
+    pub location: String,
+    /// Start (Unix ms) of the first bad window of the streak that opened it.
+    pub since_ms: u64,
+}
+
+/// The mesh as the status shows it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshStatus {
+    pub endpoints_registered: u64,
+    pub paths_probed: u64,
+    pub open_findings: Vec<MeshFinding>,
+}
+
+/// Whether the mesh controller runs with a mesh's probing and SLA settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicyState {
+    /// It does.
+    Applied,
+    /// It is restarting to.
+    Restarting,
+    /// It takes them from another `PingMesh` (`namespace/name`).
+    FromOtherMesh(String),
+    /// This process does not host the mesh controller (tests, tools).
+    NotHosted,
+}
+
+/// The mesh controller as the reconciler sees it: the in-process one, or a
+/// fake in tests.
+#[async_trait]
+pub trait MeshStatusSource: Send + Sync + std::fmt::Debug {
+    /// `Err` carries a message for the `Degraded` condition.
+    async fn mesh_status(&self) -> Result<MeshStatus, String>;
+
+    /// Asks the mesh controller to run with `pm`'s probing and SLA settings.
+    fn sync_policy(&self, pm: &crate::crd::PingMesh) -> PolicyState {
+        let _ = pm;
+        PolicyState::NotHosted
+    }
+}
+
+#[async_trait]
+impl MeshStatusSource for MeshController {
+    async fn mesh_status(&self) -> Result<MeshStatus, String> {
+        let endpoints = self.endpoints().await.map_err(|e| e.to_string())?;
+        let paths = self.last_report().map_or(0, |r| r.paths.len());
+        let open_findings = self
+            .open_findings()
+            .into_iter()
+            .map(|f| MeshFinding {
+                kind: camel_kind(kind_label(f.kind)),
+                location: f.location,
+                since_ms: f.first_bad_window_ms,
+            })
+            .collect();
+        Ok(MeshStatus {
+            endpoints_registered: endpoints.len() as u64,
+            paths_probed: paths as u64,
+            open_findings,
+        })
+    }
+}
+
+/// `path_loss` -> `pathLoss`: status fields are camelCase, metric labels `snake_case`.
+fn camel_kind(label: &str) -> String {
+    let mut out = String::with_capacity(label.len());
+    let mut upper = false;
+    for c in label.chars() {
+        if c == '_' {
+            upper = true;
+        } else if upper {
+            out.push(c.to_ascii_uppercase());
+            upper = false;
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::camel_kind;
+
+    #[test]
+    fn finding_kinds_read_as_in_the_api() {
+        assert_eq!(camel_kind("tor_pair_latency"), "torPairLatency");
+        assert_eq!(camel_kind("path_loss"), "pathLoss");
+    }
+}

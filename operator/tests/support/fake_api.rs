@@ -1,0 +1,220 @@
+//! A scripted Kubernetes API server behind a mocked tower service: it records
+//! every request the reconciler makes and answers with canned objects, so a
+//! test can assert the exact requests (method, path, field manager, body).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use kube::Client;
+use kube::client::Body;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// One request as the fake API server saw it.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    pub query: BTreeMap<String, String>,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Seen {
+    /// "PATCH /api/v1/namespaces/ns/configmaps/name"
+    pub fn line(&self) -> String {
+        format!("{} {}", self.method, self.path)
+    }
+
+    pub fn is_event(&self) -> bool {
+        self.path.contains("/events")
+    }
+}
+
+/// What the fake cluster holds and how it misbehaves.
+#[derive(Debug, Default)]
+pub struct World {
+    pub configmaps: Vec<Value>,
+    pub daemonsets: Vec<Value>,
+    /// Status the API server reports on an applied `DaemonSet`.
+    pub daemonset_status: Value,
+    /// Requests (method, path fragment) answered with this HTTP status.
+    pub failures: Vec<(&'static str, &'static str, u16)>,
+    pub seen: Vec<Seen>,
+    /// Source of new resourceVersions.
+    pub next_version: u64,
+}
+
+impl World {
+    fn respond(&mut self, req: &Seen) -> (u16, Value) {
+        if let Some((_, _, code)) = self
+            .failures
+            .iter()
+            .find(|(m, p, _)| *m == req.method && req.path.contains(p))
+        {
+            return (
+                *code,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                       "message": "etcdserver: request timed out", "reason": "InternalError", "code": code}),
+            );
+        }
+        let segments: Vec<&str> = req.path.split('/').collect();
+        match (req.method.as_str(), segments.as_slice()) {
+            ("GET", [.., "configmaps"]) => (200, list("v1", "ConfigMapList", &self.configmaps)),
+            ("GET", [.., "daemonsets"]) => {
+                (200, list("apps/v1", "DaemonSetList", &self.daemonsets))
+            }
+            ("PATCH", [.., "configmaps", name]) => {
+                let answer = self.applied(&req.body, name, false);
+                (200, answer)
+            }
+            ("PATCH", [.., "daemonsets", name]) => {
+                let answer = self.applied(&req.body, name, true);
+                (200, answer)
+            }
+            ("DELETE", _) => (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            ),
+            ("PATCH", [.., namespace, "pingmeshes", name, "status"]) => {
+                let mut mesh = req.body.clone();
+                mesh["metadata"] = json!({"name": name, "namespace": namespace, "uid": "mesh-uid"});
+                mesh["spec"] = json!({});
+                (200, mesh)
+            }
+            ("POST", [.., "events"]) => (200, req.body.clone()),
+            _ => (
+                404,
+                json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
+            ),
+        }
+    }
+
+    /// The object as stored after an apply: same resourceVersion when nothing
+    /// changed, a new one otherwise; `DaemonSet`s get the scripted status.
+    fn applied(&mut self, body: &Value, name: &str, daemonset: bool) -> Value {
+        let store = if daemonset {
+            &self.daemonsets
+        } else {
+            &self.configmaps
+        };
+        let content = |v: &Value| {
+            if daemonset {
+                v["spec"].clone()
+            } else {
+                v["data"].clone()
+            }
+        };
+        let before = store.iter().find(|o| o["metadata"]["name"] == name);
+        let mut object = body.clone();
+        let version = match before {
+            Some(b) if content(b) == content(body) => b["metadata"]["resourceVersion"].clone(),
+            _ => {
+                self.next_version += 1;
+                json!(format!("{}", 100 + self.next_version))
+            }
+        };
+        object["metadata"]["resourceVersion"] = version;
+        object["metadata"]["uid"] = json!(format!("uid-{name}"));
+        if daemonset {
+            object["metadata"]["generation"] = json!(1);
+            object["status"] = self.daemonset_status.clone();
+        }
+        object
+    }
+}
+
+fn list(api_version: &str, kind: &str, items: &[Value]) -> Value {
+    json!({"apiVersion": api_version, "kind": kind, "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+/// A client talking to the fake API server, and the server task.
+pub fn start(world: World) -> (Client, Arc<Mutex<World>>, JoinHandle<()>) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let world = Arc::new(Mutex::new(world));
+    let task = tokio::spawn(serve(handle, world.clone()));
+    (Client::new(service, "default"), world, task)
+}
+
+async fn serve(mut handle: Handle, world: Arc<Mutex<World>>) {
+    while let Some((request, reply)) = handle.next_request().await {
+        let (parts, body) = request.into_parts();
+        let bytes = body.collect_bytes().await.unwrap();
+        let seen = Seen {
+            method: parts.method.to_string(),
+            path: parts.uri.path().to_owned(),
+            query: parts
+                .uri
+                .query()
+                .map(|q| {
+                    url_pairs(q)
+                        .into_iter()
+                        .collect::<BTreeMap<String, String>>()
+                })
+                .unwrap_or_default(),
+            content_type: parts
+                .headers
+                .get(http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
+            body: if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            },
+        };
+        let (code, answer) = {
+            let mut w = world.lock().unwrap();
+            let answer = w.respond(&seen);
+            w.seen.push(seen);
+            answer
+        };
+        reply.send_response(
+            Response::builder()
+                .status(code)
+                .header(http::header::CONTENT_TYPE, "application/json")
+                .body(Body::from(serde_json::to_vec(&answer).unwrap()))
+                .unwrap(),
+        );
+    }
+}
+
+/// `a=b&c=d%2Fe` -> pairs, percent-decoded (enough for label selectors).
+fn url_pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|pair| {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            (decode(k), decode(v))
+        })
+        .collect()
+}
+
+fn decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap();
+                out.push(u8::from_str_radix(hex, 16).unwrap());
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap()
+}
