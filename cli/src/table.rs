@@ -9,7 +9,7 @@ pub fn render(summary: &MeshSummary) -> String {
     let mut out = String::new();
     let window = summary
         .window_start_ms
-        .map_or_else(|| "none judged yet".to_owned(), |ms| format!("{ms}"));
+        .map_or_else(|| "none judged yet".to_owned(), utc_time_of_day);
     let _ = writeln!(
         out,
         "window {window} ({} ms) | agents {}/{} connected | paths judged {} | excluded (target gone) {}",

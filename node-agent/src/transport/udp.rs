@@ -190,7 +190,7 @@ impl UdpProbeSocket {
                 Ok(event) => return Ok(event),
                 // This queue is drained; the edge of the other one is still recorded.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    guard.clear_ready_matching(queue)
+                    guard.clear_ready_matching(queue);
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_delivered_network_error(&e) => {
