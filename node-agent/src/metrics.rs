@@ -210,7 +210,58 @@ impl AgentMetrics {
             exported: Mutex::new(ExportedLabels::default()),
             registry,
         };
+        m.initialize_series();
         Ok(m)
+    }
+
+    /// Starts the reason-labelled counters at zero for every known reason, so
+    /// dashboards see series (and `rate()` works) before the first event.
+    fn initialize_series(&self) {
+        use crate::probe::pending::{PendingError, Unmatched};
+        use crate::probe::wire::DecodeError;
+        for reason in [
+            InvalidReason::ZeroTimestamp,
+            InvalidReason::NegativeNetworkRtt,
+            InvalidReason::AbsurdNetworkRtt,
+            InvalidReason::NegativeResponderDelay,
+            InvalidReason::NegativeProberDelay,
+        ] {
+            self.invalid
+                .with_label_values(&[reason.category()])
+                .inc_by(0);
+        }
+        let decode = [
+            DecodeError::WrongLength(0),
+            DecodeError::BadMagic,
+            DecodeError::UnsupportedVersion(0),
+            DecodeError::UnknownType(0),
+            DecodeError::ReservedBitsSet,
+        ];
+        for role in ["prober", "responder"] {
+            for e in &decode {
+                self.malformed
+                    .with_label_values(&[role, e.category()])
+                    .inc_by(0);
+            }
+        }
+        for u in [Unmatched::UnknownSeq, Unmatched::Duplicate] {
+            self.unmatched.with_label_values(&[u.category()]).inc_by(0);
+        }
+        self.unmatched
+            .with_label_values(&["other_prober"])
+            .inc_by(0);
+        let full = PendingError::Full { capacity: 0 };
+        for reason in [full.category(), "send", "bad_target_address"] {
+            self.probes_not_sent.with_label_values(&[reason]).inc_by(0);
+        }
+        for reason in [
+            "buffer_full",
+            "rejected",
+            "reporter_busy",
+            "unresolved_probes",
+        ] {
+            self.windows_dropped.with_label_values(&[reason]).inc_by(0);
+        }
     }
 
     pub fn registry(&self) -> &Registry {

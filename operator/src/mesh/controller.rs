@@ -116,6 +116,7 @@ impl MeshController {
     ) -> Result<Arc<Self>, MeshError> {
         let metrics = ControllerMetrics::new()
             .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
+        initialize_series(&metrics);
         let endpoints = registry.endpoints().await?;
         let state = State {
             endpoints: endpoints.into_iter().map(|e| (e.id.clone(), e)).collect(),
@@ -572,7 +573,11 @@ impl MeshController {
         for f in &report.cleared {
             tracing::info!(kind = kind_label(f.kind), location = %f.location, "finding cleared");
         }
-        m.findings_open.reset();
+        for kind in FINDING_KINDS {
+            m.findings_open
+                .with_label_values(&[kind_label(kind)])
+                .set(0);
+        }
         for f in self.open_findings() {
             m.findings_open
                 .with_label_values(&[kind_label(f.kind)])
@@ -717,6 +722,48 @@ impl MeshController {
                 tracing::warn!(error = %e, "expiring stale agents failed");
             }
         }
+    }
+}
+
+const FINDING_KINDS: [FindingKind; 4] = [
+    FindingKind::PathLoss,
+    FindingKind::PathLatency,
+    FindingKind::TorPairLoss,
+    FindingKind::TorPairLatency,
+];
+
+/// Starts the labelled counters and gauges at zero for every known label value,
+/// so dashboards and alerts see series (and `rate()` works) before the first event.
+fn initialize_series(m: &ControllerMetrics) {
+    for kind in FINDING_KINDS {
+        m.findings_open
+            .with_label_values(&[kind_label(kind)])
+            .set(0);
+        m.findings_opened
+            .with_label_values(&[kind_label(kind)])
+            .inc_by(0);
+    }
+    for rpc in ["register", "watch_pinglist", "report_windows"] {
+        for reason in [
+            "invalid_request",
+            "unknown_node",
+            "stale_session",
+            "endpoint_conflict",
+            "unavailable",
+        ] {
+            m.rejected_requests
+                .with_label_values(&[rpc, reason])
+                .inc_by(0);
+        }
+    }
+    for category in [
+        "query",
+        "unavailable",
+        "corrupt",
+        "unknown_node",
+        "stale_session",
+    ] {
+        m.registry_errors.with_label_values(&[category]).inc_by(0);
     }
 }
 
