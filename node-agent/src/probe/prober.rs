@@ -219,7 +219,9 @@ fn resolve_targets(list: &Pinglist, metrics: &AgentMetrics) -> Vec<Arc<Target>> 
                 dst_node: t.target_node.clone(),
             },
             addr,
-            interval: Duration::from_secs_f64(1.0 / t.rate_pps.min(1_000.0)),
+            interval: Duration::from_secs_f64(
+                1.0 / t.rate_pps.min(pingmesh_proto::limits::MAX_RATE_PPS),
+            ),
             flows: u16::try_from(t.flows.clamp(1, 1024)).unwrap_or(1),
         }));
     }

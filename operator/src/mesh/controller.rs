@@ -362,23 +362,12 @@ impl MeshController {
 
     /// The pinglist of `node` in `snapshot`.
     pub fn pinglist(&self, node: &str, snapshot: &Snapshot) -> v1::Pinglist {
-        let mut list = snapshot.view.pinglist(
+        snapshot.view.pinglist(
             node,
             &self.config.pinglist,
             snapshot.rotation_epoch,
             snapshot.version,
-        );
-        let state = lock(&self.state);
-        for t in &mut list.targets {
-            if t.source_tor.is_empty() {
-                t.source_tor = state
-                    .endpoints
-                    .get(&t.source_endpoint)
-                    .map(|e| e.tor.clone())
-                    .unwrap_or_default();
-            }
-        }
-        list
+        )
     }
 
     /// Rebuilds the view from the endpoints of present nodes and wakes every stream.

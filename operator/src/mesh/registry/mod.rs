@@ -293,6 +293,29 @@ fn has_port(host: &str) -> bool {
     }
 }
 
+/// Checks a registration and turns it into the rows both stores write.
+fn registration_rows(
+    node: &str,
+    agent_version: &str,
+    session: u64,
+    endpoints: &[MeshEndpoint],
+    now_ms: u64,
+) -> Result<(schema::AgentRow, Vec<schema::EndpointRow>), RegistryError> {
+    validate_registration(node, endpoints)?;
+    let agent = schema::AgentRow::from_record(&AgentRecord {
+        node: node.to_owned(),
+        session,
+        agent_version: agent_version.to_owned(),
+        registered_at_ms: now_ms,
+        last_seen_ms: now_ms,
+    });
+    let rows = endpoints
+        .iter()
+        .map(schema::EndpointRow::from_endpoint)
+        .collect();
+    Ok((agent, rows))
+}
+
 /// Refuses registrations that contradict themselves before any store sees them.
 fn validate_registration(node: &str, endpoints: &[MeshEndpoint]) -> Result<(), RegistryError> {
     let invalid = |detail: String| RegistryError::InvalidRegistration {

@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::schema::{self, AgentRow, EndpointRow};
-use super::{Registry, RegistryError, validate_registration};
+use super::{Registry, RegistryError, registration_rows};
 use crate::mesh::types::{AgentRecord, MeshEndpoint};
 
 /// First pause before retrying; doubles up to [`MAX_BACKOFF`].
@@ -408,15 +408,7 @@ impl Registry for RqliteRegistry {
         now_ms: u64,
     ) -> Result<(), RegistryError> {
         const OP: &str = "register";
-        validate_registration(node, endpoints)?;
-        let agent = AgentRow::from_record(&AgentRecord {
-            node: node.to_owned(),
-            session,
-            agent_version: agent_version.to_owned(),
-            registered_at_ms: now_ms,
-            last_seen_ms: now_ms,
-        });
-        let rows: Vec<EndpointRow> = endpoints.iter().map(EndpointRow::from_endpoint).collect();
+        let (agent, rows) = registration_rows(node, agent_version, session, endpoints, now_ms)?;
         for _ in 0..REGISTER_ATTEMPTS {
             let results = self
                 .retrying(OP, || {

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::schema::{self, AgentRow, EndpointRow};
-use super::{Registry, RegistryError, validate_registration};
+use super::{Registry, RegistryError, registration_rows};
 use crate::mesh::types::{AgentRecord, MeshEndpoint};
 
 /// How long a statement waits for another process's lock on the file before
@@ -305,15 +305,7 @@ impl Registry for SqliteRegistry {
         endpoints: &[MeshEndpoint],
         now_ms: u64,
     ) -> Result<(), RegistryError> {
-        validate_registration(node, endpoints)?;
-        let agent = AgentRow::from_record(&AgentRecord {
-            node: node.to_owned(),
-            session,
-            agent_version: agent_version.to_owned(),
-            registered_at_ms: now_ms,
-            last_seen_ms: now_ms,
-        });
-        let rows: Vec<EndpointRow> = endpoints.iter().map(EndpointRow::from_endpoint).collect();
+        let (agent, rows) = registration_rows(node, agent_version, session, endpoints, now_ms)?;
         self.with_connection("register", move |connection| {
             register_in(connection, &agent, &rows)
         })
