@@ -125,6 +125,7 @@ pub async fn start(
         address: advertised.to_string(),
         qpn: 0,
         tor: config.tor.clone(),
+        device: String::new(),
     };
     let (pinglist_tx, pinglist_rx) = watch::channel(None);
     let (summary_tx, summary_rx) = mpsc::channel(256);

@@ -87,6 +87,7 @@ fn udp(node: &str, port: u16) -> Endpoint {
         address: format!("127.0.0.1:{port}"),
         qpn: 0,
         tor: "rack-1".into(),
+        device: String::new(),
     }
 }
 

@@ -26,6 +26,7 @@ impl MeshEndpoint {
             address: self.address.clone(),
             qpn: self.qpn,
             tor: self.tor.clone(),
+            device: String::new(),
         }
     }
 }
