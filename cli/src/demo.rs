@@ -105,7 +105,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for a in &agents {
         eprintln!(
             "  {:<12} udp {}  metrics http://{}/metrics",
-            a.node, a.udp_addr, a.http_addr
+            a.node,
+            a.udp_addr.map_or_else(|| "-".to_owned(), |u| u.to_string()),
+            a.http_addr
         );
     }
     eprintln!("Ctrl-C stops it.\n");

@@ -9,18 +9,24 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use pingmesh_proto::v1::{Endpoint, Transport};
+use pingmesh_proto::v1::{Endpoint, Pinglist, Transport, WindowSummary};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{AgentConfig, TransportChoice};
+use crate::config::{AgentConfig, RdmaArgs, TransportChoice};
 use crate::control::{Identity, run_control};
+use crate::endpoints::EndpointSet;
 use crate::metrics::{AgentMetrics, MetricsError};
+use crate::probe::flows::UdpFlows;
 use crate::probe::prober::{ProberConfig, run_prober};
 use crate::probe::responder::{ResponderObserver, run_responder};
+use crate::rnic::{RnicContext, run_rnic};
 use crate::transport::TransportError;
-use crate::transport::rdma::{Availability, rdma_available};
+use crate::transport::rdma::{
+    Availability, RdmaConfig, RdmaEndpoint, RdmaError, RnicEndpointSpec, discover_endpoints,
+    rdma_available,
+};
 use crate::transport::udp::UdpProbeSocket;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,11 +63,15 @@ impl AgentError {
 #[derive(Debug)]
 pub struct RunningAgent {
     pub node: String,
-    /// Where the responder listens, as advertised to the mesh.
-    pub udp_addr: SocketAddr,
+    /// `"udp"` or `"rdma"`.
+    pub transport: &'static str,
+    /// Where the UDP responder listens, as advertised to the mesh (UDP transport only).
+    pub udp_addr: Option<SocketAddr>,
     /// Where /metrics, /healthz and /readyz are served.
     pub http_addr: SocketAddr,
     pub metrics: Arc<AgentMetrics>,
+    /// The endpoints registered now (RNICs leave while they are re-opened).
+    pub endpoints: EndpointSet,
     tasks: JoinSet<Result<(), AgentError>>,
 }
 
@@ -84,6 +94,16 @@ struct Readiness {
     registered: Arc<AtomicBool>,
 }
 
+/// What the probers and responders of any transport share.
+struct Wiring {
+    metrics: Arc<AgentMetrics>,
+    observer: Arc<dyn ResponderObserver>,
+    pinglists: watch::Receiver<Option<Arc<Pinglist>>>,
+    summaries: mpsc::Sender<Vec<WindowSummary>>,
+    endpoints: EndpointSet,
+    cancel: CancellationToken,
+}
+
 /// Starts an agent; it runs until `cancel` is cancelled.
 pub async fn start(
     config: AgentConfig,
@@ -101,63 +121,45 @@ pub async fn start(
             config.tor
         )));
     }
+    if config.tracing {
+        // The tracer is not part of this agent build; say so rather than pretend.
+        tracing::warn!(
+            "service tracing was asked for, but this agent has no tracer; continuing without it"
+        );
+    }
     let metrics = Arc::new(AgentMetrics::new(
         &config.node,
         config.metrics_per_target_node,
     )?);
-    let responder_socket = Arc::new(UdpProbeSocket::bind(
-        config.udp_bind,
-        config.timestamps.into(),
-    )?);
-    let bound = responder_socket.local_addr();
-    let advertised = advertise_address(&config, bound).await?;
-    let support = responder_socket.timestamp_support();
-    metrics.set_transport(
-        "udp",
-        support.rx && support.tx,
-        udp_reason(config.transport)?,
-    );
-    tracing::info!(node = %config.node, udp = %advertised, kernel_rx = support.rx, kernel_tx = support.tx, "UDP endpoint ready");
-
-    let endpoint = Endpoint {
-        id: format!("{}/udp0", config.node),
-        transport: Transport::Udp as i32,
-        address: advertised.to_string(),
-        qpn: 0,
-        tor: config.tor.clone(),
-        device: String::new(),
-    };
     let (pinglist_tx, pinglist_rx) = watch::channel(None);
     let (summary_tx, summary_rx) = mpsc::channel(256);
     let registered = Arc::new(AtomicBool::new(false));
     let mut tasks = JoinSet::new();
-
-    let observer: Arc<dyn ResponderObserver> = Arc::new(MetricsObserver(metrics.clone()));
-    let responder_cancel = cancel.clone();
-    tasks.spawn(async move {
-        run_responder(responder_socket, observer, responder_cancel)
-            .await
-            .map_err(AgentError::from)
-    });
-
-    let prober = ProberConfig {
-        bind_ip: advertised.ip(),
-        timestamps: config.timestamps.into(),
-        max_flows: config.max_flows,
-        max_pending: config.max_pending,
+    let wiring = Wiring {
+        metrics: metrics.clone(),
+        observer: Arc::new(MetricsObserver(metrics.clone())),
+        pinglists: pinglist_rx,
+        summaries: summary_tx,
+        endpoints: EndpointSet::new(),
+        cancel: cancel.clone(),
     };
-    let (m, c) = (metrics.clone(), cancel.clone());
-    tasks.spawn(async move {
-        run_prober(prober, m, pinglist_rx, summary_tx, c)
-            .await
-            .map_err(AgentError::from)
-    });
+
+    let (transport, udp_addr) = match choose_transport(&config)? {
+        TransportPlan::Udp { reason } => {
+            let addr = start_udp(&config, reason, &wiring, &mut tasks).await?;
+            ("udp", Some(addr))
+        }
+        TransportPlan::Rdma { devices, reason } => {
+            start_rdma(&config, devices, reason, &wiring, &mut tasks);
+            ("rdma", None)
+        }
+    };
 
     let identity = Identity {
         controller_url: config.controller.clone(),
         node: config.node.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
-        endpoints: vec![endpoint],
+        endpoints: wiring.endpoints.clone(),
     };
     let (m, r, c) = (metrics.clone(), registered.clone(), cancel.clone());
     let buffer = config.report_buffer;
@@ -176,36 +178,217 @@ pub async fn start(
 
     Ok(RunningAgent {
         node: config.node,
-        udp_addr: advertised,
+        transport,
+        udp_addr,
         http_addr,
         metrics,
+        endpoints: wiring.endpoints,
         tasks,
     })
 }
 
-/// Why the agent runs over UDP (a bounded metric label), or why it must not start.
-///
-/// The RDMA transport is built and tested on its own (`transport::rdma`) but the
-/// prober does not drive it yet, so RDMA hosts run the same protocol over UDP.
-fn udp_reason(choice: TransportChoice) -> Result<&'static str, AgentError> {
-    match choice {
-        TransportChoice::Udp => Ok("configured"),
-        TransportChoice::Rdma => Err(AgentError::Config(
-            "--transport rdma: this agent cannot probe over RDMA yet; use auto or udp".into(),
-        )),
-        TransportChoice::Auto => match rdma_available() {
-            Availability::Unavailable { reason } => {
+/// The UDP endpoint: one responder socket, one prober with a socket per flow.
+async fn start_udp(
+    config: &AgentConfig,
+    reason: &'static str,
+    wiring: &Wiring,
+    tasks: &mut JoinSet<Result<(), AgentError>>,
+) -> Result<SocketAddr, AgentError> {
+    let responder_socket = Arc::new(UdpProbeSocket::bind(
+        config.udp_bind,
+        config.timestamps.into(),
+    )?);
+    let bound = responder_socket.local_addr();
+    let advertised = advertise_address(config, bound).await?;
+    let support = responder_socket.timestamp_support();
+    let timestamps = if support.rx && support.tx {
+        "kernel"
+    } else {
+        "software"
+    };
+    wiring.metrics.set_transport("udp", timestamps, reason);
+    tracing::info!(node = %config.node, udp = %advertised, kernel_rx = support.rx, kernel_tx = support.tx, reason, "UDP endpoint ready");
+
+    let endpoint = Endpoint {
+        id: format!("{}/udp0", config.node),
+        transport: Transport::Udp as i32,
+        address: advertised.to_string(),
+        qpn: 0,
+        tor: config.tor.clone(),
+        device: String::new(),
+    };
+    let observer = wiring.observer.clone();
+    let responder_cancel = wiring.cancel.clone();
+    tasks.spawn(async move {
+        run_responder(responder_socket, observer, responder_cancel)
+            .await
+            .map_err(AgentError::from)
+    });
+
+    let prober = ProberConfig::new(&endpoint.id, config.max_pending);
+    let flows = UdpFlows::new(advertised.ip(), config.timestamps.into(), config.max_flows);
+    let (m, p, s, c) = (
+        wiring.metrics.clone(),
+        wiring.pinglists.clone(),
+        wiring.summaries.clone(),
+        wiring.cancel.clone(),
+    );
+    tasks.spawn(async move {
+        run_prober(prober, flows, m, p, s, c)
+            .await
+            .map_err(AgentError::from)
+    });
+    wiring.endpoints.insert(endpoint);
+    Ok(advertised)
+}
+
+/// One supervised endpoint per opened RNIC port, each with its own prober and responder.
+fn start_rdma(
+    config: &AgentConfig,
+    devices: Vec<Arc<RdmaEndpoint>>,
+    reason: &'static str,
+    wiring: &Wiring,
+    tasks: &mut JoinSet<Result<(), AgentError>>,
+) {
+    let all_nic_timed = devices.iter().all(|d| d.nic_timestamps());
+    let timestamps = if all_nic_timed { "nic" } else { "software" };
+    wiring.metrics.set_transport("rdma", timestamps, reason);
+    let ctx = RnicContext {
+        metrics: wiring.metrics.clone(),
+        observer: wiring.observer.clone(),
+        tor: config.tor.clone(),
+        max_flows: config.max_flows,
+        max_pending: config.max_pending,
+        pinglists: wiring.pinglists.clone(),
+        summaries: wiring.summaries.clone(),
+        endpoints: wiring.endpoints.clone(),
+    };
+    for device in devices {
+        let endpoint_id = device.spec().endpoint_id.clone();
+        let (node, rdma) = (config.node.clone(), config.rdma.clone());
+        // Re-discovered on every attempt: a reset device may come back with another GID.
+        let reopen = move || open_rnic(&node, &rdma, &endpoint_id).map(Arc::new);
+        let (ctx, cancel) = (ctx.clone(), wiring.cancel.clone());
+        tasks.spawn(async move {
+            run_rnic(device, reopen, ctx, cancel).await;
+            Ok(())
+        });
+    }
+}
+
+/// Which transport the agent runs, decided once at start.
+enum TransportPlan {
+    Udp {
+        reason: &'static str,
+    },
+    Rdma {
+        devices: Vec<Arc<RdmaEndpoint>>,
+        reason: &'static str,
+    },
+}
+
+/// Picks the transport: UDP when asked; RDMA when asked (or refuses to start
+/// without a usable RNIC port); with `auto`, RDMA when at least one RNIC
+/// port opens, else UDP with the reason as a metric label.
+fn choose_transport(config: &AgentConfig) -> Result<TransportPlan, AgentError> {
+    match config.transport {
+        TransportChoice::Udp => Ok(TransportPlan::Udp {
+            reason: "configured",
+        }),
+        TransportChoice::Rdma => {
+            let (devices, failures) = open_rnics(config);
+            if devices.is_empty() {
+                return Err(AgentError::Config(format!(
+                    "--transport rdma: no RNIC port could be opened: {}",
+                    describe_failures(&failures)
+                )));
+            }
+            log_failures(&failures);
+            Ok(TransportPlan::Rdma {
+                devices,
+                reason: "configured",
+            })
+        }
+        TransportChoice::Auto => {
+            if let Availability::Unavailable { reason } = rdma_available() {
                 tracing::info!(%reason, "no RDMA devices; probing over UDP");
-                Ok("no_rdma_device")
+                return Ok(TransportPlan::Udp {
+                    reason: "no_rdma_device",
+                });
             }
-            Availability::Available { devices } => {
+            let (devices, failures) = open_rnics(config);
+            if devices.is_empty() {
                 tracing::warn!(
-                    ?devices,
-                    "RDMA devices found, but RDMA probing is not available in this agent yet; probing over UDP"
+                    failures = %describe_failures(&failures),
+                    "RDMA devices found but no port could be opened; probing over UDP"
                 );
-                Ok("rdma_prober_not_available")
+                return Ok(TransportPlan::Udp {
+                    reason: "no_usable_rdma_port",
+                });
             }
-        },
+            log_failures(&failures);
+            Ok(TransportPlan::Rdma {
+                devices,
+                reason: "rdma_device_found",
+            })
+        }
+    }
+}
+
+/// Opens every RNIC port discovery finds; returns those that opened and why the others did not.
+fn open_rnics(config: &AgentConfig) -> (Vec<Arc<RdmaEndpoint>>, Vec<RdmaError>) {
+    let found = discover_endpoints(
+        &config.rdma.sysfs_root,
+        &config.node,
+        &config.rdma.allow_list(),
+        config.rdma.gid_index,
+    );
+    let mut failures = found.skipped;
+    let mut devices = Vec::new();
+    for spec in found.endpoints {
+        match RdmaEndpoint::open(&rdma_config(&config.rdma, spec)) {
+            Ok(device) => devices.push(Arc::new(device)),
+            Err(e) => failures.push(e),
+        }
+    }
+    (devices, failures)
+}
+
+/// Re-discovers and opens the port of `endpoint_id` (after a fatal error).
+fn open_rnic(node: &str, rdma: &RdmaArgs, endpoint_id: &str) -> Result<RdmaEndpoint, RdmaError> {
+    let found = discover_endpoints(&rdma.sysfs_root, node, &rdma.allow_list(), rdma.gid_index);
+    let spec = found
+        .endpoints
+        .into_iter()
+        .find(|s| s.endpoint_id == endpoint_id)
+        .ok_or_else(|| RdmaError::DeviceNotFound {
+            device: endpoint_id.to_owned(),
+        })?;
+    RdmaEndpoint::open(&rdma_config(rdma, spec))
+}
+
+fn rdma_config(rdma: &RdmaArgs, spec: RnicEndpointSpec) -> RdmaConfig {
+    RdmaConfig {
+        traffic_class: rdma.traffic_class,
+        service_level: rdma.service_level,
+        ..RdmaConfig::new(spec)
+    }
+}
+
+fn describe_failures(failures: &[RdmaError]) -> String {
+    if failures.is_empty() {
+        return "discovery found no RNIC ports".to_owned();
+    }
+    failures
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn log_failures(failures: &[RdmaError]) {
+    for e in failures {
+        tracing::warn!(error = %e, category = e.category(), "RNIC port left out");
     }
 }
 
@@ -333,14 +516,35 @@ impl ResponderObserver for MetricsObserver {
 mod tests {
     use super::*;
 
+    fn config_with(transport: TransportChoice, sysfs_root: &std::path::Path) -> AgentConfig {
+        let mut config = AgentConfig::local("n1", "", "http://127.0.0.1:1", [127, 0, 0, 1].into());
+        config.transport = transport;
+        config.rdma.sysfs_root = sysfs_root.to_path_buf();
+        config
+    }
+
     #[test]
-    fn transport_choice_maps_to_udp_or_a_clear_refusal() {
-        assert_eq!(udp_reason(TransportChoice::Udp).unwrap(), "configured");
-        let refused = udp_reason(TransportChoice::Rdma).unwrap_err().to_string();
-        assert!(refused.contains("cannot probe over RDMA yet"), "{refused}");
+    fn transport_choice_maps_to_udp_rdma_or_a_clear_refusal() {
+        let empty = tempfile::tempdir().unwrap();
+        let udp = choose_transport(&config_with(TransportChoice::Udp, empty.path())).unwrap();
+        assert!(matches!(
+            udp,
+            TransportPlan::Udp {
+                reason: "configured"
+            }
+        ));
+        let Err(refused) = choose_transport(&config_with(TransportChoice::Rdma, empty.path()))
+        else {
+            panic!("rdma without RNIC ports must refuse to start");
+        };
+        assert!(refused.to_string().contains("no RNIC port"), "{refused}");
         // Whatever this host has, auto never fails.
-        let auto = udp_reason(TransportChoice::Auto).unwrap();
-        assert!(["no_rdma_device", "rdma_prober_not_available"].contains(&auto));
+        match choose_transport(&config_with(TransportChoice::Auto, empty.path())).unwrap() {
+            TransportPlan::Udp { reason } => {
+                assert!(["no_rdma_device", "no_usable_rdma_port"].contains(&reason));
+            }
+            TransportPlan::Rdma { .. } => panic!("no ports under an empty sysfs root"),
+        }
     }
 
     #[tokio::test]

@@ -1,11 +1,13 @@
 //! Agent configuration: every flag also reads an environment variable.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{ArgAction, Args, ValueEnum};
 
 use crate::transport::TimestampMode;
+use crate::transport::rdma::discovery::DEFAULT_SYSFS_ROOT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TimestampChoice {
@@ -29,7 +31,7 @@ impl From<TimestampChoice> for TimestampMode {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum TransportChoice {
-    /// RDMA when the host has RNICs and the RDMA prober is available, else UDP.
+    /// RDMA when the host has an RNIC port that opens, else UDP.
     Auto,
     /// RDMA only; the agent refuses to start without it.
     Rdma,
@@ -84,6 +86,67 @@ pub struct AgentConfig {
     /// Window summaries kept for the controller while it is unreachable.
     #[arg(long, env = "PINGMESH_REPORT_BUFFER", default_value_t = 50_000)]
     pub report_buffer: usize,
+    #[command(flatten)]
+    pub rdma: RdmaArgs,
+    /// Trace RDMA service connections with eBPF.
+    #[arg(long, env = "PINGMESH_TRACING", default_value_t = false, action = ArgAction::Set)]
+    pub tracing: bool,
+}
+
+/// RDMA transport settings (used when the transport is RDMA).
+#[derive(Debug, Clone, Args)]
+pub struct RdmaArgs {
+    /// RNIC devices to probe from, comma-separated (for example `mlx5_0,mlx5_1`). Empty: all.
+    #[arg(
+        long = "rdma-devices",
+        env = "PINGMESH_RDMA_DEVICES",
+        value_delimiter = ','
+    )]
+    pub devices: Vec<String>,
+    /// GID table index to use on every port. Unset: the RoCE v2 IPv4-mapped GID, found automatically.
+    #[arg(long = "rdma-gid-index", env = "PINGMESH_RDMA_GID_INDEX")]
+    pub gid_index: Option<u16>,
+    /// GRH traffic class of probes and ACKs (DSCP << 2 | ECN).
+    #[arg(
+        long = "rdma-traffic-class",
+        env = "PINGMESH_RDMA_TRAFFIC_CLASS",
+        default_value_t = 0
+    )]
+    pub traffic_class: u8,
+    /// Service level of probes and ACKs (0-15; the priority class on RoCE).
+    #[arg(
+        long = "rdma-service-level",
+        env = "PINGMESH_RDMA_SERVICE_LEVEL",
+        default_value_t = 0,
+        value_parser = clap::value_parser!(u8).range(0..=15)
+    )]
+    pub service_level: u8,
+    /// Where RNICs are listed in sysfs.
+    #[arg(long = "rdma-sysfs-root", env = "PINGMESH_RDMA_SYSFS_ROOT", default_value = DEFAULT_SYSFS_ROOT)]
+    pub sysfs_root: PathBuf,
+}
+
+impl Default for RdmaArgs {
+    fn default() -> Self {
+        Self {
+            devices: Vec::new(),
+            gid_index: None,
+            traffic_class: 0,
+            service_level: 0,
+            sysfs_root: PathBuf::from(DEFAULT_SYSFS_ROOT),
+        }
+    }
+}
+
+impl RdmaArgs {
+    /// The device allow-list, without the empty entries an empty variable leaves.
+    pub fn allow_list(&self) -> Vec<String> {
+        self.devices
+            .iter()
+            .map(|d| d.trim().to_owned())
+            .filter(|d| !d.is_empty())
+            .collect()
+    }
 }
 
 impl AgentConfig {
@@ -102,6 +165,8 @@ impl AgentConfig {
             metrics_addr: SocketAddr::new(ip, 0),
             metrics_per_target_node: false,
             report_buffer: 50_000,
+            rdma: RdmaArgs::default(),
+            tracing: false,
         }
     }
 }
@@ -133,7 +198,84 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
+    use clap::Parser;
+
     use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        agent: AgentConfig,
+    }
+
+    #[test]
+    fn the_operator_configmap_variables_are_read() {
+        // The variables and values the operator's ConfigMap sets (operator/src/reconcile/configmap.rs).
+        let cli = Cli::try_parse_from([
+            "agent",
+            "--node",
+            "n1",
+            "--rdma-devices",
+            "mlx5_0,,mlx5_1",
+            "--rdma-gid-index",
+            "3",
+            "--rdma-traffic-class",
+            "106",
+            "--rdma-service-level",
+            "3",
+            "--tracing",
+            "true",
+        ])
+        .unwrap();
+        let a = cli.agent;
+        assert_eq!(a.rdma.allow_list(), ["mlx5_0", "mlx5_1"]);
+        assert_eq!(a.rdma.gid_index, Some(3));
+        assert_eq!((a.rdma.traffic_class, a.rdma.service_level), (106, 3));
+        assert!(a.tracing);
+        let defaults = Cli::try_parse_from(["agent", "--node", "n1"])
+            .unwrap()
+            .agent;
+        assert!(defaults.rdma.allow_list().is_empty());
+        assert_eq!(defaults.rdma.gid_index, None);
+        assert!(!defaults.tracing);
+        assert_eq!(defaults.transport, TransportChoice::Auto);
+    }
+
+    #[test]
+    fn every_configmap_key_is_an_agent_variable() {
+        use clap::CommandFactory;
+        let command = Cli::command();
+        let variables: Vec<String> = command
+            .get_arguments()
+            .filter_map(|a| a.get_env())
+            .map(|v| v.to_string_lossy().into_owned())
+            .collect();
+        // The keys operator/src/reconcile/configmap.rs writes.
+        for key in [
+            "PINGMESH_TRANSPORT",
+            "PINGMESH_RDMA_DEVICES",
+            "PINGMESH_RDMA_GID_INDEX",
+            "PINGMESH_RDMA_TRAFFIC_CLASS",
+            "PINGMESH_RDMA_SERVICE_LEVEL",
+            "PINGMESH_TRACING",
+        ] {
+            assert!(variables.iter().any(|v| v == key), "{key} is not read");
+        }
+    }
+
+    #[test]
+    fn out_of_range_rdma_settings_are_refused() {
+        for args in [
+            ["--rdma-service-level", "16"],
+            ["--rdma-traffic-class", "256"],
+            ["--rdma-gid-index", "-1"],
+            ["--tracing", "maybe"],
+        ] {
+            let mut argv = vec!["agent", "--node", "n1"];
+            argv.extend(args);
+            assert!(Cli::try_parse_from(&argv).is_err(), "{args:?} accepted");
+        }
+    }
 
     #[test]
     fn backoff_grows_to_its_cap_and_stays_jittered_below_it() {

@@ -14,7 +14,7 @@ use std::time::Duration;
 use pingmesh_proto::limits::MAX_MESSAGE_BYTES;
 use pingmesh_proto::v1::mesh_controller_client::MeshControllerClient;
 use pingmesh_proto::v1::{
-    Endpoint, Pinglist, RegisterRequest, ReportWindowsRequest, WatchPinglistRequest, WindowSummary,
+    Pinglist, RegisterRequest, ReportWindowsRequest, WatchPinglistRequest, WindowSummary,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -22,7 +22,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::Backoff;
+use crate::endpoints::EndpointSet;
 use crate::metrics::AgentMetrics;
+use crate::probe::prober::publish_pinglist_metrics;
 
 /// Summaries per `ReportWindows` call: keeps each message far below the size limit.
 const REPORT_CHUNK: usize = 2_000;
@@ -62,7 +64,18 @@ pub struct Identity {
     pub controller_url: String,
     pub node: String,
     pub agent_version: String,
-    pub endpoints: Vec<Endpoint>,
+    /// Registered again whenever it changes (an RNIC re-opened with a new QPN).
+    pub endpoints: EndpointSet,
+}
+
+/// Why a registered session ended.
+enum SessionEnd {
+    /// The endpoint set changed: register again at once.
+    EndpointsChanged,
+    /// The controller went away or refused us: retry after a backoff.
+    Lost(String),
+    /// The agent is stopping.
+    Stopping,
 }
 
 /// Runs until `cancel`: keeps the agent registered, publishes every pinglist on
@@ -78,7 +91,21 @@ pub async fn run_control(
 ) {
     let mut outbox = Outbox::new(buffer_limit, metrics.clone());
     let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+    let mut endpoint_updates = identity.endpoints.subscribe();
     loop {
+        // Nothing to register while every endpoint is down (RNICs re-opening).
+        while identity.endpoints.current().is_empty() {
+            registered.store(false, Ordering::Relaxed);
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                update = endpoint_updates.changed() => if update.is_err() { return },
+                batch = reports.recv() => match batch {
+                    Some(b) => outbox.push(b),
+                    None => return,
+                },
+            }
+        }
+        endpoint_updates.mark_unchanged();
         let session = tokio::select! {
             () = cancel.cancelled() => return,
             r = connect_and_register(&identity, &metrics) => r,
@@ -95,14 +122,22 @@ pub async fn run_control(
                     &pinglists,
                     &mut reports,
                     &mut outbox,
+                    &mut endpoint_updates,
                     &cancel,
                 )
                 .await;
                 metrics.set_controller_connected(false);
-                if cancel.is_cancelled() {
-                    return;
+                match ended {
+                    SessionEnd::Stopping => return,
+                    _ if cancel.is_cancelled() => return,
+                    SessionEnd::EndpointsChanged => {
+                        tracing::info!("endpoints changed; registering again");
+                        continue;
+                    }
+                    SessionEnd::Lost(reason) => {
+                        tracing::warn!(%reason, "lost the mesh controller; probing goes on with the last pinglist");
+                    }
                 }
-                tracing::warn!(reason = %ended, "lost the mesh controller; probing goes on with the last pinglist");
             }
             Err(e) => {
                 tracing::warn!(error = %e, category = e.category(), "cannot register with the mesh controller; will retry");
@@ -151,7 +186,7 @@ async fn connect_and_register(
         .register(RegisterRequest {
             node: identity.node.clone(),
             agent_version: identity.agent_version.clone(),
-            endpoints: identity.endpoints.clone(),
+            endpoints: identity.endpoints.current(),
         })
         .await
         .map_err(|status| {
@@ -181,15 +216,18 @@ async fn serve_session(
     pinglists: &watch::Sender<Option<Arc<Pinglist>>>,
     reports: &mut mpsc::Receiver<Vec<WindowSummary>>,
     outbox: &mut Outbox,
+    endpoint_changes: &mut watch::Receiver<
+        std::collections::BTreeMap<String, pingmesh_proto::v1::Endpoint>,
+    >,
     cancel: &CancellationToken,
-) -> String {
+) -> SessionEnd {
     let request = WatchPinglistRequest {
         node: identity.node.clone(),
         session,
     };
     let mut stream = match client.watch_pinglist(request).await {
         Ok(s) => s.into_inner(),
-        Err(status) => return format!("watch refused: {status}"),
+        Err(status) => return SessionEnd::Lost(format!("watch refused: {status}")),
     };
     metrics.set_controller_connected(true);
     let mut flush = tokio::time::interval(FLUSH_EVERY);
@@ -199,30 +237,39 @@ async fn serve_session(
             () = cancel.cancelled() => {
                 // Best effort: hand over what is buffered before exiting.
                 let _ = outbox.flush(&mut client, &identity.node, session).await;
-                return "shutting down".into();
+                return SessionEnd::Stopping;
+            }
+            changed = endpoint_changes.changed() => {
+                if changed.is_err() {
+                    return SessionEnd::Stopping;
+                }
+                // Hand over what is buffered under this session before it is replaced.
+                let _ = outbox.flush(&mut client, &identity.node, session).await;
+                return SessionEnd::EndpointsChanged;
             }
             msg = stream.message() => match msg {
                 Ok(Some(list)) => {
                     tracing::info!(version = list.version, targets = list.targets.len(), "pinglist received");
+                    publish_pinglist_metrics(&list, metrics);
                     pinglists.send_replace(Some(Arc::new(list)));
                 }
-                Ok(None) => return "pinglist stream closed by the controller".into(),
-                Err(status) => return format!("pinglist stream failed: {status}"),
+                Ok(None) => return SessionEnd::Lost("pinglist stream closed by the controller".into()),
+                Err(status) => return SessionEnd::Lost(format!("pinglist stream failed: {status}")),
             },
             batch = reports.recv() => {
-                let Some(batch) = batch else { return "agent stopping".into() };
+                let Some(batch) = batch else { return SessionEnd::Stopping };
                 outbox.push(batch);
                 if let Err(e) = outbox.flush(&mut client, &identity.node, session).await
                     && must_reregister(&e)
                 {
-                    return format!("report refused: {e}");
+                    return SessionEnd::Lost(format!("report refused: {e}"));
                 }
             }
             _ = flush.tick() => {
                 if let Err(e) = outbox.flush(&mut client, &identity.node, session).await
                     && must_reregister(&e)
                 {
-                    return format!("report refused: {e}");
+                    return SessionEnd::Lost(format!("report refused: {e}"));
                 }
             }
         }

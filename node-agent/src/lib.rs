@@ -5,6 +5,8 @@ pub mod agent;
 pub mod aggregate;
 pub mod config;
 pub mod control;
+pub mod endpoints;
 pub mod metrics;
 pub mod probe;
+pub mod rnic;
 pub mod transport;

@@ -25,7 +25,12 @@ async fn main() -> anyhow::Result<()> {
     logging::init(&cli.log);
     let cancel = CancellationToken::new();
     let running = agent::start(cli.agent, cancel.clone()).await?;
-    tracing::info!(udp = %running.udp_addr, http = %running.http_addr, "agent started");
+    tracing::info!(
+        transport = running.transport,
+        endpoints = ?running.endpoints.current().iter().map(|e| e.id.clone()).collect::<Vec<_>>(),
+        http = %running.http_addr,
+        "agent started"
+    );
     pingmesh_proto::signals::shutdown_signal().await;
     tracing::info!("shutting down");
     cancel.cancel();

@@ -65,6 +65,8 @@ pub struct AgentMetrics {
     reports: IntCounterVec,
     windows_dropped: IntCounterVec,
     transport_info: IntGaugeVec,
+    rdma_device_events: IntCounterVec,
+    rdma_endpoint_up: IntGaugeVec,
     exported: Mutex<ExportedLabels>,
 }
 
@@ -204,8 +206,20 @@ impl AgentMetrics {
             transport_info: gauge_vec(
                 &registry,
                 "pingmesh_transport_info",
-                "The transport in use (value 1) and whether kernel timestamps are on.",
+                "The transport in use (value 1), how probes are timed (nic, kernel or software), and why this transport.",
                 &["transport", "timestamps", "reason"],
+            )?,
+            rdma_device_events: counter_vec(
+                &registry,
+                "pingmesh_rdma_device_events_total",
+                "RDMA device events and recoveries, by RNIC device and event.",
+                &["device", "event"],
+            )?,
+            rdma_endpoint_up: gauge_vec(
+                &registry,
+                "pingmesh_rdma_endpoint_up",
+                "1 while an RNIC endpoint is open with its port active, 0 while down or re-opening.",
+                &["endpoint", "device"],
             )?,
             exported: Mutex::new(ExportedLabels::default()),
             registry,
@@ -251,7 +265,13 @@ impl AgentMetrics {
             .with_label_values(&["other_prober"])
             .inc_by(0);
         let full = PendingError::Full { capacity: 0 };
-        for reason in [full.category(), "send", "bad_target_address"] {
+        for reason in [
+            full.category(),
+            "send",
+            "bad_target_address",
+            "port_down",
+            "send_completion_error",
+        ] {
             self.probes_not_sent.with_label_values(&[reason]).inc_by(0);
         }
         for reason in [
@@ -368,16 +388,27 @@ impl AgentMetrics {
         self.windows_dropped.with_label_values(&[reason]).inc_by(n);
     }
 
-    pub fn set_transport(&self, transport: &str, kernel_timestamps: bool, reason: &str) {
+    /// `timestamps`: `nic`, `kernel` or `software`.
+    pub fn set_transport(&self, transport: &str, timestamps: &str, reason: &str) {
         self.transport_info.reset();
-        let ts = if kernel_timestamps {
-            "kernel"
-        } else {
-            "software"
-        };
         self.transport_info
-            .with_label_values(&[transport, ts, reason])
+            .with_label_values(&[transport, timestamps, reason])
             .set(1);
+    }
+
+    /// An RNIC endpoint's device event or recovery step (`port_down`,
+    /// `port_up`, `fatal`, `reopened`, `reopen_failed`, `other`).
+    pub fn rdma_device_event(&self, device: &str, event: &str) {
+        self.rdma_device_events
+            .with_label_values(&[device, event])
+            .inc();
+    }
+
+    /// Whether an RNIC endpoint is open with its port active.
+    pub fn set_rdma_endpoint_up(&self, endpoint: &str, device: &str, up: bool) {
+        self.rdma_endpoint_up
+            .with_label_values(&[endpoint, device])
+            .set(i64::from(up));
     }
 
     /// Records a new pinglist: target counts by kind, and removal of the series

@@ -156,11 +156,29 @@ pub struct Agent {
 }
 
 pub fn start_agent(dir: &Path, node: &str, tor: &str, ip: &str, controller: SocketAddr) -> Agent {
+    let udp_bind = format!("{ip}:0");
+    start_agent_with(
+        dir,
+        node,
+        ip,
+        controller,
+        &["--tor", tor, "--udp-bind", &udp_bind],
+    )
+}
+
+/// An agent with `extra` flags (transport, ToR, ...); metrics on `ip`.
+pub fn start_agent_with(
+    dir: &Path,
+    node: &str,
+    ip: &str,
+    controller: SocketAddr,
+    extra: &[&str],
+) -> Agent {
     let metrics = SocketAddr::new(ip.parse().expect("ip"), free_port(ip));
     let child = Command::new(binary("pingmesh-agent"))
-        .args(["--node", node, "--tor", tor])
+        .args(["--node", node])
+        .args(extra)
         .args(["--controller", &format!("http://{controller}")])
-        .args(["--udp-bind", &format!("{ip}:0")])
         .args(["--metrics-addr", &metrics.to_string()])
         .stdout(Stdio::null())
         .stderr(log_file(dir, node))

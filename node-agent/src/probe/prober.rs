@@ -1,15 +1,18 @@
 //! The prober: paces probes to every pinglist target, matches what comes back,
 //! and feeds outcomes to the metrics and the window aggregator.
 //!
-//! Tasks: one scheduler (sends), one receiver per source-port socket (ACKs and
-//! kernel TX timestamps), one sweeper (timeouts, finished windows). Probes are
+//! Tasks: one scheduler (sends), one receiver per socket (ACKs and kernel or
+//! NIC TX timestamps), one sweeper (timeouts, finished windows). Probes are
 //! registered in the pending table before they are sent, and pacing is jittered
 //! per target so a fleet never probes in lockstep.
+//!
+//! One prober serves one source endpoint and is generic over how it reaches
+//! targets ([`FlowTransport`]): UDP spreads flows over source-port sockets,
+//! RDMA over GRH flow labels of one queue pair.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap};
-use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -21,13 +24,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::host_now_ns;
+use super::flows::FlowTransport;
 use super::pending::{Outcome, PendingTable};
 use super::timing::{Stamp, classify};
 use super::wire::{Message, MessageType};
 use crate::aggregate::{PathInfo, WindowAggregator};
 use crate::metrics::{AgentMetrics, TargetLabels};
-use crate::transport::udp::{SocketEvent, UdpProbeSocket};
-use crate::transport::{TimestampMode, TransportError};
+use crate::transport::TransportError;
+use crate::transport::socket::{ProbeEvent, ProbeSocket};
 
 /// Exact percentiles are kept for up to this many samples per path and window.
 const MAX_EXACT_SAMPLES: usize = 4_096;
@@ -39,33 +43,52 @@ const DEFAULT_TIMEOUT_MS: u32 = 500;
 
 #[derive(Debug, Clone)]
 pub struct ProberConfig {
-    /// Local IP the source-port sockets bind to.
-    pub bind_ip: IpAddr,
-    pub timestamps: TimestampMode,
-    pub max_flows: u16,
+    /// The endpoint probes leave from; pinglist targets of other endpoints
+    /// (another RNIC of this node) are left to their own prober.
+    pub source_endpoint: String,
     pub max_pending: usize,
+    /// While set (the RNIC port is down), due probes are not sent but counted.
+    pub paused: Arc<AtomicBool>,
+}
+
+impl ProberConfig {
+    pub fn new(source_endpoint: &str, max_pending: usize) -> Self {
+        Self {
+            source_endpoint: source_endpoint.to_owned(),
+            max_pending,
+            paused: Arc::new(AtomicBool::new(false)),
+        }
+    }
 }
 
 /// One pinglist target, resolved once per pinglist.
 #[derive(Debug)]
-struct Target {
+struct Target<P> {
     path: Arc<PathInfo>,
     labels: TargetLabels,
-    addr: SocketAddr,
+    addr: P,
     interval: Duration,
     flows: u16,
 }
 
 /// What the pending table remembers per probe.
-#[derive(Debug, Clone)]
-struct ProbeCtx {
-    target: Arc<Target>,
+#[derive(Debug)]
+struct ProbeCtx<P> {
+    target: Arc<Target<P>>,
 }
 
-struct Shared {
+impl<P> Clone for ProbeCtx<P> {
+    fn clone(&self) -> Self {
+        Self {
+            target: self.target.clone(),
+        }
+    }
+}
+
+struct Shared<P> {
     prober_id: u64,
     next_seq: AtomicU64,
-    pending: Mutex<PendingTable<ProbeCtx>>,
+    pending: Mutex<PendingTable<ProbeCtx<P>>>,
     aggregator: Mutex<WindowAggregator>,
     timeout_ms: AtomicU64,
     metrics: Arc<AgentMetrics>,
@@ -76,9 +99,9 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// A source-port socket and the TX-timestamp keys of the probes sent on it.
-struct FlowSocket {
-    socket: Arc<UdpProbeSocket>,
+/// A socket and the send-completion keys of the probes sent on it.
+struct FlowSocket<S> {
+    socket: Arc<S>,
     tx_keys: Mutex<TxKeys>,
 }
 
@@ -111,6 +134,12 @@ impl TxKeys {
         None
     }
 
+    /// The send under `key` completed without a stamp, or failed: forgets the
+    /// key and returns the probe's seq if we know it.
+    fn completed(&mut self, key: u32) -> Option<u64> {
+        self.seq_of_key.remove(&key)
+    }
+
     fn bound(map: &mut BTreeMap<u32, u64>) {
         while map.len() > MAX_TX_KEYS {
             map.pop_first();
@@ -119,8 +148,9 @@ impl TxKeys {
 }
 
 /// Runs the prober until `cancel`. Window summaries go to `summaries`.
-pub async fn run_prober(
+pub async fn run_prober<T: FlowTransport>(
     config: ProberConfig,
+    mut transport: T,
     metrics: Arc<AgentMetrics>,
     mut pinglists: watch::Receiver<Option<Arc<Pinglist>>>,
     summaries: mpsc::Sender<Vec<WindowSummary>>,
@@ -137,7 +167,7 @@ pub async fn run_prober(
     let mut tasks = JoinSet::new();
     tasks.spawn(sweep(shared.clone(), summaries, cancel.clone()));
 
-    let mut sockets: Vec<Arc<FlowSocket>> = Vec::new();
+    let mut sockets: Vec<Arc<FlowSocket<T::Socket>>> = Vec::new();
     let mut schedule = Schedule::default();
     let mut window_ms = DEFAULT_WINDOW_MS;
     let mut timeout_ms = DEFAULT_TIMEOUT_MS;
@@ -158,10 +188,10 @@ pub async fn run_prober(
                     timeout_ms = list.probe_timeout_ms;
                     shared.timeout_ms.store(u64::from(timeout_ms), Ordering::Relaxed);
                 }
-                let targets = resolve_targets(&list, &metrics);
-                let wanted = targets.iter().map(|t| t.flows).max().unwrap_or(1).min(config.max_flows.max(1));
-                while sockets.len() < usize::from(wanted) {
-                    let socket = Arc::new(UdpProbeSocket::bind(SocketAddr::new(config.bind_ip, 0), config.timestamps)?);
+                let targets = resolve_targets(&list, &config.source_endpoint, &transport, &metrics);
+                let wanted = targets.iter().map(|t| t.flows).max().unwrap_or(1);
+                transport.on_pinglist(list.version);
+                for socket in transport.open_flows(wanted)? {
                     let flow = Arc::new(FlowSocket { socket, tx_keys: Mutex::new(TxKeys::default()) });
                     tasks.spawn(receive(shared.clone(), flow.clone(), cancel.clone()));
                     sockets.push(flow);
@@ -170,10 +200,15 @@ pub async fn run_prober(
             }
             () = sleep_until(next_due) => {
                 if let Some(target_index) = schedule.pop_due() {
+                    if config.paused.load(Ordering::Relaxed) {
+                        metrics.sent_nothing("port_down");
+                        continue;
+                    }
                     let target = schedule.targets[target_index].clone();
-                    let flow = schedule.next_flow(target_index, sockets.len());
-                    if let Some(socket) = sockets.get(usize::from(flow)) {
-                        send_probe(&shared, socket, target, flow, window_ms, timeout_ms).await;
+                    let flow = schedule.next_flow(target_index);
+                    let (socket_index, peer) = transport.route(target.addr, flow);
+                    if let Some(socket) = sockets.get(socket_index) {
+                        send_probe(&shared, socket, target, peer, flow, window_ms, timeout_ms).await;
                     }
                 }
             }
@@ -191,21 +226,30 @@ async fn sleep_until(due: Option<Instant>) {
     }
 }
 
-fn resolve_targets(list: &Pinglist, metrics: &AgentMetrics) -> Vec<Arc<Target>> {
+fn resolve_targets<T: FlowTransport>(
+    list: &Pinglist,
+    source_endpoint: &str,
+    transport: &T,
+    metrics: &AgentMetrics,
+) -> Vec<Arc<Target<<T::Socket as ProbeSocket>::Peer>>> {
     let mut out = Vec::with_capacity(list.targets.len());
-    let mut by_kind: BTreeMap<&'static str, usize> = BTreeMap::new();
     for t in &list.targets {
-        let Some(endpoint) = &t.target else { continue };
-        let Ok(addr) = endpoint.address.parse::<SocketAddr>() else {
-            tracing::warn!(target = %endpoint.id, address = %endpoint.address, "pinglist target has no UDP address; skipped");
-            metrics.sent_nothing("bad_target_address");
+        // Empty: a controller that names no source means this node's only endpoint.
+        if !t.source_endpoint.is_empty() && t.source_endpoint != source_endpoint {
             continue;
+        }
+        let Some(endpoint) = &t.target else { continue };
+        let addr = match transport.target_address(endpoint) {
+            Ok(addr) => addr,
+            Err(reason) => {
+                tracing::warn!(target = %endpoint.id, address = %endpoint.address, reason, "pinglist target cannot be probed from this endpoint; skipped");
+                metrics.sent_nothing("bad_target_address");
+                continue;
+            }
         };
         if !(t.rate_pps.is_finite() && t.rate_pps > 0.0) {
             continue;
         }
-        let kind = TargetKind::try_from(t.kind).unwrap_or(TargetKind::Unspecified);
-        *by_kind.entry(kind_label(kind)).or_default() += 1;
         out.push(Arc::new(Target {
             path: Arc::new(PathInfo {
                 source_endpoint: t.source_endpoint.as_str().into(),
@@ -225,10 +269,26 @@ fn resolve_targets(list: &Pinglist, metrics: &AgentMetrics) -> Vec<Arc<Target>> 
             flows: u16::try_from(t.flows.clamp(1, 1024)).unwrap_or(1),
         }));
     }
-    let kinds: Vec<(&str, usize)> = by_kind.into_iter().collect();
-    let labels: Vec<TargetLabels> = out.iter().map(|t| t.labels.clone()).collect();
-    metrics.set_pinglist(list.version, &kinds, &labels);
     out
+}
+
+/// Exports what a pinglist asks of the whole node (every endpoint's prober):
+/// targets per kind, and which ToR pairs and nodes have series.
+pub fn publish_pinglist_metrics(list: &Pinglist, metrics: &AgentMetrics) {
+    let mut by_kind: BTreeMap<&'static str, usize> = BTreeMap::new();
+    let mut labels = Vec::with_capacity(list.targets.len());
+    for t in &list.targets {
+        let Some(endpoint) = &t.target else { continue };
+        let kind = TargetKind::try_from(t.kind).unwrap_or(TargetKind::Unspecified);
+        *by_kind.entry(kind_label(kind)).or_default() += 1;
+        labels.push(TargetLabels {
+            src_tor: t.source_tor.clone(),
+            dst_tor: endpoint.tor.clone(),
+            dst_node: t.target_node.clone(),
+        });
+    }
+    let kinds: Vec<(&str, usize)> = by_kind.into_iter().collect();
+    metrics.set_pinglist(list.version, &kinds, &labels);
 }
 
 fn kind_label(kind: TargetKind) -> &'static str {
@@ -242,15 +302,24 @@ fn kind_label(kind: TargetKind) -> &'static str {
 
 /// Per-target pacing: each target has its own jittered period, started at a
 /// random phase, so probes from many agents never line up.
-#[derive(Default)]
-struct Schedule {
-    targets: Vec<Arc<Target>>,
+struct Schedule<P> {
+    targets: Vec<Arc<Target<P>>>,
     due: BinaryHeap<Reverse<(Instant, usize)>>,
     flow_cursor: Vec<u16>,
 }
 
-impl Schedule {
-    fn new(targets: Vec<Arc<Target>>) -> Self {
+impl<P> Default for Schedule<P> {
+    fn default() -> Self {
+        Self {
+            targets: Vec::new(),
+            due: BinaryHeap::new(),
+            flow_cursor: Vec::new(),
+        }
+    }
+}
+
+impl<P> Schedule<P> {
+    fn new(targets: Vec<Arc<Target<P>>>) -> Self {
         let now = Instant::now();
         let mut due = BinaryHeap::with_capacity(targets.len());
         let mut flow_cursor = Vec::with_capacity(targets.len());
@@ -284,20 +353,21 @@ impl Schedule {
         Some(i)
     }
 
-    /// Round-robin over the target's flows, mapped onto the sockets we have.
-    fn next_flow(&mut self, i: usize, sockets: usize) -> u16 {
+    /// Round-robin over the target's flows (the transport maps them onto
+    /// sockets or flow labels).
+    fn next_flow(&mut self, i: usize) -> u16 {
         let flows = self.targets[i].flows.max(1);
         let flow = self.flow_cursor[i] % flows;
         self.flow_cursor[i] = (flow + 1) % flows;
-        let sockets = u16::try_from(sockets.max(1)).unwrap_or(u16::MAX);
-        flow % sockets
+        flow
     }
 }
 
-async fn send_probe(
-    shared: &Shared,
-    flow_socket: &FlowSocket,
-    target: Arc<Target>,
+async fn send_probe<S: ProbeSocket>(
+    shared: &Shared<S::Peer>,
+    flow_socket: &FlowSocket<S>,
+    target: Arc<Target<S::Peer>>,
+    peer: S::Peer,
     flow: u16,
     window_ms: u32,
     timeout_ms: u32,
@@ -317,7 +387,7 @@ async fn send_probe(
         return;
     }
     let payload = Message::probe(shared.prober_id, seq).encode();
-    match flow_socket.socket.send_to(&payload, target.addr).await {
+    match flow_socket.socket.send_to(&payload, peer).await {
         Ok(receipt) => {
             lock(&shared.aggregator).on_sent(window, &target.path);
             let early_stamp = receipt
@@ -335,15 +405,19 @@ async fn send_probe(
             }
         }
         Err(e) => {
-            tracing::debug!(error = %e, target = %target.addr, "probe send failed");
+            tracing::debug!(error = %e, ?peer, "probe send failed");
             shared.metrics.sent_nothing(e.category());
             let _ = lock(&shared.pending).on_send_failed(seq);
         }
     }
 }
 
-/// Reads ACKs and TX timestamps from one source-port socket.
-async fn receive(shared: Arc<Shared>, flow: Arc<FlowSocket>, cancel: CancellationToken) {
+/// Reads ACKs and send completions from one socket.
+async fn receive<S: ProbeSocket>(
+    shared: Arc<Shared<S::Peer>>,
+    flow: Arc<FlowSocket<S>>,
+    cancel: CancellationToken,
+) {
     let mut buf = [0u8; 256];
     loop {
         let event = tokio::select! {
@@ -351,14 +425,25 @@ async fn receive(shared: Arc<Shared>, flow: Arc<FlowSocket>, cancel: Cancellatio
             e = flow.socket.next_event(&mut buf) => e,
         };
         let result = match event {
-            Ok(SocketEvent::TxTimestamp { key, kernel_ns }) => {
+            Ok(ProbeEvent::TxTimestamp { key, kernel_ns }) => {
                 let seq = lock(&flow.tx_keys).stamped(key, kernel_ns);
                 match seq {
                     Some(seq) => lock(&shared.pending).on_tx_timestamp(seq, kernel_ns),
                     None => continue,
                 }
             }
-            Ok(SocketEvent::Datagram {
+            Ok(ProbeEvent::SendDone { key }) => {
+                lock(&flow.tx_keys).completed(key);
+                continue;
+            }
+            Ok(ProbeEvent::SendFailed { key }) => {
+                // Counted with the outcome (send_completion_error) in record().
+                match lock(&flow.tx_keys).completed(key) {
+                    Some(seq) => lock(&shared.pending).on_send_failed(seq),
+                    None => continue,
+                }
+            }
+            Ok(ProbeEvent::Datagram {
                 len,
                 host_ns,
                 kernel_ns,
@@ -413,8 +498,8 @@ async fn receive(shared: Arc<Shared>, flow: Arc<FlowSocket>, cancel: Cancellatio
 }
 
 /// Expires probes past their deadline and hands finished windows to the reporter.
-async fn sweep(
-    shared: Arc<Shared>,
+async fn sweep<P>(
+    shared: Arc<Shared<P>>,
     summaries: mpsc::Sender<Vec<WindowSummary>>,
     cancel: CancellationToken,
 ) {
@@ -450,7 +535,7 @@ async fn sweep(
 }
 
 /// Books one finished probe in the metrics and its window.
-fn record(shared: &Shared, outcome: Outcome<ProbeCtx>) {
+fn record<P>(shared: &Shared<P>, outcome: Outcome<ProbeCtx<P>>) {
     match outcome {
         Outcome::Answered {
             ctx,
@@ -473,6 +558,15 @@ fn record(shared: &Shared, outcome: Outcome<ProbeCtx>) {
             shared.metrics.lost(&ctx.target.labels);
             lock(&shared.aggregator).on_lost(window_start_ms, &ctx.target.path, flow);
         }
-        Outcome::SendFailed { .. } => {}
+        Outcome::SendFailed {
+            ctx,
+            window_start_ms,
+            ..
+        } => {
+            // Only a send the transport accepted and then failed (an RDMA
+            // completion error) ends here: it was counted sent, take it back.
+            shared.metrics.sent_nothing("send_completion_error");
+            lock(&shared.aggregator).on_send_failed(window_start_ms, &ctx.target.path);
+        }
     }
 }

@@ -11,7 +11,6 @@
 //! [`TX_TIMESTAMP_WAIT`] passes.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::probe::wire::{DecodeError, MESSAGE_LEN, Message, MessageType};
 use crate::transport::TransportError;
-use crate::transport::udp::{SocketEvent, UdpProbeSocket};
+use crate::transport::socket::{ProbeEvent, ProbeSocket};
 
 /// How long ACK2 waits for ACK1's kernel TX stamp before going out host-timed.
 pub const TX_TIMESTAMP_WAIT: Duration = Duration::from_millis(20);
@@ -43,6 +42,8 @@ pub trait ResponderObserver: Send + Sync {
     /// - `"tx_timestamp_timeout"`, `"pending_ack2_overflow"`,
     ///   `"tx_timestamp_mismatch"`: ACK1's kernel stamp was given up and that
     ///   probe's ACK2 went out host-timed;
+    /// - `"send_completion_failed"`: a send the transport had accepted
+    ///   completed with an error (RDMA), and it was not an ACK1 still waited on;
     /// - a reason the socket gave for a skipped event (`"icmp_error"`, ...).
     fn dropped(&self, reason: &'static str);
 }
@@ -50,8 +51,8 @@ pub trait ResponderObserver: Send + Sync {
 /// Answers probes on `socket` until `cancel` fires (then returns `Ok`). Only a
 /// failure to receive at all ends it early; bad input and failed sends are
 /// counted and skipped.
-pub async fn run_responder(
-    socket: Arc<UdpProbeSocket>,
+pub async fn run_responder<S: ProbeSocket>(
+    socket: Arc<S>,
     observer: Arc<dyn ResponderObserver>,
     cancel: CancellationToken,
 ) -> Result<(), TransportError> {
@@ -61,11 +62,7 @@ pub async fn run_responder(
         pending: PendingAck2s::default(),
     };
     let mut buf = [0u8; RECEIVE_BUFFER_LEN];
-    tracing::debug!(
-        local = %socket.local_addr(),
-        support = ?socket.timestamp_support(),
-        "responder running"
-    );
+    tracing::debug!(support = ?socket.timestamp_support(), "responder running");
     loop {
         let deadline = responder.pending.next_deadline();
         tokio::select! {
@@ -86,16 +83,16 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
-struct Responder {
-    socket: Arc<UdpProbeSocket>,
+struct Responder<S: ProbeSocket> {
+    socket: Arc<S>,
     observer: Arc<dyn ResponderObserver>,
-    pending: PendingAck2s,
+    pending: PendingAck2s<S::Peer>,
 }
 
-impl Responder {
-    async fn handle(&mut self, event: SocketEvent, buf: &[u8]) {
+impl<S: ProbeSocket> Responder<S> {
+    async fn handle(&mut self, event: ProbeEvent<S::Peer>, buf: &[u8]) {
         match event {
-            SocketEvent::Datagram {
+            ProbeEvent::Datagram {
                 len,
                 from,
                 host_ns,
@@ -115,7 +112,7 @@ impl Responder {
                     Err(error) => self.observer.malformed(error.category()),
                 }
             }
-            SocketEvent::TxTimestamp { key, kernel_ns } => {
+            ProbeEvent::TxTimestamp { key, kernel_ns } => {
                 // Stamps of ACK2s (and of ACK1s already answered host-timed) match nothing.
                 let Some(ack) = self.pending.take(key) else {
                     return;
@@ -130,14 +127,24 @@ impl Responder {
                     self.send_host_timed(&ack).await;
                 }
             }
-            SocketEvent::Skipped { reason } => self.observer.dropped(reason),
+            // Completions of ACK2s, and of ACK1s that were answered host-timed.
+            ProbeEvent::SendDone { .. } => {}
+            ProbeEvent::SendFailed { key } => {
+                if self.pending.take(key).is_some() {
+                    // ACK1 never left: no ACK2 either, the prober counts the probe lost.
+                    self.observer.dropped("ack1_send_failed");
+                } else {
+                    self.observer.dropped("send_completion_failed");
+                }
+            }
+            ProbeEvent::Skipped { reason } => self.observer.dropped(reason),
         }
     }
 
     async fn answer(
         &mut self,
         probe: Message,
-        peer: SocketAddr,
+        peer: S::Peer,
         t3_host_ns: u64,
         t3_kernel_ns: Option<u64>,
     ) {
@@ -148,7 +155,7 @@ impl Responder {
         {
             Ok(receipt) => receipt,
             Err(error) => {
-                tracing::debug!(%peer, %error, "ACK1 send failed");
+                tracing::debug!(?peer, %error, "ACK1 send failed");
                 self.observer.dropped("ack1_send_failed");
                 return;
             }
@@ -187,7 +194,7 @@ impl Responder {
         }
     }
 
-    async fn send_host_timed(&self, ack: &PendingAck2) {
+    async fn send_host_timed(&self, ack: &PendingAck2<S::Peer>) {
         self.send_ack2(&ack.probe, ack.peer, ack.t3_host_ns, ack.t4_host_ns, true)
             .await;
     }
@@ -195,7 +202,7 @@ impl Responder {
     async fn send_ack2(
         &self,
         probe: &Message,
-        peer: SocketAddr,
+        peer: S::Peer,
         t3_ns: u64,
         t4_ns: u64,
         software_timed: bool,
@@ -204,7 +211,7 @@ impl Responder {
         match self.socket.send_to(&ack2, peer).await {
             Ok(_) => self.observer.answered(software_timed),
             Err(error) => {
-                tracing::debug!(%peer, %error, "ACK2 send failed");
+                tracing::debug!(?peer, %error, "ACK2 send failed");
                 self.observer.dropped("ack2_send_failed");
             }
         }
@@ -213,9 +220,9 @@ impl Responder {
 
 /// An ACK2 waiting for ACK1's kernel TX stamp, with the host readings to fall back on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct PendingAck2 {
+struct PendingAck2<P> {
     probe: Message,
-    peer: SocketAddr,
+    peer: P,
     t3_kernel_ns: u64,
     t3_host_ns: u64,
     t4_host_ns: u64,
@@ -224,17 +231,26 @@ struct PendingAck2 {
 
 /// ACK2s by TX stamp key, bounded, expiring in the order they were added
 /// (every entry waits equally long).
-#[derive(Debug, Default)]
-struct PendingAck2s {
-    by_key: HashMap<u32, PendingAck2>,
+#[derive(Debug)]
+struct PendingAck2s<P> {
+    by_key: HashMap<u32, PendingAck2<P>>,
     /// Deadlines in insertion order; entries already taken are skipped lazily.
     order: VecDeque<(Instant, u32)>,
 }
 
-impl PendingAck2s {
+impl<P> Default for PendingAck2s<P> {
+    fn default() -> Self {
+        Self {
+            by_key: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<P: Copy> PendingAck2s<P> {
     /// Adds `ack`; returns an entry it displaced: the oldest when the table is
     /// full, or an older entry under the same key (keys wrap or restart).
-    fn insert(&mut self, key: u32, ack: PendingAck2) -> Option<PendingAck2> {
+    fn insert(&mut self, key: u32, ack: PendingAck2<P>) -> Option<PendingAck2<P>> {
         let displaced = match self.by_key.remove(&key) {
             Some(same_key) => Some(same_key),
             None if self.by_key.len() >= MAX_PENDING_ACK2 => self.pop_oldest(),
@@ -251,7 +267,7 @@ impl PendingAck2s {
         displaced
     }
 
-    fn take(&mut self, key: u32) -> Option<PendingAck2> {
+    fn take(&mut self, key: u32) -> Option<PendingAck2<P>> {
         self.by_key.remove(&key)
     }
 
@@ -259,7 +275,7 @@ impl PendingAck2s {
         self.order.front().map(|(deadline, _)| *deadline)
     }
 
-    fn pop_expired(&mut self, now: Instant) -> Option<PendingAck2> {
+    fn pop_expired(&mut self, now: Instant) -> Option<PendingAck2<P>> {
         while let Some(&(deadline, _)) = self.order.front() {
             if deadline > now {
                 return None;
@@ -271,7 +287,7 @@ impl PendingAck2s {
         None
     }
 
-    fn pop_oldest(&mut self) -> Option<PendingAck2> {
+    fn pop_oldest(&mut self) -> Option<PendingAck2<P>> {
         while !self.order.is_empty() {
             if let Some(ack) = self.pop_front_if_live() {
                 return Some(ack);
@@ -281,7 +297,7 @@ impl PendingAck2s {
     }
 
     /// Pops the front slot; returns its entry unless that was taken already.
-    fn pop_front_if_live(&mut self) -> Option<PendingAck2> {
+    fn pop_front_if_live(&mut self) -> Option<PendingAck2<P>> {
         let (deadline, key) = self.order.pop_front()?;
         if self
             .by_key
@@ -305,8 +321,11 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
+    use std::net::SocketAddr;
+
     use super::*;
     use crate::transport::TimestampMode;
+    use crate::transport::udp::{SocketEvent, UdpProbeSocket};
 
     const GUARD: Duration = Duration::from_secs(5);
 
@@ -520,7 +539,11 @@ mod tests {
     }
 
     /// A responder driven by hand, answering to a fresh prober socket.
-    fn responder_by_hand() -> (Responder, Arc<CountingObserver>, UdpProbeSocket) {
+    fn responder_by_hand() -> (
+        Responder<UdpProbeSocket>,
+        Arc<CountingObserver>,
+        UdpProbeSocket,
+    ) {
         let observer = Arc::new(CountingObserver::default());
         let socket = UdpProbeSocket::bind(([127, 0, 0, 1], 0).into(), TimestampMode::Off).unwrap();
         let responder = Responder {
@@ -531,7 +554,11 @@ mod tests {
         (responder, observer, prober())
     }
 
-    fn waiting_for(prober: &UdpProbeSocket, t3_kernel_ns: u64, deadline: Instant) -> PendingAck2 {
+    fn waiting_for(
+        prober: &UdpProbeSocket,
+        t3_kernel_ns: u64,
+        deadline: Instant,
+    ) -> PendingAck2<SocketAddr> {
         PendingAck2 {
             peer: prober.local_addr(),
             t3_kernel_ns,
@@ -599,7 +626,7 @@ mod tests {
         );
     }
 
-    fn pending(seq: u64, deadline: Instant) -> PendingAck2 {
+    fn pending(seq: u64, deadline: Instant) -> PendingAck2<SocketAddr> {
         PendingAck2 {
             probe: Message::probe(1, seq),
             peer: ([127, 0, 0, 1], 9).into(),

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use thiserror::Error;
 
 pub mod rdma;
+pub mod socket;
 pub mod udp;
 
 #[cfg(target_os = "linux")]
@@ -75,6 +76,8 @@ pub enum TransportError {
     Receive { source: io::Error },
     #[error("{what} is not supported on this platform")]
     Unsupported { what: &'static str },
+    #[error(transparent)]
+    Rdma(#[from] rdma::RdmaError),
 }
 
 impl TransportError {
@@ -89,6 +92,8 @@ impl TransportError {
             Self::Send { .. } => "send",
             Self::Receive { .. } => "receive",
             Self::Unsupported { .. } => "unsupported",
+            // RDMA failures keep their own bounded categories (a full send queue, ...).
+            Self::Rdma(e) => e.category(),
         }
     }
 }
@@ -113,6 +118,7 @@ mod tests {
             },
             TransportError::Receive { source: io() },
             TransportError::Unsupported { what: "x" },
+            TransportError::Rdma(rdma::RdmaError::PayloadTooLarge { len: 1, max: 0 }),
         ];
         let mut categories: Vec<_> = errors.iter().map(TransportError::category).collect();
         categories.sort_unstable();

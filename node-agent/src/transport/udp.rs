@@ -13,41 +13,17 @@ use socket2::{Domain, MaybeUninitSlice, Protocol, SockAddr, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::io::{Interest, Ready};
 
+use super::socket::{ProbeEvent, ProbeSocket};
 use super::timestamping::{self, KernelTimestamps};
 use super::{TimestampMode, TimestampSupport, TransportError};
 use crate::probe::clock::host_now_ns;
 
-/// What a successful send reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SendReceipt {
-    /// Host monotonic reading taken right after the send returned.
-    pub host_ns: u64,
-    /// The key of this datagram's coming [`SocketEvent::TxTimestamp`]; `None`
-    /// when the socket has no TX timestamps.
-    pub tx_key: Option<u32>,
-}
+pub use super::socket::SendReceipt;
 
-/// One thing the socket has to say.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SocketEvent {
-    /// A datagram, its first `len` bytes in the caller's buffer.
-    Datagram {
-        len: usize,
-        from: SocketAddr,
-        /// Host monotonic reading taken right after the receive returned.
-        host_ns: u64,
-        /// Kernel or NIC receive timestamp; comparable only with other kernel
-        /// stamps of this socket.
-        kernel_ns: Option<u64>,
-        /// The datagram was longer than the buffer and was cut to `len` bytes.
-        truncated: bool,
-    },
-    /// The kernel's transmit timestamp of the send whose receipt had `key`.
-    TxTimestamp { key: u32, kernel_ns: u64 },
-    /// Something that is neither (an ICMP error for an earlier send, an error
-    /// queue entry without a stamp). Worth a counter, not a stop.
-    Skipped { reason: &'static str },
-}
+/// One thing the socket has to say. UDP sends never report
+/// [`ProbeEvent::SendDone`] or [`ProbeEvent::SendFailed`]: a failed send is an
+/// error of the send call itself.
+pub type SocketEvent = ProbeEvent<SocketAddr>;
 
 /// A UDP socket for probe traffic.
 #[derive(Debug)]
@@ -206,6 +182,26 @@ impl UdpProbeSocket {
     #[cfg(all(test, target_os = "linux"))]
     fn kernel_timestamps(&self) -> Option<&KernelTimestamps> {
         self.kernel.as_ref()
+    }
+}
+
+impl ProbeSocket for UdpProbeSocket {
+    type Peer = SocketAddr;
+
+    fn timestamp_support(&self) -> TimestampSupport {
+        UdpProbeSocket::timestamp_support(self)
+    }
+
+    async fn send_to(
+        &self,
+        payload: &[u8],
+        peer: SocketAddr,
+    ) -> Result<SendReceipt, TransportError> {
+        UdpProbeSocket::send_to(self, payload, peer).await
+    }
+
+    async fn next_event(&self, buf: &mut [u8]) -> Result<SocketEvent, TransportError> {
+        UdpProbeSocket::next_event(self, buf).await
     }
 }
 

@@ -24,11 +24,14 @@ use thiserror::Error;
 
 pub mod ah_cache;
 pub mod clock;
+pub mod device;
 pub mod discovery;
 pub mod engine;
 pub mod flow_label;
 pub mod gid;
 pub mod grh;
+#[cfg(test)]
+pub mod loopback;
 pub mod verbs;
 
 #[cfg(all(target_os = "linux", feature = "rdma"))]
@@ -41,6 +44,7 @@ mod stub;
 #[cfg(not(all(target_os = "linux", feature = "rdma")))]
 pub use stub::{RdmaEndpoint, rdma_available};
 
+pub use device::{RdmaDevice, RdmaQueuePair};
 pub use discovery::{Discovery, RnicEndpointSpec, discover_endpoints};
 pub use gid::Gid;
 

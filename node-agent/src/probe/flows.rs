@@ -1,0 +1,276 @@
+//! How a prober spreads probes over ECMP paths on each transport.
+//!
+//! The controller asks for `flows` distinct flows per target (enough to cover
+//! its ECMP paths with the configured probability). Over UDP a flow is a
+//! source port, so the prober opens one socket per flow. Over RDMA a flow is
+//! a GRH flow label, which RoCE v2 drivers hash into the UDP source port: one
+//! queue pair carries every flow, and the labels rotate with each pinglist so
+//! that over time more paths than `flows` get covered.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use pingmesh_proto::v1::{Endpoint, Transport};
+
+use crate::transport::rdma::flow_label::flow_label;
+use crate::transport::rdma::{Gid, RdmaDest};
+use crate::transport::socket::ProbeSocket;
+use crate::transport::udp::UdpProbeSocket;
+use crate::transport::{TimestampMode, TransportError};
+
+/// Largest valid queue pair number (24 bits).
+const MAX_QPN: u32 = 0x00FF_FFFF;
+
+/// The transport side of a prober.
+pub trait FlowTransport: Send + 'static {
+    type Socket: ProbeSocket;
+
+    /// Where `endpoint` is reached on this transport, or why it cannot be.
+    fn target_address(
+        &self,
+        endpoint: &Endpoint,
+    ) -> Result<<Self::Socket as ProbeSocket>::Peer, &'static str>;
+
+    /// Opens what `flows` distinct flows need; returns the sockets it added.
+    fn open_flows(&mut self, flows: u16) -> Result<Vec<Arc<Self::Socket>>, TransportError>;
+
+    /// Which socket (in the order opened) carries `flow` to `target`, and the
+    /// destination to send to.
+    fn route(
+        &self,
+        target: <Self::Socket as ProbeSocket>::Peer,
+        flow: u16,
+    ) -> (usize, <Self::Socket as ProbeSocket>::Peer);
+
+    /// A new pinglist (with this version) is in force.
+    fn on_pinglist(&mut self, _version: u64) {}
+}
+
+/// UDP: one socket, and so one source port, per flow.
+#[derive(Debug)]
+pub struct UdpFlows {
+    bind_ip: IpAddr,
+    timestamps: TimestampMode,
+    max_flows: u16,
+    opened: u16,
+}
+
+impl UdpFlows {
+    /// Sockets bind to `bind_ip`; at most `max_flows` are opened whatever the controller asks.
+    pub fn new(bind_ip: IpAddr, timestamps: TimestampMode, max_flows: u16) -> Self {
+        Self {
+            bind_ip,
+            timestamps,
+            max_flows: max_flows.max(1),
+            opened: 0,
+        }
+    }
+}
+
+impl FlowTransport for UdpFlows {
+    type Socket = UdpProbeSocket;
+
+    fn target_address(&self, endpoint: &Endpoint) -> Result<SocketAddr, &'static str> {
+        if endpoint.transport != Transport::Udp as i32 {
+            return Err("not a UDP endpoint");
+        }
+        endpoint
+            .address
+            .parse()
+            .map_err(|_| "address is not ip:port")
+    }
+
+    fn open_flows(&mut self, flows: u16) -> Result<Vec<Arc<UdpProbeSocket>>, TransportError> {
+        let wanted = flows.clamp(1, self.max_flows);
+        let mut added = Vec::new();
+        while self.opened < wanted {
+            let addr = SocketAddr::new(self.bind_ip, 0);
+            added.push(Arc::new(UdpProbeSocket::bind(addr, self.timestamps)?));
+            self.opened += 1;
+        }
+        Ok(added)
+    }
+
+    fn route(&self, target: SocketAddr, flow: u16) -> (usize, SocketAddr) {
+        (usize::from(flow % self.opened.max(1)), target)
+    }
+}
+
+/// RDMA: every flow on the prober queue pair, told apart by flow label.
+#[derive(Debug)]
+pub struct RdmaFlows<S> {
+    prober: Arc<S>,
+    handed_out: bool,
+    max_flows: u16,
+    /// Rotates the labels with every pinglist version.
+    salt: u32,
+}
+
+impl<S> RdmaFlows<S> {
+    /// Flows of `prober` (the RNIC's prober queue pair); at most `max_flows` labels.
+    pub fn new(prober: Arc<S>, max_flows: u16) -> Self {
+        Self {
+            prober,
+            handed_out: false,
+            max_flows: max_flows.max(1),
+            salt: 0,
+        }
+    }
+}
+
+impl<S: ProbeSocket<Peer = RdmaDest>> FlowTransport for RdmaFlows<S> {
+    type Socket = S;
+
+    fn target_address(&self, endpoint: &Endpoint) -> Result<RdmaDest, &'static str> {
+        if endpoint.transport != Transport::Rdma as i32 {
+            return Err("not an RDMA endpoint");
+        }
+        let gid: Gid = endpoint
+            .address
+            .parse()
+            .map_err(|_| "address is not a GID")?;
+        if endpoint.qpn == 0 || endpoint.qpn > MAX_QPN {
+            return Err("QPN is not a 24-bit non-zero number");
+        }
+        Ok(RdmaDest {
+            gid,
+            qpn: endpoint.qpn,
+            flow_label: 0,
+        })
+    }
+
+    fn open_flows(&mut self, _flows: u16) -> Result<Vec<Arc<S>>, TransportError> {
+        if self.handed_out {
+            return Ok(Vec::new());
+        }
+        self.handed_out = true;
+        Ok(vec![self.prober.clone()])
+    }
+
+    fn route(&self, target: RdmaDest, flow: u16) -> (usize, RdmaDest) {
+        let index = u32::from(flow % self.max_flows);
+        (
+            0,
+            RdmaDest {
+                flow_label: flow_label(index, self.salt),
+                ..target
+            },
+        )
+    }
+
+    fn on_pinglist(&mut self, version: u64) {
+        // Shift by a whole block of labels so consecutive pinglists share none.
+        let rotation = version.wrapping_mul(u64::from(self.max_flows));
+        self.salt = u32::try_from(rotation % u64::from(u32::MAX)).unwrap_or(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::transport::TimestampSupport;
+    use crate::transport::socket::{ProbeEvent, SendReceipt};
+
+    /// A socket that is never used: route and address checks only.
+    struct Unused;
+
+    impl ProbeSocket for Unused {
+        type Peer = RdmaDest;
+        fn timestamp_support(&self) -> TimestampSupport {
+            TimestampSupport::NONE
+        }
+        async fn send_to(&self, _: &[u8], _: RdmaDest) -> Result<SendReceipt, TransportError> {
+            Err(TransportError::Unsupported { what: "test" })
+        }
+        async fn next_event(&self, _: &mut [u8]) -> Result<ProbeEvent<RdmaDest>, TransportError> {
+            std::future::pending().await
+        }
+    }
+
+    fn rdma_endpoint(address: &str, qpn: u32) -> Endpoint {
+        Endpoint {
+            id: "n2/mlx5_0-p1".into(),
+            transport: Transport::Rdma as i32,
+            address: address.into(),
+            qpn,
+            tor: String::new(),
+            device: "mlx5_0".into(),
+        }
+    }
+
+    #[test]
+    fn rdma_targets_need_a_gid_and_a_24_bit_qpn() {
+        let flows = RdmaFlows::new(Arc::new(Unused), 8);
+        let ok = flows
+            .target_address(&rdma_endpoint("::ffff:10.0.0.2", 0x11))
+            .unwrap();
+        assert_eq!(ok.gid, Gid::from_ipv4([10, 0, 0, 2]));
+        assert_eq!(ok.qpn, 0x11);
+        assert!(
+            flows
+                .target_address(&rdma_endpoint("::ffff:10.0.0.2", 0))
+                .is_err()
+        );
+        assert!(
+            flows
+                .target_address(&rdma_endpoint("::ffff:10.0.0.2", 0x0100_0000))
+                .is_err()
+        );
+        assert!(
+            flows
+                .target_address(&rdma_endpoint("10.0.0.2:9", 5))
+                .is_err()
+        );
+        let mut udp = rdma_endpoint("10.0.0.2:9403", 0);
+        udp.transport = Transport::Udp as i32;
+        assert_eq!(flows.target_address(&udp), Err("not an RDMA endpoint"));
+    }
+
+    #[test]
+    fn rdma_flows_share_one_queue_pair_with_distinct_labels_that_rotate() {
+        let mut flows = RdmaFlows::new(Arc::new(Unused), 4);
+        assert_eq!(flows.open_flows(16).unwrap().len(), 1);
+        assert!(flows.open_flows(16).unwrap().is_empty());
+        let target = flows
+            .target_address(&rdma_endpoint("::ffff:10.0.0.2", 0x11))
+            .unwrap();
+        flows.on_pinglist(1);
+        let labels = |flows: &RdmaFlows<Unused>| -> Vec<u32> {
+            (0..8)
+                .map(|f| {
+                    let (socket, dest) = flows.route(target, f);
+                    assert_eq!(socket, 0);
+                    assert_eq!((dest.gid, dest.qpn), (target.gid, target.qpn));
+                    dest.flow_label
+                })
+                .collect()
+        };
+        let first = labels(&flows);
+        // Capped at max_flows distinct labels, none zero, flow f and f+4 alike.
+        let distinct: HashSet<u32> = first.iter().copied().collect();
+        assert_eq!(distinct.len(), 4);
+        assert!(!distinct.contains(&0));
+        assert_eq!(first[0], first[4]);
+        flows.on_pinglist(2);
+        let second: HashSet<u32> = labels(&flows).into_iter().collect();
+        assert!(distinct.is_disjoint(&second), "{distinct:?} vs {second:?}");
+    }
+
+    #[tokio::test]
+    async fn udp_flows_open_one_socket_per_flow_up_to_the_cap() {
+        let mut flows = UdpFlows::new([127, 0, 0, 1].into(), TimestampMode::Off, 3);
+        assert_eq!(flows.open_flows(2).unwrap().len(), 2);
+        assert_eq!(flows.open_flows(8).unwrap().len(), 1);
+        assert!(flows.open_flows(8).unwrap().is_empty());
+        let target: SocketAddr = ([127, 0, 0, 2], 9).into();
+        let sockets: Vec<usize> = (0..6).map(|f| flows.route(target, f).0).collect();
+        assert_eq!(sockets, [0, 1, 2, 0, 1, 2]);
+        let mut rdma = rdma_endpoint("::ffff:10.0.0.2", 1);
+        assert!(flows.target_address(&rdma).is_err());
+        rdma.transport = Transport::Udp as i32;
+        rdma.address = "127.0.0.2:9".into();
+        assert_eq!(flows.target_address(&rdma), Ok(target));
+    }
+}
