@@ -55,3 +55,6 @@ done
 ulimit -l unlimited 2>/dev/null || echo "warning: could not raise the memlock limit" >&2
 
 PINGMESH_RDMA_DEVICE="$DEVICE" cargo test -p pingmesh-agent --test rdma_hardware -- --ignored --test-threads=1
+# Then the whole mesh: a controller and two agents probing each other over the device.
+cargo build --workspace --bins
+PINGMESH_RDMA_DEVICE="$DEVICE" cargo test -p pingmesh-e2e --test rdma_mesh -- --ignored
