@@ -22,7 +22,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Status};
 
 use crate::config::Backoff;
-use crate::endpoints::EndpointSet;
+use crate::endpoints::{EndpointMap, EndpointSet};
 use crate::metrics::AgentMetrics;
 use crate::probe::prober::publish_pinglist_metrics;
 
@@ -216,9 +216,7 @@ async fn serve_session(
     pinglists: &watch::Sender<Option<Arc<Pinglist>>>,
     reports: &mut mpsc::Receiver<Vec<WindowSummary>>,
     outbox: &mut Outbox,
-    endpoint_changes: &mut watch::Receiver<
-        std::collections::BTreeMap<String, pingmesh_proto::v1::Endpoint>,
-    >,
+    endpoint_changes: &mut watch::Receiver<EndpointMap>,
     cancel: &CancellationToken,
 ) -> SessionEnd {
     let request = WatchPinglistRequest {

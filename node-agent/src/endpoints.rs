@@ -9,10 +9,13 @@ use std::collections::BTreeMap;
 use pingmesh_proto::v1::Endpoint;
 use tokio::sync::watch;
 
+/// Endpoints by id, as watchers see them.
+pub type EndpointMap = BTreeMap<String, Endpoint>;
+
 /// Endpoints by id; cheap to clone, every clone edits the same set.
 #[derive(Debug, Clone)]
 pub struct EndpointSet {
-    tx: watch::Sender<BTreeMap<String, Endpoint>>,
+    tx: watch::Sender<EndpointMap>,
 }
 
 impl Default for EndpointSet {
@@ -50,7 +53,7 @@ impl EndpointSet {
     }
 
     /// A receiver that sees every change.
-    pub fn subscribe(&self) -> watch::Receiver<BTreeMap<String, Endpoint>> {
+    pub fn subscribe(&self) -> watch::Receiver<EndpointMap> {
         self.tx.subscribe()
     }
 }
