@@ -7,6 +7,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use pingmesh_proto::v1::{PingTarget, TargetKind};
+use tokio::task::JoinHandle;
 use tokio::time::timeout;
 
 use super::*;
@@ -110,6 +111,23 @@ fn metric(metrics: &AgentMetrics, line_start: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Runs an RNIC endpoint on `device` that is never re-opened.
+fn start(h: &Harness, device: Arc<LoopbackDevice>) -> (CancellationToken, JoinHandle<()>) {
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(run_rnic(
+        device,
+        || Err(RdmaError::NoRuntime),
+        h.ctx.clone(),
+        cancel.clone(),
+    ));
+    (cancel, task)
+}
+
+async fn stop(cancel: CancellationToken, task: JoinHandle<()>) {
+    cancel.cancel();
+    timeout(GUARD, task).await.unwrap().unwrap();
+}
+
 async fn wait_for_endpoint(set: &EndpointSet, qpn: u32) -> Endpoint {
     let mut rx = set.subscribe();
     timeout(GUARD, async {
@@ -128,13 +146,7 @@ async fn wait_for_endpoint(set: &EndpointSet, qpn: u32) -> Endpoint {
 async fn an_rnic_probes_its_own_responder_with_nic_timestamps() {
     let mut h = harness();
     let (device, _events) = LoopbackDevice::open(spec(), [0x100, 0x200], true).unwrap();
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(run_rnic(
-        device,
-        || Err(RdmaError::NoRuntime),
-        h.ctx.clone(),
-        cancel.clone(),
-    ));
+    let (cancel, task) = start(&h, device);
 
     let endpoint = wait_for_endpoint(&h.ctx.endpoints, 0x200).await;
     assert_eq!(endpoint.transport, Transport::Rdma as i32);
@@ -155,8 +167,7 @@ async fn an_rnic_probes_its_own_responder_with_nic_timestamps() {
     assert!(rtt.p50_ns > 0 && rtt.max_ns < 100_000, "{rtt:?}");
     assert_eq!(metric(&h.ctx.metrics, ENDPOINT_UP), 1, "port active");
 
-    cancel.cancel();
-    timeout(GUARD, task).await.unwrap().unwrap();
+    stop(cancel, task).await;
     assert!(
         h.ctx.endpoints.current().is_empty(),
         "stopped endpoint leaves"
@@ -167,33 +178,20 @@ async fn an_rnic_probes_its_own_responder_with_nic_timestamps() {
 async fn without_nic_clock_samples_are_host_timed_and_flagged() {
     let mut h = harness();
     let (device, _events) = LoopbackDevice::open(spec(), [0x100, 0x200], false).unwrap();
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(run_rnic(
-        device,
-        || Err(RdmaError::NoRuntime),
-        h.ctx.clone(),
-        cancel.clone(),
-    ));
+    let (cancel, task) = start(&h, device);
     let endpoint = wait_for_endpoint(&h.ctx.endpoints, 0x200).await;
     h.pinglist_tx.send_replace(Some(self_probe(&endpoint, 1)));
     let window = answered_window(&mut h.summaries).await;
     assert_eq!(window.software_timed, window.ok, "{window:?}");
     assert_eq!(window.invalid, 0, "{window:?}");
-    cancel.cancel();
-    timeout(GUARD, task).await.unwrap().unwrap();
+    stop(cancel, task).await;
 }
 
 #[tokio::test]
 async fn port_down_pauses_probing_and_port_up_resumes_it() {
     let h = harness();
     let (device, events) = LoopbackDevice::open(spec(), [0x100, 0x200], true).unwrap();
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(run_rnic(
-        device,
-        || Err(RdmaError::NoRuntime),
-        h.ctx.clone(),
-        cancel.clone(),
-    ));
+    let (cancel, task) = start(&h, device);
     let endpoint = wait_for_endpoint(&h.ctx.endpoints, 0x200).await;
     h.pinglist_tx.send_replace(Some(self_probe(&endpoint, 1)));
     let metrics = h.ctx.metrics.clone();
@@ -223,8 +221,7 @@ async fn port_down_pauses_probing_and_port_up_resumes_it() {
     events.send(DeviceEvent::PortUp { port: 1 }).unwrap();
     wait_until("probing resumed", || ok() > ok_while_down + 5).await;
     assert_eq!(metric(&metrics, ENDPOINT_UP), 1);
-    cancel.cancel();
-    timeout(GUARD, task).await.unwrap().unwrap();
+    stop(cancel, task).await;
 }
 
 #[tokio::test]
@@ -283,8 +280,7 @@ async fn a_fatal_error_reopens_the_device_and_registers_the_new_qpn() {
     while h.summaries.try_recv().is_ok() {}
     let window = answered_window(&mut h.summaries).await;
     assert_eq!(window.invalid, 0);
-    cancel.cancel();
-    timeout(GUARD, task).await.unwrap().unwrap();
+    stop(cancel, task).await;
 }
 
 #[tokio::test]
