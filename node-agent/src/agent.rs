@@ -21,7 +21,7 @@ use crate::metrics::{AgentMetrics, MetricsError};
 use crate::probe::flows::UdpFlows;
 use crate::probe::prober::{ProberConfig, run_prober};
 use crate::probe::responder::{ResponderObserver, run_responder};
-use crate::rnic::{RnicContext, run_rnic};
+use crate::rnic::{RnicContext, endpoint_of, run_rnic};
 use crate::transport::TransportError;
 use crate::transport::rdma::{
     Availability, RdmaConfig, RdmaEndpoint, RdmaError, RnicEndpointSpec, discover_endpoints,
@@ -264,6 +264,10 @@ fn start_rdma(
         endpoints: wiring.endpoints.clone(),
     };
     for device in devices {
+        // Registered now, so the first registration names every RNIC that opened.
+        wiring
+            .endpoints
+            .insert(endpoint_of(device.as_ref(), &config.tor));
         let endpoint_id = device.spec().endpoint_id.clone();
         let (node, rdma) = (config.node.clone(), config.rdma.clone());
         // Re-discovered on every attempt: a reset device may come back with another GID.
