@@ -229,6 +229,7 @@ main() {
 
   printf '\n== chart sources\n'
   check "dashboards match hack/dashboards.py" "${PY}" "${ROOT}/hack/dashboards.py" --check
+  check "docs/crd.md matches the CRD (hack/crd_docs.py)" "${PY}" "${ROOT}/hack/crd_docs.py" --check
   check "chart CRD copy matches crds/" "${PY}" "${ROOT}/hack/manifest_checks.py" crd-sync \
     "${CHART}/files/crds/pingmesh.io_pingmeshes.yaml" "${ROOT}/crds/pingmesh.io_pingmeshes.yaml"
   check "helm lint --strict (default values)" "${HELM}" lint --strict "${CHART}"
