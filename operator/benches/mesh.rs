@@ -44,6 +44,8 @@ fn fleet() -> Vec<MeshEndpoint> {
             transport: v1::Transport::Rdma.into(),
             address: format!("::ffff:10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
             qpn: u32::try_from(i).unwrap_or(0),
+            device: "mlx5_0".to_owned(),
+            tor_from_agent: false,
         })
         .collect()
 }

@@ -25,7 +25,9 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use pingmesh_operator::mesh::registry::{Registry, RegistryError, open_registry};
+use pingmesh_operator::mesh::registry::{
+    Registry, RegistryConfig, RegistryError, TorMove, open_registry, schema,
+};
 use pingmesh_operator::mesh::types::{AgentRecord, MeshEndpoint};
 use pingmesh_proto::v1::Transport;
 use tempfile::TempDir;
@@ -75,6 +77,39 @@ impl Store {
     async fn open(&self) -> Arc<dyn Registry> {
         open_registry(&self.location()).await.unwrap()
     }
+
+    /// Runs `statements` as one transaction on the store itself, past the registry.
+    async fn execute_raw(&self, statements: &[&str]) {
+        match self {
+            Self::Sqlite(dir) => {
+                let mut connection =
+                    rusqlite::Connection::open(dir.path().join("registry.db")).unwrap();
+                let tx = connection.transaction().unwrap();
+                for sql in statements {
+                    tx.execute(sql, []).unwrap();
+                }
+                tx.commit().unwrap();
+            }
+            Self::Rqlite { url, .. } => {
+                let RegistryConfig::Rqlite { hosts } = RegistryConfig::parse(url).unwrap() else {
+                    panic!("{url} is not an rqlite location");
+                };
+                let client = hosts
+                    .iter()
+                    .fold(rqlite_rs::RqliteClientBuilder::new(), |b, host| {
+                        b.known_host(host)
+                    })
+                    .build()
+                    .unwrap();
+                let results = client.transaction(statements.to_vec()).await.unwrap();
+                for result in results {
+                    if let rqlite_rs::response::RqliteResult::Error(e) = result {
+                        panic!("{}", e.error);
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn endpoint(node: &str, port: u32) -> MeshEndpoint {
@@ -85,6 +120,8 @@ fn endpoint(node: &str, port: u32) -> MeshEndpoint {
         transport: Transport::Udp as i32,
         address: format!("10.0.{port}.1:{}", 7000 + port),
         qpn: 0,
+        device: String::new(),
+        tor_from_agent: port.is_multiple_of(2),
     }
 }
 
@@ -133,6 +170,8 @@ async fn values_at_the_edges_of_their_types_round_trip(store: Store) {
         transport: Transport::Rdma as i32,
         address: "fe80::268a:7ff:fe55:4660".to_owned(),
         qpn: u32::MAX,
+        device: "mlx5_0".to_owned(),
+        tor_from_agent: false,
     };
     let far_future_ms = 1 << 62;
     registry
@@ -410,6 +449,93 @@ async fn concurrent_registrations_of_fifty_nodes_all_land(store: Store) {
     assert_eq!(by_node.len(), NODES as usize);
 }
 
+async fn set_tors_moves_resolved_endpoints_and_keeps_the_agents_own(store: Store) {
+    let registry = store.open().await;
+    // Port 0 carries a ToR its agent named, port 1 one the controller resolved.
+    let listed = endpoints("node-a", &[0, 1]);
+    assert!(listed[0].tor_from_agent && !listed[1].tor_from_agent);
+    registry
+        .register("node-a", "v1", 1, &listed, 1_000)
+        .await
+        .unwrap();
+
+    let to_rail = |endpoint: &str| TorMove {
+        endpoint: endpoint.to_owned(),
+        tor: "rail-9".to_owned(),
+    };
+    let moved = registry
+        .set_tors(&[
+            to_rail("node-a/p0"),
+            to_rail("node-a/p1"),
+            to_rail("node-z/p0"),
+        ])
+        .await
+        .unwrap();
+
+    assert_eq!(moved, 1);
+    let stored = endpoints_of(&*registry, "node-a").await;
+    assert_eq!(stored[0], listed[0], "an agent's own ToR is kept");
+    assert_eq!(stored[1].tor, "rail-9");
+    assert_eq!(
+        MeshEndpoint {
+            tor: listed[1].tor.clone(),
+            ..stored[1].clone()
+        },
+        listed[1],
+        "only the ToR changed"
+    );
+    assert_eq!(registry.set_tors(&[]).await.unwrap(), 0);
+    drop(registry);
+    assert_eq!(endpoints_of(&*store.open().await, "node-a").await, stored);
+}
+
+async fn a_version_1_store_is_upgraded_and_keeps_its_rows(store: Store) {
+    let mut statements = vec![
+        "DROP TABLE IF EXISTS endpoints",
+        "DROP TABLE IF EXISTS agents",
+        "DROP TABLE IF EXISTS schema_version",
+    ];
+    statements.extend(schema::CREATE_SCHEMA);
+    statements.extend([
+        "INSERT INTO agents (node, session, agent_version, registered_at_ms, last_seen_ms) \
+         VALUES ('node-old', 3, 'v0', 10, 20)",
+        "INSERT INTO endpoints (id, node, tor, transport, address, qpn) \
+         VALUES ('node-old/p0', 'node-old', 'rack-1', 1, '10.0.0.1:7000', 0)",
+    ]);
+    store.execute_raw(&statements).await;
+
+    let registry = store.open().await;
+
+    assert_eq!(
+        registry.endpoints().await.unwrap(),
+        [MeshEndpoint {
+            id: "node-old/p0".to_owned(),
+            node: "node-old".to_owned(),
+            tor: "rack-1".to_owned(),
+            transport: 1,
+            address: "10.0.0.1:7000".to_owned(),
+            qpn: 0,
+            device: String::new(),
+            // Unknown provenance: kept as stored until the agent registers again.
+            tor_from_agent: true,
+        }]
+    );
+    assert_eq!(
+        registry.agent("node-old").await.unwrap().unwrap().session,
+        3
+    );
+    // New columns are written and read like the old ones.
+    let fresh = endpoints("node-new", &[1]);
+    registry
+        .register("node-new", "v1", 1, &fresh, 30)
+        .await
+        .unwrap();
+    assert_eq!(endpoints_of(&*registry, "node-new").await, fresh);
+    drop(registry);
+    // Opening an upgraded store again changes nothing.
+    assert_eq!(store.open().await.endpoints().await.unwrap().len(), 2);
+}
+
 /// Generates one test per behaviour and store.
 macro_rules! behaviour_suite {
     ($($behaviour:ident),+ $(,)?) => {
@@ -444,6 +570,8 @@ behaviour_suite!(
     remove_node_deletes_its_agent_and_endpoints,
     registrations_survive_reopening,
     concurrent_registrations_of_fifty_nodes_all_land,
+    set_tors_moves_resolved_endpoints_and_keeps_the_agents_own,
+    a_version_1_store_is_upgraded_and_keeps_its_rows,
 );
 
 mod sqlite_only {

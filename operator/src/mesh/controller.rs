@@ -20,7 +20,8 @@ use tokio_util::sync::CancellationToken;
 use super::analyzer::{Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, WindowReport};
 use super::metrics::ControllerMetrics;
 use super::pinglist::MeshView;
-use super::registry::{Registry, RegistryError};
+use super::registry::{Registry, RegistryError, TorMove};
+use super::topology::{TorResolver, choose_tor};
 use super::types::{AgentRecord, MeshEndpoint};
 use crate::config::MeshConfig;
 
@@ -88,6 +89,8 @@ struct State {
 pub struct MeshController {
     config: MeshConfig,
     registry: Arc<dyn Registry>,
+    /// Where ToRs come from when agents name none; `None`: the default ToR.
+    tor_resolver: Option<Arc<dyn TorResolver>>,
     state: Mutex<State>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     analyzer: Mutex<Analyzer>,
@@ -110,9 +113,20 @@ pub struct ReportOutcome {
 
 impl MeshController {
     /// Opens the controller on an already-open registry and loads its contents.
+    /// Endpoints whose agent names no ToR get the default ToR.
     pub async fn new(
         config: MeshConfig,
         registry: Arc<dyn Registry>,
+    ) -> Result<Arc<Self>, MeshError> {
+        Self::with_tor_resolver(config, registry, None).await
+    }
+
+    /// Like [`MeshController::new`], with ToRs of endpoints whose agent names
+    /// none taken from `tor_resolver` (see [`MeshController::refresh_tors`]).
+    pub async fn with_tor_resolver(
+        config: MeshConfig,
+        registry: Arc<dyn Registry>,
+        tor_resolver: Option<Arc<dyn TorResolver>>,
     ) -> Result<Arc<Self>, MeshError> {
         let metrics = ControllerMetrics::new()
             .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
@@ -133,6 +147,7 @@ impl MeshController {
         let controller = Arc::new(Self {
             config,
             registry,
+            tor_resolver,
             state: Mutex::new(state),
             snapshot,
             analyzer: Mutex::new(analyzer),
@@ -260,10 +275,18 @@ impl MeshController {
                     e.id, e.tor
                 ));
             }
-            let tor = if e.tor.is_empty() {
-                self.config.default_tor.clone()
-            } else {
+            if !e.device.is_empty() && !is_valid_id(&e.device) {
+                return invalid(format!(
+                    "endpoint {} has device {:?}, not a valid name",
+                    e.id, e.device
+                ));
+            }
+            let tor_from_agent = !e.tor.is_empty();
+            let tor = if tor_from_agent {
                 e.tor.clone()
+            } else {
+                self.resolve_tor(&e.id, node, &e.device)
+                    .unwrap_or_else(|| self.config.default_tor.clone())
             };
             out.push(MeshEndpoint {
                 id: e.id.clone(),
@@ -272,9 +295,117 @@ impl MeshController {
                 transport: e.transport,
                 address: e.address.clone(),
                 qpn: e.qpn,
+                device: e.device.clone(),
+                tor_from_agent,
             });
         }
         Ok(out)
+    }
+
+    /// The ToR the resolver gives `endpoint` (the default ToR when no candidate
+    /// is valid); `None` without a resolver or when it does not know `node`.
+    /// Invalid candidates are logged and counted.
+    fn resolve_tor(&self, endpoint: &str, node: &str, device: &str) -> Option<String> {
+        let candidates = self.tor_resolver.as_ref()?.candidates(node, device)?;
+        let chosen = choose_tor(candidates, &self.config.default_tor);
+        for rejected in &chosen.rejected {
+            self.metrics.invalid_tor_labels.inc();
+            tracing::warn!(
+                endpoint,
+                node,
+                source = %rejected.source,
+                value = %rejected.value.escape_debug(),
+                tor = %chosen.tor,
+                "ToR label value is not a valid name; falling back"
+            );
+        }
+        Some(chosen.tor)
+    }
+
+    /// What the resolver says now for one endpoint, without logging: `None`
+    /// when it has no opinion or agrees with the endpoint's ToR.
+    fn moved_tor(&self, endpoint: &MeshEndpoint) -> Option<String> {
+        if endpoint.tor_from_agent {
+            return None;
+        }
+        let candidates = self
+            .tor_resolver
+            .as_ref()?
+            .candidates(&endpoint.node, &endpoint.device)?;
+        let chosen = choose_tor(candidates, &self.config.default_tor);
+        (chosen.tor != endpoint.tor).then_some(chosen.tor)
+    }
+
+    /// Asks the resolver again for the ToR of every endpoint whose agent named
+    /// none (on `nodes` only, when given) and moves those whose answer changed:
+    /// in the registry first, then in the pinglists. Agents need not register
+    /// again. Returns how many endpoints moved; a registry failure moves none
+    /// (the next refresh tries again).
+    pub async fn refresh_tors(&self, nodes: Option<&[String]>) -> Result<usize, MeshError> {
+        if self.tor_resolver.is_none() {
+            return Ok(0);
+        }
+        let wanted: Vec<(MeshEndpoint, String)> = {
+            let state = lock(&self.state);
+            state
+                .endpoints
+                .values()
+                .filter(|e| nodes.is_none_or(|nodes| nodes.contains(&e.node)))
+                .filter_map(|e| self.moved_tor(e).map(|tor| (e.clone(), tor)))
+                .collect()
+        };
+        if wanted.is_empty() {
+            return Ok(0);
+        }
+        // Resolve again with logging, now that a change is certain: invalid
+        // labels are reported when they change something, not on every refresh.
+        let moves: Vec<TorMove> = wanted
+            .iter()
+            .map(|(e, tor)| TorMove {
+                endpoint: e.id.clone(),
+                tor: self
+                    .resolve_tor(&e.id, &e.node, &e.device)
+                    .unwrap_or_else(|| tor.clone()),
+            })
+            .collect();
+        if let Err(e) = self.registry.set_tors(&moves).await {
+            self.metrics
+                .registry_errors
+                .with_label_values(&[e.category()])
+                .inc();
+            return Err(e.into());
+        }
+        let mut changed = 0;
+        {
+            let mut state = lock(&self.state);
+            for (m, (before, _)) in moves.iter().zip(&wanted) {
+                // Registered again meanwhile: the registration resolved its own ToR.
+                let Some(current) = state.endpoints.get_mut(&m.endpoint) else {
+                    continue;
+                };
+                if current.tor_from_agent || current.tor != before.tor || current.tor == m.tor {
+                    continue;
+                }
+                tracing::info!(endpoint = %m.endpoint, from = %current.tor, to = %m.tor, "endpoint moved to another ToR");
+                current.tor.clone_from(&m.tor);
+                changed += 1;
+            }
+        }
+        if changed > 0 {
+            self.metrics
+                .tor_changes
+                .inc_by(u64::try_from(changed).unwrap_or(u64::MAX));
+            self.publish();
+        }
+        Ok(changed)
+    }
+
+    /// Every registered endpoint, present or not, as this controller holds it
+    /// (no registry round trip), sorted by id.
+    pub fn known_endpoints(&self) -> Vec<MeshEndpoint> {
+        let mut all: Vec<MeshEndpoint> = lock(&self.state).endpoints.values().cloned().collect();
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all
     }
 
     /// Checks that `session` is the node's current one.

@@ -20,6 +20,8 @@ pub struct ControllerMetrics {
     pub findings_open: IntGaugeVec,
     pub findings_opened: IntCounterVec,
     pub registry_errors: IntCounterVec,
+    pub invalid_tor_labels: IntCounter,
+    pub tor_changes: IntCounter,
     pub tor_pair_loss: GaugeVec,
     pub tor_pair_p99: GaugeVec,
     pub tor_pair_probes: IntGaugeVec,
@@ -120,6 +122,20 @@ impl ControllerMetrics {
                         "Registry store errors, by category.",
                     ),
                     &["category"],
+                )?,
+            )?,
+            invalid_tor_labels: reg(
+                &registry,
+                IntCounter::new(
+                    "pingmesh_controller_invalid_tor_labels_total",
+                    "ToR label values passed over because they are not valid ToR names (the endpoint fell back to the next label or the default ToR).",
+                )?,
+            )?,
+            tor_changes: reg(
+                &registry,
+                IntCounter::new(
+                    "pingmesh_controller_endpoint_tor_changes_total",
+                    "Endpoints moved to another ToR because their node's labels (or the topology settings) changed.",
                 )?,
             )?,
             tor_pair_loss: reg(

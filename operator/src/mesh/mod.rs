@@ -7,4 +7,5 @@ pub mod metrics;
 pub mod pinglist;
 pub mod registry;
 pub mod server;
+pub mod topology;
 pub mod types;

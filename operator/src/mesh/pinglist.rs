@@ -488,6 +488,8 @@ mod tests {
             transport,
             address: format!("10.0.0.1:{}", port.len()),
             qpn: 0,
+            device: String::new(),
+            tor_from_agent: true,
         }
     }
 

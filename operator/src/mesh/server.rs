@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::controller::{MeshController, MeshError};
 use super::registry::{RegistryError, open_registry};
+use super::topology::TorResolver;
 use super::{grpc, http};
 use crate::config::MeshConfig;
 
@@ -73,10 +74,20 @@ pub async fn start(
     config: MeshConfig,
     cancel: CancellationToken,
 ) -> Result<RunningController, ServeError> {
+    start_with(config, cancel, None).await
+}
+
+/// Like [`start`], with ToRs of endpoints whose agent names none taken from
+/// `tor_resolver` (the operator's Node labels).
+pub async fn start_with(
+    config: MeshConfig,
+    cancel: CancellationToken,
+    tor_resolver: Option<Arc<dyn TorResolver>>,
+) -> Result<RunningController, ServeError> {
     let registry = open_registry(&config.registry).await?;
     let (grpc_listener, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
     let (http_listener, http_addr) = bind("HTTP", config.http_addr).await?;
-    let controller = MeshController::new(config, registry).await?;
+    let controller = MeshController::with_tor_resolver(config, registry, tor_resolver).await?;
     let mut tasks = JoinSet::new();
 
     tasks.spawn({

@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 
 /// An endpoint as the mesh controller knows it: owned by a node, under a ToR.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MeshEndpoint {
     /// Unique in the mesh: "<node>/<port name>".
     pub id: String,
@@ -16,6 +17,14 @@ pub struct MeshEndpoint {
     pub address: String,
     /// RDMA responder QPN; 0 for UDP.
     pub qpn: u32,
+    /// RDMA: the RNIC's device name (for example `mlx5_0`), which per-RNIC ToR
+    /// labels are keyed by. Empty for UDP.
+    #[serde(default)]
+    pub device: String,
+    /// The agent named `tor` itself. Such a ToR is kept as given; any other was
+    /// resolved by the controller and follows the node's labels when they change.
+    #[serde(default)]
+    pub tor_from_agent: bool,
 }
 
 impl MeshEndpoint {
@@ -26,7 +35,7 @@ impl MeshEndpoint {
             address: self.address.clone(),
             qpn: self.qpn,
             tor: self.tor.clone(),
-            device: String::new(),
+            device: self.device.clone(),
         }
     }
 }

@@ -81,6 +81,11 @@ pub trait Registry: Send + Sync + fmt::Debug {
     /// registered again since; both mean the agent must register.
     async fn touch(&self, node: &str, session: u64, now_ms: u64) -> Result<(), RegistryError>;
 
+    /// Moves endpoints to other ToRs in one step, skipping endpoints whose agent
+    /// named the ToR itself and ids that are not registered. Returns how many
+    /// endpoints moved.
+    async fn set_tors(&self, moves: &[TorMove]) -> Result<u64, RegistryError>;
+
     /// Removes the agent of `node` and all its endpoints. Returns whether it was
     /// registered.
     async fn remove_node(&self, node: &str) -> Result<bool, RegistryError>;
@@ -97,6 +102,13 @@ pub trait Registry: Send + Sync + fmt::Debug {
 
     /// The agent of `node`, if registered.
     async fn agent(&self, node: &str) -> Result<Option<AgentRecord>, RegistryError>;
+}
+
+/// One endpoint to put under another ToR ([`Registry::set_tors`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TorMove {
+    pub endpoint: String,
+    pub tor: String,
 }
 
 /// Everything that can go wrong in the registry.
@@ -457,6 +469,8 @@ mod tests {
             transport: 1,
             address: "127.0.0.1:1".to_owned(),
             qpn: 0,
+            device: String::new(),
+            tor_from_agent: false,
         }
     }
 

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use rqlite_rs::error::{QueryBuilderError, RequestError};
-use rqlite_rs::query::RqliteQuery;
+use rqlite_rs::query::{Operation, RqliteQuery};
 use rqlite_rs::query_result::QueryResult;
 use rqlite_rs::request::{RqliteFreshnessLevel, RqliteQueryParam};
 use rqlite_rs::response::RqliteResult;
@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 
 use super::schema::{self, AgentRow, EndpointRow};
-use super::{Registry, RegistryError, registration_rows};
+use super::{Registry, RegistryError, TorMove, registration_rows};
 use crate::mesh::types::{AgentRecord, MeshEndpoint};
 
 /// First pause before retrying; doubles up to [`MAX_BACKOFF`].
@@ -146,19 +146,47 @@ impl RqliteRegistry {
                 source: Some(error.into()),
             });
         }
+        let version = self.schema_version().await?;
+        for upgrade in schema::pending_upgrades(version)? {
+            let results = self
+                .retrying("migrate", || {
+                    self.send_transaction(
+                        upgrade
+                            .statements
+                            .iter()
+                            .map(|sql| Ok(write(sql)))
+                            .collect(),
+                    )
+                })
+                .await?;
+            if let Some(error) = first_statement_error(&results) {
+                // Another replica may have upgraded the store between our version
+                // read and this transaction (the ALTERs then fail on existing
+                // columns and roll back): that is as good as our own upgrade.
+                if self.schema_version().await? >= upgrade.to {
+                    continue;
+                }
+                return Err(RegistryError::Migrate {
+                    detail: format!("upgrading the rqlite schema to version {}", upgrade.to),
+                    source: Some(error.into()),
+                });
+            }
+            tracing::info!(version = upgrade.to, "upgraded the rqlite registry schema");
+        }
+        Ok(())
+    }
+
+    async fn schema_version(&self) -> Result<i64, RegistryError> {
         let rows = self
             .fetch("migrate", || query!(schema::SELECT_SCHEMA_VERSION))
             .await?;
-        let version = match rows.first() {
-            Some(row) => column::<i64>(row, "schema_version", "version")?,
-            None => {
-                return Err(RegistryError::Migrate {
-                    detail: "schema_version has no row after creating the schema".to_owned(),
-                    source: None,
-                });
-            }
-        };
-        schema::check_version(version)
+        match rows.first() {
+            Some(row) => column::<i64>(row, "schema_version", "version"),
+            None => Err(RegistryError::Migrate {
+                detail: "schema_version has no row after creating the schema".to_owned(),
+                source: None,
+            }),
+        }
     }
 
     /// Sends one transaction; an answer without results failed on its way.
@@ -259,6 +287,18 @@ impl RqliteRegistry {
     }
 }
 
+/// A write statement without parameters, built by hand: the client library's
+/// `query!` refuses verbs it does not route (such as `ALTER`), and inside a
+/// transaction the verb does not matter (every statement goes to the execute
+/// endpoint).
+fn write(sql: &str) -> RqliteQuery {
+    RqliteQuery {
+        query: sql.to_owned(),
+        args: Vec::new(),
+        op: Operation::Update,
+    }
+}
+
 fn classify(error: RequestError) -> Failure {
     match error {
         RequestError::NoAvailableHosts => {
@@ -345,6 +385,8 @@ fn endpoint_from(row: &Row) -> Result<MeshEndpoint, RegistryError> {
         transport: column(row, "endpoints", "transport")?,
         address: column(row, "endpoints", "address")?,
         qpn: column(row, "endpoints", "qpn")?,
+        device: column(row, "endpoints", "device")?,
+        tor_from_agent: column(row, "endpoints", "tor_from_agent")?,
     }
     .into_endpoint()
 }
@@ -370,7 +412,9 @@ fn register_statements(agent: &AgentRow, endpoints: &[EndpointRow]) -> Vec<State
             endpoint.tor,
             endpoint.transport,
             endpoint.address,
-            endpoint.qpn
+            endpoint.qpn,
+            endpoint.device,
+            endpoint.tor_from_agent
         )
     }));
     statements
@@ -467,6 +511,32 @@ impl Registry for RqliteRegistry {
         Ok(rows_affected(OP, &results, 1)? > 0)
     }
 
+    async fn set_tors(&self, moves: &[TorMove]) -> Result<u64, RegistryError> {
+        const OP: &str = "set_tors";
+        if moves.is_empty() {
+            return Ok(0);
+        }
+        let results = self
+            .transaction(OP, || {
+                moves
+                    .iter()
+                    .map(|m| {
+                        query!(
+                            schema::UPDATE_ENDPOINT_TOR,
+                            m.tor.as_str(),
+                            m.endpoint.as_str()
+                        )
+                    })
+                    .collect()
+            })
+            .await?;
+        let mut changed = 0u64;
+        for index in 0..moves.len() {
+            changed += u64::try_from(rows_affected(OP, &results, index)?).unwrap_or(0);
+        }
+        Ok(changed)
+    }
+
     async fn expire(&self, last_seen_before_ms: u64) -> Result<Vec<String>, RegistryError> {
         const OP: &str = "expire";
         let before = schema::millis_to_sql(last_seen_before_ms);
@@ -557,6 +627,8 @@ mod tests {
             transport: 1,
             address: "a".to_owned(),
             qpn: 0,
+            device: String::new(),
+            tor_from_agent: 1,
         };
         let statements = register_statements(&agent, &[endpoint.clone(), endpoint]);
         assert_eq!(statements.len(), 4);

@@ -16,6 +16,17 @@
 //!   is [`RegistryError::Corrupt`] on read.
 //! - `qpn` (u32) and `transport` (i32) fit as they are; a stored value outside
 //!   their range is [`RegistryError::Corrupt`].
+//! - `tor_from_agent` (bool) is 0 or 1; anything else is [`RegistryError::Corrupt`].
+//!
+//! # Versions
+//!
+//! 1. agents and endpoints.
+//! 2. endpoints gain `device` (the RNIC name, for per-RNIC ToR labels) and
+//!    `tor_from_agent` (whether the agent named the ToR, or the controller
+//!    resolved it and may move it when node labels change). Rows from version 1
+//!    read as `device = ''` and `tor_from_agent = 1`: their ToR stays as stored
+//!    until the agent registers again, which it does whenever the controller
+//!    restarts.
 //!
 //! # Foreign keys
 //!
@@ -28,13 +39,13 @@ use super::RegistryError;
 use crate::mesh::types::{AgentRecord, MeshEndpoint};
 
 /// The schema version this build writes and understands.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
-/// Creates the schema if missing and records its version. Idempotent; run as one
-/// transaction on every open.
+/// Creates the schema of version 1 if missing and records its version.
+/// Idempotent; run as one transaction on every open, then [`UPGRADES`].
 ///
 /// To change the schema later: bump [`SCHEMA_VERSION`], keep these statements
-/// creating version 1, and add the upgrade steps for each version after it.
+/// creating version 1, and add an [`Upgrade`] for the new version.
 pub const CREATE_SCHEMA: &[&str] = &[
     "CREATE TABLE IF NOT EXISTS schema_version (
         id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -60,19 +71,41 @@ pub const CREATE_SCHEMA: &[&str] = &[
     "INSERT OR IGNORE INTO schema_version (id, version) VALUES (1, 1)",
 ];
 
-/// Accepts the stored schema version if this build understands it.
-pub fn check_version(stored: i64) -> Result<(), RegistryError> {
-    if stored == SCHEMA_VERSION {
-        Ok(())
-    } else {
-        Err(RegistryError::Migrate {
+/// The statements that take a store from version `to - 1` to version `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Upgrade {
+    pub to: i64,
+    /// Run as one transaction; the last one records the new version, and only
+    /// if the store is still at the old one.
+    pub statements: &'static [&'static str],
+}
+
+/// Every upgrade, oldest first. Upgrades only ever run inside a transaction,
+/// which rqlite takes on its execute endpoint whatever the verb (its client
+/// library routes single statements by their first word and knows no `ALTER`).
+pub const UPGRADES: &[Upgrade] = &[Upgrade {
+    to: 2,
+    statements: &[
+        "ALTER TABLE endpoints ADD COLUMN device TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE endpoints ADD COLUMN tor_from_agent INTEGER NOT NULL DEFAULT 1",
+        "UPDATE schema_version SET version = 2 WHERE id = 1 AND version = 1",
+    ],
+}];
+
+/// The upgrades a store at version `stored` needs, oldest first; refuses a
+/// store written by a newer operator (or one no operator wrote).
+pub fn pending_upgrades(stored: i64) -> Result<&'static [Upgrade], RegistryError> {
+    if !(1..=SCHEMA_VERSION).contains(&stored) {
+        return Err(RegistryError::Migrate {
             detail: format!(
                 "the store holds schema version {stored}, this operator understands \
-                 {SCHEMA_VERSION}; run a matching operator version"
+                 1 to {SCHEMA_VERSION}; run a matching operator version"
             ),
             source: None,
-        })
+        });
     }
+    let first = UPGRADES.partition_point(|u| u.to <= stored);
+    Ok(UPGRADES.get(first..).unwrap_or_default())
 }
 
 /// Returns the stored schema version. No parameters; one row, column `version`.
@@ -91,9 +124,15 @@ pub const UPSERT_AGENT: &str = "INSERT INTO agents \
 pub const DELETE_NODE_ENDPOINTS: &str = "DELETE FROM endpoints WHERE node = ?";
 
 /// Inserts one endpoint; fails with a UNIQUE constraint error if the id exists.
-/// Parameters: id, node, tor, transport, address, qpn.
+/// Parameters: id, node, tor, transport, address, qpn, device, `tor_from_agent`.
 pub const INSERT_ENDPOINT: &str = "INSERT INTO endpoints \
-    (id, node, tor, transport, address, qpn) VALUES (?, ?, ?, ?, ?, ?)";
+    (id, node, tor, transport, address, qpn, device, tor_from_agent) \
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)";
+
+/// Moves an endpoint to another ToR, unless its agent named the ToR itself.
+/// Parameters: tor, id. One row affected if moved.
+pub const UPDATE_ENDPOINT_TOR: &str =
+    "UPDATE endpoints SET tor = ? WHERE id = ? AND tor_from_agent = 0";
 
 /// The part of a store's error message that marks an endpoint id collision.
 pub const ENDPOINT_ID_COLLISION: &str = "UNIQUE constraint failed: endpoints.id";
@@ -134,8 +173,8 @@ pub const SELECT_AGENT: &str = "SELECT node, session, agent_version, registered_
 
 /// All endpoints, sorted by id (byte order, the same as Rust's `String` order).
 /// Columns as in [`EndpointRow`].
-pub const SELECT_ENDPOINTS: &str =
-    "SELECT id, node, tor, transport, address, qpn FROM endpoints ORDER BY id";
+pub const SELECT_ENDPOINTS: &str = "SELECT id, node, tor, transport, address, qpn, device, \
+    tor_from_agent FROM endpoints ORDER BY id";
 
 /// An `agents` row as stored, before it is checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,6 +223,8 @@ pub struct EndpointRow {
     pub transport: i64,
     pub address: String,
     pub qpn: i64,
+    pub device: String,
+    pub tor_from_agent: i64,
 }
 
 impl EndpointRow {
@@ -196,6 +237,8 @@ impl EndpointRow {
             transport: i64::from(endpoint.transport),
             address: endpoint.address.clone(),
             qpn: i64::from(endpoint.qpn),
+            device: endpoint.device.clone(),
+            tor_from_agent: i64::from(endpoint.tor_from_agent),
         }
     }
 
@@ -207,6 +250,11 @@ impl EndpointRow {
         let transport =
             i32::try_from(self.transport).map_err(|_| out_of_range("transport", self.transport))?;
         let qpn = u32::try_from(self.qpn).map_err(|_| out_of_range("qpn", self.qpn))?;
+        let tor_from_agent = match self.tor_from_agent {
+            0 => false,
+            1 => true,
+            other => return Err(out_of_range("tor_from_agent", other)),
+        };
         Ok(MeshEndpoint {
             id: self.id,
             node: self.node,
@@ -214,6 +262,8 @@ impl EndpointRow {
             transport,
             address: self.address,
             qpn,
+            device: self.device,
+            tor_from_agent,
         })
     }
 }
@@ -300,6 +350,8 @@ mod tests {
             transport: 2,
             address: "fe80::1".to_owned(),
             qpn: u32::MAX,
+            device: "mlx5_0".to_owned(),
+            tor_from_agent: false,
         };
         let row = EndpointRow::from_endpoint(&endpoint);
         assert_eq!(row.clone().into_endpoint().unwrap(), endpoint);
@@ -313,12 +365,35 @@ mod tests {
         );
         let negative_transport = EndpointRow {
             transport: i64::from(i32::MIN) - 1,
-            ..row
+            ..row.clone()
         };
         assert_eq!(
             negative_transport.into_endpoint().unwrap_err().category(),
             "corrupt"
         );
+        let not_a_bool = EndpointRow {
+            tor_from_agent: 2,
+            ..row
+        };
+        assert_eq!(
+            not_a_bool.into_endpoint().unwrap_err().category(),
+            "corrupt"
+        );
+    }
+
+    #[test]
+    fn a_store_needs_the_upgrades_after_its_version_and_a_newer_one_is_refused() {
+        assert_eq!(pending_upgrades(1).unwrap(), UPGRADES);
+        assert!(pending_upgrades(SCHEMA_VERSION).unwrap().is_empty());
+        for unknown in [0, SCHEMA_VERSION + 1] {
+            assert_eq!(
+                pending_upgrades(unknown).unwrap_err().category(),
+                "migrate",
+                "{unknown}"
+            );
+        }
+        assert_eq!(UPGRADES.last().map(|u| u.to), Some(SCHEMA_VERSION));
+        assert!(UPGRADES.windows(2).all(|w| w[1].to == w[0].to + 1));
     }
 
     #[test]
@@ -337,6 +412,7 @@ mod tests {
             SELECT_AGENTS,
             SELECT_AGENT,
             SELECT_ENDPOINTS,
+            UPDATE_ENDPOINT_TOR,
         ]);
         for sql in all {
             assert!(

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use super::schema::{self, AgentRow, EndpointRow};
-use super::{Registry, RegistryError, registration_rows};
+use super::{Registry, RegistryError, TorMove, registration_rows};
 use crate::mesh::types::{AgentRecord, MeshEndpoint};
 
 /// How long a statement waits for another process's lock on the file before
@@ -111,7 +111,14 @@ fn migrate(connection: &mut Connection) -> Result<(), RegistryError> {
     let version: i64 = tx
         .query_row(schema::SELECT_SCHEMA_VERSION, [], |row| row.get("version"))
         .map_err(migrate_error)?;
-    schema::check_version(version)?;
+    // The IMMEDIATE transaction holds the write lock: no other process can
+    // upgrade the file between the version read above and these statements.
+    for upgrade in schema::pending_upgrades(version)? {
+        for statement in upgrade.statements {
+            tx.execute(statement, []).map_err(migrate_error)?;
+        }
+        tracing::info!(version = upgrade.to, "upgraded the SQLite registry schema");
+    }
     tx.commit().map_err(migrate_error)
 }
 
@@ -149,6 +156,8 @@ fn endpoint_row(row: &Row<'_>) -> rusqlite::Result<EndpointRow> {
         transport: row.get("transport")?,
         address: row.get("address")?,
         qpn: row.get("qpn")?,
+        device: row.get("device")?,
+        tor_from_agent: row.get("tor_from_agent")?,
     })
 }
 
@@ -205,7 +214,9 @@ fn register_in(
                     endpoint.tor,
                     endpoint.transport,
                     endpoint.address,
-                    endpoint.qpn
+                    endpoint.qpn,
+                    endpoint.device,
+                    endpoint.tor_from_agent
                 ])
                 .map_err(&error)?;
         }
@@ -256,6 +267,23 @@ fn remove_in(connection: &mut Connection, node: &str) -> Result<bool, RegistryEr
         .map_err(&error)?;
     tx.commit().map_err(error)?;
     Ok(removed > 0)
+}
+
+fn set_tors_in(connection: &mut Connection, moves: &[TorMove]) -> Result<u64, RegistryError> {
+    let error = sql_error("set_tors");
+    let tx = connection.transaction().map_err(&error)?;
+    let mut changed = 0u64;
+    {
+        let mut update = tx
+            .prepare_cached(schema::UPDATE_ENDPOINT_TOR)
+            .map_err(&error)?;
+        for m in moves {
+            let rows = update.execute(params![m.tor, m.endpoint]).map_err(&error)?;
+            changed += u64::try_from(rows).unwrap_or(u64::MAX);
+        }
+    }
+    tx.commit().map_err(error)?;
+    Ok(changed)
 }
 
 fn expire_in(connection: &mut Connection, before_ms: u64) -> Result<Vec<String>, RegistryError> {
@@ -324,6 +352,17 @@ impl Registry for SqliteRegistry {
         let node = node.to_owned();
         self.with_connection("remove_node", move |connection| {
             remove_in(connection, &node)
+        })
+        .await
+    }
+
+    async fn set_tors(&self, moves: &[TorMove]) -> Result<u64, RegistryError> {
+        if moves.is_empty() {
+            return Ok(0);
+        }
+        let moves = moves.to_vec();
+        self.with_connection("set_tors", move |connection| {
+            set_tors_in(connection, &moves)
         })
         .await
     }
