@@ -791,7 +791,7 @@ mod hosting {
     use http::{Request, StatusCode};
     use pingmesh_operator::config::MeshConfig;
     use pingmesh_operator::mesh::server;
-    use pingmesh_operator::reconcile::run::operator_router;
+    use pingmesh_operator::reconcile::run::{OperatorHttp, operator_router};
     use pingmesh_operator::reconcile::{MeshHost, MeshPolicy};
     use tokio_util::sync::CancellationToken;
     use tower::ServiceExt as _;
@@ -833,7 +833,7 @@ mod hosting {
         let metrics = ReconcileMetrics::new().unwrap();
         metrics.observe(Outcome::Ok, None, Duration::from_millis(3));
         let ready = Arc::new(AtomicBool::new(false));
-        let router = operator_router(host, metrics, ready.clone());
+        let router = operator_router(OperatorHttp::leading(host, metrics, ready.clone()));
         assert_eq!(get(&router, "/livez").await.0, StatusCode::OK);
         assert_eq!(
             get(&router, "/readyz").await.0,
@@ -858,6 +858,38 @@ mod hosting {
     }
 
     #[tokio::test]
+    async fn a_standby_is_ready_but_leaves_the_mesh_api_to_the_leader() {
+        use pingmesh_operator::reconcile::leader::Role;
+        let (role_tx, role) = tokio::sync::watch::channel(Role::Standby {
+            leader: Some("operator-1".into()),
+            address: Some("10.0.0.9:9400".into()),
+        });
+        let router = operator_router(OperatorHttp {
+            hosted: Arc::default(),
+            metrics: ReconcileMetrics::new().unwrap(),
+            synced: Arc::new(AtomicBool::new(false)),
+            role,
+        });
+        assert_eq!(get(&router, "/livez").await.0, StatusCode::OK);
+        let (status, text) = get(&router, "/readyz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(text.contains("standby"), "{text}");
+        let (status, text) = get(&router, "/api/v1/summary").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(text.contains("operator-1"), "{text}");
+        let (_, metrics) = get(&router, "/metrics").await;
+        assert!(metrics.contains("pingmesh_operator_leader 0"), "{metrics}");
+        assert!(!metrics.contains("pingmesh_controller_agents"), "{metrics}");
+        role_tx.send_replace(Role::Lost {
+            reason: "the Lease is held by operator-1".into(),
+        });
+        assert_eq!(
+            get(&router, "/readyz").await.0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
+
+    #[tokio::test]
     async fn only_the_policy_source_restarts_the_mesh_controller() {
         let dir = tempfile::tempdir().unwrap();
         let (host, _running) = hosted(&dir).await;
@@ -870,6 +902,23 @@ mod hosting {
         assert!(requests.has_changed().unwrap());
         let wanted: Option<MeshPolicy> = requests.borrow_and_update().clone();
         assert_eq!(wanted.unwrap().pinglist.window_ms, 2_000);
+        // Topology and node health settings of the source are taken as they
+        // come, without a restart.
+        let mut settings = host.settings();
+        let rails = mesh(spec_with(|s| {
+            s.topology.rnic_tor_label_prefix = "topology.pingmesh.io/tor-".into();
+            s.node_health.conditions = true;
+        }));
+        assert_eq!(host.sync_policy(&rails), PolicyState::Applied);
+        assert!(settings.has_changed().unwrap());
+        let taken = settings.borrow_and_update().clone();
+        assert_eq!(
+            taken.topology.rnic_tor_label_prefix,
+            "topology.pingmesh.io/tor-"
+        );
+        assert!(taken.node_health.conditions);
+        assert_eq!(taken.mesh.unwrap().uid.as_deref(), Some("mesh-uid"));
+        let _ = requests.borrow_and_update();
         let mut other = faster.clone();
         other.metadata.name = Some("other".into());
         assert_eq!(

@@ -153,7 +153,24 @@ Whether the cluster serves the Prometheus Operator's API.
 Fail early on combinations that would run but misbehave.
 */}}
 {{- define "pingmesh.validate" -}}
+{{- $election := .Values.operator.leaderElection }}
 {{- if and (gt (int .Values.operator.replicas) 1) (not .Values.registry.rqlite.enabled) }}
 {{- fail "operator.replicas > 1 needs registry.rqlite.enabled=true: replicas cannot share one SQLite file" }}
 {{- end }}
+{{- if and (gt (int .Values.operator.replicas) 1) (not $election.enabled) }}
+{{- fail "operator.replicas > 1 needs operator.leaderElection.enabled=true: without a leader every replica would act" }}
+{{- end }}
+{{- if ge (int $election.renewDeadlineSeconds) (int $election.leaseDurationSeconds) }}
+{{- fail "operator.leaderElection.renewDeadlineSeconds must be below leaseDurationSeconds, or two replicas could act at once" }}
+{{- end }}
+{{- if ge (int $election.retryPeriodSeconds) (int $election.renewDeadlineSeconds) }}
+{{- fail "operator.leaderElection.retryPeriodSeconds must be below renewDeadlineSeconds" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Name of the leader election Lease (in the release namespace).
+*/}}
+{{- define "pingmesh.operator.leaseName" -}}
+{{- include "pingmesh.operator.fullname" . }}
 {{- end }}

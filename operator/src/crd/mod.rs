@@ -69,8 +69,13 @@ pub struct PingMeshSpec {
     pub tolerations: Vec<Toleration>,
     /// RDMA settings, used where `transport` is `auto` or `rdma`.
     pub rdma: RdmaSpec,
-    /// Where endpoints sit in the fabric, read from node labels (not read yet
-    /// in this version).
+    /// Where endpoints sit in the fabric, read from node labels. An endpoint
+    /// whose agent names no ToR gets the value of the node label
+    /// `<rnicTorLabelPrefix><RNIC name>` (RNIC endpoints, when the prefix is
+    /// set), else of `torLabel`, else the mesh controller's default ToR; values
+    /// that are not valid names are skipped. Endpoints move when their node's
+    /// labels change. Like `probing`, taken from the policy-source PingMesh
+    /// only; changes apply without a restart.
     pub topology: TopologySpec,
     /// Probe rates, ECMP coverage and timing. The operator's mesh controller
     /// takes `probing` and `sla` from one PingMesh (by default the one named
@@ -82,7 +87,11 @@ pub struct PingMeshSpec {
     pub sla: SlaSpec,
     /// eBPF tracing of RDMA connections, to rank findings by the services they hit.
     pub tracing: TracingSpec,
-    /// Opt-in Node conditions from findings (not implemented yet in this version).
+    /// Opt-in Node condition from findings, on every node with registered
+    /// endpoints: `False` while open findings localize a fault to the node
+    /// (its paths to two or more other nodes under its ToR fail, with it as
+    /// the common factor), `True` otherwise; removed again when turned off.
+    /// Like `probing`, taken from the policy-source PingMesh only.
     pub node_health: NodeHealthSpec,
     /// The agent pods.
     pub agent: AgentSpec,

@@ -147,9 +147,13 @@ impl Default for RdmaSpec {
     }
 }
 
-/// Where endpoints sit in the fabric, read from node labels. Not read yet in
-/// this version: endpoints get the ToR their agent reports, else the mesh
-/// controller's default ToR.
+/// Where endpoints sit in the fabric, read from node labels. An endpoint whose
+/// agent names no ToR gets, in order: the value of the label
+/// `<rnicTorLabelPrefix><RNIC name>` (RNIC endpoints, when the prefix is set),
+/// else the value of `torLabel`, else the mesh controller's default ToR.
+/// Values that are not valid ToR names (empty, spaces, non-ASCII, over 320
+/// characters) are skipped. When a node's labels (or these settings) change,
+/// its endpoints move to the new ToR without their agents registering again.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct TopologySpec {
@@ -257,13 +261,17 @@ pub struct TracingSpec {
     pub enabled: bool,
 }
 
-/// Opt-in Node conditions from findings. Not implemented yet in this
-/// version: the settings are accepted and have no effect.
+/// Opt-in Node conditions from findings: a condition of type `conditionType`
+/// on every node with registered endpoints, `False` while open findings
+/// localize a fault to the node (its paths to at least two other nodes under
+/// the same ToR fail and it is their common factor), `True` otherwise. Turning
+/// it off removes the condition again.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", default)]
 pub struct NodeHealthSpec {
     /// Write a condition of type `conditionType` on each probed Node (False
-    /// while a finding blames the node's RNIC or link).
+    /// while findings localize a fault to the node's RNIC, link or host). The
+    /// operator's RBAC needs `nodes/status` patch (chart: `rbac.nodeConditions`).
     pub conditions: bool,
     /// Type of the Node condition written when `conditions` is true.
     #[schemars(

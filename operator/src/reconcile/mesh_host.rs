@@ -3,14 +3,20 @@
 //! restarts the mesh controller in-process with the new one. The controller
 //! reads its policy once at start, and a restart is cheap: agents reconnect
 //! on their own and the registry is persistent.
+//!
+//! The source's other operator-side settings (`topology`, `nodeHealth`) need
+//! no restart: they are published as [`SourceSettings`] and the Node label
+//! follower and the findings publisher take them as they change.
 
 use std::sync::{Arc, RwLock};
 
 use async_trait::async_trait;
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::Resource;
 use tokio::sync::watch;
 
 use super::mesh_status::{MeshStatus, MeshStatusSource, PolicyState};
-use crate::crd::PingMesh;
+use crate::crd::{NodeHealthSpec, PingMesh, TopologySpec};
 use crate::mesh::analyzer::SlaPolicy;
 use crate::mesh::controller::MeshController;
 use crate::mesh::pinglist::PinglistPolicy;
@@ -40,6 +46,30 @@ impl MeshPolicy {
     }
 }
 
+/// The settings of the policy source that apply without a restart.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SourceSettings {
+    pub topology: TopologySpec,
+    pub node_health: NodeHealthSpec,
+    /// The policy-source `PingMesh`, which finding Events are about; `None`
+    /// until it has been seen.
+    pub mesh: Option<ObjectReference>,
+}
+
+impl SourceSettings {
+    /// The settings `pm`'s spec asks for.
+    pub fn of(pm: &PingMesh) -> Self {
+        let mut mesh = pm.object_ref(&());
+        // Changes with every status write; Events need only name and uid.
+        mesh.resource_version = None;
+        Self {
+            topology: pm.spec.topology.clone(),
+            node_health: pm.spec.node_health.clone(),
+            mesh: Some(mesh),
+        }
+    }
+}
+
 /// The hosted mesh controller, swapped on restart.
 #[derive(Debug)]
 pub struct MeshHost {
@@ -47,16 +77,34 @@ pub struct MeshHost {
     /// `namespace/name` of the policy source.
     source: String,
     wanted: watch::Sender<Option<MeshPolicy>>,
+    settings: watch::Sender<SourceSettings>,
 }
 
 impl MeshHost {
+    /// Hosts `controller` for the policy source `source` (`namespace/name`),
+    /// with default [`SourceSettings`] until the source is seen.
     pub fn new(controller: Arc<MeshController>, source: String) -> Self {
+        Self::with_settings(controller, source, SourceSettings::default())
+    }
+
+    pub fn with_settings(
+        controller: Arc<MeshController>,
+        source: String,
+        settings: SourceSettings,
+    ) -> Self {
         let (wanted, _) = watch::channel(None);
+        let (settings, _) = watch::channel(settings);
         Self {
             current: RwLock::new(controller),
             source,
             wanted,
+            settings,
         }
+    }
+
+    /// The policy source's topology and node health settings, as they change.
+    pub fn settings(&self) -> watch::Receiver<SourceSettings> {
+        self.settings.subscribe()
     }
 
     /// The controller serving now.
@@ -96,6 +144,14 @@ impl MeshStatusSource for MeshHost {
         if key != self.source {
             return PolicyState::FromOtherMesh(self.source.clone());
         }
+        let settings = SourceSettings::of(pm);
+        self.settings.send_if_modified(|current| {
+            let changed = *current != settings;
+            if changed {
+                *current = settings;
+            }
+            changed
+        });
         let wanted = MeshPolicy::of(pm);
         if MeshPolicy::running(&self.current()) == wanted {
             return PolicyState::Applied;

@@ -1,8 +1,11 @@
-//! The reconciler's Prometheus metrics, served next to the mesh controller's.
+//! The operator's own Prometheus metrics (reconciler, leader election, what it
+//! publishes from findings), served next to the mesh controller's.
 
 use std::time::Duration;
 
-use prometheus::{Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
 
 /// Outcome label of `pingmesh_reconcile_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,12 +28,36 @@ impl Outcome {
     }
 }
 
+/// What a finding Event was published on (`object` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventObject {
+    PingMesh,
+    Node,
+}
+
+impl EventObject {
+    fn label(self) -> &'static str {
+        match self {
+            Self::PingMesh => "pingmesh",
+            Self::Node => "node",
+        }
+    }
+}
+
+fn result_label(ok: bool) -> &'static str {
+    if ok { "ok" } else { "error" }
+}
+
 #[derive(Debug, Clone)]
 pub struct ReconcileMetrics {
     registry: Registry,
     reconciles: IntCounterVec,
     duration: Histogram,
     errors: IntCounterVec,
+    leader: IntGauge,
+    finding_events: IntCounterVec,
+    condition_writes: IntCounterVec,
+    faulty_nodes: IntGauge,
 }
 
 impl ReconcileMetrics {
@@ -56,14 +83,58 @@ impl ReconcileMetrics {
             ),
             &["category"],
         )?;
+        let leader = IntGauge::new(
+            "pingmesh_operator_leader",
+            "1 while this operator replica holds the leader Lease (or runs without leader election), else 0.",
+        )?;
+        let finding_events = IntCounterVec::new(
+            Opts::new(
+                "pingmesh_operator_finding_events_total",
+                "Events published for findings opening and clearing, by the object they are about and result.",
+            ),
+            &["object", "result"],
+        )?;
+        let condition_writes = IntCounterVec::new(
+            Opts::new(
+                "pingmesh_operator_node_condition_writes_total",
+                "Writes of the spec.nodeHealth condition to nodes/status (set or removed), by result.",
+            ),
+            &["result"],
+        )?;
+        let faulty_nodes = IntGauge::new(
+            "pingmesh_operator_faulty_nodes",
+            "Nodes that open findings localize a fault to now (the nodeHealth condition is False on them when enabled).",
+        )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(leader.clone()))?;
+        registry.register(Box::new(finding_events.clone()))?;
+        registry.register(Box::new(condition_writes.clone()))?;
+        registry.register(Box::new(faulty_nodes.clone()))?;
+        // Every known label value starts at zero, so rate() and alerts see
+        // the series before the first event.
+        for object in [EventObject::PingMesh, EventObject::Node] {
+            for ok in [true, false] {
+                finding_events
+                    .with_label_values(&[object.label(), result_label(ok)])
+                    .inc_by(0);
+            }
+        }
+        for ok in [true, false] {
+            condition_writes
+                .with_label_values(&[result_label(ok)])
+                .inc_by(0);
+        }
         Ok(Self {
             registry,
             reconciles,
             duration,
             errors,
+            leader,
+            finding_events,
+            condition_writes,
+            faulty_nodes,
         })
     }
 
@@ -84,6 +155,46 @@ impl ReconcileMetrics {
     /// Errors counted with `category`.
     pub fn errors(&self, category: &str) -> u64 {
         self.errors.with_label_values(&[category]).get()
+    }
+
+    /// Whether this replica leads now.
+    pub fn set_leader(&self, leading: bool) {
+        self.leader.set(i64::from(leading));
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.get() == 1
+    }
+
+    pub fn count_finding_event(&self, object: EventObject, ok: bool) {
+        self.finding_events
+            .with_label_values(&[object.label(), result_label(ok)])
+            .inc();
+    }
+
+    /// Finding Events counted about `object` with result `ok`.
+    pub fn finding_events(&self, object: EventObject, ok: bool) -> u64 {
+        self.finding_events
+            .with_label_values(&[object.label(), result_label(ok)])
+            .get()
+    }
+
+    pub fn count_condition_write(&self, ok: bool) {
+        self.condition_writes
+            .with_label_values(&[result_label(ok)])
+            .inc();
+    }
+
+    /// Condition writes counted with result `ok`.
+    pub fn condition_writes(&self, ok: bool) -> u64 {
+        self.condition_writes
+            .with_label_values(&[result_label(ok)])
+            .get()
+    }
+
+    pub fn set_faulty_nodes(&self, nodes: usize) {
+        self.faulty_nodes
+            .set(i64::try_from(nodes).unwrap_or(i64::MAX));
     }
 
     /// Prometheus text format.

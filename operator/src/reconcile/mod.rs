@@ -2,7 +2,9 @@
 //! (server-side applied, owned by the `PingMesh`), orphans are deleted, and the
 //! status reports the rollout, the mesh controller's view and any problem.
 //! The steps of one reconcile are in `flow`; `run` wires the reconciler, the
-//! hosted mesh controller and the HTTP port together.
+//! hosted mesh controller and the HTTP port together, behind leader election
+//! (`leader`, `forward`), with ToRs from Node labels (`nodes`) and findings
+//! published as Events and Node conditions (`findings`).
 
 mod apply;
 mod conditions;
@@ -10,11 +12,16 @@ mod configmap;
 mod daemonset;
 mod error;
 mod events;
+mod findings;
 mod flow;
+mod forward;
+pub mod leader;
 mod mesh_host;
 mod mesh_status;
 mod metrics;
 mod names;
+mod nodes;
+mod operator_http;
 mod owned;
 pub mod run;
 mod settings;
@@ -33,14 +40,20 @@ pub use conditions::{AVAILABLE, DEGRADED, Judged, PROGRESSING, merge};
 pub use configmap::{agent_config_data, config_hash, desired_configmap};
 pub use daemonset::{AGENT_CONTAINER, desired_daemonset};
 pub use error::{BuildError, ReconcileError, api_category};
-pub use mesh_host::{MeshHost, MeshPolicy};
+pub use findings::{
+    Blame, FAULT_REASON, FindingsPublisher, FindingsView, HEALTHY_REASON, MAX_ANNOUNCED,
+    PAUSE_AFTER_FAILURE, Wanted, faulty_nodes, reason as finding_reason, wanted_conditions,
+};
+pub use forward::forward_to_leader;
+pub use mesh_host::{MeshHost, MeshPolicy, SourceSettings};
 pub use mesh_status::{MeshFinding, MeshStatus, MeshStatusSource, PolicyState};
-pub use metrics::{Outcome, ReconcileMetrics};
+pub use metrics::{EventObject, Outcome, ReconcileMetrics};
 pub use names::{
     CONFIG_HASH_ANNOTATION, FIELD_MANAGER, MANAGED_BY_LABEL, MAX_MESH_NAME_LEN, MESH_LABEL,
     PAUSED_NODE_SELECTOR, agent_name, managed_selector, owned_labels, owned_selector,
     selector_labels,
 };
+pub use nodes::{NodeMeta, NodeTorResolver, RelabeledNodes, node_cache, tor_candidates};
 pub use owned::MeshIdentity;
 pub use settings::OperatorSettings;
 pub use status::{Observation, Problem, desired_status};

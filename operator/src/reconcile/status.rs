@@ -76,7 +76,7 @@ pub fn desired_status(pm: &PingMesh, seen: Observation<'_>, now: Timestamp) -> P
         }
         PolicyState::FromOtherMesh(source) => {
             judged[0].message = format!(
-                "{}; spec.probing and spec.sla are taken from PingMesh {source}",
+                "{}; spec.probing, spec.sla, spec.topology and spec.nodeHealth are taken from PingMesh {source}",
                 judged[0].message
             );
         }

@@ -1,6 +1,8 @@
 //! A scripted Kubernetes API server behind a mocked tower service: it records
 //! every request the reconciler makes and answers with canned objects, so a
 //! test can assert the exact requests (method, path, field manager, body).
+// Included by several test crates, each of which uses only part of it.
+#![allow(dead_code)]
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -39,6 +41,13 @@ impl Seen {
 pub struct World {
     pub configmaps: Vec<Value>,
     pub daemonsets: Vec<Value>,
+    /// Nodes by name; a status apply replaces the conditions the operator
+    /// applied before (server-side apply with one field manager).
+    pub nodes: BTreeMap<String, Value>,
+    /// Condition types the operator's last status apply set, per node.
+    pub applied_conditions: BTreeMap<String, Vec<String>>,
+    /// Leases by name, with resourceVersion-checked replaces.
+    pub leases: BTreeMap<String, Value>,
     /// Status the API server reports on an applied `DaemonSet`.
     pub daemonset_status: Value,
     /// Requests (method, path fragment) answered with this HTTP status.
@@ -85,12 +94,93 @@ impl World {
                 mesh["spec"] = json!({});
                 (200, mesh)
             }
-            ("POST", [.., "events"]) => (200, req.body.clone()),
+            ("POST", [.., "events"]) | ("PATCH", [.., "events", _]) => (200, req.body.clone()),
+            ("GET", [.., "nodes", name]) => match self.nodes.get(*name) {
+                Some(node) => (200, node.clone()),
+                None => not_found(),
+            },
+            ("PATCH", [.., "nodes", name, "status"]) => self.apply_node_status(name, &req.body),
+            ("GET", [.., "leases", name]) => match self.leases.get(*name) {
+                Some(lease) => (200, lease.clone()),
+                None => not_found(),
+            },
+            ("POST", [.., "leases"]) => {
+                let name = req.body["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned();
+                if self.leases.contains_key(&name) {
+                    return conflict();
+                }
+                let stored = self.store_lease(&name, req.body.clone());
+                (201, stored)
+            }
+            ("PUT", [.., "leases", name]) => {
+                let current = self
+                    .leases
+                    .get(*name)
+                    .map(|l| l["metadata"]["resourceVersion"].clone());
+                match current {
+                    None => not_found(),
+                    Some(version) if version != req.body["metadata"]["resourceVersion"] => {
+                        conflict()
+                    }
+                    Some(_) => {
+                        let stored = self.store_lease(name, req.body.clone());
+                        (200, stored)
+                    }
+                }
+            }
             _ => (
                 404,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404}),
             ),
         }
+    }
+
+    /// Stores a Lease under a new resourceVersion; returns it as stored.
+    pub fn store_lease(&mut self, name: &str, mut lease: Value) -> Value {
+        self.next_version += 1;
+        lease["apiVersion"] = json!("coordination.k8s.io/v1");
+        lease["kind"] = json!("Lease");
+        lease["metadata"]["name"] = json!(name);
+        lease["metadata"]["resourceVersion"] = json!(format!("{}", 100 + self.next_version));
+        self.leases.insert(name.to_owned(), lease.clone());
+        lease
+    }
+
+    /// Server-side apply of a node's status by the operator: the conditions it
+    /// applied before are replaced by the ones in `body` (none: removed).
+    fn apply_node_status(&mut self, name: &str, body: &Value) -> (u16, Value) {
+        let Some(node) = self.nodes.get_mut(name) else {
+            return not_found();
+        };
+        let applied: Vec<Value> = body["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let before = self.applied_conditions.remove(name).unwrap_or_default();
+        let mut conditions: Vec<Value> = node["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|c| {
+                let type_ = c["type"].as_str().unwrap_or_default();
+                !before.iter().any(|b| b == type_)
+                    && !applied.iter().any(|a| a["type"] == c["type"])
+            })
+            .collect();
+        conditions.extend(applied.iter().cloned());
+        self.applied_conditions.insert(
+            name.to_owned(),
+            applied
+                .iter()
+                .filter_map(|c| c["type"].as_str().map(str::to_owned))
+                .collect(),
+        );
+        node["status"]["conditions"] = json!(conditions);
+        (200, node.clone())
     }
 
     /// The object as stored after an apply: same resourceVersion when nothing
@@ -125,6 +215,30 @@ impl World {
         }
         object
     }
+}
+
+fn not_found() -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}),
+    )
+}
+
+fn conflict() -> (u16, Value) {
+    (
+        409,
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+               "message": "the object has been modified"}),
+    )
+}
+
+/// A Node as the API server returns it, with a kubelet condition.
+pub fn node(name: &str, uid: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "uid": uid, "resourceVersion": "1"},
+        "status": {"conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady"}]},
+    })
 }
 
 fn list(api_version: &str, kind: &str, items: &[Value]) -> Value {

@@ -1,0 +1,485 @@
+//! What the operator does with the hosted mesh controller's findings besides
+//! the `PingMesh` status: Kubernetes Events, and the opt-in Node condition.
+//!
+//! Once per judged window the publisher compares the open findings with the
+//! ones it announced before:
+//!
+//! - a finding it has not announced gets a `Warning` Event `<Kind>Detected`
+//!   (`PathLossDetected`, `PathLatencyDetected`, `TorPairLossDetected`,
+//!   `TorPairLatencyDetected`) on the policy-source `PingMesh`;
+//! - an announced finding no longer open gets a `Normal` `<Kind>Cleared`;
+//! - path findings also get the same Event on the Nodes at both ends (the
+//!   other end as the related object). ToR-pair findings get none on Nodes: a
+//!   ToR pair spans whole racks, and the switch is the suspect, not a node.
+//!
+//! So a finding is announced once when it opens and once when it clears,
+//! however long it stays open. At most [`MAX_ANNOUNCED`] findings opening (and
+//! as many clearing) get their own Events per window; the rest are counted in
+//! one `ManyFindingsDetected` / `ManyFindingsCleared` Event, and their
+//! clearing is not announced either. A finding that opens and clears between
+//! two looks (a stalled API server) goes unannounced; one that is open when
+//! the mesh controller restarts with new settings is announced as cleared and,
+//! if the fault persists, detected again.
+//!
+//! Each pass uses a fresh event recorder: kube's recorder folds Events with the
+//! same reason and objects within minutes into one series that keeps the first
+//! note, which would hide the second of two findings of one kind. The
+//! publisher does its own deduplication.
+
+mod blame;
+mod node_condition;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{Node, ObjectReference};
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Api, Client};
+use tokio_util::sync::CancellationToken;
+
+use super::events::publish_about;
+use super::mesh_host::{MeshHost, SourceSettings};
+use super::metrics::{EventObject, ReconcileMetrics};
+use super::names::FIELD_MANAGER;
+use super::nodes::NodeMeta;
+use crate::mesh::analyzer::{ClearReason, Finding, FindingKind};
+use crate::mesh::controller::MeshController;
+use crate::mesh::types::MeshEndpoint;
+
+pub use blame::{Blame, faulty_nodes};
+pub use node_condition::{
+    FAULT_REASON, HEALTHY_REASON, NodeConditions, PAUSE_AFTER_FAILURE, Wanted,
+};
+
+/// Most findings opening (and, separately, clearing) announced one by one per pass.
+pub const MAX_ANNOUNCED: usize = 20;
+/// Most finding locations a condition message lists.
+const MAX_LISTED: usize = 5;
+
+/// The Event action of everything published here.
+const ACTION: &str = "Analyze";
+
+/// What the publisher reads from the mesh controller in one pass.
+#[derive(Debug, Clone, Default)]
+pub struct FindingsView {
+    pub open: Vec<Finding>,
+    /// Findings the last judged window closed, for the reason in `Cleared` Events.
+    pub cleared: Vec<Finding>,
+    /// Every registered endpoint: which node and ToR each is on.
+    pub endpoints: Vec<MeshEndpoint>,
+}
+
+impl FindingsView {
+    pub fn of(controller: &MeshController) -> Self {
+        Self {
+            open: controller.open_findings(),
+            cleared: controller
+                .last_report()
+                .map(|r| r.cleared.clone())
+                .unwrap_or_default(),
+            endpoints: controller.known_endpoints(),
+        }
+    }
+}
+
+type FindingKey = (FindingKind, String);
+
+/// An open finding as announced.
+#[derive(Debug, Clone)]
+struct Announced {
+    /// Announced with its own Events (not only counted in a summary).
+    individually: bool,
+    /// Nodes at its ends (path findings), for the Events when it clears.
+    nodes: Vec<String>,
+}
+
+/// Publishes Events for findings and keeps the Node condition; see the module docs.
+pub struct FindingsPublisher {
+    client: Client,
+    reporter: Reporter,
+    nodes: Store<NodeMeta>,
+    metrics: ReconcileMetrics,
+    announced: BTreeMap<FindingKey, Announced>,
+    conditions: NodeConditions,
+}
+
+impl std::fmt::Debug for FindingsPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FindingsPublisher")
+            .field("announced", &self.announced.len())
+            .field("conditions", &self.conditions)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FindingsPublisher {
+    /// `instance` names this operator replica in Events; `nodes` supplies the
+    /// Node uids Events refer to.
+    pub fn new(
+        client: Client,
+        instance: Option<String>,
+        nodes: Store<NodeMeta>,
+        metrics: ReconcileMetrics,
+    ) -> Self {
+        Self {
+            client,
+            reporter: Reporter {
+                controller: FIELD_MANAGER.to_owned(),
+                instance,
+            },
+            nodes,
+            metrics,
+            announced: BTreeMap::new(),
+            conditions: NodeConditions::default(),
+        }
+    }
+
+    /// One pass: Events for what opened and cleared since the last pass, and
+    /// the Node condition as `settings.node_health` asks.
+    pub async fn sync(&mut self, view: &FindingsView, settings: &SourceSettings) {
+        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
+        self.announce(&recorder, view, settings.mesh.as_ref()).await;
+        let faulty = faulty_nodes(&view.open, &view.endpoints);
+        self.metrics.set_faulty_nodes(faulty.len());
+        let api: Api<Node> = Api::all(self.client.clone());
+        let health = &settings.node_health;
+        if health.conditions {
+            let wanted = wanted_conditions(&faulty, &view.endpoints);
+            self.conditions
+                .sync(&api, &health.condition_type, &wanted, &self.metrics)
+                .await;
+        } else {
+            self.conditions.remove_all(&api, &self.metrics).await;
+        }
+    }
+
+    async fn announce(
+        &mut self,
+        recorder: &Recorder,
+        view: &FindingsView,
+        mesh: Option<&ObjectReference>,
+    ) {
+        let node_of: BTreeMap<&str, &str> = view
+            .endpoints
+            .iter()
+            .map(|e| (e.id.as_str(), e.node.as_str()))
+            .collect();
+        let open: BTreeMap<FindingKey, &Finding> = view
+            .open
+            .iter()
+            .map(|f| ((f.kind, f.location.clone()), f))
+            .collect();
+        let opened: Vec<&Finding> = open
+            .iter()
+            .filter(|(key, _)| !self.announced.contains_key(*key))
+            .map(|(_, f)| *f)
+            .collect();
+        let closed: Vec<FindingKey> = self
+            .announced
+            .keys()
+            .filter(|key| !open.contains_key(*key))
+            .cloned()
+            .collect();
+        self.announce_opened(recorder, &opened, &node_of, mesh)
+            .await;
+        self.announce_closed(recorder, closed, &view.cleared, mesh)
+            .await;
+    }
+
+    async fn announce_opened(
+        &mut self,
+        recorder: &Recorder,
+        opened: &[&Finding],
+        node_of: &BTreeMap<&str, &str>,
+        mesh: Option<&ObjectReference>,
+    ) {
+        let mut unannounced = 0usize;
+        for (index, finding) in opened.iter().enumerate() {
+            let nodes = ends(finding, node_of);
+            let individually = index < MAX_ANNOUNCED;
+            if individually {
+                let reason = reason(finding.kind, true);
+                let note = format!(
+                    "{} {}: {}",
+                    kind_name(finding.kind),
+                    finding.location,
+                    finding.evidence
+                );
+                self.publish(recorder, mesh, &nodes, EventType::Warning, &reason, &note)
+                    .await;
+            } else {
+                unannounced += 1;
+            }
+            self.announced.insert(
+                (finding.kind, finding.location.clone()),
+                Announced {
+                    individually,
+                    nodes,
+                },
+            );
+        }
+        if unannounced > 0 {
+            let note = format!(
+                "{unannounced} more findings opened in this window; the PingMesh status and the mesh API (/api/v1/findings) list them"
+            );
+            self.publish(
+                recorder,
+                mesh,
+                &[],
+                EventType::Warning,
+                "ManyFindingsDetected",
+                &note,
+            )
+            .await;
+        }
+    }
+
+    async fn announce_closed(
+        &mut self,
+        recorder: &Recorder,
+        closed: Vec<FindingKey>,
+        cleared: &[Finding],
+        mesh: Option<&ObjectReference>,
+    ) {
+        let mut unannounced = 0usize;
+        let mut announced_clears = 0usize;
+        for key in closed {
+            let Some(was) = self.announced.remove(&key) else {
+                continue;
+            };
+            if !was.individually {
+                continue;
+            }
+            if announced_clears == MAX_ANNOUNCED {
+                unannounced += 1;
+                continue;
+            }
+            announced_clears += 1;
+            let why = cleared
+                .iter()
+                .find(|f| f.kind == key.0 && f.location == key.1)
+                .and_then(|f| f.clear_reason)
+                .map_or("no longer reported by the mesh controller", |r| match r {
+                    ClearReason::Recovered => "recovered",
+                    ClearReason::Gone => "no data any more (an endpoint or path went away)",
+                });
+            let note = format!("{} {}: {why}", kind_name(key.0), key.1);
+            self.publish(
+                recorder,
+                mesh,
+                &was.nodes,
+                EventType::Normal,
+                &reason(key.0, false),
+                &note,
+            )
+            .await;
+        }
+        if unannounced > 0 {
+            let note = format!("{unannounced} more findings cleared in this window");
+            self.publish(
+                recorder,
+                mesh,
+                &[],
+                EventType::Normal,
+                "ManyFindingsCleared",
+                &note,
+            )
+            .await;
+        }
+    }
+
+    /// One Event on the mesh (when known) and one on each node, the other node
+    /// of the pair as related object.
+    async fn publish(
+        &self,
+        recorder: &Recorder,
+        mesh: Option<&ObjectReference>,
+        nodes: &[String],
+        type_: EventType,
+        reason: &str,
+        note: &str,
+    ) {
+        let first_node = nodes.first().map(|n| self.node_ref(n));
+        if let Some(mesh) = mesh {
+            let ok = publish_about(
+                recorder,
+                mesh,
+                type_,
+                reason,
+                ACTION,
+                note.to_owned(),
+                first_node.clone(),
+            )
+            .await;
+            self.metrics.count_finding_event(EventObject::PingMesh, ok);
+        }
+        for (index, node) in nodes.iter().enumerate() {
+            let other = nodes
+                .iter()
+                .enumerate()
+                .find(|(i, _)| *i != index)
+                .map(|(_, n)| self.node_ref(n));
+            let ok = publish_about(
+                recorder,
+                &self.node_ref(node),
+                type_,
+                reason,
+                ACTION,
+                note.to_owned(),
+                other,
+            )
+            .await;
+            self.metrics.count_finding_event(EventObject::Node, ok);
+        }
+    }
+
+    /// A reference to Node `name`, with its uid when cached (`kubectl describe
+    /// node` matches Events by uid).
+    fn node_ref(&self, name: &str) -> ObjectReference {
+        ObjectReference {
+            api_version: Some("v1".to_owned()),
+            kind: Some("Node".to_owned()),
+            name: Some(name.to_owned()),
+            uid: self
+                .nodes
+                .get(&ObjectRef::new(name))
+                .and_then(|n| n.metadata.uid.clone()),
+            ..ObjectReference::default()
+        }
+    }
+}
+
+/// How often the publisher looks for a newly judged window.
+const LOOK_EVERY: Duration = Duration::from_secs(1);
+
+/// Runs `publisher` once for every window the mesh controller `host` serves
+/// judges (and when it is replaced, or the policy source's settings change),
+/// until `cancel`. Failed writes are retried on the next window.
+pub async fn publish_findings(
+    mut publisher: FindingsPublisher,
+    host: Arc<MeshHost>,
+    cancel: CancellationToken,
+) {
+    let mut settings = host.settings();
+    let mut tick = tokio::time::interval(LOOK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen: Option<(usize, Option<u64>)> = None;
+    loop {
+        let settings_changed = tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => false,
+            changed = settings.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                true
+            }
+        };
+        let controller = host.current();
+        // A new controller (restart) or a newly judged window.
+        let now = (
+            Arc::as_ptr(&controller) as usize,
+            controller.last_report().map(|r| r.window_start_ms),
+        );
+        if !settings_changed && seen == Some(now) {
+            continue;
+        }
+        seen = Some(now);
+        let current = settings.borrow_and_update().clone();
+        publisher
+            .sync(&FindingsView::of(&controller), &current)
+            .await;
+    }
+}
+
+/// The distinct nodes at the ends of a path finding (none for ToR pairs or
+/// endpoints no longer registered).
+fn ends(finding: &Finding, node_of: &BTreeMap<&str, &str>) -> Vec<String> {
+    if !matches!(
+        finding.kind,
+        FindingKind::PathLoss | FindingKind::PathLatency
+    ) {
+        return Vec::new();
+    }
+    let Some((source, target)) = finding.location.split_once(" -> ") else {
+        return Vec::new();
+    };
+    let mut nodes: Vec<String> = [source, target]
+        .iter()
+        .filter_map(|e| node_of.get(e).map(|n| (*n).to_owned()))
+        .collect();
+    nodes.dedup();
+    nodes
+}
+
+/// `PathLossDetected`, `TorPairLatencyCleared`, ...
+pub fn reason(kind: FindingKind, opened: bool) -> String {
+    let kind = match kind {
+        FindingKind::PathLoss => "PathLoss",
+        FindingKind::PathLatency => "PathLatency",
+        FindingKind::TorPairLoss => "TorPairLoss",
+        FindingKind::TorPairLatency => "TorPairLatency",
+    };
+    format!("{kind}{}", if opened { "Detected" } else { "Cleared" })
+}
+
+fn kind_name(kind: FindingKind) -> &'static str {
+    match kind {
+        FindingKind::PathLoss => "pathLoss",
+        FindingKind::PathLatency => "pathLatency",
+        FindingKind::TorPairLoss => "torPairLoss",
+        FindingKind::TorPairLatency => "torPairLatency",
+    }
+}
+
+/// The condition every node with registered endpoints should carry.
+pub fn wanted_conditions(
+    faulty: &BTreeMap<String, Blame>,
+    endpoints: &[MeshEndpoint],
+) -> BTreeMap<String, Wanted> {
+    endpoints
+        .iter()
+        .map(|e| {
+            let wanted = faulty.get(&e.node).map_or_else(
+                || Wanted {
+                    healthy: true,
+                    reason: HEALTHY_REASON.to_owned(),
+                    message: "no open finding localizes a fault to this node".to_owned(),
+                },
+                |blame| Wanted {
+                    healthy: false,
+                    reason: FAULT_REASON.to_owned(),
+                    message: fault_message(blame),
+                },
+            );
+            (e.node.clone(), wanted)
+        })
+        .collect()
+}
+
+fn fault_message(blame: &Blame) -> String {
+    let listed: Vec<String> = blame
+        .findings
+        .iter()
+        .take(MAX_LISTED)
+        .map(|(kind, location)| format!("{} {location}", kind_name(*kind)))
+        .collect();
+    let more = blame.findings.len().saturating_sub(MAX_LISTED);
+    let more = if more > 0 {
+        format!(" and {more} more")
+    } else {
+        String::new()
+    };
+    super::events::truncate(
+        format!(
+            "open findings on paths between this node and {} other nodes under ToR {} \
+             have this node as their common factor (its RNIC, cable, switch port or host): {}{more}",
+            blame.peers.len(),
+            blame.tor,
+            listed.join(", ")
+        ),
+        super::events::MAX_NOTE_BYTES,
+    )
+}
