@@ -7,8 +7,11 @@
 #   3. waits for one Ready agent per worker, then for the PingMesh status:
 #      agentsReady == workers, pathsProbed > 0, condition Available=True
 #   4. reads an agent's /metrics through a port-forward: some
-#      pingmesh_probes_total{result="ok"} > 0
-#   5. deletes the PingMesh and checks its DaemonSet, ConfigMap and pods are
+#      pingmesh_probes_total{result="ok"} > 0, and probe series under both
+#      ToRs of kind-config.yaml (the operator placed endpoints by node label)
+#   5. turns spec.nodeHealth.conditions on: every worker gets
+#      RdmaNetworkHealthy=True; turned off again, the condition goes
+#   6. deletes the PingMesh and checks its DaemonSet, ConfigMap and pods are
 #      garbage-collected; helm uninstall and checks the release's objects are
 #      gone (the CRD stays: crds.keep)
 #
@@ -165,6 +168,32 @@ agent_reports_ok_probes() {
   ((count > 0))
 }
 
+# The ToR label values (src_tor, dst_tor) of the agent's probe series.
+probed_tors() {
+  curl -fsS "http://127.0.0.1:${LOCAL_METRICS_PORT}/metrics" |
+    grep -o '_tor="[^"]*"' | sed 's/^.*="//; s/"$//' | sort -u | tr '\n' ' '
+}
+
+agent_probes_both_tors() {
+  local tors
+  tors="$(probed_tors 2>/dev/null || true)"
+  printf '  ToRs in probe series: %s\n' "${tors:-none}" >&2
+  [[ " ${tors} " == *" tor-a "* && " ${tors} " == *" tor-b "* ]]
+}
+
+readonly CONDITION=RdmaNetworkHealthy
+
+# Succeeds when every worker's ${CONDITION} status is $1 ("" = absent).
+workers_condition_is() {
+  local want=$1 node status mismatch=0
+  for node in $(k get nodes -l '!node-role.kubernetes.io/control-plane' -o name); do
+    status="$(k get "${node}" -o jsonpath="{.status.conditions[?(@.type==\"${CONDITION}\")].status}")"
+    printf '  %s %s=%s\n' "${node#node/}" "${CONDITION}" "${status:-absent}" >&2
+    [[ "${status}" == "${want}" ]] || mismatch=1
+  done
+  return "${mismatch}"
+}
+
 nothing_left() {
   local what=$1
   shift
@@ -239,8 +268,15 @@ main() {
   kn port-forward "pod/${pod}" "${LOCAL_METRICS_PORT}:${METRICS_PORT}" >/dev/null 2>&1 &
   port_forward_pid=$!
   wait_until "${pod} to report successful probes" agent_reports_ok_probes
+  wait_until "${pod} to probe under both ToRs (tor-a, tor-b from node labels)" agent_probes_both_tors
   kill "${port_forward_pid}" 2>/dev/null || true
   port_forward_pid=""
+
+  log "Node condition ${CONDITION}: on, every worker True; off, gone"
+  kn patch pingmesh "${MESH}" --type merge -p '{"spec":{"nodeHealth":{"conditions":true}}}'
+  wait_until "${CONDITION}=True on every worker" workers_condition_is True
+  kn patch pingmesh "${MESH}" --type merge -p '{"spec":{"nodeHealth":{"conditions":false}}}'
+  wait_until "${CONDITION} removed from every worker" workers_condition_is ""
 
   if [[ "${PINGMESH_E2E_KEEP:-0}" == 1 ]]; then
     log "PINGMESH_E2E_KEEP=1: leaving everything installed"

@@ -258,6 +258,12 @@ main() {
   check_fails "values: unknown key" render /dev/null --set operator.replicaCount=2
   check_fails "values: 2 operator replicas on SQLite" render /dev/null --set operator.replicas=2
   check_fails "values: loss SLA above 1" render /dev/null --set monitoring.prometheusRule.maxLossRatio=2
+  check_fails "values: 2 operator replicas without leader election" render /dev/null \
+    --set operator.replicas=2,registry.rqlite.enabled=true,operator.leaderElection.enabled=false
+  check_fails "values: renew deadline not below the lease duration" render /dev/null \
+    --set operator.leaderElection.renewDeadlineSeconds=15
+  check_fails "values: retry period not below the renew deadline" render /dev/null \
+    --set operator.leaderElection.retryPeriodSeconds=10
 
   printf '\n== PingMesh resources against the CRD schema\n'
   check "CRD openAPIV3Schema -> strict JSON schema" "${PY}" "${ROOT}/hack/manifest_checks.py" crd-schema \
