@@ -219,7 +219,7 @@ async fn start_udp(
     };
     let observer = wiring.observer.clone();
     let responder_cancel = wiring.cancel.clone();
-    tasks.spawn(async move {
+    spawn_essential(tasks, &wiring.cancel, "UDP responder", async move {
         run_responder(responder_socket, observer, responder_cancel)
             .await
             .map_err(AgentError::from)
@@ -233,13 +233,32 @@ async fn start_udp(
         wiring.summaries.clone(),
         wiring.cancel.clone(),
     );
-    tasks.spawn(async move {
+    spawn_essential(tasks, &wiring.cancel, "UDP prober", async move {
         run_prober(prober, flows, m, p, s, c)
             .await
             .map_err(AgentError::from)
     });
     wiring.endpoints.insert(endpoint);
     Ok(advertised)
+}
+
+/// Spawns a task the agent cannot do without: when it fails, the error is
+/// logged and the whole agent stops (and exits non-zero, so that it is restarted).
+fn spawn_essential(
+    tasks: &mut JoinSet<Result<(), AgentError>>,
+    cancel: &CancellationToken,
+    what: &'static str,
+    task: impl Future<Output = Result<(), AgentError>> + Send + 'static,
+) {
+    let cancel = cancel.clone();
+    tasks.spawn(async move {
+        let result = task.await;
+        if let Err(e) = &result {
+            tracing::error!(task = what, error = %e, category = e.category(), "agent task failed; stopping the agent");
+            cancel.cancel();
+        }
+        result
+    });
 }
 
 /// One supervised endpoint per opened RNIC port, each with its own prober and responder.
@@ -409,9 +428,10 @@ async fn serve_http(
     let bound = listener
         .local_addr()
         .map_err(|source| AgentError::Http { addr, source })?;
-    tasks.spawn(async move {
+    let stop = cancel.clone();
+    spawn_essential(tasks, &cancel, "HTTP server", async move {
         axum::serve(listener, app)
-            .with_graceful_shutdown(async move { cancel.cancelled().await })
+            .with_graceful_shutdown(async move { stop.cancelled().await })
             .await
             .map_err(|source| AgentError::Http {
                 addr: bound,

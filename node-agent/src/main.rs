@@ -31,8 +31,11 @@ async fn main() -> anyhow::Result<()> {
         http = %running.http_addr,
         "agent started"
     );
-    pingmesh_proto::signals::shutdown_signal().await;
-    tracing::info!("shutting down");
+    tokio::select! {
+        () = pingmesh_proto::signals::shutdown_signal() => tracing::info!("shutting down"),
+        // A task the agent cannot run without failed (logged where it failed).
+        () = cancel.cancelled() => {}
+    }
     cancel.cancel();
     running.wait().await?;
     Ok(())

@@ -4,11 +4,16 @@
 //! its ECMP paths with the configured probability). Over UDP a flow is a
 //! source port, so the prober opens one socket per flow. Over RDMA a flow is
 //! a GRH flow label, which RoCE v2 drivers hash into the UDP source port: one
-//! queue pair carries every flow, and the labels rotate with each pinglist so
-//! that over time more paths than `flows` get covered.
+//! queue pair carries every flow, and the labels rotate every hour (on the
+//! wall clock, so every agent rotates together) so that over time more paths
+//! than `flows` get covered. Rotating rarely keeps the address-handle cache
+//! warm: each new label costs one `ibv_create_ah`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
+
+use pingmesh_proto::window::unix_now_ms;
 
 use pingmesh_proto::v1::{Endpoint, Transport};
 
@@ -20,6 +25,9 @@ use crate::transport::{TimestampMode, TransportError};
 
 /// Largest valid queue pair number (24 bits).
 const MAX_QPN: u32 = 0x00FF_FFFF;
+
+/// How long one block of RDMA flow labels is used before the next one.
+pub const FLOW_LABEL_ROTATION: Duration = Duration::from_hours(1);
 
 /// The transport side of a prober.
 pub trait FlowTransport: Send + 'static {
@@ -41,9 +49,6 @@ pub trait FlowTransport: Send + 'static {
         target: <Self::Socket as ProbeSocket>::Peer,
         flow: u16,
     ) -> (usize, <Self::Socket as ProbeSocket>::Peer);
-
-    /// A new pinglist (with this version) is in force.
-    fn on_pinglist(&mut self, _version: u64) {}
 }
 
 /// UDP: one socket, and so one source port, per flow.
@@ -102,19 +107,30 @@ pub struct RdmaFlows<S> {
     prober: Arc<S>,
     handed_out: bool,
     max_flows: u16,
-    /// Rotates the labels with every pinglist version.
-    salt: u32,
+    rotation_ms: u64,
 }
 
 impl<S> RdmaFlows<S> {
-    /// Flows of `prober` (the RNIC's prober queue pair); at most `max_flows` labels.
+    /// Flows of `prober` (the RNIC's prober queue pair); at most `max_flows`
+    /// labels, rotated every [`FLOW_LABEL_ROTATION`].
     pub fn new(prober: Arc<S>, max_flows: u16) -> Self {
         Self {
             prober,
             handed_out: false,
             max_flows: max_flows.max(1),
-            salt: 0,
+            rotation_ms: u64::try_from(FLOW_LABEL_ROTATION.as_millis()).unwrap_or(u64::MAX),
         }
+    }
+
+    /// The label of `flow` at wall-clock time `unix_ms`: block `unix_ms /
+    /// rotation` of `max_flows` consecutive labels, so consecutive blocks share none.
+    pub fn label_at(&self, flow: u16, unix_ms: u64) -> u32 {
+        let block = unix_ms / self.rotation_ms.max(1);
+        let salt = block.wrapping_mul(u64::from(self.max_flows)) % u64::from(u32::MAX);
+        flow_label(
+            u32::from(flow % self.max_flows),
+            u32::try_from(salt).unwrap_or(0),
+        )
     }
 }
 
@@ -148,20 +164,13 @@ impl<S: ProbeSocket<Peer = RdmaDest>> FlowTransport for RdmaFlows<S> {
     }
 
     fn route(&self, target: RdmaDest, flow: u16) -> (usize, RdmaDest) {
-        let index = u32::from(flow % self.max_flows);
         (
             0,
             RdmaDest {
-                flow_label: flow_label(index, self.salt),
+                flow_label: self.label_at(flow, unix_now_ms()),
                 ..target
             },
         )
-    }
-
-    fn on_pinglist(&mut self, version: u64) {
-        // Shift by a whole block of labels so consecutive pinglists share none.
-        let rotation = version.wrapping_mul(u64::from(self.max_flows));
-        self.salt = u32::try_from(rotation % u64::from(u32::MAX)).unwrap_or(0);
     }
 }
 
@@ -229,33 +238,30 @@ mod tests {
     }
 
     #[test]
-    fn rdma_flows_share_one_queue_pair_with_distinct_labels_that_rotate() {
+    fn rdma_flows_share_one_queue_pair_with_distinct_labels_that_rotate_hourly() {
         let mut flows = RdmaFlows::new(Arc::new(Unused), 4);
         assert_eq!(flows.open_flows(16).unwrap().len(), 1);
         assert!(flows.open_flows(16).unwrap().is_empty());
         let target = flows
             .target_address(&rdma_endpoint("::ffff:10.0.0.2", 0x11))
             .unwrap();
-        flows.on_pinglist(1);
-        let labels = |flows: &RdmaFlows<Unused>| -> Vec<u32> {
-            (0..8)
-                .map(|f| {
-                    let (socket, dest) = flows.route(target, f);
-                    assert_eq!(socket, 0);
-                    assert_eq!((dest.gid, dest.qpn), (target.gid, target.qpn));
-                    dest.flow_label
-                })
-                .collect()
-        };
-        let first = labels(&flows);
+        let (socket, dest) = flows.route(target, 3);
+        assert_eq!(socket, 0);
+        assert_eq!((dest.gid, dest.qpn), (target.gid, target.qpn));
+        assert_ne!(dest.flow_label, 0);
+
+        let hour = 3_600_000;
+        let labels =
+            |unix_ms: u64| -> Vec<u32> { (0..8).map(|f| flows.label_at(f, unix_ms)).collect() };
+        let first = labels(5 * hour + 1);
         // Capped at max_flows distinct labels, none zero, flow f and f+4 alike.
         let distinct: HashSet<u32> = first.iter().copied().collect();
         assert_eq!(distinct.len(), 4);
         assert!(!distinct.contains(&0));
         assert_eq!(first[0], first[4]);
-        flows.on_pinglist(2);
-        let second: HashSet<u32> = labels(&flows).into_iter().collect();
-        assert!(distinct.is_disjoint(&second), "{distinct:?} vs {second:?}");
+        assert_eq!(labels(6 * hour - 1), first, "stable within the hour");
+        let next: HashSet<u32> = labels(6 * hour).into_iter().collect();
+        assert!(distinct.is_disjoint(&next), "{distinct:?} vs {next:?}");
     }
 
     #[tokio::test]

@@ -37,6 +37,9 @@ use crate::transport::socket::{ProbeEvent, ProbeSocket};
 const MAX_EXACT_SAMPLES: usize = 4_096;
 /// TX-timestamp keys remembered per socket; older ones are forgotten.
 const MAX_TX_KEYS: usize = 8_192;
+/// Receive failures in a row after which a socket counts as broken and the
+/// prober ends with the error (an RDMA endpoint is then re-opened).
+const MAX_RECEIVE_FAILURES: u32 = 100;
 /// Window length and timeout used until the first pinglist says otherwise.
 const DEFAULT_WINDOW_MS: u32 = 5_000;
 const DEFAULT_TIMEOUT_MS: u32 = 500;
@@ -147,7 +150,9 @@ impl TxKeys {
     }
 }
 
-/// Runs the prober until `cancel`. Window summaries go to `summaries`.
+/// Runs the prober until `cancel`. Window summaries go to `summaries`. Ends
+/// early, with the error, when a socket cannot be opened or keeps failing to
+/// receive.
 pub async fn run_prober<T: FlowTransport>(
     config: ProberConfig,
     mut transport: T,
@@ -164,17 +169,27 @@ pub async fn run_prober<T: FlowTransport>(
         timeout_ms: AtomicU64::new(u64::from(DEFAULT_TIMEOUT_MS)),
         metrics: metrics.clone(),
     });
-    let mut tasks = JoinSet::new();
-    tasks.spawn(sweep(shared.clone(), summaries, cancel.clone()));
+    // Stops this prober's own tasks, whatever ends it.
+    let local = cancel.child_token();
+    let mut tasks: JoinSet<Result<(), TransportError>> = JoinSet::new();
+    tasks.spawn(sweep(shared.clone(), summaries, local.clone()));
 
     let mut sockets: Vec<Arc<FlowSocket<T::Socket>>> = Vec::new();
     let mut schedule = Schedule::default();
     let mut window_ms = DEFAULT_WINDOW_MS;
     let mut timeout_ms = DEFAULT_TIMEOUT_MS;
+    let mut ended = Ok(());
     loop {
         let next_due = schedule.next_due();
         tokio::select! {
             () = cancel.cancelled() => break,
+            Some(joined) = tasks.join_next() => {
+                // Only a receiver gives up on its own, on a broken socket.
+                if let Ok(Err(e)) = joined {
+                    ended = Err(e);
+                    break;
+                }
+            }
             changed = pinglists.changed() => {
                 if changed.is_err() {
                     break; // the control task is gone: the agent is stopping
@@ -190,10 +205,16 @@ pub async fn run_prober<T: FlowTransport>(
                 }
                 let targets = resolve_targets(&list, &config.source_endpoint, &transport, &metrics);
                 let wanted = targets.iter().map(|t| t.flows).max().unwrap_or(1);
-                transport.on_pinglist(list.version);
-                for socket in transport.open_flows(wanted)? {
+                let opened = match transport.open_flows(wanted) {
+                    Ok(opened) => opened,
+                    Err(e) => {
+                        ended = Err(e);
+                        break;
+                    }
+                };
+                for socket in opened {
                     let flow = Arc::new(FlowSocket { socket, tx_keys: Mutex::new(TxKeys::default()) });
-                    tasks.spawn(receive(shared.clone(), flow.clone(), cancel.clone()));
+                    tasks.spawn(receive(shared.clone(), flow.clone(), local.clone()));
                     sockets.push(flow);
                 }
                 schedule = Schedule::new(targets);
@@ -214,9 +235,9 @@ pub async fn run_prober<T: FlowTransport>(
             }
         }
     }
-    cancel.cancel();
+    local.cancel();
     while tasks.join_next().await.is_some() {}
-    Ok(())
+    ended
 }
 
 async fn sleep_until(due: Option<Instant>) {
@@ -412,18 +433,23 @@ async fn send_probe<S: ProbeSocket>(
     }
 }
 
-/// Reads ACKs and send completions from one socket.
+/// Reads ACKs and send completions from one socket; gives up with the error
+/// after [`MAX_RECEIVE_FAILURES`] failed receives in a row.
 async fn receive<S: ProbeSocket>(
     shared: Arc<Shared<S::Peer>>,
     flow: Arc<FlowSocket<S>>,
     cancel: CancellationToken,
-) {
+) -> Result<(), TransportError> {
     let mut buf = [0u8; 256];
+    let mut failures = 0u32;
     loop {
         let event = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => return Ok(()),
             e = flow.socket.next_event(&mut buf) => e,
         };
+        if event.is_ok() {
+            failures = 0;
+        }
         let result = match event {
             Ok(ProbeEvent::TxTimestamp { key, kernel_ns }) => {
                 let seq = lock(&flow.tx_keys).stamped(key, kernel_ns);
@@ -484,6 +510,11 @@ async fn receive<S: ProbeSocket>(
             }
             Ok(_) => continue,
             Err(e) => {
+                failures += 1;
+                if failures >= MAX_RECEIVE_FAILURES {
+                    tracing::error!(error = %e, failures, "prober socket keeps failing to receive; giving up on it");
+                    return Err(e);
+                }
                 tracing::warn!(error = %e, "prober socket receive failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -502,13 +533,13 @@ async fn sweep<P>(
     shared: Arc<Shared<P>>,
     summaries: mpsc::Sender<Vec<WindowSummary>>,
     cancel: CancellationToken,
-) {
+) -> Result<(), TransportError> {
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u64 = 0;
     loop {
         tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => return Ok(()),
             _ = tick.tick() => {}
         }
         ticks += 1;
@@ -568,5 +599,108 @@ fn record<P>(shared: &Shared<P>, outcome: Outcome<ProbeCtx<P>>) {
             shared.metrics.sent_nothing("send_completion_error");
             lock(&shared.aggregator).on_send_failed(window_start_ms, &ctx.target.path);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::atomic::AtomicU32;
+
+    use pingmesh_proto::v1::{Endpoint, PingTarget};
+
+    use super::*;
+    use crate::transport::TimestampSupport;
+    use crate::transport::socket::SendReceipt;
+
+    /// A socket whose sends succeed and whose receives always fail.
+    #[derive(Default)]
+    struct BrokenReceive {
+        receives: AtomicU32,
+    }
+
+    impl ProbeSocket for BrokenReceive {
+        type Peer = u32;
+        fn timestamp_support(&self) -> TimestampSupport {
+            TimestampSupport::NONE
+        }
+        async fn send_to(&self, _: &[u8], _: u32) -> Result<SendReceipt, TransportError> {
+            Ok(SendReceipt {
+                host_ns: host_now_ns(),
+                tx_key: None,
+            })
+        }
+        async fn next_event(&self, _: &mut [u8]) -> Result<ProbeEvent<u32>, TransportError> {
+            self.receives.fetch_add(1, Ordering::Relaxed);
+            Err(TransportError::Receive {
+                source: io::Error::other("queue pair in error state"),
+            })
+        }
+    }
+
+    struct OneSocket(Arc<BrokenReceive>, bool);
+
+    impl FlowTransport for OneSocket {
+        type Socket = BrokenReceive;
+        fn target_address(&self, _: &Endpoint) -> Result<u32, &'static str> {
+            Ok(7)
+        }
+        fn open_flows(&mut self, _: u16) -> Result<Vec<Arc<BrokenReceive>>, TransportError> {
+            let first = !self.1;
+            self.1 = true;
+            Ok(if first {
+                vec![self.0.clone()]
+            } else {
+                Vec::new()
+            })
+        }
+        fn route(&self, target: u32, _: u16) -> (usize, u32) {
+            (0, target)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_socket_that_keeps_failing_to_receive_ends_the_prober_with_its_error() {
+        let socket = Arc::new(BrokenReceive::default());
+        let metrics = Arc::new(AgentMetrics::new("n1", false).unwrap());
+        let (pinglist_tx, pinglists) = watch::channel(None);
+        let (summaries, _summaries_rx) = mpsc::channel(8);
+        pinglist_tx.send_replace(Some(Arc::new(Pinglist {
+            version: 1,
+            window_ms: 1_000,
+            probe_timeout_ms: 100,
+            targets: vec![PingTarget {
+                source_endpoint: "n1/e0".into(),
+                target: Some(Endpoint::default()),
+                target_node: "n2".into(),
+                kind: TargetKind::TorMesh as i32,
+                rate_pps: 10.0,
+                flows: 1,
+                source_tor: String::new(),
+            }],
+        })));
+        let cancel = CancellationToken::new();
+        let ended = tokio::time::timeout(
+            Duration::from_secs(10),
+            run_prober(
+                ProberConfig::new("n1/e0", 64),
+                OneSocket(socket.clone(), false),
+                metrics,
+                pinglists,
+                summaries,
+                cancel.clone(),
+            ),
+        )
+        .await
+        .expect("the prober gave up in time");
+        assert_eq!(ended.unwrap_err().category(), "receive");
+        assert_eq!(
+            socket.receives.load(Ordering::Relaxed),
+            MAX_RECEIVE_FAILURES
+        );
+        assert!(
+            !cancel.is_cancelled(),
+            "the caller's token is the caller's to cancel"
+        );
     }
 }
