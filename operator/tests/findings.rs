@@ -10,14 +10,21 @@ use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::watcher;
+use pingmesh_operator::config::MeshConfig;
 use pingmesh_operator::crd::{DEFAULT_NODE_CONDITION_TYPE, NodeHealthSpec};
 use pingmesh_operator::mesh::analyzer::{ClearReason, Finding, FindingKind};
+use pingmesh_operator::mesh::controller::MeshController;
+use pingmesh_operator::mesh::registry::open_registry;
 use pingmesh_operator::mesh::types::MeshEndpoint;
 use pingmesh_operator::reconcile::{
-    EventObject, FAULT_REASON, FIELD_MANAGER, FindingsPublisher, FindingsView, HEALTHY_REASON,
-    MAX_ANNOUNCED, NodeMeta, PAUSE_AFTER_FAILURE, ReconcileMetrics, SourceSettings, node_cache,
+    EVENT_RETRIES, EventObject, FAULT_REASON, FIELD_MANAGER, FindingsPublisher, FindingsView,
+    HEALTHY_REASON, MAX_ANNOUNCED, NodeMeta, PAUSE_AFTER_FAILURE, ReconcileMetrics, SourceSettings,
+    node_cache,
 };
+use pingmesh_proto::v1::{Endpoint, Transport, WindowSummary};
+use pingmesh_proto::window::{unix_now_ms, window_start};
 use serde_json::Value;
+use tokio_util::sync::CancellationToken;
 
 use fake_api::{Seen, World};
 
@@ -31,6 +38,8 @@ struct Harness {
     server: tokio::task::JoinHandle<()>,
     /// Requests seen before the current step.
     mark: usize,
+    /// Passed to every pass.
+    cancel: CancellationToken,
 }
 
 impl Harness {
@@ -58,12 +67,13 @@ impl Harness {
             metrics,
             server,
             mark: 0,
+            cancel: CancellationToken::new(),
         }
     }
 
     /// One pass; returns the requests it made.
     async fn sync(&mut self, view: &FindingsView, settings: &SourceSettings) -> Vec<Seen> {
-        self.publisher.sync(view, settings).await;
+        self.publisher.sync(view, settings, &self.cancel).await;
         let seen = self.world.lock().unwrap().seen.clone();
         let new = seen[self.mark..].to_vec();
         self.mark = seen.len();
@@ -72,6 +82,30 @@ impl Harness {
 
     fn node(&self, name: &str) -> Value {
         self.world.lock().unwrap().nodes[name].clone()
+    }
+
+    /// Every Event object the API server holds.
+    fn stored_events(&self) -> Vec<Value> {
+        self.world
+            .lock()
+            .unwrap()
+            .events
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// Sets a condition on `node` as a previous operator process left it.
+    fn left_behind(&self, node: &str, status: &str, reason: &str) {
+        let mut world = self.world.lock().unwrap();
+        world.nodes.get_mut(node).unwrap()["status"]["conditions"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({
+                "type": DEFAULT_NODE_CONDITION_TYPE, "status": status, "reason": reason,
+                "message": "written before the restart",
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+            }));
     }
 }
 
@@ -130,11 +164,21 @@ fn cleared(mut finding: Finding, why: ClearReason) -> Finding {
     finding
 }
 
+/// What a mesh controller that judged enough windows shows.
 fn view(open: Vec<Finding>, cleared: Vec<Finding>) -> FindingsView {
     FindingsView {
         open,
         cleared,
         endpoints: fleet(),
+        conditions_ready: true,
+    }
+}
+
+/// What a mesh controller that (re)started moments ago shows.
+fn warming_up() -> FindingsView {
+    FindingsView {
+        conditions_ready: false,
+        ..view(vec![], vec![])
     }
 }
 
@@ -156,10 +200,13 @@ fn settings(conditions: bool) -> SourceSettings {
     }
 }
 
-/// (path, type, reason, regarding name, related name) of every Event posted.
+/// (path, type, reason, regarding name, related name) of every Event
+/// created. Every request about Events must create a new one: a PATCH would
+/// fold a finding into another one's Event.
 fn events(seen: &[Seen]) -> Vec<(String, String, String, String, String)> {
     seen.iter()
         .filter(|s| s.is_event())
+        .inspect(|s| assert_eq!(s.method, "POST", "{}", s.line()))
         .map(|s| {
             let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
             (
@@ -338,9 +385,137 @@ async fn a_burst_of_findings_is_announced_up_to_a_bound_and_the_rest_summarized(
             .unwrap()
             .starts_with("5 more")
     );
+    // Every finding got an Event object of its own, with its own note.
+    let stored = h.stored_events();
+    assert_eq!(stored.len(), MAX_ANNOUNCED + 1);
+    for i in 0..MAX_ANNOUNCED {
+        let location = format!("tor-a -> tor-{i:03}");
+        let with_note: Vec<&Value> = stored
+            .iter()
+            .filter(|e| e["note"].as_str().unwrap().contains(&location))
+            .collect();
+        assert_eq!(with_note.len(), 1, "{location}: {with_note:?}");
+        assert!(with_note[0]["series"].is_null());
+    }
     // Clearing announces exactly the findings that were announced one by one.
     let closed = h.sync(&view(vec![], vec![]), &settings(false)).await;
     assert_eq!(events(&closed).len(), MAX_ANNOUNCED);
+    assert_eq!(h.stored_events().len(), 2 * MAX_ANNOUNCED + 1);
+}
+
+#[tokio::test]
+async fn path_findings_from_one_node_each_get_an_event_with_their_own_note() {
+    let mut h = Harness::start();
+    let findings = vec![
+        path(FindingKind::PathLoss, "n1", "n2"),
+        path(FindingKind::PathLoss, "n1", "n3"),
+        path(FindingKind::PathLoss, "n1", "n4"),
+    ];
+    let opened = h.sync(&view(findings, vec![]), &settings(false)).await;
+    let on_mesh: Vec<String> = opened
+        .iter()
+        .filter(|s| s.path == MESH_EVENTS)
+        .map(|s| s.body["note"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(on_mesh.len(), 3, "{on_mesh:?}");
+    for (note, target) in on_mesh.iter().zip(["n2", "n3", "n4"]) {
+        assert!(
+            note.contains(&format!("n1/udp0 -> {target}/udp0")),
+            "{note}"
+        );
+    }
+    let names: std::collections::BTreeSet<&str> = opened
+        .iter()
+        .filter(|s| s.is_event())
+        .map(|s| s.body["metadata"]["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 9, "{names:?}");
+    assert_eq!(h.stored_events().len(), 9);
+}
+
+#[tokio::test]
+async fn an_event_the_api_server_refused_is_published_on_the_next_pass() {
+    let mut h = Harness::start();
+    h.world
+        .lock()
+        .unwrap()
+        .fail_once
+        .push(("POST", "/events", 500));
+    let loss = path(FindingKind::PathLoss, "n1", "n2");
+
+    let first = h
+        .sync(&view(vec![loss.clone()], vec![]), &settings(false))
+        .await;
+    assert_eq!(events(&first).len(), 3);
+    assert_eq!(
+        h.stored_events().len(),
+        2,
+        "the one on the mesh was refused"
+    );
+    assert_eq!(h.metrics.finding_events(EventObject::PingMesh, false), 1);
+
+    // Still open and announced: only the refused Event is sent again.
+    let second = h
+        .sync(&view(vec![loss.clone()], vec![]), &settings(false))
+        .await;
+    assert_eq!(
+        events(&second),
+        [event(
+            MESH_EVENTS,
+            "Warning",
+            "PathLossDetected",
+            "default",
+            "n1"
+        )]
+    );
+    assert!(
+        second[0].body["note"]
+            .as_str()
+            .unwrap()
+            .contains("n1/udp0 -> n2/udp0")
+    );
+    assert_eq!(h.metrics.finding_events(EventObject::PingMesh, true), 1);
+    assert_eq!(h.stored_events().len(), 3);
+
+    let third = h.sync(&view(vec![loss], vec![]), &settings(false)).await;
+    assert!(events(&third).is_empty(), "{:?}", events(&third));
+}
+
+#[tokio::test]
+async fn an_event_the_api_server_keeps_refusing_is_given_up_after_a_few_passes() {
+    let mut h = Harness::start();
+    h.world
+        .lock()
+        .unwrap()
+        .failures
+        .push(("POST", "/events", 403));
+    let pair = tor_pair(FindingKind::TorPairLoss, "tor-a", "tor-b");
+    let mut posts = Vec::new();
+    for _ in 0..EVENT_RETRIES + 3 {
+        let seen = h
+            .sync(&view(vec![pair.clone()], vec![]), &settings(false))
+            .await;
+        posts.push(events(&seen).len());
+    }
+    let mut expected = vec![1; EVENT_RETRIES as usize + 1];
+    expected.extend([0, 0]);
+    assert_eq!(posts, expected);
+    assert_eq!(
+        h.metrics.finding_events(EventObject::PingMesh, false),
+        u64::from(EVENT_RETRIES) + 1
+    );
+}
+
+#[tokio::test]
+async fn a_cancelled_pass_writes_nothing() {
+    let mut h = Harness::start();
+    h.cancel.cancel();
+    let seen = h.sync(&view(broken_n3(), vec![]), &settings(true)).await;
+    assert!(
+        seen.is_empty(),
+        "{:?}",
+        seen.iter().map(Seen::line).collect::<Vec<_>>()
+    );
 }
 
 #[tokio::test]
@@ -510,6 +685,147 @@ async fn a_condition_already_on_the_node_is_read_back_not_written_again() {
         condition(&n3, DEFAULT_NODE_CONDITION_TYPE).unwrap()["lastTransitionTime"],
         "2026-01-01T00:00:00Z"
     );
+}
+
+#[tokio::test]
+async fn after_a_restart_no_condition_is_written_until_the_mesh_controller_warmed_up() {
+    let mut h = Harness::start();
+    // n3 was found faulty before the operator (or the mesh controller) restarted.
+    h.left_behind("n3", "False", FAULT_REASON);
+    let on = settings(true);
+
+    // The restarted mesh controller has no open findings yet: nothing is
+    // read or written, n3 keeps False.
+    for _ in 0..3 {
+        let early = h.sync(&warming_up(), &on).await;
+        assert!(node_calls(&early).is_empty(), "{:?}", node_calls(&early));
+    }
+    let n3 = h.node("n3");
+    assert_eq!(
+        condition(&n3, DEFAULT_NODE_CONDITION_TYPE).unwrap()["status"],
+        "False"
+    );
+    assert_eq!(h.metrics.condition_writes(true), 0);
+
+    // Warmed up, the fault persists: n3 stays False, the others turn True.
+    let warm = h.sync(&view(broken_n3(), vec![]), &on).await;
+    let patches: Vec<String> = node_calls(&warm)
+        .into_iter()
+        .filter(|c| c.starts_with("PATCH"))
+        .collect();
+    assert_eq!(patches.len(), 6, "{patches:?}");
+    let n3 = h.node("n3");
+    let kept = condition(&n3, DEFAULT_NODE_CONDITION_TYPE).unwrap();
+    assert_eq!(kept["status"], "False");
+    assert_eq!(kept["reason"], FAULT_REASON);
+    assert_eq!(
+        kept["lastTransitionTime"], "2026-01-01T00:00:00Z",
+        "no flip, so the transition time stays"
+    );
+    assert_eq!(
+        condition(&h.node("n1"), DEFAULT_NODE_CONDITION_TYPE).unwrap()["status"],
+        "True"
+    );
+}
+
+#[tokio::test]
+async fn after_the_warm_up_a_fault_gone_meanwhile_turns_the_condition_true() {
+    let mut h = Harness::start();
+    h.left_behind("n3", "False", FAULT_REASON);
+    let on = settings(true);
+    let early = h.sync(&warming_up(), &on).await;
+    assert!(node_calls(&early).is_empty(), "{:?}", node_calls(&early));
+
+    let warm = h.sync(&view(vec![], vec![]), &on).await;
+    assert!(
+        node_calls(&warm).contains(&"PATCH /api/v1/nodes/n3/status".to_owned()),
+        "{:?}",
+        node_calls(&warm)
+    );
+    assert_eq!(
+        condition(&h.node("n3"), DEFAULT_NODE_CONDITION_TYPE).unwrap()["status"],
+        "True"
+    );
+}
+
+/// A summary of `sent` probes from `source` to `target` in window `start`, all answered.
+fn summary(source: &str, target: &str, start: u64, window_ms: u32) -> WindowSummary {
+    WindowSummary {
+        window_start_ms: start,
+        window_ms,
+        source_endpoint: format!("{source}/udp0"),
+        target_endpoint: format!("{target}/udp0"),
+        sent: 20,
+        ok: 20,
+        ..WindowSummary::default()
+    }
+}
+
+fn udp(node: &str, port: u16) -> Endpoint {
+    Endpoint {
+        id: format!("{node}/udp0"),
+        transport: Transport::Udp as i32,
+        address: format!("127.0.0.1:{port}"),
+        ..Endpoint::default()
+    }
+}
+
+#[tokio::test]
+async fn conditions_wait_for_one_window_with_data_more_than_opening_a_finding_takes() {
+    const WINDOW_MS: u32 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = MeshConfig {
+        registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
+        ..MeshConfig::default()
+    };
+    config.pinglist.window_ms = WINDOW_MS;
+    config.pinglist.probe_timeout_ms = 50;
+    config.sla.open_after_windows = 1;
+    let registry = open_registry(&config.registry).await.unwrap();
+    let controller = MeshController::new(config, registry).await.unwrap();
+    // The window under way when the agents connect: they were not there for
+    // all of it.
+    let before = window_start(unix_now_ms(), WINDOW_MS);
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let mut present = Vec::new();
+    for (node, port) in [("n1", 7001), ("n2", 7002)] {
+        let (session, _) = controller
+            .register(node, "test", &[udp(node, port)])
+            .await
+            .unwrap();
+        present.push(controller.connect(node, session));
+    }
+    let report = |start: u64| {
+        for (source, target) in [("n1", "n2"), ("n2", "n1")] {
+            let outcome = controller
+                .report(source, vec![summary(source, target, start, WINDOW_MS)])
+                .unwrap();
+            assert_eq!(outcome.accepted, 1, "{outcome:?}");
+        }
+    };
+    assert!(!FindingsView::of(&controller).conditions_ready);
+
+    // That window is judged, but no path in it counts, so it does not count
+    // either.
+    report(before);
+    controller.evaluate(before).unwrap();
+    assert_eq!(controller.windows_with_data(), 0);
+    assert!(!FindingsView::of(&controller).conditions_ready);
+
+    // Two windows with data: one to open a finding, and one more.
+    let mut start = window_start(unix_now_ms(), WINDOW_MS);
+    for judged in 1..=2 {
+        start += u64::from(WINDOW_MS);
+        // A window is taken at most one window ahead of the clock.
+        while unix_now_ms() + u64::from(WINDOW_MS) < start {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        assert!(!FindingsView::of(&controller).conditions_ready);
+        report(start);
+        assert!(!controller.evaluate(start).unwrap().paths.is_empty());
+        assert_eq!(controller.windows_with_data(), judged);
+    }
+    assert!(FindingsView::of(&controller).conditions_ready);
 }
 
 #[tokio::test]

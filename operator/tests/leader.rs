@@ -1,6 +1,7 @@
 //! Leader election on a Lease against a scripted API server that checks
-//! resourceVersions like the real one. Time is passed in, so expiry and
-//! deadlines are tested without waiting for them.
+//! resourceVersions like the real one. Time is passed in, and tokio's clock
+//! (which the elector measures time within a step with) is paused, so expiry
+//! and deadlines are tested exactly and without waiting for them.
 #![cfg(feature = "kubernetes")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -106,7 +107,7 @@ fn standby_behind(leader: &str) -> Role {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_free_lease_is_created_and_held() {
     let cluster = Cluster::start();
     let mut a = cluster.elector("op-a");
@@ -126,7 +127,7 @@ async fn a_free_lease_is_created_and_held() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_lease_held_by_another_replica_is_left_alone_until_it_expires() {
     let cluster = Cluster::start();
     cluster.held_by("op-b", "2026-01-01T00:00:00.000000Z");
@@ -149,7 +150,7 @@ async fn a_lease_held_by_another_replica_is_left_alone_until_it_expires() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_lease_its_holder_keeps_renewing_is_never_taken() {
     let cluster = Cluster::start();
     let mut a = cluster.elector("op-a");
@@ -165,7 +166,7 @@ async fn a_lease_its_holder_keeps_renewing_is_never_taken() {
     assert!(cluster.writes().iter().all(|w| !w.starts_with("PUT")));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_leader_renews_its_lease_under_its_resource_version() {
     let cluster = Cluster::start();
     let mut a = cluster.elector("op-a");
@@ -203,7 +204,7 @@ async fn the_leader_renews_its_lease_under_its_resource_version() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn the_leader_gives_up_when_renewals_fail_past_the_deadline() {
     let cluster = Cluster::start();
     let mut a = cluster.elector("op-a");
@@ -228,7 +229,7 @@ async fn the_leader_gives_up_when_renewals_fail_past_the_deadline() {
     assert!(matches!(a.step(after(t0, 11)).await, Role::Lost { .. }));
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_leader_that_finds_its_lease_taken_has_lost() {
     let cluster = Cluster::start();
     let mut a = cluster.elector("op-a");
@@ -242,7 +243,7 @@ async fn a_leader_that_finds_its_lease_taken_has_lost() {
     assert!(reason.contains("op-b"), "{reason}");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_released_lease_is_taken_at_once() {
     let cluster = Cluster::start();
     let mut a = cluster.elector("op-a");
@@ -297,7 +298,7 @@ fn timings_under_which_two_replicas_could_act_are_refused() {
     assert!(with(&|s| s.identity.clear()).is_err());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_election_publishes_leadership_and_releases_the_lease_on_shutdown() {
     let cluster = Cluster::start();
     let quick = LeaseSettings {
@@ -331,4 +332,94 @@ async fn an_election_publishes_leadership_and_releases_the_lease_on_shutdown() {
         .unwrap();
 
     assert!(cluster.lease()["spec"]["holderIdentity"].is_null());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_standby_starts_the_expiry_clock_when_its_read_returns() {
+    let cluster = Cluster::start();
+    cluster.held_by("op-b", "2026-01-01T00:00:00.000000Z");
+    // The API server takes 3 s to answer the first read.
+    cluster.world.lock().unwrap().delay = Some(Duration::from_secs(3));
+    let mut a = cluster.elector("op-a");
+    let t0 = Instant::now();
+    assert_eq!(a.step(t0).await, standby_behind("op-b"));
+    cluster.world.lock().unwrap().delay = None;
+
+    // The record was seen at t0 + 3 s: 15 s after t0 it has not expired yet.
+    assert_eq!(a.step(after(t0, 15)).await, standby_behind("op-b"));
+    assert!(cluster.writes().is_empty(), "{:?}", cluster.writes());
+    assert_eq!(a.step(after(t0, 18)).await, Role::Leader);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_leader_whose_renewals_fail_publishes_lost_by_its_renew_deadline() {
+    let cluster = Cluster::start();
+    // A renew deadline that is not a multiple of the retry period.
+    let uneven = LeaseSettings {
+        lease_duration: Duration::from_secs(15),
+        renew_deadline: Duration::from_secs(9),
+        retry_period: Duration::from_secs(2),
+        ..settings("op-a")
+    };
+    let (roles_tx, mut roles) = watch::channel(Role::Standby {
+        leader: None,
+        address: None,
+    });
+    let cancel = CancellationToken::new();
+    let election = tokio::spawn(run_election(
+        Elector::new(cluster.client.clone(), uneven),
+        roles_tx,
+        cancel.clone(),
+    ));
+    roles.wait_for(|r| *r == Role::Leader).await.unwrap();
+    let t0 = tokio::time::Instant::now();
+    // Renewed at t0 + 2 s and t0 + 4 s; every try from t0 + 6 s fails.
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
+    cluster
+        .world
+        .lock()
+        .unwrap()
+        .failures
+        .push(("GET", "/leases/", 500));
+    let last_renewal = t0 + Duration::from_secs(4);
+
+    roles
+        .wait_for(|r| matches!(r, Role::Lost { .. }))
+        .await
+        .unwrap();
+    let lost_at = tokio::time::Instant::now();
+    let deadline = last_renewal + Duration::from_secs(9);
+    assert!(
+        lost_at <= deadline,
+        "Lost published {:?} after the renew deadline",
+        lost_at - deadline
+    );
+    assert!(
+        lost_at > last_renewal + Duration::from_secs(7),
+        "gave up {:?} after the last renewal",
+        lost_at - last_renewal
+    );
+    // A replica that lost does not release the Lease: it simply stops.
+    tokio::time::timeout(Duration::from_secs(5), election)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(cluster.lease()["spec"]["holderIdentity"], "op-a");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_renewal_that_hangs_is_cut_off_at_the_renew_deadline() {
+    let cluster = Cluster::start();
+    let mut a = cluster.elector("op-a");
+    let t0 = Instant::now();
+    assert_eq!(a.step(t0).await, Role::Leader);
+    // The API server stops answering within the deadline.
+    cluster.world.lock().unwrap().delay = Some(Duration::from_mins(1));
+    let started = tokio::time::Instant::now();
+    let Role::Lost { reason } = a.step(after(t0, 8)).await else {
+        panic!("still leading past the renew deadline");
+    };
+    assert!(reason.contains("could not renew"), "{reason}");
+    // 2 s were left to the deadline (10 s after t0), not a whole retry period.
+    assert_eq!(started.elapsed(), Duration::from_secs(2));
 }

@@ -6,16 +6,23 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
+use async_trait::async_trait;
 use kube::runtime::reflector::store::Writer;
 use kube::runtime::watcher;
 use pingmesh_operator::config::MeshConfig;
 use pingmesh_operator::crd::TopologySpec;
 use pingmesh_operator::mesh::controller::{MeshController, PresenceGuard};
-use pingmesh_operator::mesh::registry::open_registry;
+use pingmesh_operator::mesh::registry::{Registry, RegistryError, TorMove, open_registry};
 use pingmesh_operator::mesh::topology::TorResolver;
-use pingmesh_operator::reconcile::{NodeMeta, NodeTorResolver, node_cache};
+use pingmesh_operator::mesh::types::{AgentRecord, MeshEndpoint};
+use pingmesh_operator::reconcile::{
+    MeshHost, NodeMeta, NodeTorResolver, RelabeledNodes, follow_node_labels, node_cache,
+};
 use pingmesh_proto::v1::{Endpoint, TargetKind, Transport};
+use tokio_util::sync::CancellationToken;
 
 const TOR_LABEL: &str = "topology.pingmesh.io/tor";
 const RNIC_PREFIX: &str = "topology.pingmesh.io/tor-";
@@ -341,4 +348,200 @@ async fn a_device_name_that_is_not_a_valid_name_is_refused() {
         .await
         .unwrap_err();
     assert_eq!(err.category(), "invalid_request", "{err}");
+}
+
+/// A registry whose next `set_tors` calls fail, as rqlite's do while it
+/// elects a leader.
+#[derive(Debug)]
+struct Flaky {
+    inner: Arc<dyn Registry>,
+    failing_moves: AtomicU32,
+    moves_tried: AtomicU32,
+}
+
+#[async_trait]
+impl Registry for Flaky {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn register(
+        &self,
+        node: &str,
+        agent_version: &str,
+        session: u64,
+        endpoints: &[MeshEndpoint],
+        now_ms: u64,
+    ) -> Result<(), RegistryError> {
+        self.inner
+            .register(node, agent_version, session, endpoints, now_ms)
+            .await
+    }
+    async fn touch(&self, node: &str, session: u64, now_ms: u64) -> Result<(), RegistryError> {
+        self.inner.touch(node, session, now_ms).await
+    }
+    async fn set_tors(&self, moves: &[TorMove]) -> Result<u64, RegistryError> {
+        self.moves_tried.fetch_add(1, Ordering::SeqCst);
+        let failing = self.failing_moves.load(Ordering::SeqCst);
+        if failing > 0 {
+            self.failing_moves.store(failing - 1, Ordering::SeqCst);
+            return Err(RegistryError::Query {
+                op: "set_tors",
+                source: "leadership lost while committing".into(),
+            });
+        }
+        self.inner.set_tors(moves).await
+    }
+    async fn remove_node(&self, node: &str) -> Result<bool, RegistryError> {
+        self.inner.remove_node(node).await
+    }
+    async fn expire(&self, last_seen_before_ms: u64) -> Result<Vec<String>, RegistryError> {
+        self.inner.expire(last_seen_before_ms).await
+    }
+    async fn agents(&self) -> Result<Vec<AgentRecord>, RegistryError> {
+        self.inner.agents().await
+    }
+    async fn endpoints(&self) -> Result<Vec<MeshEndpoint>, RegistryError> {
+        self.inner.endpoints().await
+    }
+    async fn agent(&self, node: &str) -> Result<Option<AgentRecord>, RegistryError> {
+        self.inner.agent(node).await
+    }
+}
+
+/// The follower with a mesh controller on a registry whose next `failing`
+/// moves fail; returns what the test needs to drive it.
+async fn follower(
+    dir: &tempfile::TempDir,
+    resolver: &NodeTorResolver,
+    failing: u32,
+) -> (
+    Arc<Flaky>,
+    Arc<MeshController>,
+    Arc<MeshHost>,
+    Arc<RelabeledNodes>,
+) {
+    let config = MeshConfig {
+        registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
+        ..MeshConfig::default()
+    };
+    let registry = Arc::new(Flaky {
+        inner: open_registry(&config.registry).await.unwrap(),
+        failing_moves: AtomicU32::new(failing),
+        moves_tried: AtomicU32::new(0),
+    });
+    let tor_resolver: Arc<dyn TorResolver> = Arc::new(resolver.clone());
+    let controller =
+        MeshController::with_tor_resolver(config, registry.clone(), Some(tor_resolver))
+            .await
+            .unwrap();
+    let host = Arc::new(MeshHost::new(controller.clone(), "ns/default".into()));
+    (
+        registry,
+        controller,
+        host,
+        Arc::new(RelabeledNodes::default()),
+    )
+}
+
+/// Waits (a few seconds at most) until `done` holds.
+async fn eventually(what: &str, done: impl Fn() -> bool) {
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(tokio::time::Instant::now() < until, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_move_the_registry_refused_is_tried_again_until_it_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut nodes) = node_cache();
+    let resolver = NodeTorResolver::new(store, TopologySpec::default());
+    let (registry, controller, host, relabeled) = follower(&dir, &resolver, 2).await;
+    let label = |nodes: &mut Writer<NodeMeta>, node: &str, tor: &str| {
+        let mut meta = NodeMeta::default();
+        meta.metadata.name = Some(node.to_owned());
+        meta.metadata.labels = Some(BTreeMap::from([(TOR_LABEL.to_owned(), tor.to_owned())]));
+        nodes.apply_watcher_event(&watcher::Event::Apply(meta));
+    };
+    label(&mut nodes, "n1", "rack-1");
+    controller
+        .register("n1", "test", &[udp("n1", 7001)])
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(follow_node_labels(
+        resolver.clone(),
+        relabeled.clone(),
+        host,
+        cancel.clone(),
+    ));
+
+    // n1 moves to rack 2; the registry refuses the first two tries.
+    label(&mut nodes, "n1", "rack-2");
+    relabeled.add("n1".to_owned());
+    eventually("the move is tried three times", || {
+        registry.moves_tried.load(Ordering::SeqCst) >= 3
+    })
+    .await;
+    eventually("n1 is no longer noted as relabeled", || {
+        relabeled.is_empty()
+    })
+    .await;
+    assert_eq!(controller.known_endpoints()[0].tor, "rack-2");
+    assert_eq!(
+        controller.endpoints().await.unwrap()[0].tor,
+        "rack-2",
+        "stored in the registry too"
+    );
+    assert_eq!(registry.moves_tried.load(Ordering::SeqCst), 3);
+
+    cancel.cancel();
+    task.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_topology_change_the_registry_refused_is_tried_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut nodes) = node_cache();
+    let resolver = NodeTorResolver::new(store, TopologySpec::default());
+    let (registry, controller, host, relabeled) = follower(&dir, &resolver, 1).await;
+    let mut meta = NodeMeta::default();
+    meta.metadata.name = Some("n1".to_owned());
+    meta.metadata.labels = Some(BTreeMap::from([
+        (TOR_LABEL.to_owned(), "rack-1".to_owned()),
+        ("example.com/rack".to_owned(), "r7".to_owned()),
+    ]));
+    nodes.apply_watcher_event(&watcher::Event::Apply(meta));
+    controller
+        .register("n1", "test", &[udp("n1", 7001)])
+        .await
+        .unwrap();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(follow_node_labels(
+        resolver.clone(),
+        relabeled,
+        host.clone(),
+        cancel.clone(),
+    ));
+
+    // The policy source now takes ToRs from another label.
+    let pm: pingmesh_operator::crd::PingMesh = serde_json::from_value(serde_json::json!({
+        "apiVersion": "pingmesh.io/v1alpha1", "kind": "PingMesh",
+        "metadata": {"name": "default", "namespace": "ns"},
+        "spec": {"topology": {"torLabel": "example.com/rack"}},
+    }))
+    .unwrap();
+    pingmesh_operator::reconcile::MeshStatusSource::sync_policy(&*host, &pm);
+    eventually("the move is tried again after the refusal", || {
+        registry.moves_tried.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    eventually("n1 is under r7", || {
+        controller.known_endpoints()[0].tor == "r7"
+    })
+    .await;
+
+    cancel.cancel();
+    task.await.unwrap();
 }

@@ -7,7 +7,8 @@
 //! connection drops, and the analyzer does not blame the network for probes to
 //! an agent that was not up for the whole window.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -96,6 +97,8 @@ pub struct MeshController {
     analyzer: Mutex<Analyzer>,
     /// Cancelled on shutdown: ends every pinglist stream so the server can stop.
     stopping: CancellationToken,
+    /// Windows judged since this controller started that had path data.
+    windows_with_data: AtomicU64,
     pub metrics: ControllerMetrics,
 }
 
@@ -152,6 +155,7 @@ impl MeshController {
             snapshot,
             analyzer: Mutex::new(analyzer),
             stopping: CancellationToken::new(),
+            windows_with_data: AtomicU64::new(0),
             metrics,
         });
         controller.publish();
@@ -345,12 +349,18 @@ impl MeshController {
         if self.tor_resolver.is_none() {
             return Ok(0);
         }
+        // A set: at leader start every node is relabeled, and this runs
+        // under the state lock for every endpoint.
+        let only: Option<HashSet<&str>> = nodes.map(|n| n.iter().map(String::as_str).collect());
         let wanted: Vec<(MeshEndpoint, String)> = {
             let state = lock(&self.state);
             state
                 .endpoints
                 .values()
-                .filter(|e| nodes.is_none_or(|nodes| nodes.contains(&e.node)))
+                .filter(|e| {
+                    only.as_ref()
+                        .is_none_or(|only| only.contains(e.node.as_str()))
+                })
                 .filter_map(|e| self.moved_tor(e).map(|tor| (e.clone(), tor)))
                 .collect()
         };
@@ -645,6 +655,9 @@ impl MeshController {
         drop(state);
         match judged {
             Ok(report) => {
+                if !report.paths.is_empty() {
+                    self.windows_with_data.fetch_add(1, Ordering::Relaxed);
+                }
                 self.publish_report_metrics(&report);
                 Some(report)
             }
@@ -715,6 +728,16 @@ impl MeshController {
 
     pub fn last_report(&self) -> Option<Arc<WindowReport>> {
         lock(&self.analyzer).last_report()
+    }
+
+    /// How many windows this controller judged since it started in which at
+    /// least one path had data (agents present and reporting). Windows judged
+    /// while agents were still reconnecting do not count: a fault cannot
+    /// reopen its finding in them. Once this reaches the SLA policy's
+    /// `open_after_windows`, a fault that persisted across the start has
+    /// opened its finding again.
+    pub fn windows_with_data(&self) -> u64 {
+        self.windows_with_data.load(Ordering::Relaxed)
     }
 
     pub async fn agents(&self) -> Result<Vec<AgentView>, MeshError> {

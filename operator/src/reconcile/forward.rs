@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 
 /// How long connecting to the leader may take before the agent's connection is dropped.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause after a failed accept: errors such as EMFILE (out of file
+/// descriptors) come back at once until something changes, and retrying
+/// without a pause would spin a core.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Accepts on `listener` and forwards each connection to the address in
 /// `leader` at the time it arrives, until `cancel`; then closes the listener
@@ -28,18 +32,34 @@ pub async fn forward_to_leader(
     leader: watch::Receiver<Option<SocketAddr>>,
     cancel: CancellationToken,
 ) {
+    forward_accepted(|| listener.accept(), leader, cancel).await;
+}
+
+/// [`forward_to_leader`] with `accept` in place of the listener's.
+async fn forward_accepted<A, F>(
+    mut accept: A,
+    leader: watch::Receiver<Option<SocketAddr>>,
+    cancel: CancellationToken,
+) where
+    A: FnMut() -> F,
+    F: Future<Output = std::io::Result<(TcpStream, SocketAddr)>>,
+{
     let mut connections = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             () = cancel.cancelled() => break,
-            accepted = listener.accept() => accepted,
+            accepted = accept() => accepted,
             // Reap finished connections so the set does not grow.
             Some(_) = connections.join_next(), if !connections.is_empty() => continue,
         };
         let (inbound, peer) = match accepted {
             Ok(accepted) => accepted,
             Err(e) => {
-                tracing::debug!(error = %e, "accepting an agent connection failed");
+                tracing::warn!(error = %e, pause = ?ACCEPT_BACKOFF, "accepting an agent connection failed");
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                }
                 continue;
             }
         };
@@ -114,6 +134,32 @@ mod tests {
         assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
         assert!(TcpStream::connect(front_addr).await.is_err());
         echo.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn accept_errors_are_retried_after_a_pause_not_in_a_tight_loop() {
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicUsize, Ordering};
+
+        let tries = Arc::new(AtomicUsize::new(0));
+        let counted = tries.clone();
+        // Fails at once every time, as accept does when out of file descriptors.
+        let accept = move || {
+            counted.fetch_add(1, Ordering::Relaxed);
+            std::future::ready(Err(std::io::Error::from_raw_os_error(24)))
+        };
+        let (_tx, rx) = watch::channel(None);
+        let cancel = CancellationToken::new();
+        let forwarder = tokio::spawn(forward_accepted(accept, rx, cancel.clone()));
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        cancel.cancel();
+        tokio::time::timeout(Duration::from_secs(5), forwarder)
+            .await
+            .unwrap()
+            .unwrap();
+        // About one try per 100 ms pause (a slow machine only makes it fewer).
+        let tries = tries.load(Ordering::Relaxed);
+        assert!((1..=6).contains(&tries), "{tries} accepts in 350 ms");
     }
 
     #[tokio::test]

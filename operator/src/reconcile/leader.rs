@@ -17,8 +17,12 @@
 //! - The leader renews every retry period. When it has not managed to for the
 //!   renew deadline (shorter than the lease duration), or finds the Lease held
 //!   by another, it has lost: the caller must stop acting at once (`run` exits
-//!   and Kubernetes restarts it as a standby). Others can take over only a
-//!   lease duration after the last renewal they saw, which is later.
+//!   and Kubernetes restarts it as a standby). [`run_election`] wakes up by the
+//!   deadline whatever the retry period, and a renewal is given no longer than
+//!   the time left to it, so `Lost` is published no later than the renew
+//!   deadline after the start of the last successful renewal. Others can take
+//!   over only a lease duration after they saw that renewal, which is later:
+//!   a standby starts its clock when its read returns, never before.
 //! - On a clean shutdown the leader releases the Lease, so a standby takes
 //!   over at once instead of after a lease duration.
 
@@ -55,7 +59,12 @@ pub struct LeaseSettings {
 }
 
 impl LeaseSettings {
-    /// Refuses timings under which two replicas could both act.
+    /// Refuses timings under which two replicas could both act: a leader
+    /// that cannot renew publishes `Lost` by the renew deadline, which must
+    /// come before a standby may take over (a lease duration after it saw the
+    /// last renewal); the retry period must leave room for at least one more
+    /// try before the deadline. The chart checks the same (`pingmesh.validate`
+    /// and the values schema: every timing at least 1 s).
     pub fn validate(&self) -> Result<(), String> {
         let secs = |d: Duration| d.as_secs_f64();
         if self.name.is_empty() || self.namespace.is_empty() || self.identity.is_empty() {
@@ -166,7 +175,9 @@ impl Elector {
     }
 
     /// Tries once to acquire or renew the Lease; `now` is this replica's
-    /// monotonic clock. A replica that lost stays lost.
+    /// monotonic clock at the start of the step (time spent inside the step is
+    /// measured with tokio's clock and added to it). A replica that lost stays
+    /// lost.
     pub async fn step(&mut self, now: Instant) -> Role {
         if let Some(reason) = &self.lost {
             return Role::Lost {
@@ -181,18 +192,35 @@ impl Elector {
         role
     }
 
+    /// While leading: the instant by which a renewal must succeed, or this
+    /// replica has lost (the start of the last successful renewal plus the
+    /// renew deadline).
+    pub fn renew_by(&self) -> Option<Instant> {
+        self.renewed_at.map(|at| at + self.settings.renew_deadline)
+    }
+
     async fn try_step(&mut self, now: Instant) -> Role {
-        let started = Instant::now();
-        let limit = match self.renewed_at {
+        let clock = StepClock::start(now);
+        let limit = match self.renew_by() {
+            Some(deadline) if now >= deadline => {
+                // Not renewed in time (the previous try failed or came back
+                // late): lost, without asking again.
+                return Role::Lost {
+                    reason: format!(
+                        "could not renew the Lease {} within the renew deadline ({:?})",
+                        self.settings.name, self.settings.renew_deadline
+                    ),
+                };
+            }
             // Past the deadline a late answer is of no use.
-            Some(at) => (at + self.settings.renew_deadline).saturating_duration_since(now),
+            Some(deadline) => deadline.saturating_duration_since(now),
             None => self.settings.lease_duration,
         };
-        let attempt = match tokio::time::timeout(limit, self.attempt(now)).await {
+        let attempt = match tokio::time::timeout(limit, self.attempt(&clock)).await {
             Ok(attempt) => attempt.map_err(|e| e.to_string()),
             Err(_) => Err(format!("no answer from the API server within {limit:?}")),
         };
-        let finished = now + started.elapsed();
+        let finished = clock.now();
         match (self.renewed_at, attempt) {
             (_, Ok(Attempt::Held)) => {
                 if self.renewed_at.is_none() {
@@ -243,9 +271,13 @@ impl Elector {
         }
     }
 
-    async fn attempt(&mut self, now: Instant) -> Result<Attempt, kube::Error> {
+    async fn attempt(&mut self, clock: &StepClock) -> Result<Attempt, kube::Error> {
         let identity = self.settings.identity.clone();
-        let Some(lease) = self.api.get_opt(&self.settings.name).await? else {
+        let read = self.api.get_opt(&self.settings.name).await?;
+        // The record was seen when the read returned, not when it was sent: a
+        // slow read must not start the expiry clock early.
+        let seen_at = clock.now();
+        let Some(lease) = read else {
             let fresh = Lease {
                 metadata: ObjectMeta {
                     name: Some(self.settings.name.clone()),
@@ -262,9 +294,9 @@ impl Elector {
             };
         };
         let spec = lease.spec.clone().unwrap_or_default();
-        self.observe(&lease, now);
+        self.observe(&lease, seen_at);
         let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
-        if holder.as_ref().is_some_and(|h| *h != identity) && !self.expired(now) {
+        if holder.as_ref().is_some_and(|h| *h != identity) && !self.expired(seen_at) {
             return Ok(Attempt::HeldByOther);
         }
         // Free, expired or ours: take or renew it, guarded by resourceVersion.
@@ -320,7 +352,8 @@ impl Elector {
         })
     }
 
-    fn observe(&mut self, lease: &Lease, now: Instant) {
+    /// Notes the record of `lease`, read at `seen_at`.
+    fn observe(&mut self, lease: &Lease, seen_at: Instant) {
         let spec = lease.spec.clone().unwrap_or_default();
         let duration = spec
             .lease_duration_seconds
@@ -339,7 +372,7 @@ impl Elector {
         });
         let changed_at = match &self.observed {
             Some(o) if same => o.changed_at,
-            _ => now,
+            _ => seen_at,
         };
         self.observed = Some(Observed {
             holder,
@@ -393,9 +426,36 @@ impl Elector {
     }
 }
 
+/// This replica's monotonic clock: tokio's, so that tests can pause it.
+fn clock_now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+/// Time within one [`Elector::step`]: the `now` it was given plus what
+/// elapsed since on tokio's clock.
+struct StepClock {
+    now: Instant,
+    started: tokio::time::Instant,
+}
+
+impl StepClock {
+    fn start(now: Instant) -> Self {
+        Self {
+            now,
+            started: tokio::time::Instant::now(),
+        }
+    }
+
+    fn now(&self) -> Instant {
+        self.now + self.started.elapsed()
+    }
+}
+
 /// Steps `elector` every retry period and publishes the role in `roles`
 /// until it is lost (the last value sent) or `cancel` (then the Lease is
-/// released).
+/// released). While leading it steps again no later than the renew deadline,
+/// so that a leader whose renewals fail publishes `Lost` by then, not up to a
+/// retry period later.
 pub async fn run_election(
     mut elector: Elector,
     roles: watch::Sender<Role>,
@@ -404,7 +464,7 @@ pub async fn run_election(
     let retry = elector.settings().retry_period;
     loop {
         let role = tokio::select! {
-            role = elector.step(Instant::now()) => role,
+            role = elector.step(clock_now()) => role,
             () = cancel.cancelled() => break,
         };
         let lost = matches!(role, Role::Lost { .. });
@@ -416,8 +476,11 @@ pub async fn run_election(
         if lost {
             return;
         }
+        let pause = elector.renew_by().map_or(retry, |deadline| {
+            retry.min(deadline.saturating_duration_since(clock_now()))
+        });
         tokio::select! {
-            () = tokio::time::sleep(retry) => {}
+            () = tokio::time::sleep(pause) => {}
             () = cancel.cancelled() => break,
         }
     }

@@ -41,8 +41,9 @@ pub use configmap::{agent_config_data, config_hash, desired_configmap};
 pub use daemonset::{AGENT_CONTAINER, desired_daemonset};
 pub use error::{BuildError, ReconcileError, api_category};
 pub use findings::{
-    Blame, FAULT_REASON, FindingsPublisher, FindingsView, HEALTHY_REASON, MAX_ANNOUNCED,
-    PAUSE_AFTER_FAILURE, Wanted, faulty_nodes, reason as finding_reason, wanted_conditions,
+    Blame, EVENT_RETRIES, FAULT_REASON, FindingsPublisher, FindingsView, HEALTHY_REASON,
+    MAX_ANNOUNCED, MAX_UNPUBLISHED, PAUSE_AFTER_FAILURE, Wanted, faulty_nodes,
+    reason as finding_reason, wanted_conditions,
 };
 pub use forward::forward_to_leader;
 pub use mesh_host::{MeshHost, MeshPolicy, SourceSettings};
@@ -53,7 +54,9 @@ pub use names::{
     PAUSED_NODE_SELECTOR, agent_name, managed_selector, owned_labels, owned_selector,
     selector_labels,
 };
-pub use nodes::{NodeMeta, NodeTorResolver, RelabeledNodes, node_cache, tor_candidates};
+pub use nodes::{
+    NodeMeta, NodeTorResolver, RelabeledNodes, follow_node_labels, node_cache, tor_candidates,
+};
 pub use owned::MeshIdentity;
 pub use settings::OperatorSettings;
 pub use status::{Observation, Problem, desired_status};

@@ -11,6 +11,11 @@
 //! and the first valid value wins, else the controller's `defaultTor` (see
 //! `mesh::topology::choose_tor`). The settings come from the policy-source
 //! `PingMesh`; changing them moves endpoints without restarting anything.
+//!
+//! A move the registry refuses (an rqlite election, say) is tried again after
+//! a pause ([`RETRY_FIRST`], doubling up to [`RETRY_MAX`]) until it succeeds:
+//! the nodes it was for stay noted as relabeled, and a topology change stays
+//! pending.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -35,6 +40,10 @@ pub type NodeMeta = PartialObjectMeta<Node>;
 
 /// How long label changes are gathered before endpoints are moved.
 const GATHER_CHANGES: Duration = Duration::from_secs(1);
+/// Pause before moving endpoints again after the registry refused a move.
+pub const RETRY_FIRST: Duration = Duration::from_secs(1);
+/// Longest pause between tries while the registry keeps refusing.
+pub const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// The labels that may name the ToR of an endpoint with RNIC `device` (empty
 /// for UDP) on a node with `labels`, most specific first.
@@ -108,7 +117,8 @@ pub struct RelabeledNodes {
 }
 
 impl RelabeledNodes {
-    fn add(&self, name: String) {
+    /// Notes that `name`'s labels changed (or that it was seen for the first time).
+    pub fn add(&self, name: String) {
         self.names
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -116,10 +126,28 @@ impl RelabeledNodes {
         self.added.notify_one();
     }
 
-    fn take(&self) -> Vec<String> {
+    /// The nodes noted, and forgets them.
+    pub fn take(&self) -> Vec<String> {
         std::mem::take(&mut *self.names.lock().unwrap_or_else(PoisonError::into_inner))
             .into_iter()
             .collect()
+    }
+
+    /// Notes `names` again after moving their endpoints failed, without
+    /// waking the follower (it tries again after a pause).
+    fn put_back(&self, names: Vec<String>) {
+        self.names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .extend(names);
+    }
+
+    /// Whether no node is noted.
+    pub fn is_empty(&self) -> bool {
+        self.names
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_empty()
     }
 }
 
@@ -156,7 +184,8 @@ pub async fn reflect_nodes(
 
 /// Moves the endpoints of relabeled nodes, and of every node when the policy
 /// source's topology settings change, in the mesh controller `host` serves.
-/// Runs until `cancel`.
+/// A move the registry refuses is tried again after a pause (see the module
+/// docs). Runs until `cancel`.
 pub async fn follow_node_labels(
     resolver: NodeTorResolver,
     relabeled: Arc<RelabeledNodes>,
@@ -164,42 +193,85 @@ pub async fn follow_node_labels(
     cancel: CancellationToken,
 ) {
     let mut settings = host.settings();
+    // The topology settings changed and not every endpoint was moved since.
+    // Settings that changed before this task subscribed count too.
+    let mut all_pending = resolver.set_topology(&settings.borrow_and_update().topology);
+    // While the registry refuses: when to try again, and the pause after that.
+    let mut retry: Option<(tokio::time::Instant, Duration)> = None;
     loop {
-        tokio::select! {
-            () = cancel.cancelled() => return,
-            () = relabeled.added.notified() => {
-                // Gather a relabel of a whole rack into one batch, so the
-                // pinglists change once instead of once per node.
-                tokio::select! {
-                    () = cancel.cancelled() => return,
-                    () = tokio::time::sleep(GATHER_CHANGES) => {}
+        let retry_at = retry.map(|(at, _)| at);
+        // Wait for something to do, unless a topology change is not done yet
+        // and no pause is under way.
+        if !all_pending || retry.is_some() {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = relabeled.added.notified(), if retry.is_none() => {
+                    // Gather a relabel of a whole rack into one batch, so the
+                    // pinglists change once instead of once per node.
+                    tokio::select! {
+                        () = cancel.cancelled() => return,
+                        () = tokio::time::sleep(GATHER_CHANGES) => {}
+                    }
                 }
-                let nodes = relabeled.take();
-                if !nodes.is_empty() {
-                    refresh(&host, Some(&nodes)).await;
+                () = sleep_until(retry_at) => {}
+                changed = settings.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let topology = settings.borrow_and_update().topology.clone();
+                    if !resolver.set_topology(&topology) {
+                        continue;
+                    }
+                    tracing::info!(tor_label = %topology.tor_label, rnic_tor_label_prefix = %topology.rnic_tor_label_prefix, "topology settings changed; resolving every ToR again");
+                    all_pending = true;
                 }
             }
-            changed = settings.changed() => {
-                if changed.is_err() {
-                    return;
-                }
-                let topology = settings.borrow_and_update().topology.clone();
-                if resolver.set_topology(&topology) {
-                    tracing::info!(tor_label = %topology.tor_label, rnic_tor_label_prefix = %topology.rnic_tor_label_prefix, "topology settings changed; resolving every ToR again");
-                    refresh(&host, None).await;
-                }
+        }
+        let nodes = relabeled.take();
+        let scope = if all_pending {
+            None
+        } else if nodes.is_empty() {
+            continue;
+        } else {
+            Some(nodes.as_slice())
+        };
+        if refresh(&host, scope).await {
+            all_pending = false;
+            retry = None;
+        } else {
+            let pause = retry.map_or(RETRY_FIRST, |(_, pause)| pause);
+            tracing::warn!(retry_in = ?pause, "moving endpoints to new ToRs failed; trying again");
+            retry = Some((
+                tokio::time::Instant::now() + pause,
+                (pause * 2).min(RETRY_MAX),
+            ));
+            if !all_pending {
+                relabeled.put_back(nodes);
             }
         }
     }
 }
 
-async fn refresh(host: &MeshHost, nodes: Option<&[String]>) {
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Moves endpoints (of `nodes` only, when given); whether the registry took it.
+async fn refresh(host: &MeshHost, nodes: Option<&[String]>) -> bool {
     match host.current().refresh_tors(nodes).await {
-        Ok(0) => {}
-        Ok(moved) => tracing::info!(moved, "endpoints moved to new ToRs"),
-        // Not retried here: the next label change or settings change tries
-        // again, and so does the next registration of the node's agent.
-        Err(e) => tracing::warn!(error = %e, "moving endpoints to new ToRs failed"),
+        Ok(0) => true,
+        Ok(moved) => {
+            tracing::info!(moved, "endpoints moved to new ToRs");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "moving endpoints to new ToRs failed");
+            false
+        }
     }
 }
 

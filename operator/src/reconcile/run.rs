@@ -8,6 +8,13 @@
 //! `forward`); once it leads it starts everything else, and if it loses the
 //! Lease it exits at once so that Kubernetes restarts it as a standby.
 //!
+//! However leading ends (shutdown, an error, lost leadership), everything the
+//! leader started is cancelled. Except when leadership was lost (then another
+//! replica may lead already, and this one just exits), the Lease is released
+//! only after the reconciler, the findings publisher, the Node label follower
+//! and the mesh controller have stopped; if they do not within
+//! [`STOP_GRACE`], the Lease is left to expire instead.
+//!
 //! The mesh controller runs with the probing and SLA settings of one
 //! `PingMesh` (`--mesh`, default `<pod namespace>/default`), read before it
 //! starts; when they change, it restarts in-process with the new ones. Its
@@ -49,6 +56,9 @@ use crate::mesh::topology::TorResolver;
 
 /// Longest wait for the Node cache before the mesh controller starts anyway.
 const NODE_SYNC_LIMIT: Duration = Duration::from_secs(30);
+/// Longest wait, when leading ends, for what the leader ran to stop before
+/// the Lease is released.
+pub const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Flags of `pingmesh-operator run` (the mesh controller's flags included).
 #[derive(Debug, Clone, Args)]
@@ -272,15 +282,19 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         fixed_role = Some(roles_tx);
         None
     };
-    let outcome =
+    let (outcome, stopped) =
         match standby_until_leading(config.grpc_addr, roles.clone(), &mut shutdown).await? {
             Waited::Done => {
                 metrics.set_leader(true);
                 tracing::info!(%public_addr, "leading");
-                let led = start_leading(&args, config, client, &http_state).await?;
-                led.serve(roles, &mut shutdown).await
+                match start_leading(&args, config, client, &http_state).await {
+                    Ok(led) => led.serve(roles, &mut shutdown).await,
+                    // What had started (the Node cache, which only reads) is
+                    // cancelled already.
+                    Err(e) => (Err(e), Stopped::All),
+                }
             }
-            Waited::Shutdown => Ok(()),
+            Waited::Shutdown => (Ok(()), Stopped::All),
             Waited::Lost(reason) => return Err(RunError::LostLeadership(reason)),
         };
     if outcome
@@ -291,10 +305,20 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         return outcome;
     }
     tracing::info!("shutting down");
-    // Only now, with nothing acting any more, may a standby take over.
-    election_stop.cancel();
-    if let Some(election) = election {
-        let _ = election.await;
+    match (stopped, election) {
+        // Only now, with nothing acting any more, may a standby take over.
+        (Stopped::All, Some(election)) => {
+            election_stop.cancel();
+            let _ = election.await;
+        }
+        (Stopped::NotInTime, Some(election)) => {
+            tracing::warn!(
+                "not releasing the leader Lease while leader work may still be running; a standby takes over once it expires"
+            );
+            election.abort();
+            let _ = election.await;
+        }
+        (_, None) => {}
     }
     http_stop.cancel();
     drop(fixed_role);
@@ -305,18 +329,39 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
     }
 }
 
-/// Everything a leader runs.
+/// Whether what the leader ran stopped before the Lease may be released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stopped {
+    All,
+    NotInTime,
+}
+
+/// Everything a leader runs. Dropping it cancels all of it (without waiting),
+/// so that no way out of [`Led::serve`] leaves leader work running.
 struct Led {
     host: Arc<MeshHost>,
     config: MeshConfig,
-    /// `None` only while restarting.
+    /// `None` only while restarting (or after a restart failed).
     running: Option<RunningController>,
     mesh_cancel: CancellationToken,
     tor_resolver: Arc<dyn TorResolver>,
-    reconciler: JoinHandle<()>,
+    /// Policies the source asks for, subscribed before the reconciler starts
+    /// so that none is missed.
+    policies: watch::Receiver<Option<MeshPolicy>>,
+    /// The reconciler, the findings publisher, the Node label follower and
+    /// the Node cache, by name; all stop on `work`.
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
     metrics: ReconcileMetrics,
-    /// Stops the reconciler, the Node label follower and the findings publisher.
+    /// Stops the reconciler, the Node label follower, the findings publisher
+    /// and the Node cache.
     work: CancellationToken,
+}
+
+impl Drop for Led {
+    fn drop(&mut self) {
+        self.work.cancel();
+        self.mesh_cancel.cancel();
+    }
 }
 
 /// Starts what only the leader runs: the Node cache (synced first, so that
@@ -332,7 +377,9 @@ async fn start_leading(
     let (nodes, node_writer) = node_cache();
     let relabeled = Arc::new(RelabeledNodes::default());
     let work = CancellationToken::new();
-    tokio::spawn(reflect_nodes(
+    // Until `Led` takes over: stops what started if starting fails.
+    let stop_on_error = work.clone().drop_guard();
+    let reflector = tokio::spawn(reflect_nodes(
         Api::<NodeMeta>::all(client.clone()),
         node_writer,
         relabeled.clone(),
@@ -365,13 +412,14 @@ async fn start_leading(
         source_settings,
     ));
     let _ = http.hosted.set(host.clone());
-    tokio::spawn(follow_node_labels(
+    let policies = host.policy_requests();
+    let follower = tokio::spawn(follow_node_labels(
         resolver,
         relabeled,
         host.clone(),
         work.clone(),
     ));
-    tokio::spawn(publish_findings(
+    let publisher = tokio::spawn(publish_findings(
         FindingsPublisher::new(
             client.clone(),
             args.pod_name.clone(),
@@ -408,31 +456,59 @@ async fn start_leading(
         },
     ));
     tracing::info!(grpc_addr = %running.grpc_addr, "operator running");
+    stop_on_error.disarm();
     Ok(Led {
         host,
         config,
         running: Some(running),
         mesh_cancel,
         tor_resolver,
-        reconciler,
+        policies,
+        tasks: vec![
+            ("reconciler", reconciler),
+            ("findings publisher", publisher),
+            ("Node label follower", follower),
+            ("Node cache", reflector),
+        ],
         metrics: http.metrics.clone(),
         work,
     })
 }
 
 impl Led {
-    /// Serves until shutdown (then stops everything) or until leadership is
-    /// lost (then stops acting at once and returns the error without waiting).
+    /// Serves until shutdown or an error (then stops everything and waits for
+    /// it, see [`Led::stop`]), or until leadership is lost (then stops acting
+    /// at once and returns the error without waiting).
     async fn serve(
         mut self,
-        mut roles: watch::Receiver<Role>,
+        roles: watch::Receiver<Role>,
+        shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> (Result<(), RunError>, Stopped) {
+        let mut roles = roles;
+        let served = self.serve_until(&mut roles, shutdown).await;
+        if let Err(RunError::LostLeadership(_)) = &served {
+            // Dropping `self` cancels everything; nothing is waited for.
+            return (served, Stopped::NotInTime);
+        }
+        if let Err(e) = &served {
+            tracing::error!(error = %e, "leading failed; stopping");
+        }
+        let (stopped, outcome) = self.stop(&mut roles).await;
+        match outcome {
+            Err(lost @ RunError::LostLeadership(_)) => (Err(lost), stopped),
+            outcome => (served.and(outcome), stopped),
+        }
+    }
+
+    async fn serve_until(
+        &mut self,
+        roles: &mut watch::Receiver<Role>,
         shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Result<(), RunError> {
-        let mut policies = self.host.policy_requests();
         let mut electing = true;
         loop {
             tokio::select! {
-                () = &mut *shutdown => break,
+                () = &mut *shutdown => return Ok(()),
                 changed = roles.changed(), if electing => {
                     if changed.is_err() {
                         electing = false;
@@ -446,20 +522,63 @@ impl Led {
                         return Err(RunError::LostLeadership(reason));
                     }
                 }
-                changed = policies.changed() => {
-                    let wanted = policies.borrow_and_update().clone();
+                changed = self.policies.changed() => {
+                    let wanted = self.policies.borrow_and_update().clone();
                     let (Ok(()), Some(policy)) = (changed, wanted) else { continue };
                     self.restart_mesh(policy).await?;
                 }
             }
         }
+    }
+
+    /// Cancels everything and waits, at most [`STOP_GRACE`], for the tasks
+    /// and the mesh controller to end; returns whether they did, and the mesh
+    /// controller's outcome. Tasks still running then are aborted, and so
+    /// they are at once if leadership is lost meanwhile (the outcome is then
+    /// [`RunError::LostLeadership`]).
+    async fn stop(&mut self, roles: &mut watch::Receiver<Role>) -> (Stopped, Result<(), RunError>) {
         self.work.cancel();
         self.mesh_cancel.cancel();
-        let _ = self.reconciler.await;
-        match self.running.take() {
-            Some(running) => Ok(running.wait().await?),
-            None => Ok(()),
+        let mut tasks = std::mem::take(&mut self.tasks);
+        let running = self.running.take();
+        let ended = {
+            let all = async {
+                for (name, task) in &mut tasks {
+                    if let Err(e) = task.await
+                        && e.is_panic()
+                    {
+                        tracing::error!(task = *name, "leader task panicked");
+                    }
+                }
+                match running {
+                    Some(running) => running.wait().await.map_err(RunError::from),
+                    None => Ok(()),
+                }
+            };
+            tokio::select! {
+                waited = tokio::time::timeout(STOP_GRACE, all) => waited.map_err(|_| None),
+                reason = lost(roles) => Err(Some(reason)),
+            }
+        };
+        let lost = match ended {
+            Ok(outcome) => return (Stopped::All, outcome),
+            Err(lost) => lost,
+        };
+        let late: Vec<&str> = tasks
+            .iter()
+            .filter(|(_, task)| !task.is_finished())
+            .map(|(name, _)| *name)
+            .collect();
+        for (_, task) in &tasks {
+            task.abort();
         }
+        if let Some(reason) = lost {
+            tracing::error!(%reason, ?late, "lost leadership while stopping; aborting the rest");
+            self.metrics.set_leader(false);
+            return (Stopped::NotInTime, Err(RunError::LostLeadership(reason)));
+        }
+        tracing::warn!(?late, grace = ?STOP_GRACE, "leader work did not stop in time; aborted");
+        (Stopped::NotInTime, Ok(()))
     }
 
     async fn restart_mesh(&mut self, policy: MeshPolicy) -> Result<(), RunError> {
@@ -480,6 +599,19 @@ impl Led {
         self.host.replace(running.controller.clone());
         self.running = Some(running);
         Ok(())
+    }
+}
+
+/// Resolves with the reason once `roles` says leadership is lost; never
+/// without an election.
+async fn lost(roles: &mut watch::Receiver<Role>) -> String {
+    match roles
+        .wait_for(|r| matches!(r, Role::Lost { .. }))
+        .await
+        .map(|r| r.clone())
+    {
+        Ok(Role::Lost { reason }) => reason,
+        _ => std::future::pending().await,
     }
 }
 
@@ -577,5 +709,169 @@ fn kube_controller(client: &Client, namespace: Option<&str>) -> Controller<PingM
         )
         .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
         .owns(Api::<DaemonSet>::all(client.clone()), owned),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+    use crate::crd::TopologySpec;
+    use crate::mesh::controller::MeshController;
+    use crate::mesh::registry::open_registry;
+
+    /// A leader with no mesh controller running (as after a failed restart)
+    /// and no tasks; the mesh controller restarts on a registry that cannot
+    /// be opened.
+    async fn led(dir: &tempfile::TempDir) -> Led {
+        let config = MeshConfig {
+            registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
+            ..MeshConfig::default()
+        };
+        let registry = open_registry(&config.registry).await.unwrap();
+        let controller = MeshController::new(config.clone(), registry).await.unwrap();
+        let (nodes, _writer) = node_cache();
+        let host = Arc::new(MeshHost::new(controller, "ns/default".to_owned()));
+        Led {
+            policies: host.policy_requests(),
+            host,
+            config: MeshConfig {
+                registry: "nosuchstore://here".to_owned(),
+                ..config
+            },
+            running: None,
+            mesh_cancel: CancellationToken::new(),
+            tor_resolver: Arc::new(NodeTorResolver::new(nodes, TopologySpec::default())),
+            tasks: Vec::new(),
+            metrics: ReconcileMetrics::new().unwrap(),
+            work: CancellationToken::new(),
+        }
+    }
+
+    /// A task that, once `work` is cancelled, takes `linger` to finish and
+    /// then counts itself in `finished`.
+    fn lingering(
+        work: &CancellationToken,
+        linger: Duration,
+        finished: &Arc<AtomicUsize>,
+    ) -> JoinHandle<()> {
+        let (work, finished) = (work.clone(), finished.clone());
+        tokio::spawn(async move {
+            work.cancelled().await;
+            tokio::time::sleep(linger).await;
+            finished.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    #[tokio::test]
+    async fn dropping_a_leader_cancels_everything_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let led = led(&dir).await;
+        let (work, mesh) = (led.work.clone(), led.mesh_cancel.clone());
+        drop(led);
+        assert!(work.is_cancelled() && mesh.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stopping_waits_for_every_leader_task_to_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut led = led(&dir).await;
+        let finished = Arc::new(AtomicUsize::new(0));
+        led.tasks = vec![
+            ("a", lingering(&led.work, Duration::from_secs(1), &finished)),
+            ("b", lingering(&led.work, Duration::from_secs(3), &finished)),
+        ];
+        let (_roles_tx, mut roles) = watch::channel(Role::Leader);
+        let (stopped, outcome) = led.stop(&mut roles).await;
+        assert_eq!(stopped, Stopped::All);
+        assert!(outcome.is_ok());
+        assert_eq!(finished.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_task_that_does_not_stop_in_time_is_reported_so_the_lease_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut led = led(&dir).await;
+        let finished = Arc::new(AtomicUsize::new(0));
+        let stuck = tokio::spawn(std::future::pending::<()>());
+        led.tasks = vec![
+            ("quick", lingering(&led.work, Duration::ZERO, &finished)),
+            ("stuck", stuck),
+        ];
+        let started = tokio::time::Instant::now();
+        let (_roles_tx, mut roles) = watch::channel(Role::Leader);
+        let (stopped, _) = led.stop(&mut roles).await;
+        assert_eq!(stopped, Stopped::NotInTime);
+        assert_eq!(started.elapsed(), STOP_GRACE);
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_lost_while_stopping_aborts_what_still_runs_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut led = led(&dir).await;
+        led.tasks = vec![("stuck", tokio::spawn(std::future::pending::<()>()))];
+        let (roles_tx, mut roles) = watch::channel(Role::Leader);
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            roles_tx.send_replace(Role::Lost {
+                reason: "renewals failed".to_owned(),
+            });
+            // Keep the channel open.
+            std::future::pending::<()>().await;
+        });
+        let (stopped, outcome) = led.stop(&mut roles).await;
+        assert_eq!(stopped, Stopped::NotInTime);
+        assert!(
+            matches!(outcome, Err(RunError::LostLeadership(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(started.elapsed(), Duration::from_secs(1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_mesh_controller_restart_stops_all_leader_work_before_returning() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut led = led(&dir).await;
+        let finished = Arc::new(AtomicUsize::new(0));
+        led.tasks = vec![(
+            "publisher",
+            lingering(&led.work, Duration::from_secs(1), &finished),
+        )];
+        let (work, mesh) = (led.work.clone(), led.mesh_cancel.clone());
+        // The policy source asks for other SLA settings: the mesh controller
+        // restarts, on a registry that cannot be opened.
+        let pm: PingMesh = serde_json::from_value(serde_json::json!({
+            "apiVersion": "pingmesh.io/v1alpha1", "kind": "PingMesh",
+            "metadata": {"name": "default", "namespace": "ns"},
+            "spec": {"sla": {"maxLossRatio": 0.05}},
+        }))
+        .unwrap();
+        let (_roles_tx, roles) = watch::channel(Role::Leader);
+        let host = led.host.clone();
+        assert_eq!(
+            super::super::MeshStatusSource::sync_policy(&*host, &pm),
+            super::super::PolicyState::Restarting
+        );
+        let serving = tokio::spawn(async move {
+            let shutdown = std::future::pending::<()>();
+            tokio::pin!(shutdown);
+            led.serve(roles, &mut shutdown).await
+        });
+
+        let (outcome, stopped) = tokio::time::timeout(Duration::from_secs(30), serving)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(matches!(outcome, Err(RunError::Mesh(_))), "{outcome:?}");
+        assert_eq!(stopped, Stopped::All);
+        assert!(work.is_cancelled() && mesh.is_cancelled());
+        assert_eq!(
+            finished.load(Ordering::SeqCst),
+            1,
+            "the task was waited for"
+        );
     }
 }

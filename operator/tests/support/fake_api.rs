@@ -52,6 +52,13 @@ pub struct World {
     pub daemonset_status: Value,
     /// Requests (method, path fragment) answered with this HTTP status.
     pub failures: Vec<(&'static str, &'static str, u16)>,
+    /// Like `failures`, but each answers only the first matching request.
+    pub fail_once: Vec<(&'static str, &'static str, u16)>,
+    /// How long the server takes to answer each request (tokio's clock).
+    pub delay: Option<std::time::Duration>,
+    /// events.k8s.io Events created, by "namespace/name". Creating one whose
+    /// name is taken is a conflict, as on a real API server.
+    pub events: BTreeMap<String, Value>,
     pub seen: Vec<Seen>,
     /// Source of new resourceVersions.
     pub next_version: u64,
@@ -59,13 +66,15 @@ pub struct World {
 
 impl World {
     fn respond(&mut self, req: &Seen) -> (u16, Value) {
-        if let Some((_, _, code)) = self
-            .failures
-            .iter()
-            .find(|(m, p, _)| *m == req.method && req.path.contains(p))
-        {
+        let matches = |(m, p, _): &&(&str, &str, u16)| *m == req.method && req.path.contains(p);
+        let once = self.fail_once.iter().position(|f| matches(&f));
+        let failure = match once {
+            Some(i) => Some(self.fail_once.remove(i).2),
+            None => self.failures.iter().find(matches).map(|f| f.2),
+        };
+        if let Some(code) = failure {
             return (
-                *code,
+                code,
                 json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
                        "message": "etcdserver: request timed out", "reason": "InternalError", "code": code}),
             );
@@ -94,7 +103,24 @@ impl World {
                 mesh["spec"] = json!({});
                 (200, mesh)
             }
-            ("POST", [.., "events"]) | ("PATCH", [.., "events", _]) => (200, req.body.clone()),
+            ("POST", [.., namespace, "events"]) => {
+                let name = req.body["metadata"]["name"].as_str().unwrap_or_default();
+                let key = format!("{namespace}/{name}");
+                if name.is_empty() || self.events.contains_key(&key) {
+                    return conflict();
+                }
+                self.events.insert(key, req.body.clone());
+                (201, req.body.clone())
+            }
+            ("PATCH", [.., namespace, "events", name]) => {
+                match self.events.get_mut(&format!("{namespace}/{name}")) {
+                    Some(event) => {
+                        merge(event, &req.body);
+                        (200, event.clone())
+                    }
+                    None => not_found(),
+                }
+            }
             ("GET", [.., "nodes", name]) => match self.nodes.get(*name) {
                 Some(node) => (200, node.clone()),
                 None => not_found(),
@@ -217,6 +243,22 @@ impl World {
     }
 }
 
+/// A JSON merge patch (RFC 7386).
+fn merge(target: &mut Value, patch: &Value) {
+    match (target, patch) {
+        (Value::Object(target), Value::Object(patch)) => {
+            for (key, value) in patch {
+                if value.is_null() {
+                    target.remove(key);
+                } else {
+                    merge(target.entry(key.clone()).or_insert(Value::Null), value);
+                }
+            }
+        }
+        (target, patch) => *target = patch.clone(),
+    }
+}
+
 fn not_found() -> (u16, Value) {
     (
         404,
@@ -281,12 +323,15 @@ async fn serve(mut handle: Handle, world: Arc<Mutex<World>>) {
                 serde_json::from_slice(&bytes).unwrap()
             },
         };
-        let (code, answer) = {
+        let (code, answer, delay) = {
             let mut w = world.lock().unwrap();
-            let answer = w.respond(&seen);
+            let (code, answer) = w.respond(&seen);
             w.seen.push(seen);
-            answer
+            (code, answer, w.delay)
         };
+        if let Some(delay) = delay {
+            tokio::time::sleep(delay).await;
+        }
         reply.send_response(
             Response::builder()
                 .status(code)

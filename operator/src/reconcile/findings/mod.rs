@@ -21,25 +21,34 @@
 //! the mesh controller restarts with new settings is announced as cleared and,
 //! if the fault persists, detected again.
 //!
-//! Each pass uses a fresh event recorder: kube's recorder folds Events with the
-//! same reason and objects within minutes into one series that keeps the first
-//! note, which would hide the second of two findings of one kind. The
-//! publisher does its own deduplication.
+//! Every Event is a new Event object with a name of its own, carrying its own
+//! note: kube's event recorder would fold Events with the same type, reason
+//! and objects into one series that keeps the first note, so twenty findings
+//! of one kind would show as one Event with a count of 20. The publisher does
+//! its own deduplication. An Event the API server refused is tried again on
+//! each of the next [`EVENT_RETRIES`] passes (at most [`MAX_UNPUBLISHED`] wait).
+//!
+//! The Node condition is left alone until the mesh controller serving now has
+//! judged one window with path data more than its SLA policy's
+//! `openAfterWindows` (see [`MeshController::windows_with_data`]): a
+//! restarted controller (a new leader, or new settings) starts with no open
+//! findings, and writing conditions at once would mark every node healthy, a
+//! faulty one included, until its finding opened again.
 
 mod blame;
 mod node_condition;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{Node, ObjectReference};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::{Event, EventType, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client};
 use tokio_util::sync::CancellationToken;
 
-use super::events::publish_about;
+use super::events::create_event;
 use super::mesh_host::{MeshHost, SourceSettings};
 use super::metrics::{EventObject, ReconcileMetrics};
 use super::names::FIELD_MANAGER;
@@ -61,6 +70,11 @@ const MAX_LISTED: usize = 5;
 /// The Event action of everything published here.
 const ACTION: &str = "Analyze";
 
+/// Passes on which an Event the API server refused is tried again.
+pub const EVENT_RETRIES: u32 = 3;
+/// Most refused Events kept for another try; the oldest are dropped first.
+pub const MAX_UNPUBLISHED: usize = 256;
+
 /// What the publisher reads from the mesh controller in one pass.
 #[derive(Debug, Clone, Default)]
 pub struct FindingsView {
@@ -69,10 +83,17 @@ pub struct FindingsView {
     pub cleared: Vec<Finding>,
     /// Every registered endpoint: which node and ToR each is on.
     pub endpoints: Vec<MeshEndpoint>,
+    /// Whether the controller has judged enough windows since it started that
+    /// a fault that persists would have opened its finding again: until then
+    /// an empty `open` says nothing, and Node conditions are not written.
+    pub conditions_ready: bool,
 }
 
 impl FindingsView {
     pub fn of(controller: &MeshController) -> Self {
+        // One more than it takes to open a finding: agents reconnecting to a
+        // new controller may probe the first window with data only in part.
+        let needed = u64::from(controller.config().sla.open_after_windows) + 1;
         Self {
             open: controller.open_findings(),
             cleared: controller
@@ -80,8 +101,22 @@ impl FindingsView {
                 .map(|r| r.cleared.clone())
                 .unwrap_or_default(),
             endpoints: controller.known_endpoints(),
+            conditions_ready: controller.windows_with_data() >= needed,
         }
     }
+}
+
+/// One Event about one object, as published (or to publish again).
+#[derive(Debug, Clone)]
+struct PendingEvent {
+    regarding: ObjectReference,
+    object: EventObject,
+    type_: EventType,
+    reason: String,
+    note: String,
+    related: Option<ObjectReference>,
+    /// Passes left on which it is tried again if this try fails.
+    retries_left: u32,
 }
 
 type FindingKey = (FindingKind, String);
@@ -102,13 +137,18 @@ pub struct FindingsPublisher {
     nodes: Store<NodeMeta>,
     metrics: ReconcileMetrics,
     announced: BTreeMap<FindingKey, Announced>,
+    /// Events the API server refused, oldest first, to try again.
+    unpublished: VecDeque<PendingEvent>,
     conditions: NodeConditions,
+    /// Whether the last pass left the Node condition alone for the warm-up.
+    warming_up: bool,
 }
 
 impl std::fmt::Debug for FindingsPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FindingsPublisher")
             .field("announced", &self.announced.len())
+            .field("unpublished", &self.unpublished.len())
             .field("conditions", &self.conditions)
             .finish_non_exhaustive()
     }
@@ -132,34 +172,54 @@ impl FindingsPublisher {
             nodes,
             metrics,
             announced: BTreeMap::new(),
+            unpublished: VecDeque::new(),
             conditions: NodeConditions::default(),
+            warming_up: false,
         }
     }
 
-    /// One pass: Events for what opened and cleared since the last pass, and
-    /// the Node condition as `settings.node_health` asks.
-    pub async fn sync(&mut self, view: &FindingsView, settings: &SourceSettings) {
-        let recorder = Recorder::new(self.client.clone(), self.reporter.clone());
-        self.announce(&recorder, view, settings.mesh.as_ref()).await;
+    /// One pass: Events refused before tried again, Events for what opened
+    /// and cleared since the last pass, and the Node condition as
+    /// `settings.node_health` asks (once `view.conditions_ready`). Stops
+    /// between two requests once `cancel` is cancelled.
+    pub async fn sync(
+        &mut self,
+        view: &FindingsView,
+        settings: &SourceSettings,
+        cancel: &CancellationToken,
+    ) {
+        self.retry_unpublished(cancel).await;
+        self.announce(view, settings.mesh.as_ref(), cancel).await;
         let faulty = faulty_nodes(&view.open, &view.endpoints);
         self.metrics.set_faulty_nodes(faulty.len());
         let api: Api<Node> = Api::all(self.client.clone());
         let health = &settings.node_health;
-        if health.conditions {
+        if !health.conditions {
+            self.conditions
+                .remove_all(&api, &self.metrics, cancel)
+                .await;
+        } else if view.conditions_ready {
+            if std::mem::take(&mut self.warming_up) {
+                tracing::info!(
+                    "the mesh controller has judged enough windows; writing Node conditions"
+                );
+            }
             let wanted = wanted_conditions(&faulty, &view.endpoints);
             self.conditions
-                .sync(&api, &health.condition_type, &wanted, &self.metrics)
+                .sync(&api, &health.condition_type, &wanted, &self.metrics, cancel)
                 .await;
-        } else {
-            self.conditions.remove_all(&api, &self.metrics).await;
+        } else if !std::mem::replace(&mut self.warming_up, true) {
+            tracing::info!(
+                "Node conditions left as they are until the mesh controller has judged enough windows to reopen findings"
+            );
         }
     }
 
     async fn announce(
         &mut self,
-        recorder: &Recorder,
         view: &FindingsView,
         mesh: Option<&ObjectReference>,
+        cancel: &CancellationToken,
     ) {
         let node_of: BTreeMap<&str, &str> = view
             .endpoints
@@ -182,18 +242,17 @@ impl FindingsPublisher {
             .filter(|key| !open.contains_key(*key))
             .cloned()
             .collect();
-        self.announce_opened(recorder, &opened, &node_of, mesh)
-            .await;
-        self.announce_closed(recorder, closed, &view.cleared, mesh)
+        self.announce_opened(&opened, &node_of, mesh, cancel).await;
+        self.announce_closed(closed, &view.cleared, mesh, cancel)
             .await;
     }
 
     async fn announce_opened(
         &mut self,
-        recorder: &Recorder,
         opened: &[&Finding],
         node_of: &BTreeMap<&str, &str>,
         mesh: Option<&ObjectReference>,
+        cancel: &CancellationToken,
     ) {
         let mut unannounced = 0usize;
         for (index, finding) in opened.iter().enumerate() {
@@ -207,7 +266,7 @@ impl FindingsPublisher {
                     finding.location,
                     finding.evidence
                 );
-                self.publish(recorder, mesh, &nodes, EventType::Warning, &reason, &note)
+                self.publish(mesh, &nodes, EventType::Warning, &reason, &note, cancel)
                     .await;
             } else {
                 unannounced += 1;
@@ -225,12 +284,12 @@ impl FindingsPublisher {
                 "{unannounced} more findings opened in this window; the PingMesh status and the mesh API (/api/v1/findings) list them"
             );
             self.publish(
-                recorder,
                 mesh,
                 &[],
                 EventType::Warning,
                 "ManyFindingsDetected",
                 &note,
+                cancel,
             )
             .await;
         }
@@ -238,10 +297,10 @@ impl FindingsPublisher {
 
     async fn announce_closed(
         &mut self,
-        recorder: &Recorder,
         closed: Vec<FindingKey>,
         cleared: &[Finding],
         mesh: Option<&ObjectReference>,
+        cancel: &CancellationToken,
     ) {
         let mut unannounced = 0usize;
         let mut announced_clears = 0usize;
@@ -267,24 +326,24 @@ impl FindingsPublisher {
                 });
             let note = format!("{} {}: {why}", kind_name(key.0), key.1);
             self.publish(
-                recorder,
                 mesh,
                 &was.nodes,
                 EventType::Normal,
                 &reason(key.0, false),
                 &note,
+                cancel,
             )
             .await;
         }
         if unannounced > 0 {
             let note = format!("{unannounced} more findings cleared in this window");
             self.publish(
-                recorder,
                 mesh,
                 &[],
                 EventType::Normal,
                 "ManyFindingsCleared",
                 &note,
+                cancel,
             )
             .await;
         }
@@ -293,27 +352,27 @@ impl FindingsPublisher {
     /// One Event on the mesh (when known) and one on each node, the other node
     /// of the pair as related object.
     async fn publish(
-        &self,
-        recorder: &Recorder,
+        &mut self,
         mesh: Option<&ObjectReference>,
         nodes: &[String],
         type_: EventType,
         reason: &str,
         note: &str,
+        cancel: &CancellationToken,
     ) {
-        let first_node = nodes.first().map(|n| self.node_ref(n));
+        let pending = |regarding: ObjectReference, object, related| PendingEvent {
+            regarding,
+            object,
+            type_,
+            reason: reason.to_owned(),
+            note: note.to_owned(),
+            related,
+            retries_left: EVENT_RETRIES,
+        };
+        let mut events = Vec::with_capacity(nodes.len() + 1);
         if let Some(mesh) = mesh {
-            let ok = publish_about(
-                recorder,
-                mesh,
-                type_,
-                reason,
-                ACTION,
-                note.to_owned(),
-                first_node.clone(),
-            )
-            .await;
-            self.metrics.count_finding_event(EventObject::PingMesh, ok);
+            let first_node = nodes.first().map(|n| self.node_ref(n));
+            events.push(pending(mesh.clone(), EventObject::PingMesh, first_node));
         }
         for (index, node) in nodes.iter().enumerate() {
             let other = nodes
@@ -321,18 +380,58 @@ impl FindingsPublisher {
                 .enumerate()
                 .find(|(i, _)| *i != index)
                 .map(|(_, n)| self.node_ref(n));
-            let ok = publish_about(
-                recorder,
-                &self.node_ref(node),
-                type_,
-                reason,
-                ACTION,
-                note.to_owned(),
-                other,
-            )
-            .await;
-            self.metrics.count_finding_event(EventObject::Node, ok);
+            events.push(pending(self.node_ref(node), EventObject::Node, other));
         }
+        for event in events {
+            if cancel.is_cancelled() {
+                return;
+            }
+            self.send(event).await;
+        }
+    }
+
+    /// Tries the Events refused on earlier passes once more, oldest first.
+    async fn retry_unpublished(&mut self, cancel: &CancellationToken) {
+        let due = std::mem::take(&mut self.unpublished);
+        for mut event in due {
+            if cancel.is_cancelled() {
+                return;
+            }
+            event.retries_left = event.retries_left.saturating_sub(1);
+            self.send(event).await;
+        }
+    }
+
+    /// Creates `event`; if the API server refuses it, keeps it for the next
+    /// pass while it has retries left.
+    async fn send(&mut self, event: PendingEvent) {
+        let ok = create_event(
+            &self.client,
+            &self.reporter,
+            &event.regarding,
+            &Event {
+                type_: event.type_,
+                reason: event.reason.clone(),
+                note: Some(event.note.clone()),
+                action: ACTION.to_owned(),
+                secondary: event.related.clone(),
+            },
+        )
+        .await;
+        self.metrics.count_finding_event(event.object, ok);
+        if ok {
+            return;
+        }
+        if event.retries_left == 0 {
+            tracing::warn!(reason = %event.reason, name = ?event.regarding.name, "giving up on an Event the API server kept refusing");
+            return;
+        }
+        if self.unpublished.len() >= MAX_UNPUBLISHED
+            && let Some(dropped) = self.unpublished.pop_front()
+        {
+            tracing::warn!(reason = %dropped.reason, name = ?dropped.regarding.name, "too many Events waiting for another try; dropping the oldest");
+        }
+        self.unpublished.push_back(event);
     }
 
     /// A reference to Node `name`, with its uid when cached (`kubectl describe
@@ -356,7 +455,9 @@ const LOOK_EVERY: Duration = Duration::from_secs(1);
 
 /// Runs `publisher` once for every window the mesh controller `host` serves
 /// judges (and when it is replaced, or the policy source's settings change),
-/// until `cancel`. Failed writes are retried on the next window.
+/// until `cancel`; a pass under way stops between two requests. Refused
+/// Events are tried again on the next few passes, and a Node condition whose
+/// write failed is written on a later pass (after a pause).
 pub async fn publish_findings(
     mut publisher: FindingsPublisher,
     host: Arc<MeshHost>,
@@ -389,7 +490,7 @@ pub async fn publish_findings(
         seen = Some(now);
         let current = settings.borrow_and_update().clone();
         publisher
-            .sync(&FindingsView::of(&controller), &current)
+            .sync(&FindingsView::of(&controller), &current, &cancel)
             .await;
     }
 }

@@ -17,6 +17,10 @@
 //!   `lastHeartbeatTime` is when the operator last wrote the condition.
 //! - A failed read or write ends the pass and pauses the next few
 //!   ([`PAUSE_AFTER_FAILURE`]); what was not written is written after.
+//! - A pass stops between two nodes once it is cancelled (this replica is
+//!   stopping, or lost its leadership).
+//! - Not written at all while the mesh controller warms up (see the parent
+//!   module): the caller does not call [`NodeConditions::sync`] then.
 
 use std::collections::BTreeMap;
 
@@ -26,6 +30,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 use super::super::metrics::ReconcileMetrics;
 use super::super::names::FIELD_MANAGER;
@@ -75,19 +80,24 @@ impl NodeConditions {
     /// it from nodes it was written on that are not listed. The first failure
     /// is logged and counted and ends the pass; the next
     /// [`PAUSE_AFTER_FAILURE`] passes do nothing, and the one after carries on
-    /// where this one stopped.
+    /// where this one stopped. Once `cancel` is cancelled no further node is
+    /// read or written.
     pub async fn sync(
         &mut self,
         api: &Api<Node>,
         condition_type: &str,
         wanted: &BTreeMap<String, Wanted>,
         metrics: &ReconcileMetrics,
+        cancel: &CancellationToken,
     ) {
         if self.paused > 0 {
             self.paused -= 1;
             return;
         }
-        if let Err(failed) = self.write_all(api, condition_type, wanted, metrics).await {
+        if let Err(failed) = self
+            .write_all(api, condition_type, wanted, metrics, cancel)
+            .await
+        {
             metrics.count_condition_write(false);
             tracing::warn!(node = %failed.node, error = %failed.error, passes = PAUSE_AFTER_FAILURE, "writing the node condition failed; pausing");
             self.paused = PAUSE_AFTER_FAILURE;
@@ -96,11 +106,16 @@ impl NodeConditions {
 
     /// Removes the condition from every node it was written on (paused like
     /// [`NodeConditions::sync`] after a failure).
-    pub async fn remove_all(&mut self, api: &Api<Node>, metrics: &ReconcileMetrics) {
+    pub async fn remove_all(
+        &mut self,
+        api: &Api<Node>,
+        metrics: &ReconcileMetrics,
+        cancel: &CancellationToken,
+    ) {
         if self.written.is_empty() {
             return;
         }
-        self.sync(api, "", &BTreeMap::new(), metrics).await;
+        self.sync(api, "", &BTreeMap::new(), metrics, cancel).await;
     }
 
     async fn write_all(
@@ -109,6 +124,7 @@ impl NodeConditions {
         condition_type: &str,
         wanted: &BTreeMap<String, Wanted>,
         metrics: &ReconcileMetrics,
+        cancel: &CancellationToken,
     ) -> Result<(), Failed> {
         let gone: Vec<String> = self
             .written
@@ -117,6 +133,9 @@ impl NodeConditions {
             .cloned()
             .collect();
         for node in gone {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
             apply(api, &node, None).await.map_err(|error| Failed {
                 node: node.clone(),
                 error,
@@ -126,6 +145,9 @@ impl NodeConditions {
             self.written.remove(&node);
         }
         for (node, want) in wanted {
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
             let failed = |error| Failed {
                 node: node.clone(),
                 error,
@@ -150,6 +172,9 @@ impl NodeConditions {
                 wanted: want.clone(),
                 since,
             };
+            if cancel.is_cancelled() {
+                return Ok(());
+            }
             apply(api, node, Some(&written)).await.map_err(failed)?;
             metrics.count_condition_write(true);
             tracing::info!(node, condition = condition_type, status = want.status(), reason = %want.reason, "node condition written");
