@@ -298,6 +298,28 @@ fn timings_under_which_two_replicas_could_act_are_refused() {
     assert!(with(&|s| s.identity.clear()).is_err());
 }
 
+/// Runs an election for `settings` as `run` does; returns its roles, its stop and its task.
+fn spawn_election(
+    cluster: &Cluster,
+    settings: LeaseSettings,
+) -> (
+    watch::Receiver<Role>,
+    CancellationToken,
+    tokio::task::JoinHandle<()>,
+) {
+    let (roles_tx, roles) = watch::channel(Role::Standby {
+        leader: None,
+        address: None,
+    });
+    let cancel = CancellationToken::new();
+    let election = tokio::spawn(run_election(
+        Elector::new(cluster.client.clone(), settings),
+        roles_tx,
+        cancel.clone(),
+    ));
+    (roles, cancel, election)
+}
+
 #[tokio::test(start_paused = true)]
 async fn an_election_publishes_leadership_and_releases_the_lease_on_shutdown() {
     let cluster = Cluster::start();
@@ -307,16 +329,7 @@ async fn an_election_publishes_leadership_and_releases_the_lease_on_shutdown() {
         retry_period: Duration::from_secs(1),
         ..settings("op-a")
     };
-    let (roles_tx, mut roles) = watch::channel(Role::Standby {
-        leader: None,
-        address: None,
-    });
-    let cancel = CancellationToken::new();
-    let election = tokio::spawn(run_election(
-        Elector::new(cluster.client.clone(), quick),
-        roles_tx,
-        cancel.clone(),
-    ));
+    let (mut roles, cancel, election) = spawn_election(&cluster, quick);
     tokio::time::timeout(
         Duration::from_secs(5),
         roles.wait_for(|r| *r == Role::Leader),
@@ -361,16 +374,7 @@ async fn a_leader_whose_renewals_fail_publishes_lost_by_its_renew_deadline() {
         retry_period: Duration::from_secs(2),
         ..settings("op-a")
     };
-    let (roles_tx, mut roles) = watch::channel(Role::Standby {
-        leader: None,
-        address: None,
-    });
-    let cancel = CancellationToken::new();
-    let election = tokio::spawn(run_election(
-        Elector::new(cluster.client.clone(), uneven),
-        roles_tx,
-        cancel.clone(),
-    ));
+    let (mut roles, _stop, election) = spawn_election(&cluster, uneven);
     roles.wait_for(|r| *r == Role::Leader).await.unwrap();
     let t0 = tokio::time::Instant::now();
     // Renewed at t0 + 2 s and t0 + 4 s; every try from t0 + 6 s fails.
