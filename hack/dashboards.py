@@ -7,8 +7,8 @@ PromQL stay consistent across dashboards; edit this file, then run
     python3 hack/dashboards.py          # rewrite the JSON files
     python3 hack/dashboards.py --check  # exit 1 if they are out of date
 
-Only metric names documented in docs/metrics.md (and the reconciler's
-pingmesh_reconcile_* series) may appear; hack/validate-manifests.sh parses
+Only metric names documented in docs/metrics.md (and the operator's
+pingmesh_reconcile_* and pingmesh_operator_* series) may appear; hack/validate-manifests.sh parses
 every expression with promtool.
 """
 
@@ -509,6 +509,17 @@ def operator() -> Dashboard:
     d.timeseries("Reconcile errors", "Reconcile errors by category.",
                  [target(f"sum by (category) (rate(pingmesh_reconcile_errors_total[{RATE}]))", "{{category}}")],
                  unit="cps", width=8)
+    d.row("Leadership, Events and Node conditions")
+    d.stat("Leaders", "Replicas holding the leader Lease: 1 in a healthy install.",
+           "sum(pingmesh_operator_leader)", width=6)
+    d.stat("Nodes with a localized fault", "Nodes that open findings single out (Node condition False when on).",
+           "max(pingmesh_operator_faulty_nodes)", width=6)
+    d.timeseries("Finding Events by result", "Events published when findings open and clear, on the PingMesh and on Nodes.",
+                 [target(f"sum by (object, result) (rate(pingmesh_operator_finding_events_total[{RATE}]))",
+                         "{{object}} {{result}}")], unit="cps", width=6)
+    d.timeseries("Node condition writes by result", "Sets and removals of the spec.nodeHealth condition.",
+                 [target(f"sum by (result) (rate(pingmesh_operator_node_condition_writes_total[{RATE}]))",
+                         "{{result}}")], unit="cps", width=6)
     return d
 
 

@@ -62,8 +62,8 @@ fn promtool_check(promtool: &str, what: &str, exposition: &str) {
 }
 
 /// Every metric a dashboard or alert of the chart queries is one the agent or
-/// the controller exports. The reconciler's own metrics (`pingmesh_reconcile_*`)
-/// need a Kubernetes API server to be served; they are checked against the
+/// the controller exports. The operator's own metrics (`pingmesh_reconcile_*`,
+/// `pingmesh_operator_*`) need a Kubernetes API server to be served; they are checked against the
 /// names the operator's source registers instead.
 fn check_chart_metric_names(agent: &str, controller: &str) {
     let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/pingmesh");
@@ -82,9 +82,10 @@ fn check_chart_metric_names(agent: &str, controller: &str) {
             let base = ["_bucket", "_sum", "_count"]
                 .iter()
                 .fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+            let operator_only =
+                name.starts_with("pingmesh_reconcile_") || name.starts_with("pingmesh_operator_");
             let known = exported.contains(&name)
-                || (name.starts_with("pingmesh_reconcile_")
-                    && operator_source.contains(&format!("\"{base}\"")));
+                || (operator_only && operator_source.contains(&format!("\"{base}\"")));
             if !known {
                 unknown.insert(format!("{name} ({})", file.display()));
             }
