@@ -41,7 +41,7 @@ fn pending_cycle(c: &mut Criterion) {
                     kernel_ns: Some(3_900),
                 },
             );
-            let _ = table.on_ack2(s, 9_000, 9_300, false, 5_000);
+            let _ = table.on_ack2(s, 9_000, 9_300, false);
             table.on_tx_timestamp(s, 150)
         });
     });

@@ -138,11 +138,12 @@ async fn a_probe_to_the_own_responder_yields_a_valid_six_timestamp_sample() {
             } => {
                 let message = Message::decode(&buf[..len]).unwrap();
                 match message.kind {
-                    MessageType::Ack1 => t5 = Some(stamp_of(host_ns, nic_ns)),
-                    MessageType::Ack2 => {
-                        t6 = Some(host_now_ns());
-                        carried = Some(message);
+                    MessageType::Ack1 => {
+                        t5 = Some(stamp_of(host_ns, nic_ns));
+                        // T6: the host handled ACK1's completion.
+                        t6 = Some(host_ns);
                     }
+                    MessageType::Ack2 => carried = Some(message),
                     MessageType::Probe => panic!("the prober received a probe"),
                 }
             }

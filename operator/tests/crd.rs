@@ -7,12 +7,13 @@
 use std::path::Path;
 
 use k8s_openapi::api::core::v1::{Affinity, ResourceRequirements};
-use kube::CustomResourceExt;
-use pingmesh_operator::crd::{AgentSpec, PingMesh, PingMeshSpec, crd_yaml, sync_targets};
+use pingmesh_operator::crd::{
+    AgentSpec, KUBERNETES_FORMATS, PingMesh, PingMeshSpec, crd, crd_yaml, sync_targets,
+};
 use serde_json::{Value, json};
 
 fn schema() -> Value {
-    let crd = PingMesh::crd();
+    let crd = crd();
     serde_json::to_value(
         crd.spec.versions[0]
             .schema
@@ -61,9 +62,54 @@ fn checked_in_crds_match_the_generated_one() {
     }
 }
 
+/// Every `format` in `schema` and below, with its JSON path.
+fn formats(schema: &Value, path: &str, out: &mut Vec<(String, String)>) {
+    match schema {
+        Value::Object(map) => {
+            for (key, value) in map {
+                let here = format!("{path}.{key}");
+                if key == "format"
+                    && let Value::String(format) = value
+                {
+                    out.push((here, format.clone()));
+                } else {
+                    formats(value, &here, out);
+                }
+            }
+        }
+        Value::Array(items) => {
+            for (i, item) in items.iter().enumerate() {
+                formats(item, &format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+#[test]
+fn every_number_format_is_one_the_api_server_knows() {
+    let mut found = Vec::new();
+    formats(&schema(), "", &mut found);
+    assert!(
+        found.iter().any(|(_, f)| f == "int32"),
+        "the walk found the ports"
+    );
+    let unknown: Vec<_> = found
+        .iter()
+        .filter(|(_, f)| !KUBERNETES_FORMATS.contains(&f.as_str()))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "formats the API server warns about: {unknown:?}"
+    );
+    let ports = &spec_schema()["properties"]["agent"]["properties"];
+    assert_eq!(ports["udpPort"]["format"], "int32");
+    assert_eq!(ports["udpPort"]["maximum"], 65_535.0);
+}
+
 #[test]
 fn the_crd_has_the_names_of_the_shared_contract() {
-    let crd = PingMesh::crd();
+    let crd = crd();
     assert_eq!(crd.metadata.name.as_deref(), Some("pingmeshes.pingmesh.io"));
     assert_eq!(crd.spec.group, "pingmesh.io");
     assert_eq!(crd.spec.scope, "Namespaced");

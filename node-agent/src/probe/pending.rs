@@ -153,7 +153,6 @@ struct Ack2 {
     t3_ns: u64,
     t4_ns: u64,
     responder_software_timed: bool,
-    t6_host_ns: u64,
 }
 
 #[derive(Debug)]
@@ -206,7 +205,10 @@ impl<C> Entry<C> {
                     t4_ns: ack2.t4_ns,
                     responder_software_timed: ack2.responder_software_timed,
                     t5,
-                    t6_host_ns: ack2.t6_host_ns,
+                    // T6 is when the prober host handled ACK1, not ACK2's
+                    // arrival: that would charge the responder's wait for
+                    // ACK1's TX stamp and ACK2's flight to the prober host.
+                    t6_host_ns: t5.host_ns,
                 },
             },
             _ => Outcome::Lost {
@@ -311,21 +313,19 @@ impl<C> PendingTable<C> {
         self.update(seq, |e| set_once(&mut e.t5, t5))
     }
 
-    /// ACK2 of `seq` arrived at host time `t6_host_ns`, carrying the responder's
-    /// T3 and T4.
+    /// ACK2 of `seq` arrived, carrying the responder's T3 and T4. Its arrival
+    /// time plays no part: T6 is taken from ACK1's handling (see [`ProbeTimes`]).
     pub fn on_ack2(
         &mut self,
         seq: u64,
         t3_ns: u64,
         t4_ns: u64,
         responder_software_timed: bool,
-        t6_host_ns: u64,
     ) -> EventResult<C> {
         let ack2 = Ack2 {
             t3_ns,
             t4_ns,
             responder_software_timed,
-            t6_host_ns,
         };
         self.update(seq, |e| set_once(&mut e.ack2, ack2))
     }
@@ -425,7 +425,7 @@ mod tests {
     }
 
     fn ack2(t: &mut PendingTable<&'static str>, seq: u64) -> EventResult<&'static str> {
-        t.on_ack2(seq, 9_000, 9_300, false, 5_000)
+        t.on_ack2(seq, 9_000, 9_300, false)
     }
 
     fn answered_times(o: Option<Outcome<&'static str>>) -> ProbeTimes {
@@ -446,7 +446,8 @@ mod tests {
         assert_eq!(times.t5, Stamp::host(4_000));
         assert_eq!(
             (times.t3_ns, times.t4_ns, times.t6_host_ns),
-            (9_000, 9_300, 5_000)
+            (9_000, 9_300, 4_000),
+            "T6 is ACK1's host handling time"
         );
         assert!(t.is_empty());
     }
@@ -690,7 +691,7 @@ mod tests {
                         r
                     }
                     Event::Ack2(i) if i < n => {
-                        let r = t.on_ack2(i as u64, 40, 50, false, 60);
+                        let r = t.on_ack2(i as u64, 40, 50, false);
                         if r.is_ok() { acks[i].1 = true; }
                         r
                     }

@@ -499,7 +499,6 @@ async fn receive<S: ProbeSocket>(
                         message.t3_ns,
                         message.t4_ns,
                         message.responder_software_timed(),
-                        host_ns,
                     ),
                     MessageType::Probe => {
                         drop(pending);

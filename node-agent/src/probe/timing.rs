@@ -37,7 +37,9 @@ pub struct ProbeTimes {
     pub responder_software_timed: bool,
     /// T5: ACK1 receive completion.
     pub t5: Stamp,
-    /// T6: host monotonic when the prober saw ACK2.
+    /// T6: host monotonic when the prober handled ACK1's completion (the host
+    /// part of T5's stamp). Not ACK2's arrival: that would charge the
+    /// responder's wait for ACK1's TX stamp and ACK2's flight to the prober.
     pub t6_host_ns: u64,
 }
 

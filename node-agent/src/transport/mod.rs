@@ -14,14 +14,24 @@ pub mod rdma;
 pub mod socket;
 pub mod udp;
 
-#[cfg(target_os = "linux")]
+// Feature `portable-timestamps` compiles the non-Linux code on Linux too, so
+// that CI builds and runs exactly what a Mac runs (hack/test.sh does).
+#[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
 mod timestamping_linux;
-#[cfg(target_os = "linux")]
+#[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
 use timestamping_linux as timestamping;
-#[cfg(not(target_os = "linux"))]
+#[cfg(any(not(target_os = "linux"), feature = "portable-timestamps"))]
 mod timestamping_none;
-#[cfg(not(target_os = "linux"))]
+#[cfg(any(not(target_os = "linux"), feature = "portable-timestamps"))]
 use timestamping_none as timestamping;
+
+/// Whether this build asks the kernel for `SO_TIMESTAMPING` stamps (Linux,
+/// unless built with `portable-timestamps`); elsewhere every reading is host
+/// monotonic and samples are flagged software-timed.
+pub const KERNEL_TIMESTAMPS: bool = cfg!(all(
+    target_os = "linux",
+    not(feature = "portable-timestamps")
+));
 
 /// Which kernel timestamps a socket should ask for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

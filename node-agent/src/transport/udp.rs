@@ -179,7 +179,7 @@ impl UdpProbeSocket {
         }
     }
 
-    #[cfg(all(test, target_os = "linux"))]
+    #[cfg(all(test, target_os = "linux", not(feature = "portable-timestamps")))]
     fn kernel_timestamps(&self) -> Option<&KernelTimestamps> {
         self.kernel.as_ref()
     }
@@ -370,7 +370,7 @@ mod tests {
         assert_eq!(receiver.await.unwrap(), b"pong");
     }
 
-    #[cfg(target_os = "linux")]
+    #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
     mod kernel_timestamps {
         use super::*;
 

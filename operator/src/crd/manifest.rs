@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+    CustomResourceDefinition, JSONSchemaProps, JSONSchemaPropsOrArray, JSONSchemaPropsOrBool,
+};
 use kube::CustomResourceExt;
 
 use super::PingMesh;
@@ -37,12 +40,89 @@ impl CrdWriteError {
     }
 }
 
+/// Number formats the API server knows; any other draws a warning on every
+/// apply (`unrecognized format "uint16"`).
+pub const KUBERNETES_FORMATS: &[&str] = &[
+    "bsonobjectid",
+    "uri",
+    "email",
+    "hostname",
+    "ipv4",
+    "ipv6",
+    "cidr",
+    "mac",
+    "uuid",
+    "uuid3",
+    "uuid4",
+    "uuid5",
+    "isbn",
+    "isbn10",
+    "isbn13",
+    "creditcard",
+    "ssn",
+    "hexcolor",
+    "rgbcolor",
+    "byte",
+    "password",
+    "date",
+    "duration",
+    "datetime",
+    "date-time",
+    "int32",
+    "int64",
+    "float",
+    "double",
+];
+
+/// The `PingMesh` `CustomResourceDefinition` as the API server should get it:
+/// schemars names Rust's unsigned integers `uint8`/`uint16`/`uint32`/`uint64`,
+/// which Kubernetes does not know; they become the signed format that holds
+/// them (their bounds stay in `minimum`/`maximum`).
+pub fn crd() -> CustomResourceDefinition {
+    let mut crd = PingMesh::crd();
+    for version in &mut crd.spec.versions {
+        if let Some(schema) = version
+            .schema
+            .as_mut()
+            .and_then(|s| s.open_api_v3_schema.as_mut())
+        {
+            normalize_formats(schema);
+        }
+    }
+    crd
+}
+
+fn normalize_formats(schema: &mut JSONSchemaProps) {
+    schema.format = match schema.format.take().as_deref() {
+        Some("uint8" | "uint16") => Some("int32".to_owned()),
+        Some("uint32" | "uint64" | "uint") => Some("int64".to_owned()),
+        Some(known) if KUBERNETES_FORMATS.contains(&known) => Some(known.to_owned()),
+        // Unknown to the server: validation ignores it anyway.
+        _ => None,
+    };
+    let children = schema
+        .properties
+        .iter_mut()
+        .flat_map(|p| p.values_mut())
+        .chain(schema.additional_properties.as_mut().and_then(|a| match a {
+            JSONSchemaPropsOrBool::Schema(s) => Some(s.as_mut()),
+            JSONSchemaPropsOrBool::Bool(_) => None,
+        }))
+        .chain(schema.items.as_mut().and_then(|i| match i {
+            JSONSchemaPropsOrArray::Schema(s) => Some(s.as_mut()),
+            JSONSchemaPropsOrArray::Schemas(_) => None,
+        }))
+        .chain(schema.all_of.iter_mut().flatten())
+        .chain(schema.any_of.iter_mut().flatten())
+        .chain(schema.one_of.iter_mut().flatten());
+    for child in children {
+        normalize_formats(child);
+    }
+}
+
 /// The `PingMesh` `CustomResourceDefinition` as a YAML document.
 pub fn crd_yaml() -> Result<String, CrdWriteError> {
-    Ok(format!(
-        "{HEADER}{}",
-        serde_yaml::to_string(&PingMesh::crd())?
-    ))
+    Ok(format!("{HEADER}{}", serde_yaml::to_string(&crd())?))
 }
 
 /// Every file under `repo_root` that must hold [`crd_yaml`]: `crds/` always,

@@ -17,7 +17,9 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-pub use manifest::{CRD_FILE_NAME, CrdWriteError, crd_yaml, sync_targets, write_crd};
+pub use manifest::{
+    CRD_FILE_NAME, CrdWriteError, KUBERNETES_FORMATS, crd, crd_yaml, sync_targets, write_crd,
+};
 pub use spec::{
     AgentSpec, DEFAULT_AGENT_IMAGE, DEFAULT_DEVICE_PLUGIN_RESOURCE, DEFAULT_NODE_CONDITION_TYPE,
     DEFAULT_TOR_LABEL, DeviceAccess, ImagePullPolicy, LogLevel, NodeHealthSpec, ProbingSpec,
