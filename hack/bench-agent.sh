@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 rate=${1:-1000}
 seconds=${2:-30}
 bin=target/release
-[[ -x $bin/pingmesh-agent && -x $bin/pingmesh-operator ]] || cargo build --release --bins
+[[ -x $bin/pingmesh-agent && -x $bin/pingmesh-operator ]] || cargo build --release --workspace --bins
 work=$(mktemp -d)
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }

@@ -12,6 +12,10 @@ cd "$(dirname "$0")/.."
 step() { printf '\n=== %s\n' "$*"; }
 skipped=()
 
+# Installs the system packages the suite needs (as root on Debian/Ubuntu),
+# or stops here with the command to run.
+hack/deps.sh
+
 if [[ -z "${SKIP_LINT:-}" ]]; then
   step "cargo fmt --check"
   cargo fmt --all -- --check
@@ -19,6 +23,9 @@ if [[ -z "${SKIP_LINT:-}" ]]; then
   cargo clippy --workspace --all-targets --locked -- -D warnings
   step "cargo clippy (--no-default-features, the macOS build)"
   cargo clippy --workspace --all-targets --locked --no-default-features -- -D warnings
+  step "cargo clippy (the agent's macOS timestamping path, compiled on Linux)"
+  cargo clippy -p pingmesh-agent --all-targets --locked --no-default-features \
+    --features portable-timestamps -- -D warnings
 fi
 
 step "Kubernetes manifests, dashboards, alerts, Tiltfile (offline)"
@@ -29,6 +36,9 @@ cargo test --workspace --locked
 
 step "cargo test (--no-default-features, the macOS build)"
 cargo test --workspace --locked --no-default-features
+
+step "cargo test (the agent with the timestamping and transport code macOS runs)"
+cargo test -p pingmesh-agent --locked --no-default-features --features portable-timestamps
 
 step "registry suite against a real 3-node rqlite cluster"
 if hack/rqlite.sh start 3; then
