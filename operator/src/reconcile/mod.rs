@@ -26,6 +26,7 @@ mod owned;
 pub mod run;
 mod settings;
 mod status;
+mod synced;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

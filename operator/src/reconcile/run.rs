@@ -21,7 +21,7 @@
 //! `topology` and `nodeHealth` settings apply without a restart.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -45,6 +45,7 @@ use super::nodes::{
     wait_for_nodes,
 };
 pub use super::operator_http::{OperatorHttp, operator_router};
+use super::synced::watched;
 use super::{
     Context, MeshHost, MeshPolicy, OperatorSettings, ReconcileMetrics, SourceSettings,
     error_policy, managed_selector, reconcile,
@@ -437,21 +438,16 @@ async fn start_leading(
         http.metrics.clone(),
         args.pod_name.clone(),
     ));
-    let controller = kube_controller(&client, args.watch_namespace.as_deref())
+    let controller = kube_controller(&client, args.watch_namespace.as_deref(), &http.synced)
         .graceful_shutdown_on(work.clone().cancelled_owned());
-    tokio::spawn({
-        let (store, synced) = (controller.store(), http.synced.clone());
-        async move {
-            if store.wait_until_ready().await.is_ok() {
-                synced.store(true, Ordering::Relaxed);
-                tracing::info!("PingMesh cache synced; ready");
-            }
-        }
-    });
     let reconciler = tokio::spawn(controller.run(reconcile, error_policy, ctx).for_each(
         |result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "controller event");
+            match result {
+                Ok(_) => {}
+                // Reconcile failures are logged, counted and retried by the
+                // reconciler itself.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Err(e) => tracing::warn!(error = %e, "PingMesh controller"),
             }
         },
     ));
@@ -690,31 +686,41 @@ fn with_policy(config: &mut MeshConfig, policy: MeshPolicy) {
 }
 
 /// The `PingMesh` controller, watching owned objects by label only (the cache
-/// holds ours, not every `ConfigMap` of the cluster).
-fn kube_controller(client: &Client, namespace: Option<&str>) -> Controller<PingMesh> {
+/// holds ours, not every `ConfigMap` of the cluster). `synced` rises once the
+/// `PingMesh` cache holds the whole initial list (see `synced`).
+fn kube_controller(
+    client: &Client,
+    namespace: Option<&str>,
+    synced: &Arc<AtomicBool>,
+) -> Controller<PingMesh> {
     let owned = watcher::Config::default().labels(&managed_selector());
+    let meshes = match namespace {
+        Some(ns) => Api::<PingMesh>::namespaced(client.clone(), ns),
+        None => Api::<PingMesh>::all(client.clone()),
+    };
+    let (trigger, store) = watched(
+        meshes,
+        watcher::Config::default(),
+        synced.clone(),
+        "PingMesh",
+    );
+    let controller = Controller::for_stream(trigger, store);
     match namespace {
-        Some(ns) => Controller::new(
-            Api::<PingMesh>::namespaced(client.clone(), ns),
-            watcher::Config::default(),
-        )
-        .owns(
-            Api::<ConfigMap>::namespaced(client.clone(), ns),
-            owned.clone(),
-        )
-        .owns(Api::<DaemonSet>::namespaced(client.clone(), ns), owned),
-        None => Controller::new(
-            Api::<PingMesh>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<DaemonSet>::all(client.clone()), owned),
+        Some(ns) => controller
+            .owns(
+                Api::<ConfigMap>::namespaced(client.clone(), ns),
+                owned.clone(),
+            )
+            .owns(Api::<DaemonSet>::namespaced(client.clone(), ns), owned),
+        None => controller
+            .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+            .owns(Api::<DaemonSet>::all(client.clone()), owned),
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
     use crate::crd::TopologySpec;
