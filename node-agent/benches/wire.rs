@@ -66,7 +66,7 @@ fn aggregator_answered(c: &mut Criterion) {
     // the binned regime of a busy path.
     c.bench_function("aggregate/on_sent_on_answered", |b| {
         b.iter(|| {
-            agg.on_sent(10_000, black_box(&path));
+            agg.on_sent(10_000, black_box(&path), 0);
             agg.on_answered(10_000, black_box(&path), Ok(black_box(sample)));
         });
     });

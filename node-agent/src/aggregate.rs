@@ -86,8 +86,9 @@ impl WindowAggregator {
         }
     }
 
-    /// A probe on `path` is about to be sent in the window starting at `window_start_ms`.
-    pub fn on_sent(&mut self, window_start_ms: u64, path: &Arc<PathInfo>) {
+    /// A probe on `path` over flow `flow` is about to be sent in the window
+    /// starting at `window_start_ms`.
+    pub fn on_sent(&mut self, window_start_ms: u64, path: &Arc<PathInfo>, flow: u16) {
         if window_start_ms < self.closed_before_ms {
             self.counters.refused_sends += 1;
             return;
@@ -110,6 +111,7 @@ impl WindowAggregator {
                 .or_insert_with(|| PathStats::new(Arc::clone(path))),
         };
         stats.sent += 1;
+        stats.probed_flows_mask |= 1u64 << (flow % 64);
     }
 
     /// The transport refused to send a probe counted by [`Self::on_sent`]: it
@@ -245,6 +247,7 @@ struct PathStats {
     invalid: u64,
     software_timed: u64,
     lost_flows_mask: u64,
+    probed_flows_mask: u64,
     network_rtt: DelayAccumulator,
     prober_delay: DelayAccumulator,
     responder_delay: DelayAccumulator,
@@ -260,6 +263,7 @@ impl PathStats {
             invalid: 0,
             software_timed: 0,
             lost_flows_mask: 0,
+            probed_flows_mask: 0,
             network_rtt: DelayAccumulator::default(),
             prober_delay: DelayAccumulator::default(),
             responder_delay: DelayAccumulator::default(),
@@ -301,6 +305,7 @@ impl PathStats {
             responder_delay: Some(self.responder_delay.stats()),
             network_rtt_histogram: Some(self.network_rtt.ladder()),
             lost_flows_mask: self.lost_flows_mask,
+            probed_flows_mask: self.probed_flows_mask,
         };
         (summary, unresolved)
     }
@@ -414,7 +419,7 @@ mod tests {
     /// Sends one probe per value in window `10_000` and answers it with that network RTT.
     fn window_with_rtts(agg: &mut WindowAggregator, p: &Arc<PathInfo>, rtts: &[u64]) {
         for &rtt in rtts {
-            agg.on_sent(10_000, p);
+            agg.on_sent(10_000, p, 0);
             agg.on_answered(10_000, p, Ok(sample(rtt)));
         }
     }
@@ -434,7 +439,7 @@ mod tests {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
         for _ in 0..3 {
-            agg.on_sent(10_000, &p);
+            agg.on_sent(10_000, &p, 0);
         }
         agg.on_lost(10_000, &p, 1);
         agg.on_lost(10_000, &p, 1);
@@ -536,7 +541,7 @@ mod tests {
             let mut agg = WindowAggregator::new(W, max_exact);
             let p = path("a/udp0", "b/udp0");
             window_with_rtts(&mut agg, &p, &[500, 20_000, 20_001, 3_000_000]);
-            agg.on_sent(10_000, &p);
+            agg.on_sent(10_000, &p, 0);
             agg.on_lost(10_000, &p, 0);
             let h = only_summary(&mut agg).network_rtt_histogram.unwrap();
             let mut expected = Histogram::default();
@@ -557,12 +562,12 @@ mod tests {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
         for soft in [true, false, true] {
-            agg.on_sent(10_000, &p);
+            agg.on_sent(10_000, &p, 0);
             let mut s = sample(1_000);
             s.software_timed = soft;
             agg.on_answered(10_000, &p, Ok(s));
         }
-        agg.on_sent(10_000, &p);
+        agg.on_sent(10_000, &p, 0);
         agg.on_answered(10_000, &p, Err(InvalidReason::ZeroTimestamp));
         let s = only_summary(&mut agg);
         assert_eq!((s.ok, s.invalid, s.software_timed), (3, 1, 2));
@@ -573,11 +578,17 @@ mod tests {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
         for flow in [3, 67, 5, 63] {
-            agg.on_sent(10_000, &p);
+            agg.on_sent(10_000, &p, flow);
             agg.on_lost(10_000, &p, flow);
         }
+        agg.on_sent(10_000, &p, 9);
         let s = only_summary(&mut agg);
         assert_eq!(s.lost_flows_mask, (1 << 3) | (1 << 5) | (1 << 63));
+        assert_eq!(
+            s.probed_flows_mask,
+            (1 << 3) | (1 << 5) | (1 << 9) | (1 << 63),
+            "flow 9 was probed and not lost"
+        );
         assert_eq!(s.lost, 4);
     }
 
@@ -585,8 +596,8 @@ mod tests {
     fn a_window_finishes_only_after_its_end_plus_grace() {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
-        agg.on_sent(10_000, &p);
-        agg.on_sent(15_000, &p);
+        agg.on_sent(10_000, &p, 0);
+        agg.on_sent(15_000, &p, 0);
         let end = 15_000;
         assert!(
             agg.take_finished(end + GRACE - 1, GRACE)
@@ -605,7 +616,7 @@ mod tests {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
         for _ in 0..5 {
-            agg.on_sent(10_000, &p);
+            agg.on_sent(10_000, &p, 0);
         }
         agg.on_answered(10_000, &p, Ok(sample(1_000)));
         agg.on_lost(10_000, &p, 2);
@@ -620,12 +631,12 @@ mod tests {
     fn outcomes_for_a_finished_window_are_dropped_and_counted_as_late() {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
-        agg.on_sent(10_000, &p);
+        agg.on_sent(10_000, &p, 0);
         let done = agg.take_finished(10_000 + u64::from(W) + GRACE, GRACE);
         assert_eq!(done.summaries.len(), 1);
         agg.on_answered(10_000, &p, Ok(sample(1_000)));
         agg.on_lost(10_000, &p, 0);
-        agg.on_sent(10_000, &p);
+        agg.on_sent(10_000, &p, 0);
         // A window that saw no probe at all is closed too.
         agg.on_lost(5_000, &p, 0);
         let c = agg.counters();
@@ -641,7 +652,7 @@ mod tests {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
         agg.on_answered(10_000, &p, Ok(sample(1_000))); // no window yet
-        agg.on_sent(10_000, &p);
+        agg.on_sent(10_000, &p, 0);
         agg.on_answered(10_000, &p, Ok(sample(1_000)));
         agg.on_lost(10_000, &p, 0); // one more outcome than sends
         agg.on_lost(10_000, &path("a/udp0", "c/udp0"), 0); // path never probed
@@ -654,8 +665,8 @@ mod tests {
     fn a_failed_send_is_taken_back_instead_of_counted_lost() {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
-        agg.on_sent(10_000, &p);
-        agg.on_sent(10_000, &p);
+        agg.on_sent(10_000, &p, 0);
+        agg.on_sent(10_000, &p, 0);
         agg.on_send_failed(10_000, &p);
         agg.on_answered(10_000, &p, Ok(sample(1_000)));
         let done = agg.take_finished(u64::MAX, GRACE);
@@ -666,12 +677,12 @@ mod tests {
     #[test]
     fn paths_are_keyed_by_name_and_summaries_are_ordered() {
         let mut agg = WindowAggregator::new(W, 100);
-        agg.on_sent(10_000, &path("a/udp1", "b/udp0"));
-        agg.on_sent(10_000, &path("a/udp0", "c/udp0"));
+        agg.on_sent(10_000, &path("a/udp1", "b/udp0"), 0);
+        agg.on_sent(10_000, &path("a/udp0", "c/udp0"), 0);
         // A rebuilt Arc for the same path counts in the same summary.
-        agg.on_sent(10_000, &path("a/udp0", "b/udp0"));
-        agg.on_sent(10_000, &path("a/udp0", "b/udp0"));
-        agg.on_sent(15_000, &path("a/udp0", "b/udp0"));
+        agg.on_sent(10_000, &path("a/udp0", "b/udp0"), 0);
+        agg.on_sent(10_000, &path("a/udp0", "b/udp0"), 0);
+        agg.on_sent(15_000, &path("a/udp0", "b/udp0"), 0);
         let done = agg.take_finished(u64::MAX, GRACE);
         let keys: Vec<_> = done
             .summaries
@@ -709,7 +720,7 @@ mod tests {
             .map(|i| 10_000 + i * 5_000)
             .collect();
         for &start in &starts {
-            agg.on_sent(start, &p);
+            agg.on_sent(start, &p, 0);
         }
         assert_eq!(agg.open_windows(), MAX_OPEN_WINDOWS);
         assert_eq!(agg.counters().evicted_windows, 1);
@@ -753,7 +764,7 @@ mod tests {
             let mut now = 0;
             for op in ops {
                 match op {
-                    Op::Sent(w) => agg.on_sent(w, &p),
+                    Op::Sent(w) => agg.on_sent(w, &p, 0),
                     Op::Ok(w, rtt) => agg.on_answered(w, &p, Ok(sample(rtt))),
                     Op::Invalid(w) => agg.on_answered(w, &p, Err(InvalidReason::ZeroTimestamp)),
                     Op::Lost(w, f) => agg.on_lost(w, &p, f),

@@ -103,6 +103,7 @@ fn summary(target: &v1::PingTarget) -> v1::WindowSummary {
         responder_delay: None,
         network_rtt_histogram: Some(v1::LadderHistogram { buckets, counts }),
         lost_flows_mask: 0,
+        probed_flows_mask: 0,
     }
 }
 

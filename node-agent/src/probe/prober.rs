@@ -410,7 +410,7 @@ async fn send_probe<S: ProbeSocket>(
     let payload = Message::probe(shared.prober_id, seq).encode();
     match flow_socket.socket.send_to(&payload, peer).await {
         Ok(receipt) => {
-            lock(&shared.aggregator).on_sent(window, &target.path);
+            lock(&shared.aggregator).on_sent(window, &target.path, flow);
             let early_stamp = receipt
                 .tx_key
                 .and_then(|key| lock(&flow_socket.tx_keys).sent(key, seq));

@@ -72,6 +72,14 @@ pub struct PathStats {
     pub p99_network_rtt_ns: Option<u64>,
     /// Bit i: a probe on flow i was lost.
     pub lost_flows_mask: u64,
+    /// Bit i: a probe was sent on flow i (0 from agents that do not say).
+    #[serde(default)]
+    pub probed_flows_mask: u64,
+    /// p99 of the prober's and the responder's host delay (six-timestamp split).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prober_p99_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub responder_p99_ns: Option<u64>,
     pub loss: Judgement,
     pub latency: Judgement,
 }
@@ -290,6 +298,9 @@ fn path_stats(
         p50_network_rtt_ns: p50,
         p99_network_rtt_ns: p99,
         lost_flows_mask: r.lost_flows_mask,
+        probed_flows_mask: r.probed_flows_mask,
+        prober_p99_ns: r.prober_p99_ns,
+        responder_p99_ns: r.responder_p99_ns,
         loss: judge_loss(sla, r.ok, r.lost),
         latency: judge_latency(sla, r.ok, p99),
     }

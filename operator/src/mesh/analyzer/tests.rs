@@ -62,6 +62,7 @@ fn summary(
         responder_delay: None,
         network_rtt_histogram: Some(v1::LadderHistogram { buckets, counts }),
         lost_flows_mask: u64::from(lost > 0),
+        probed_flows_mask: u64::from(ok + lost > 0),
     }
 }
 

@@ -106,6 +106,10 @@ pub(super) struct PathRecord {
     pub histogram_buckets: Vec<u32>,
     pub histogram_counts: Vec<u64>,
     pub lost_flows_mask: u64,
+    pub probed_flows_mask: u64,
+    /// p99 of the prober's and the responder's host delay.
+    pub prober_p99_ns: Option<u64>,
+    pub responder_p99_ns: Option<u64>,
 }
 
 /// (source endpoint, target endpoint).
@@ -169,6 +173,9 @@ impl From<v1::WindowSummary> for PathRecord {
             histogram_buckets: histogram.buckets,
             histogram_counts: histogram.counts,
             lost_flows_mask: s.lost_flows_mask,
+            probed_flows_mask: s.probed_flows_mask,
+            prober_p99_ns: s.prober_delay.filter(|_| s.ok > 0).map(|d| d.p99_ns),
+            responder_p99_ns: s.responder_delay.filter(|_| s.ok > 0).map(|d| d.p99_ns),
         }
     }
 }
