@@ -582,6 +582,7 @@ mod tests {
             agg.on_lost(10_000, &p, flow);
         }
         agg.on_sent(10_000, &p, 9);
+        agg.on_answered(10_000, &p, Err(InvalidReason::ZeroTimestamp));
         let s = only_summary(&mut agg);
         assert_eq!(s.lost_flows_mask, (1 << 3) | (1 << 5) | (1 << 63));
         assert_eq!(
