@@ -288,12 +288,7 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
             Waited::Done => {
                 metrics.set_leader(true);
                 tracing::info!(%public_addr, "leading");
-                match start_leading(&args, config, client, &http_state).await {
-                    Ok(led) => led.serve(roles, &mut shutdown).await,
-                    // What had started (the Node cache, which only reads) is
-                    // cancelled already.
-                    Err(e) => (Err(e), Stopped::All),
-                }
+                lead(&args, config, client, &http_state, roles, &mut shutdown).await
             }
             Waited::Shutdown => (Ok(()), Stopped::All),
             Waited::Lost(reason) => return Err(RunError::LostLeadership(reason)),
@@ -365,6 +360,40 @@ impl Drop for Led {
     }
 }
 
+/// Leads: starts what only the leader runs, then serves until shutdown, an
+/// error or lost leadership (see [`Led::serve`]).
+///
+/// Starting can take longer than the renew deadline (the Node cache is waited
+/// for up to [`NODE_SYNC_LIMIT`]), so it is raced against losing leadership:
+/// once `roles` says lost, starting is abandoned where it stands (whatever had
+/// started is cancelled as the half-built leader is dropped), and nothing
+/// further is started: no mesh controller, reconciler or publisher runs on a
+/// replica that no longer leads.
+async fn lead(
+    args: &RunArgs,
+    config: MeshConfig,
+    client: Client,
+    http: &OperatorHttp,
+    mut roles: watch::Receiver<Role>,
+    shutdown: &mut std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> (Result<(), RunError>, Stopped) {
+    let started = tokio::select! {
+        biased;
+        reason = lost(&mut roles) => Err(reason),
+        started = start_leading(args, config, client, http) => Ok(started),
+    };
+    match started {
+        Ok(Ok(led)) => led.serve(roles, shutdown).await,
+        // What had started is cancelled already (see `start_leading`).
+        Ok(Err(e)) => (Err(e), Stopped::All),
+        Err(reason) => {
+            tracing::error!(%reason, "lost leadership while starting to lead; stopping at once and exiting");
+            http.metrics.set_leader(false);
+            (Err(RunError::LostLeadership(reason)), Stopped::NotInTime)
+        }
+    }
+}
+
 /// Starts what only the leader runs: the Node cache (synced first, so that
 /// agents registering at once get their ToR), the mesh controller with the
 /// policy source's settings, the Node label follower, the findings publisher
@@ -378,8 +407,10 @@ async fn start_leading(
     let (nodes, node_writer) = node_cache();
     let relabeled = Arc::new(RelabeledNodes::default());
     let work = CancellationToken::new();
-    // Until `Led` takes over: stops what started if starting fails.
-    let stop_on_error = work.clone().drop_guard();
+    let mesh_cancel = CancellationToken::new();
+    // Until `Led` takes over: stop what started if starting fails or is
+    // abandoned (this future dropped, see `lead`).
+    let stop_on_error = (work.clone().drop_guard(), mesh_cancel.clone().drop_guard());
     let reflector = tokio::spawn(reflect_nodes(
         Api::<NodeMeta>::all(client.clone()),
         node_writer,
@@ -400,7 +431,6 @@ async fn start_leading(
     }
     let resolver = NodeTorResolver::new(nodes.clone(), source_settings.topology.clone());
     let tor_resolver: Arc<dyn TorResolver> = Arc::new(resolver.clone());
-    let mesh_cancel = CancellationToken::new();
     let running = server::start_with(
         config.clone(),
         mesh_cancel.clone(),
@@ -452,7 +482,9 @@ async fn start_leading(
         },
     ));
     tracing::info!(grpc_addr = %running.grpc_addr, "operator running");
-    stop_on_error.disarm();
+    let (work_guard, mesh_guard) = stop_on_error;
+    work_guard.disarm();
+    mesh_guard.disarm();
     Ok(Led {
         host,
         config,
@@ -511,20 +543,33 @@ impl Led {
                         continue;
                     }
                     if let Role::Lost { reason } = roles.borrow_and_update().clone() {
-                        tracing::error!(%reason, "lost leadership; stopping at once and exiting");
-                        self.metrics.set_leader(false);
-                        self.work.cancel();
-                        self.mesh_cancel.cancel();
-                        return Err(RunError::LostLeadership(reason));
+                        return Err(self.lose(reason));
                     }
                 }
                 changed = self.policies.changed() => {
                     let wanted = self.policies.borrow_and_update().clone();
                     let (Ok(()), Some(policy)) = (changed, wanted) else { continue };
-                    self.restart_mesh(policy).await?;
+                    // A restart waits for the old controller to stop and the
+                    // new one to open its registry: leadership can be lost
+                    // meanwhile, and then the restart is abandoned.
+                    tokio::select! {
+                        biased;
+                        reason = lost(roles) => return Err(self.lose(reason)),
+                        restarted = self.restart_mesh(policy) => restarted?,
+                    }
                 }
             }
         }
+    }
+
+    /// Stops acting at once (without waiting for anything) because leadership
+    /// was lost; the error to return.
+    fn lose(&mut self, reason: String) -> RunError {
+        tracing::error!(%reason, "lost leadership; stopping at once and exiting");
+        self.metrics.set_leader(false);
+        self.work.cancel();
+        self.mesh_cancel.cancel();
+        RunError::LostLeadership(reason)
     }
 
     /// Cancels everything and waits, at most [`STOP_GRACE`], for the tasks
@@ -768,6 +813,148 @@ mod tests {
             tokio::time::sleep(linger).await;
             finished.fetch_add(1, Ordering::SeqCst);
         })
+    }
+
+    /// A client whose requests are recorded (`METHOD path?query`) and never
+    /// answered, as if the API server hung.
+    fn unanswering_client() -> (Client, Arc<std::sync::Mutex<Vec<String>>>) {
+        let (service, mut handle) = tower_test::mock::pair::<
+            http::Request<kube::client::Body>,
+            http::Response<kube::client::Body>,
+        >();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        tokio::spawn({
+            let seen = seen.clone();
+            async move {
+                let mut unanswered = Vec::new();
+                while let Some((request, respond)) = handle.next_request().await {
+                    seen.lock()
+                        .unwrap()
+                        .push(format!("{} {}", request.method(), request.uri()));
+                    unanswered.push(respond);
+                }
+            }
+        });
+        (Client::new(service, "default"), seen)
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_lost_while_starting_to_lead_starts_no_leader_work() {
+        // The Node list never comes back, so starting waits for it up to
+        // NODE_SYNC_LIMIT (30 s); the Lease is lost after 10 s meanwhile.
+        let dir = tempfile::tempdir().unwrap();
+        let (client, seen) = unanswering_client();
+        let args = <Cli as clap::Parser>::try_parse_from(["run", "--pod-namespace", "ns"])
+            .unwrap()
+            .run;
+        let config = MeshConfig {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
+            ..MeshConfig::default()
+        };
+        let (roles_tx, roles) = watch::channel(Role::Leader);
+        let http = OperatorHttp {
+            hosted: Arc::new(OnceLock::new()),
+            metrics: ReconcileMetrics::new().unwrap(),
+            synced: Arc::new(AtomicBool::new(false)),
+            role: roles.clone(),
+        };
+        http.metrics.set_leader(true);
+        let started = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            roles_tx.send_replace(Role::Lost {
+                reason: "could not renew".to_owned(),
+            });
+            std::future::pending::<()>().await;
+        });
+        let shutdown = std::future::pending::<()>();
+        tokio::pin!(shutdown);
+
+        let (outcome, stopped) = tokio::time::timeout(
+            Duration::from_mins(2),
+            lead(&args, config, client, &http, roles, &mut shutdown),
+        )
+        .await
+        .expect("leading ends once leadership is lost");
+
+        assert!(
+            matches!(outcome, Err(RunError::LostLeadership(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(stopped, Stopped::NotInTime, "the Lease is not released");
+        assert_eq!(started.elapsed(), Duration::from_secs(10), "at once");
+        assert!(http.hosted.get().is_none(), "no mesh controller started");
+        // Only the Node cache asked for anything: no PingMesh read or watch,
+        // no reconciler.
+        tokio::time::sleep(Duration::from_mins(1)).await;
+        let seen = seen.lock().unwrap().clone();
+        assert!(!seen.is_empty());
+        assert!(
+            seen.iter().all(|r| r.starts_with("GET /api/v1/nodes")),
+            "{seen:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leadership_lost_while_the_mesh_controller_restarts_stops_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut led = led(&dir).await;
+        // The new controller's registry refuses connections: opening it is
+        // retried for 15 s before the restart gives up.
+        let refused = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        led.config.registry = format!("rqlite://{refused}");
+        let finished = Arc::new(AtomicUsize::new(0));
+        let stuck = tokio::spawn(std::future::pending::<()>());
+        led.tasks = vec![
+            (
+                "publisher",
+                lingering(&led.work, Duration::from_secs(1), &finished),
+            ),
+            ("stuck", stuck),
+        ];
+        let (work, mesh) = (led.work.clone(), led.mesh_cancel.clone());
+        let pm: PingMesh = serde_json::from_value(serde_json::json!({
+            "apiVersion": "pingmesh.io/v1alpha1", "kind": "PingMesh",
+            "metadata": {"name": "default", "namespace": "ns"},
+            "spec": {"sla": {"maxLossRatio": 0.05}},
+        }))
+        .unwrap();
+        let (roles_tx, roles) = watch::channel(Role::Leader);
+        assert_eq!(
+            super::super::MeshStatusSource::sync_policy(&*led.host, &pm),
+            super::super::PolicyState::Restarting
+        );
+        let started = tokio::time::Instant::now();
+        let serving = tokio::spawn(async move {
+            let shutdown = std::future::pending::<()>();
+            tokio::pin!(shutdown);
+            led.serve(roles, &mut shutdown).await
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(!serving.is_finished(), "still restarting");
+        roles_tx.send_replace(Role::Lost {
+            reason: "could not renew".to_owned(),
+        });
+
+        let (outcome, stopped) = serving.await.unwrap();
+        assert!(
+            matches!(outcome, Err(RunError::LostLeadership(_))),
+            "{outcome:?}"
+        );
+        assert_eq!(stopped, Stopped::NotInTime, "nothing is waited for");
+        assert_eq!(started.elapsed(), Duration::from_secs(2), "at once");
+        assert!(work.is_cancelled() && mesh.is_cancelled());
     }
 
     #[tokio::test]
