@@ -473,10 +473,14 @@ async fn start_leading(
     let reconciler = tokio::spawn(controller.run(reconcile, error_policy, ctx).for_each(
         |result| async move {
             match result {
-                Ok(_) => {}
                 // Reconcile failures are logged, counted and retried by the
                 // reconciler itself.
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                Ok(_) | Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // An owned object whose PingMesh is gone (deleted, and the
+                // garbage collector has not removed the object yet).
+                Err(e @ kube::runtime::controller::Error::ObjectNotFound(..)) => {
+                    tracing::debug!(error = %e, "PingMesh controller");
+                }
                 Err(e) => tracing::warn!(error = %e, "PingMesh controller"),
             }
         },
