@@ -3,6 +3,8 @@
 # build and the --no-default-features build that stands in for macOS), unit and
 # integration tests, the registry suite against a real 3-node rqlite cluster,
 # and the multi-process end-to-end tests (iptables fault injection needs root).
+# With KUBEBUILDER_ASSETS set (a folder holding kube-apiserver and etcd) also
+# the envtest tier: the operator against a real API server (hack/envtest.sh).
 #
 # Usage: hack/test.sh            everything this machine can run
 #        SKIP_LINT=1 hack/test.sh   tests only
@@ -11,6 +13,8 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
 skipped=()
+# Tiers that need binaries CI cannot download: listed, never a CI failure.
+not_run=()
 
 # Installs the system packages the suite needs (as root on Debian/Ubuntu),
 # or stops here with the command to run.
@@ -68,11 +72,23 @@ fi
 # The RDMA mesh test (tests/rdma_mesh.rs) needs an RDMA device: hack/softroce.sh runs it.
 env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked --test mesh -- --include-ignored --test-threads=1
 
+if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
+  step "envtest: the operator against a real API server (KUBEBUILDER_ASSETS=${KUBEBUILDER_ASSETS})"
+  hack/envtest.sh check
+  cargo test -p pingmesh-e2e --locked --test envtest -- --include-ignored
+else
+  not_run+=("envtest tier, the operator against a real kube-apiserver and etcd: set KUBEBUILDER_ASSETS to a folder holding them (docs/kubernetes.md, \"Envtest\")")
+fi
+
 if [[ -n "${PINGMESH_E2E_KIND:-}" ]]; then
   step "end-to-end on kind (real cluster; needs docker, kind, kubectl, helm)"
   hack/e2e-kind.sh
 fi
 
+if ((${#not_run[@]})); then
+  printf '\nNOT RUN here (needs binaries CI cannot download; informational, never a failure):\n'
+  printf '  - %s\n' "${not_run[@]}"
+fi
 if ((${#skipped[@]})); then
   printf '\nSKIPPED on this machine:\n'
   printf '  - %s\n' "${skipped[@]}"
