@@ -205,6 +205,12 @@ impl ApiServer {
         }
         let out = self.helm(&args);
         ok(&format!("helm {}", args.join(" ")), &out);
+        // Server warnings (deprecated APIs, unknown formats, ...) reach helm's stderr.
+        let stderr = text(&out.stderr);
+        assert!(
+            !stderr.to_ascii_lowercase().contains("warning"),
+            "helm install drew warnings: {stderr}"
+        );
         self.ok(&[
             "label",
             "namespace",

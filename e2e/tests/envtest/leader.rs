@@ -100,6 +100,7 @@ fn a_standby_takes_over_within_the_lease_duration_when_the_leader_is_killed() {
 
     a.proc.kill();
     let killed = Instant::now();
+    let (_, renewed, _) = api.lease().expect("Lease");
     eventually(
         Duration::from_secs(LEASE_S + RETRY_S + 10),
         "operator-b leads",
@@ -108,7 +109,17 @@ fn a_standby_takes_over_within_the_lease_duration_when_the_leader_is_killed() {
     );
     let took = killed.elapsed();
     eprintln!("operator-b leads {took:?} after operator-a was killed (lease duration {LEASE_S}s)");
-    assert_eq!(holder(&api).as_deref(), Some("operator-b"));
+    let (holder, _, acquired) = api.lease().expect("Lease");
+    assert_eq!(holder, "operator-b");
+    // Not before the Lease expired: a lease duration after operator-a's last
+    // renewal at the earliest.
+    let gap = parse_time(&acquired)
+        .duration_since(parse_time(&renewed))
+        .unwrap_or_default();
+    assert!(
+        gap >= Duration::from_secs(LEASE_S),
+        "operator-b acquired the Lease {gap:?} after operator-a's last renewal"
+    );
     // Not before the Lease expired (the last renewal was at most a retry
     // period before the kill), and within the lease duration of it (plus a
     // retry period to notice, and time to start).
