@@ -259,7 +259,7 @@ watch_owner() {
   nohup bash -c '
     while kill -0 "$1" 2>/dev/null && [[ -d "$2" ]]; do sleep 1; done
     [[ -d "$2" ]] && exec "$3" stop "$2"
-  ' envtest-owner "${owner}" "${dir}" "${BASH_SOURCE[0]}" </dev/null >/dev/null 2>&1 &
+  ' envtest-owner "${owner}" "${dir}" "${ROOT}/hack/envtest.sh" </dev/null >/dev/null 2>&1 &
 }
 
 cmd_start() {
