@@ -442,12 +442,12 @@ async fn start_leading(
         .graceful_shutdown_on(work.clone().cancelled_owned());
     let reconciler = tokio::spawn(controller.run(reconcile, error_policy, ctx).for_each(
         |result| async move {
-            match result {
-                Ok(_) => {}
-                // Reconcile failures are logged, counted and retried by the
-                // reconciler itself.
-                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
-                Err(e) => tracing::warn!(error = %e, "PingMesh controller"),
+            // Reconcile failures are logged, counted and retried by the
+            // reconciler itself; the rest (watch errors) are worth a warning.
+            if let Err(e) = result
+                && !matches!(e, kube::runtime::controller::Error::ReconcilerFailed(..))
+            {
+                tracing::warn!(error = %e, "PingMesh controller");
             }
         },
     ));
