@@ -12,6 +12,7 @@ use pingmesh_operator::mesh::http::summarize;
 use pingmesh_operator::mesh::server;
 use tokio_util::sync::CancellationToken;
 
+use crate::inject::{DemoFabric, Injection};
 use crate::table;
 
 #[derive(Debug, clap::Args)]
@@ -37,10 +38,16 @@ pub struct DemoArgs {
     /// Address of the controller's HTTP API and /metrics (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:9401")]
     pub http_addr: SocketAddr,
+    /// Emulate a fault, for example `host:node-3` (black hole),
+    /// `loss:node-2:30%` or `tor:tor-2:20%`, optionally timed as
+    /// `@START[-END]` in seconds since the start (`loss:node-2:30%@20s-60s`).
+    /// Repeatable. No root needed: the agents drop the packets themselves.
+    #[arg(long, value_name = "SPEC")]
+    pub inject: Vec<Injection>,
 }
 
 /// Accepts "30", "30s", "2m".
-fn parse_seconds(s: &str) -> Result<Duration, String> {
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
     let (digits, unit) = match s.strip_suffix('m') {
         Some(d) => (d, 60),
         None => (s.strip_suffix('s').unwrap_or(s), 1),
@@ -81,18 +88,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         Err(e) => return Err(e.into()),
     };
     let grpc_url = format!("http://{}", controller.grpc_addr);
-    let mut agents: Vec<RunningAgent> = Vec::new();
-    for i in 0..args.agents {
-        let node = format!("node-{}", i + 1);
-        let tor = format!("tor-{}", i % args.tors + 1);
-        agents.push(
-            agent::start(
-                AgentConfig::local(&node, &tor, &grpc_url, loopback),
-                cancel.clone(),
-            )
-            .await?,
-        );
-    }
+    let agents = start_agents(&args, &grpc_url, &cancel).await?;
     eprintln!(
         "PingMesh demo: {} agents over {} ToRs, window {} ms",
         args.agents, args.tors, args.window_ms
@@ -108,6 +104,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             a.node,
             a.udp_addr.map_or_else(|| "-".to_owned(), |u| u.to_string()),
             a.http_addr
+        );
+    }
+    for f in &args.inject {
+        eprintln!(
+            "  injecting    {:?} dropping {:.0}% from {:?}{}",
+            f.target,
+            f.loss * 100.0,
+            f.start,
+            f.end.map(|e| format!(" to {e:?}")).unwrap_or_default()
         );
     }
     eprintln!("Ctrl-C stops it.\n");
@@ -137,6 +142,43 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     }
     Ok(())
+}
+
+/// Starts the agents, round robin over the ToRs, each emulating the
+/// `--inject` faults.
+async fn start_agents(
+    args: &DemoArgs,
+    grpc_url: &str,
+    cancel: &CancellationToken,
+) -> anyhow::Result<Vec<RunningAgent>> {
+    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let placement: Vec<(String, String)> = (0..args.agents)
+        .map(|i| {
+            (
+                format!("node-{}", i + 1),
+                format!("tor-{}", i % args.tors + 1),
+            )
+        })
+        .collect();
+    let fabric = DemoFabric::new(placement.iter().cloned().collect(), args.inject.clone());
+    let unknown = fabric.unknown_targets();
+    if !unknown.is_empty() {
+        anyhow::bail!(
+            "--inject names {} that this demo does not have (nodes node-1..node-{}, ToRs tor-1..tor-{})",
+            unknown.join(", "),
+            args.agents,
+            args.tors
+        );
+    }
+    let mut agents = Vec::new();
+    for (node, tor) in &placement {
+        let mut config = AgentConfig::local(node, tor, grpc_url, loopback);
+        if !args.inject.is_empty() {
+            config.emulated_fabric = Some(fabric.clone());
+        }
+        agents.push(agent::start(config, cancel.clone()).await?);
+    }
+    Ok(agents)
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

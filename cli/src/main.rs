@@ -1,6 +1,7 @@
 //! `pingmesh`: the user-facing command. Wiring only.
 
 mod demo;
+mod inject;
 mod status;
 mod table;
 
@@ -21,7 +22,7 @@ struct Cli {
 enum Command {
     /// Run a whole mesh on this machine: a controller and N agents on loopback UDP.
     Demo(demo::DemoArgs),
-    /// Print the ToR-pair table and open findings of a running mesh controller.
+    /// Print the root causes, ToR-pair table and open findings of a running mesh controller.
     Status(status::StatusArgs),
 }
 

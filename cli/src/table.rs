@@ -4,7 +4,8 @@ use std::fmt::Write;
 
 use pingmesh_operator::mesh::http::MeshSummary;
 
-/// Renders the summary as a fixed-width table followed by open findings.
+/// Renders the summary: root causes first, then the ToR-pair table, then
+/// the open SLA findings.
 pub fn render(summary: &MeshSummary) -> String {
     let mut out = String::new();
     let window = summary
@@ -19,6 +20,25 @@ pub fn render(summary: &MeshSummary) -> String {
         summary.paths_judged,
         summary.excluded_target_gone
     );
+    if summary.root_causes.is_empty() {
+        out.push_str("root causes: none\n");
+    } else {
+        let _ = writeln!(out, "root causes ({}):", summary.root_causes.len());
+        for c in &summary.root_causes {
+            let explains = match c.cause.explains.len() {
+                0 => String::new(),
+                n => format!(" [explains {n} finding{}]", if n == 1 { "" } else { "s" }),
+            };
+            let _ = writeln!(
+                out,
+                "  {:<8} {:<28} confidence {:.2}  {}{explains}",
+                c.cause.kind.label(),
+                c.cause.component,
+                c.cause.confidence,
+                c.cause.summary
+            );
+        }
+    }
     let _ = writeln!(
         out,
         "{:<16} {:<16} {:>6} {:>8} {:>8} {:>8} {:>10} {:>10}",
@@ -99,10 +119,12 @@ mod tests {
             paths_judged: 0,
             excluded_target_gone: 0,
             tor_pairs: vec![],
+            root_causes: vec![],
             findings: vec![],
         };
         let text = render(&s);
         assert!(text.contains("none judged yet"));
         assert!(text.contains("findings: none"));
+        assert!(text.contains("root causes: none"));
     }
 }

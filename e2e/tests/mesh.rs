@@ -194,6 +194,11 @@ fn every_agent_probes_every_target_and_a_killed_agent_leaves_without_a_finding()
         "a dead agent must not be a network finding: {:?}",
         open_findings(controller.http)
     );
+    assert!(
+        open_root_causes(controller.http).is_empty(),
+        "a dead agent must not be a root cause: {:?}",
+        open_root_causes(controller.http)
+    );
 
     // SIGTERM is a clean shutdown, for agents and for the controller with agents connected.
     let status = agents[0].proc.terminate();
@@ -323,6 +328,12 @@ fn dropping_all_packets_to_one_agent_opens_loss_findings_for_exactly_its_paths_t
             "a finding that does not involve the victim's ToR: {kind} {location}"
         );
     }
+    // One root cause, the victim's host, explains them all.
+    wait_for(
+        Duration::from_millis(2 * WINDOW_MS + 2_000),
+        "the victim's host as the root cause",
+        || open_root_causes(controller.http) == [("host".to_owned(), "f3".to_owned())],
+    );
 
     drop(rule);
     // Clears after 3 good windows.
@@ -335,5 +346,11 @@ fn dropping_all_packets_to_one_agent_opens_loss_findings_for_exactly_its_paths_t
         open_findings(controller.http).is_empty(),
         "left open: {:?}",
         open_findings(controller.http)
+    );
+    // Localization looks at the last 3 windows and clears after 3 without.
+    wait_for(
+        Duration::from_millis(6 * WINDOW_MS + 3_000),
+        "the root cause to clear",
+        || open_root_causes(controller.http).is_empty(),
     );
 }

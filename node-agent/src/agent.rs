@@ -225,7 +225,10 @@ async fn start_udp(
             .map_err(AgentError::from)
     });
 
-    let prober = ProberConfig::new(&endpoint.id, config.max_pending);
+    let prober = ProberConfig {
+        emulated: config.emulated_fabric.clone(),
+        ..ProberConfig::new(&endpoint.id, config.max_pending)
+    };
     let flows = UdpFlows::new(advertised.ip(), config.timestamps.into(), config.max_flows);
     let (m, p, s, c) = (
         wiring.metrics.clone(),

@@ -41,6 +41,9 @@ pub enum TransportChoice {
 
 #[derive(Debug, Clone, Args)]
 pub struct AgentConfig {
+    /// Faults the prober emulates (the local demo's `--inject`); never from flags.
+    #[arg(skip)]
+    pub emulated_fabric: Option<std::sync::Arc<dyn crate::probe::emulate::EmulatedFabric>>,
     /// Which transport probes run over.
     #[arg(long, env = "PINGMESH_TRANSPORT", value_enum, default_value_t = TransportChoice::Auto)]
     pub transport: TransportChoice,
@@ -153,6 +156,7 @@ impl AgentConfig {
     /// A configuration for tests and the local demo: everything on loopback.
     pub fn local(node: &str, tor: &str, controller: &str, ip: IpAddr) -> Self {
         Self {
+            emulated_fabric: None,
             transport: TransportChoice::Udp,
             controller: controller.to_owned(),
             node: node.to_owned(),

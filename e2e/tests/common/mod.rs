@@ -300,13 +300,25 @@ pub fn answered_paths(http: SocketAddr) -> Vec<(String, String)> {
     out
 }
 
-/// (kind, location) of every open finding.
+/// (kind, location) of every open SLA finding.
 pub fn open_findings(http: SocketAddr) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = get_json(http, "/api/v1/findings")
-        .and_then(|v| v.as_array().cloned())
+        .and_then(|v| v["findings"].as_array().cloned())
         .unwrap_or_default()
         .iter()
         .map(|f| (str_of(&f["kind"]), str_of(&f["location"])))
+        .collect();
+    out.sort();
+    out
+}
+
+/// (kind, component) of every open root cause.
+pub fn open_root_causes(http: SocketAddr) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = get_json(http, "/api/v1/findings")
+        .and_then(|v| v["rootCauses"].as_array().cloned())
+        .unwrap_or_default()
+        .iter()
+        .map(|c| (str_of(&c["kind"]), str_of(&c["component"])))
         .collect();
     out.sort();
     out

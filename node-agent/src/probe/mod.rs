@@ -1,6 +1,7 @@
 //! The six-timestamp probe protocol: wire format, timing math, the pending
 //! table, and the prober and responder loops.
 pub mod clock;
+pub mod emulate;
 pub mod flows;
 pub mod pending;
 pub mod prober;

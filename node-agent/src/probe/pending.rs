@@ -298,6 +298,11 @@ impl<C> PendingTable<C> {
         Ok(())
     }
 
+    /// The caller's context of a probe in flight.
+    pub fn context(&self, seq: u64) -> Option<&C> {
+        self.entries.get(&seq).map(|e| &e.ctx)
+    }
+
     /// `send()` returned for `seq` at host time `host_ns` (the host part of T2).
     pub fn on_sent(&mut self, seq: u64, host_ns: u64) -> EventResult<C> {
         self.update(seq, |e| set_once(&mut e.sent_host_ns, host_ns))

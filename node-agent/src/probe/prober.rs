@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::clock::host_now_ns;
+use super::emulate::EmulatedFabric;
 use super::flows::FlowTransport;
 use super::pending::{Outcome, PendingTable};
 use super::timing::{Stamp, classify};
@@ -52,6 +53,8 @@ pub struct ProberConfig {
     pub max_pending: usize,
     /// While set (the RNIC port is down), due probes are not sent but counted.
     pub paused: Arc<AtomicBool>,
+    /// Faults to emulate (the local demo); `None` in production.
+    pub emulated: Option<Arc<dyn EmulatedFabric>>,
 }
 
 impl ProberConfig {
@@ -60,6 +63,7 @@ impl ProberConfig {
             source_endpoint: source_endpoint.to_owned(),
             max_pending,
             paused: Arc::new(AtomicBool::new(false)),
+            emulated: None,
         }
     }
 }
@@ -95,6 +99,7 @@ struct Shared<P> {
     aggregator: Mutex<WindowAggregator>,
     timeout_ms: AtomicU64,
     metrics: Arc<AgentMetrics>,
+    emulated: Option<Arc<dyn EmulatedFabric>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -168,6 +173,7 @@ pub async fn run_prober<T: FlowTransport>(
         aggregator: Mutex::new(WindowAggregator::new(DEFAULT_WINDOW_MS, MAX_EXACT_SAMPLES)),
         timeout_ms: AtomicU64::new(u64::from(DEFAULT_TIMEOUT_MS)),
         metrics: metrics.clone(),
+        emulated: config.emulated.clone(),
     });
     // Stops this prober's own tasks, whatever ends it.
     let local = cancel.child_token();
@@ -408,6 +414,14 @@ async fn send_probe<S: ProbeSocket>(
         return;
     }
     let payload = Message::probe(shared.prober_id, seq).encode();
+    if let Some(fabric) = &shared.emulated
+        && fabric.drops(&target.path.source_endpoint, &target.path.target_endpoint)
+    {
+        // Gone on the (emulated) wire: counted as sent, times out as lost.
+        lock(&shared.aggregator).on_sent(window, &target.path, flow);
+        let _ = lock(&shared.pending).on_sent(seq, host_now_ns());
+        return;
+    }
     match flow_socket.socket.send_to(&payload, peer).await {
         Ok(receipt) => {
             lock(&shared.aggregator).on_sent(window, &target.path, flow);
@@ -492,6 +506,15 @@ async fn receive<S: ProbeSocket>(
                     continue;
                 }
                 let mut pending = lock(&shared.pending);
+                if let Some(fabric) = &shared.emulated
+                    && let Some(ctx) = pending.context(message.seq)
+                    && fabric.drops(
+                        &ctx.target.path.target_endpoint,
+                        &ctx.target.path.source_endpoint,
+                    )
+                {
+                    continue;
+                }
                 match message.kind {
                     MessageType::Ack1 => pending.on_ack1(message.seq, Stamp { host_ns, kernel_ns }),
                     MessageType::Ack2 => pending.on_ack2(

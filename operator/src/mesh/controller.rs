@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::analyzer::{Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, WindowReport};
+use super::localize::{CauseKind, OpenRootCause, Signal};
 use super::metrics::ControllerMetrics;
 use super::pinglist::MeshView;
 use super::registry::{Registry, RegistryError, TorMove};
@@ -716,6 +717,48 @@ impl MeshController {
                 .with_label_values(&[kind_label(f.kind)])
                 .inc();
         }
+        self.publish_root_cause_metrics(report);
+    }
+
+    fn publish_root_cause_metrics(&self, report: &WindowReport) {
+        let m = &self.metrics;
+        for c in &report.opened_root_causes {
+            m.root_causes_opened
+                .with_label_values(&[c.cause.kind.label(), c.cause.signal.label()])
+                .inc();
+            tracing::warn!(
+                kind = c.cause.kind.label(),
+                component = %c.cause.component,
+                confidence = c.cause.confidence,
+                summary = %c.cause.summary,
+                "root cause opened"
+            );
+        }
+        for c in &report.cleared_root_causes {
+            tracing::info!(kind = c.cause.kind.label(), component = %c.cause.component, "root cause cleared");
+        }
+        for kind in CauseKind::ALL {
+            for signal in CAUSE_SIGNALS {
+                let labels = [kind.label(), signal.label()];
+                m.localized_faults.with_label_values(&labels).set(0);
+                m.root_causes_localized.with_label_values(&labels).set(0);
+            }
+        }
+        for c in &report.root_causes {
+            m.root_causes_localized
+                .with_label_values(&[c.kind.label(), c.signal.label()])
+                .inc();
+        }
+        for c in self.open_root_causes() {
+            m.localized_faults
+                .with_label_values(&[c.cause.kind.label(), c.cause.signal.label()])
+                .inc();
+        }
+    }
+
+    /// Open root causes (localized faults), most confident first.
+    pub fn open_root_causes(&self) -> Vec<OpenRootCause> {
+        lock(&self.analyzer).open_root_causes()
     }
 
     pub fn open_findings(&self) -> Vec<Finding> {
@@ -868,6 +911,8 @@ impl MeshController {
     }
 }
 
+const CAUSE_SIGNALS: [Signal; 3] = [Signal::Loss, Signal::Latency, Signal::HostDelay];
+
 const FINDING_KINDS: [FindingKind; 4] = [
     FindingKind::PathLoss,
     FindingKind::PathLatency,
@@ -878,6 +923,14 @@ const FINDING_KINDS: [FindingKind; 4] = [
 /// Starts the labelled counters and gauges at zero for every known label value,
 /// so dashboards and alerts see series (and `rate()` works) before the first event.
 fn initialize_series(m: &ControllerMetrics) {
+    for kind in CauseKind::ALL {
+        for signal in CAUSE_SIGNALS {
+            let labels = [kind.label(), signal.label()];
+            m.localized_faults.with_label_values(&labels).set(0);
+            m.root_causes_localized.with_label_values(&labels).set(0);
+            m.root_causes_opened.with_label_values(&labels).inc_by(0);
+        }
+    }
     for kind in FINDING_KINDS {
         m.findings_open
             .with_label_values(&[kind_label(kind)])

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 use super::analyzer::{Finding, TorPairStats};
 use super::controller::{MeshController, MeshError};
+use super::localize::OpenRootCause;
 
 type Shared = State<Arc<MeshController>>;
 
@@ -60,8 +61,20 @@ async fn paths(State(c): Shared) -> Response {
     }
 }
 
-async fn findings(State(c): Shared) -> Json<Vec<Finding>> {
-    Json(c.open_findings())
+/// What is broken: root causes first (each with the SLA findings it
+/// explains), then every open SLA finding.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct FindingsView {
+    pub root_causes: Vec<OpenRootCause>,
+    pub findings: Vec<Finding>,
+}
+
+async fn findings(State(c): Shared) -> Json<FindingsView> {
+    Json(FindingsView {
+        root_causes: c.open_root_causes(),
+        findings: c.open_findings(),
+    })
 }
 
 /// The mesh at a glance.
@@ -76,6 +89,9 @@ pub struct MeshSummary {
     pub paths_judged: usize,
     pub excluded_target_gone: u64,
     pub tor_pairs: Vec<TorPairStats>,
+    /// Open root causes (localized faults), most confident first.
+    #[serde(default)]
+    pub root_causes: Vec<OpenRootCause>,
     pub findings: Vec<Finding>,
 }
 
@@ -94,6 +110,7 @@ pub async fn summarize(c: &MeshController) -> Result<MeshSummary, MeshError> {
             .as_ref()
             .map(|r| r.tor_pairs.clone())
             .unwrap_or_default(),
+        root_causes: c.open_root_causes(),
         findings: c.open_findings(),
     })
 }

@@ -19,6 +19,9 @@ pub struct ControllerMetrics {
     pub excluded_paths: IntCounterVec,
     pub findings_open: IntGaugeVec,
     pub findings_opened: IntCounterVec,
+    pub localized_faults: IntGaugeVec,
+    pub root_causes_opened: IntCounterVec,
+    pub root_causes_localized: IntGaugeVec,
     pub registry_errors: IntCounterVec,
     pub invalid_tor_labels: IntCounter,
     pub tor_changes: IntCounter,
@@ -112,6 +115,36 @@ impl ControllerMetrics {
                         "Findings opened, by kind.",
                     ),
                     &["kind"],
+                )?,
+            )?,
+            localized_faults: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pingmesh_localized_faults",
+                        "Open root causes (localized faults, after hysteresis) by component kind (endpoint, host, tor, link, switch, unknown) and signal (loss, latency, host_delay).",
+                    ),
+                    &["kind", "signal"],
+                )?,
+            )?,
+            root_causes_opened: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_root_causes_opened_total",
+                        "Root causes opened, by component kind and signal.",
+                    ),
+                    &["kind", "signal"],
+                )?,
+            )?,
+            root_causes_localized: reg(
+                &registry,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "pingmesh_root_causes_localized",
+                        "Root causes the last judged window localized (before hysteresis), by component kind and signal.",
+                    ),
+                    &["kind", "signal"],
                 )?,
             )?,
             registry_errors: reg(

@@ -3,6 +3,7 @@ pub mod analyzer;
 pub mod controller;
 pub mod grpc;
 pub mod http;
+pub mod localize;
 pub mod metrics;
 pub mod pinglist;
 pub mod registry;

@@ -1,7 +1,9 @@
-//! The analyzer, phase 1: joins window summaries from all agents, computes per-path
+//! The analyzer: joins window summaries from all agents, computes per-path
 //! and per-ToR-pair loss and latency, judges them against the SLA and keeps
-//! findings with hysteresis. Pure logic: the caller supplies time, topology and
-//! agent presence.
+//! findings with hysteresis, then localizes the root causes (see
+//! [`crate::mesh::localize`]) over the last few windows, with the same
+//! hysteresis. Pure logic: the caller supplies time, topology and agent
+//! presence.
 //!
 //! Flow: [`Analyzer::ingest`] every summary as it arrives; once a window is
 //! complete (its end plus a grace period for late reports), [`Analyzer::evaluate`]
@@ -16,7 +18,7 @@ mod window;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 use pingmesh_proto::v1;
@@ -30,7 +32,16 @@ pub use window::{
 };
 
 use findings::Hysteresis;
-use window::{Acceptance, WindowData};
+use window::{Acceptance, FastHash, WindowData};
+
+use crate::mesh::localize::{
+    self, CauseTracker, HostDelayRules, LocalizeSettings, OpenRootCause, RootCause, WindowEvidence,
+};
+
+/// Closed windows localization looks at together (the newest and the ones
+/// before it): inter-ToR targets get one probe a second, so one 5 s window
+/// holds too few of them to tell a link fault from noise.
+pub const LOCALIZE_WINDOWS: usize = 3;
 
 /// Everything the analyzer concluded about one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -46,6 +57,14 @@ pub struct WindowReport {
     pub opened: Vec<Finding>,
     /// Findings closed by this window (recovered or gone).
     pub cleared: Vec<Finding>,
+    /// Root causes localized from this window and the ones before it.
+    #[serde(default)]
+    pub root_causes: Vec<RootCause>,
+    /// Root causes opened and cleared (hysteresis) by this window.
+    #[serde(default)]
+    pub opened_root_causes: Vec<OpenRootCause>,
+    #[serde(default)]
+    pub cleared_root_causes: Vec<OpenRootCause>,
     /// Paths left out because their target's agent was not present all window.
     pub excluded_target_gone: u64,
     /// Paths left out because an endpoint is unknown to the topology.
@@ -90,7 +109,12 @@ pub struct Analyzer {
     expected_paths: usize,
     hysteresis: Hysteresis,
     last_report: Option<Arc<WindowReport>>,
+    /// The last [`LOCALIZE_WINDOWS`] windows' paths and endpoint nodes, oldest first.
+    recent: VecDeque<(Arc<WindowReport>, Arc<NodeMap>)>,
+    causes: CauseTracker,
 }
+
+type NodeMap = HashMap<String, String, FastHash>;
 
 impl Analyzer {
     /// An analyzer for `window_ms` windows; refuses an invalid SLA or a zero window.
@@ -99,6 +123,7 @@ impl Analyzer {
         if window_ms == 0 {
             return Err(SlaPolicyError::new("windowMs", &0, &"at least 1"));
         }
+        let causes = CauseTracker::new(sla.open_after_windows, sla.clear_after_windows);
         Ok(Self {
             sla,
             window_ms,
@@ -107,6 +132,8 @@ impl Analyzer {
             expected_paths: 0,
             hysteresis: Hysteresis::default(),
             last_report: None,
+            recent: VecDeque::new(),
+            causes,
         })
     }
 
@@ -117,8 +144,17 @@ impl Analyzer {
     /// Replaces the SLA; open findings and streaks carry over.
     pub fn set_sla(&mut self, sla: SlaPolicy) -> Result<(), SlaPolicyError> {
         sla.validate()?;
+        self.causes
+            .set_windows(sla.open_after_windows, sla.clear_after_windows);
         self.sla = sla;
         Ok(())
+    }
+
+    fn localize_settings(&self) -> LocalizeSettings {
+        LocalizeSettings {
+            max_loss_ratio: self.sla.max_loss_ratio,
+            host_delay: HostDelayRules::default(),
+        }
     }
 
     pub fn window_ms(&self) -> u32 {
@@ -211,23 +247,74 @@ impl Analyzer {
         let transitions =
             self.hysteresis
                 .step(window_start_ms, &stats.paths, &stats.tor_pairs, &self.sla);
-        let report = Arc::new(WindowReport {
+        let had_data = !stats.paths.is_empty();
+        let mut report = WindowReport {
             window_start_ms,
             window_ms: self.window_ms,
             paths: stats.paths,
             tor_pairs: stats.tor_pairs,
             opened: transitions.opened,
             cleared: transitions.cleared,
+            root_causes: Vec::new(),
+            opened_root_causes: Vec::new(),
+            cleared_root_causes: Vec::new(),
             excluded_target_gone: stats.excluded_target_gone,
             excluded_unplaced: stats.excluded_unplaced,
-        });
+        };
+        let nodes = Arc::new(stats.nodes);
+        if had_data {
+            report.root_causes = self.localize(&report, &nodes);
+        }
+        let causes = self
+            .causes
+            .step(window_start_ms, &report.root_causes, had_data);
+        report.opened_root_causes = causes.opened;
+        report.cleared_root_causes = causes.cleared;
+        let report = Arc::new(report);
+        if had_data {
+            self.recent.push_back((Arc::clone(&report), nodes));
+            while self.recent.len() >= LOCALIZE_WINDOWS {
+                self.recent.pop_front();
+            }
+        }
         self.last_report = Some(Arc::clone(&report));
         Ok(report)
+    }
+
+    /// Root causes of `report`'s window together with the ones before it.
+    fn localize(&self, report: &WindowReport, nodes: &NodeMap) -> Vec<RootCause> {
+        let windows: Vec<&[PathStats]> = self
+            .recent
+            .iter()
+            .map(|(r, _)| r.paths.as_slice())
+            .chain(std::iter::once(report.paths.as_slice()))
+            .collect();
+        let node_of = |endpoint: &str| {
+            std::iter::once(nodes)
+                .chain(self.recent.iter().rev().map(|(_, n)| n.as_ref()))
+                .find_map(|n| n.get(endpoint))
+                .map(String::as_str)
+        };
+        let findings: Vec<Finding> = self.open_findings().into_iter().cloned().collect();
+        localize::localize(
+            &WindowEvidence {
+                windows: &windows,
+                node_of: &node_of,
+                traces: None,
+                findings: &findings,
+            },
+            &self.localize_settings(),
+        )
     }
 
     /// Open findings, by kind then location.
     pub fn open_findings(&self) -> Vec<&Finding> {
         self.hysteresis.open_findings()
+    }
+
+    /// Open root causes, most confident first.
+    pub fn open_root_causes(&self) -> Vec<OpenRootCause> {
+        self.causes.open()
     }
 
     /// The report of the last evaluated window.

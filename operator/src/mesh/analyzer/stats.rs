@@ -143,6 +143,8 @@ fn judge_latency(sla: &SlaPolicy, ok: u64, p99_ns: Option<u64>) -> Judgement {
 pub(super) struct WindowStats {
     pub paths: Vec<PathStats>,
     pub tor_pairs: Vec<TorPairStats>,
+    /// Node of every endpoint on a path kept, for localization.
+    pub nodes: HashMap<String, String, FastHash>,
     pub excluded_target_gone: u64,
     pub excluded_unplaced: u64,
 }
@@ -154,6 +156,7 @@ struct PlacementCache<'a> {
     window_start_ms: u64,
     /// Endpoint id -> index into `tors`.
     tor_of: HashMap<String, Option<usize>, FastHash>,
+    nodes: HashMap<String, String, FastHash>,
     present: HashMap<String, bool, FastHash>,
     tors: Vec<String>,
     tor_index: HashMap<String, usize, FastHash>,
@@ -164,7 +167,10 @@ impl PlacementCache<'_> {
         if let Some(&tor) = self.tor_of.get(endpoint) {
             return tor;
         }
-        let tor = (self.topology)(endpoint).map(|placement| self.intern_tor(placement.tor));
+        let tor = (self.topology)(endpoint).map(|placement| {
+            self.nodes.insert(endpoint.to_owned(), placement.node);
+            self.intern_tor(placement.tor)
+        });
         self.tor_of.insert(endpoint.to_owned(), tor);
         tor
     }
@@ -213,6 +219,7 @@ pub(super) fn collect(
         target_present,
         window_start_ms,
         tor_of: HashMap::default(),
+        nodes: HashMap::default(),
         present: HashMap::default(),
         tors: Vec::new(),
         tor_index: HashMap::default(),
@@ -255,6 +262,7 @@ pub(super) fn collect(
         .into_iter()
         .map(|((s, t), acc)| pair_stats(cache.tors[s].clone(), cache.tors[t].clone(), &acc, sla))
         .collect();
+    stats.nodes = cache.nodes;
     stats.paths.sort_unstable_by(|a, b| {
         (&a.source_endpoint, &a.target_endpoint).cmp(&(&b.source_endpoint, &b.target_endpoint))
     });

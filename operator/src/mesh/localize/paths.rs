@@ -1,0 +1,408 @@
+//! Path-level evidence: one observation per path and window (the last few
+//! closed windows together, so that sparse inter-ToR probes add up), through
+//! the components a path crosses, named by the registry's placement.
+//!
+//! Components, by index (E endpoints, N nodes, T ToRs):
+//! endpoint out / in / both, host out / in / both, ToR, the links between a
+//! ToR and the spine layer (its inter-ToR paths, either way: a probe and its
+//! ACK cross them in opposite directions, so round trips cannot tell an
+//! uplink from a downlink; traced flows can), and the inter-ToR fabric as a
+//! whole. "Out" is the prober side, "in" the responder side.
+
+use std::collections::HashMap;
+
+use super::engine::Evidence;
+use crate::mesh::analyzer::{Judgement, PathStats};
+
+/// Which kind of component an index stands for, and which entity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Component {
+    EndpointOut(u32),
+    EndpointIn(u32),
+    Endpoint(u32),
+    HostOut(u32),
+    HostIn(u32),
+    Host(u32),
+    Tor(u32),
+    /// The links between a ToR and the spine layer, both directions.
+    TorLinks(u32),
+    Fabric,
+}
+
+/// What the paths measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PathSignal {
+    /// Lost of (ok + lost) probes.
+    Loss,
+    /// One observation per latency-judged path, failing when over the SLA.
+    Latency,
+}
+
+/// One path, by interned indices.
+#[derive(Debug, Clone, Copy)]
+struct PathRow {
+    source: u32,
+    target: u32,
+    probes: u64,
+    lost: u64,
+}
+
+/// The paths of one window with everything interned.
+#[derive(Debug)]
+pub(super) struct PathEvidence<'a> {
+    pub endpoints: Vec<&'a str>,
+    pub nodes: Vec<&'a str>,
+    pub tors: Vec<&'a str>,
+    node_of: Vec<u32>,
+    tor_of: Vec<u32>,
+    endpoints_of_node: Vec<Vec<u32>>,
+    endpoints_of_tor: Vec<Vec<u32>>,
+    nodes_per_tor: Vec<u32>,
+    rows: Vec<PathRow>,
+    /// Which window and path each row came from.
+    row_path: Vec<(u32, u32)>,
+    windows: &'a [&'a [PathStats]],
+    endpoint_index: HashMap<&'a str, u32, foldhash::fast::RandomState>,
+    /// Paths by source endpoint and by target endpoint (CSR).
+    out_start: Vec<u32>,
+    out_rows: Vec<u32>,
+    in_start: Vec<u32>,
+    in_rows: Vec<u32>,
+}
+
+struct Interner<'a> {
+    index: HashMap<&'a str, u32, foldhash::fast::RandomState>,
+    names: Vec<&'a str>,
+}
+
+impl<'a> Interner<'a> {
+    fn new() -> Self {
+        Self {
+            index: HashMap::default(),
+            names: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, name: &'a str) -> (u32, bool) {
+        if let Some(&i) = self.index.get(name) {
+            return (i, false);
+        }
+        let i = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        self.names.push(name);
+        self.index.insert(name, i);
+        (i, true)
+    }
+}
+
+impl<'a> PathEvidence<'a> {
+    /// `node_of` names an endpoint's node (an endpoint it does not know is
+    /// taken as a node of its own).
+    pub fn new(
+        windows: &'a [&'a [PathStats]],
+        node_of: &dyn Fn(&str) -> Option<&'a str>,
+        signal: PathSignal,
+    ) -> Self {
+        let mut endpoints = Interner::new();
+        let mut nodes = Interner::new();
+        let mut tors = Interner::new();
+        let (mut node_of_ep, mut tor_of_ep) = (Vec::new(), Vec::new());
+        let total: usize = windows.iter().map(|w| w.len()).sum();
+        let mut rows = Vec::with_capacity(total);
+        let mut row_path = Vec::with_capacity(total);
+        let mut intern = |id: &'a str, tor: &'a str| {
+            let (e, new) = endpoints.get(id);
+            if new {
+                node_of_ep.push(nodes.get(node_of(id).unwrap_or(id)).0);
+                tor_of_ep.push(tors.get(tor).0);
+            }
+            e
+        };
+        for (w, i, p) in windows
+            .iter()
+            .enumerate()
+            .flat_map(|(w, paths)| paths.iter().enumerate().map(move |(i, p)| (w, i, p)))
+        {
+            let (probes, lost) = match signal {
+                PathSignal::Loss => (p.ok.saturating_add(p.lost), p.lost),
+                PathSignal::Latency => match p.latency {
+                    Judgement::NotJudged => (0, 0),
+                    Judgement::Met => (1, 0),
+                    Judgement::Violated => (1, 1),
+                },
+            };
+            if probes == 0 {
+                continue;
+            }
+            let source = intern(&p.source_endpoint, &p.source_tor);
+            let target = intern(&p.target_endpoint, &p.target_tor);
+            rows.push(PathRow {
+                source,
+                target,
+                probes,
+                lost,
+            });
+            row_path.push((w as u32, u32::try_from(i).unwrap_or(u32::MAX)));
+        }
+        let endpoint_index = endpoints.index;
+        let (endpoints, nodes, tors) = (endpoints.names, nodes.names, tors.names);
+        let mut endpoints_of_node = vec![Vec::new(); nodes.len()];
+        let mut endpoints_of_tor = vec![Vec::new(); tors.len()];
+        for e in 0..endpoints.len() {
+            endpoints_of_node[node_of_ep[e] as usize].push(e as u32);
+            endpoints_of_tor[tor_of_ep[e] as usize].push(e as u32);
+        }
+        let mut nodes_per_tor = vec![0u32; tors.len()];
+        let mut seen = vec![u32::MAX; nodes.len()];
+        for (t, eps) in endpoints_of_tor.iter().enumerate() {
+            for &e in eps {
+                let n = node_of_ep[e as usize] as usize;
+                if seen[n] != t as u32 {
+                    seen[n] = t as u32;
+                    nodes_per_tor[t] += 1;
+                }
+            }
+        }
+        let (out_start, out_rows) = csr(endpoints.len(), rows.iter().map(|r| r.source));
+        let (in_start, in_rows) = csr(endpoints.len(), rows.iter().map(|r| r.target));
+        Self {
+            endpoints,
+            nodes,
+            tors,
+            node_of: node_of_ep,
+            tor_of: tor_of_ep,
+            endpoints_of_node,
+            endpoints_of_tor,
+            nodes_per_tor,
+            rows,
+            row_path,
+            windows,
+            endpoint_index,
+            out_start,
+            out_rows,
+            in_start,
+            in_rows,
+        }
+    }
+
+    fn e(&self) -> u32 {
+        self.endpoints.len() as u32
+    }
+
+    fn n(&self) -> u32 {
+        self.nodes.len() as u32
+    }
+
+    fn t(&self) -> u32 {
+        self.tors.len() as u32
+    }
+
+    pub fn component(&self, c: u32) -> Component {
+        let (e, n, t) = (self.e(), self.n(), self.t());
+        match c {
+            c if c < e => Component::EndpointOut(c),
+            c if c < 2 * e => Component::EndpointIn(c - e),
+            c if c < 3 * e => Component::Endpoint(c - 2 * e),
+            c if c < 3 * e + n => Component::HostOut(c - 3 * e),
+            c if c < 3 * e + 2 * n => Component::HostIn(c - 3 * e - n),
+            c if c < 3 * e + 3 * n => Component::Host(c - 3 * e - 2 * n),
+            c if c < 3 * e + 3 * n + t => Component::Tor(c - 3 * e - 3 * n),
+            c if c < 3 * e + 3 * n + 2 * t => Component::TorLinks(c - 3 * e - 3 * n - t),
+            _ => Component::Fabric,
+        }
+    }
+
+    pub fn index(&self, component: Component) -> u32 {
+        let (e, n, t) = (self.e(), self.n(), self.t());
+        match component {
+            Component::EndpointOut(i) => i,
+            Component::EndpointIn(i) => e + i,
+            Component::Endpoint(i) => 2 * e + i,
+            Component::HostOut(i) => 3 * e + i,
+            Component::HostIn(i) => 3 * e + n + i,
+            Component::Host(i) => 3 * e + 2 * n + i,
+            Component::Tor(i) => 3 * e + 3 * n + i,
+            Component::TorLinks(i) => 3 * e + 3 * n + t + i,
+            Component::Fabric => 3 * e + 3 * n + 2 * t,
+        }
+    }
+
+    pub fn node_of(&self, endpoint: u32) -> u32 {
+        self.node_of[endpoint as usize]
+    }
+
+    pub fn tor_of(&self, endpoint: u32) -> u32 {
+        self.tor_of[endpoint as usize]
+    }
+
+    pub fn endpoints_of_node(&self, node: u32) -> &[u32] {
+        &self.endpoints_of_node[node as usize]
+    }
+
+    pub fn nodes_under(&self, tor: u32) -> u32 {
+        self.nodes_per_tor[tor as usize]
+    }
+
+    /// ToR of a node (of its first endpoint).
+    pub fn tor_of_node(&self, node: u32) -> Option<u32> {
+        self.endpoints_of_node[node as usize]
+            .first()
+            .map(|&e| self.tor_of(e))
+    }
+
+    /// (source, target) endpoint indices of a row.
+    pub fn ends(&self, row: u32) -> (u32, u32) {
+        let r = &self.rows[row as usize];
+        (r.source, r.target)
+    }
+
+    /// Interned index of an endpoint id.
+    pub fn endpoint_index(&self, id: &str) -> Option<u32> {
+        self.endpoint_index.get(id).copied()
+    }
+
+    /// The path statistics a row came from.
+    pub fn path(&self, row: u32) -> &'a PathStats {
+        let (w, i) = self.row_path[row as usize];
+        &self.windows[w as usize][i as usize]
+    }
+
+    /// Rows (observations) there are.
+    pub fn rows(&self) -> u32 {
+        self.rows.len() as u32
+    }
+
+    /// Every component the path between two endpoints crosses.
+    pub fn components_between(&self, source: u32, target: u32, out: &mut Vec<u32>) {
+        let (ns, nt) = (self.node_of(source), self.node_of(target));
+        let (ts, tt) = (self.tor_of(source), self.tor_of(target));
+        out.push(self.index(Component::EndpointOut(source)));
+        out.push(self.index(Component::EndpointIn(target)));
+        out.push(self.index(Component::Endpoint(source)));
+        if source != target {
+            out.push(self.index(Component::Endpoint(target)));
+        }
+        out.push(self.index(Component::HostOut(ns)));
+        out.push(self.index(Component::HostIn(nt)));
+        out.push(self.index(Component::Host(ns)));
+        if ns != nt {
+            out.push(self.index(Component::Host(nt)));
+        }
+        out.push(self.index(Component::Tor(ts)));
+        if ts != tt {
+            out.push(self.index(Component::Tor(tt)));
+            out.push(self.index(Component::TorLinks(ts)));
+            out.push(self.index(Component::TorLinks(tt)));
+            out.push(self.index(Component::Fabric));
+        }
+    }
+
+    fn out_of(&self, e: u32) -> &[u32] {
+        &self.out_rows[self.out_start[e as usize] as usize..self.out_start[e as usize + 1] as usize]
+    }
+
+    fn into(&self, e: u32) -> &[u32] {
+        &self.in_rows[self.in_start[e as usize] as usize..self.in_start[e as usize + 1] as usize]
+    }
+}
+
+/// Compressed rows: for keys `0..keys`, the positions of `items` holding each.
+fn csr(keys: usize, items: impl Iterator<Item = u32> + Clone) -> (Vec<u32>, Vec<u32>) {
+    let mut start = vec![0u32; keys + 1];
+    for k in items.clone() {
+        start[k as usize + 1] += 1;
+    }
+    for i in 0..keys {
+        start[i + 1] += start[i];
+    }
+    let mut fill = start.clone();
+    let mut rows = vec![0u32; start[keys] as usize];
+    for (i, k) in items.enumerate() {
+        let slot = &mut fill[k as usize];
+        rows[*slot as usize] = i as u32;
+        *slot += 1;
+    }
+    (start, rows)
+}
+
+impl Evidence for PathEvidence<'_> {
+    fn component_count(&self) -> usize {
+        (3 * self.e() + 3 * self.n() + 2 * self.t() + 1) as usize
+    }
+
+    fn observation_count(&self) -> usize {
+        self.rows.len()
+    }
+
+    fn counts(&self, o: u32) -> (u64, u64) {
+        let r = &self.rows[o as usize];
+        (r.probes, r.lost)
+    }
+
+    fn components_of(&self, o: u32, out: &mut Vec<u32>) {
+        let (s, t) = self.ends(o);
+        self.components_between(s, t, out);
+    }
+
+    fn observations_of(&self, c: u32, out: &mut Vec<u32>) {
+        match self.component(c) {
+            Component::EndpointOut(e) => out.extend(self.out_of(e)),
+            Component::EndpointIn(e) => out.extend(self.into(e)),
+            Component::Endpoint(e) => {
+                out.extend(self.out_of(e));
+                out.extend(self.into(e));
+            }
+            Component::HostOut(n) => {
+                for &e in self.endpoints_of_node(n) {
+                    out.extend(self.out_of(e));
+                }
+            }
+            Component::HostIn(n) => {
+                for &e in self.endpoints_of_node(n) {
+                    out.extend(self.into(e));
+                }
+            }
+            Component::Host(n) => {
+                for &e in self.endpoints_of_node(n) {
+                    out.extend(self.out_of(e));
+                    out.extend(self.into(e));
+                }
+            }
+            Component::Tor(t) => {
+                for &e in &self.endpoints_of_tor[t as usize] {
+                    out.extend(self.out_of(e));
+                    out.extend(self.into(e));
+                }
+            }
+            Component::TorLinks(t) => {
+                for &e in &self.endpoints_of_tor[t as usize] {
+                    out.extend(
+                        self.out_of(e)
+                            .iter()
+                            .filter(|&&r| self.tor_of(self.rows[r as usize].target) != t),
+                    );
+                    out.extend(
+                        self.into(e)
+                            .iter()
+                            .filter(|&&r| self.tor_of(self.rows[r as usize].source) != t),
+                    );
+                }
+            }
+            Component::Fabric => out.extend((0..self.rows.len() as u32).filter(|&r| {
+                let (s, t) = self.ends(r);
+                self.tor_of(s) != self.tor_of(t)
+            })),
+        }
+    }
+
+    fn blamable(&self, c: u32) -> bool {
+        match self.component(c) {
+            // A node with one endpoint: the host stands for it (same paths).
+            Component::EndpointOut(e) | Component::EndpointIn(e) | Component::Endpoint(e) => {
+                self.endpoints_of_node(self.node_of(e)).len() > 1
+            }
+            // A ToR with one node: its host stands for it.
+            Component::Tor(t) => self.nodes_per_tor[t as usize] > 1,
+            _ => true,
+        }
+    }
+}
