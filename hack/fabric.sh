@@ -8,8 +8,14 @@
 #   hack/fabric.sh status                      namespaces, injected faults, ping matrix
 #   hack/fabric.sh hosts                       one line per host:
 #                                              <netns> <host> <tor> <fabric IP>
-#   hack/fabric.sh inject host <host> <pct>    drop pct % of what enters and leaves the
-#                                              host's fabric interface (not its mgmt one)
+#   hack/fabric.sh inject host <host> <pct>    drop pct % of what the host sends and
+#                                              receives on its fabric cable (at the ToR
+#                                              end: the host's sends succeed and vanish,
+#                                              like a broken NIC); mgmt is untouched
+#   hack/fabric.sh inject host-local <host> <pct>
+#                                              the same in the host's own iptables
+#                                              (INPUT/OUTPUT on fabric0): dropped sends
+#                                              fail with EPERM in the sender
 #   hack/fabric.sh inject tor <tor> <pct>      drop pct % of what the ToR forwards
 #   hack/fabric.sh inject spine <spine> <pct>  drop pct % of what the spine forwards
 #   hack/fabric.sh inject link <from> <to> <pct>
@@ -21,6 +27,10 @@
 #   hack/fabric.sh ecmp [src] [dst] [ports]    send one UDP datagram per source port
 #                                              (default h11 -> h31, 16 ports) and print
 #                                              which spine carried each
+#   hack/fabric.sh paths                       read `<src host> <dst host> <sport> <dport>`
+#                                              lines on stdin, print the routers each UDP
+#                                              flow crosses (`tor1 sp2 tor3`), from the
+#                                              kernel's own ECMP choice (`ip route get`)
 #
 # pct is a number in (0, 100]; 100 is a black hole (plain DROP), anything else is
 # `-m statistic --mode random --probability pct/100 -j DROP`. Every fault rule
@@ -29,12 +39,11 @@
 #
 # Topology (netns names; every link is a veth pair):
 #
-#          pmf-sp1                 pmf-sp2          spines: ip_forward, L4 ECMP hash
-#         /   |   \               /   |   \
-#   pmf-tor1  pmf-tor2  pmf-tor3  (each ToR to both spines)
-#    /   \     /   \     /   \
-#  h11   h12 h21   h22 h31   h32   (netns pmf-hTH: host H of ToR T)
-#    \____\____\_____\____\___\___ pmf-mgmt: bridge br0, 10.78.0.1/24 (the controller)
+#   spines  pmf-sp1  pmf-sp2             every ToR has one link to each spine
+#   ToRs    pmf-tor1  pmf-tor2  pmf-tor3
+#   hosts   pmf-h11 pmf-h12 | pmf-h21 pmf-h22 | pmf-h31 pmf-h32   (host H of ToR T)
+#   mgmt    pmf-mgmt: bridge br0, one port to every host, outside the fabric
+#           (the controller runs here; agents reach it without crossing a ToR)
 #
 # Addresses (nothing outside 10.77.0.0/16 and 10.78.0.0/24 is used):
 #   host H of ToR T      fabric0 10.77.T.1H/32 (h21: 10.77.2.11), default via 10.77.T.1
@@ -67,8 +76,16 @@ die() {
 }
 
 usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-  exit "${1:-0}"
+  local code=${1:-0}
+  if [[ ${code} -eq 0 ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  else
+    {
+      echo "usage:"
+      sed -n '5,/^# pct is/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+    } >&2
+  fi
+  exit "${code}"
 }
 
 # Index (1-based) of a ToR or spine name: tor3 -> 3, sp2 -> 2.
@@ -279,11 +296,15 @@ cmd_faults() {
   done < <(all_namespaces)
 }
 
-# Percent -> the iptables match that drops that share: black hole at 100.
-drop_spec() {
+check_pct() {
   local pct=$1
   [[ ${pct} =~ ^[0-9]+([.][0-9]+)?$ ]] || die "percent must be a number: ${pct}"
   awk -v p="$pct" 'BEGIN { exit !(p > 0 && p <= 100) }' || die "percent must be in (0, 100]: ${pct}"
+}
+
+# Percent -> the iptables match that drops that share: black hole at 100.
+drop_spec() {
+  local pct=$1
   if awk -v p="$pct" 'BEGIN { exit !(p == 100) }'; then
     echo "-j DROP"
   else
@@ -301,6 +322,7 @@ add_rule() {
     shift
   done
   shift
+  check_pct "$1"
   local -a drop
   read -ra drop <<<"$(drop_spec "$1")"
   ns_exists "$ns" || die "${ns} does not exist: run \`hack/fabric.sh up\` first"
@@ -313,15 +335,30 @@ cmd_inject() {
   [[ $# -ge 1 ]] || usage 2
   local kind=$1
   shift
+  [[ $# -ge 1 ]] || usage 2
+  check_pct "${@: -1}"
   case "$kind" in
-    host)
+    host | host-local)
       [[ $# -eq 2 ]] || usage 2
       local h
       h=$(short "$1")
       is_one_of "$h" "${HOSTS[@]}" || die "no host ${1} (hosts: ${HOSTS[*]})"
-      local tag="${FAULT_TAG}:host:${h}:$2"
-      add_rule "${PREFIX}${h}" "$tag" INPUT -i fabric0 -- "$2"
-      add_rule "${PREFIX}${h}" "$tag" OUTPUT -o fabric0 -- "$2"
+      local tag="${FAULT_TAG}:${kind}:${h}:$2"
+      if [[ ${kind} == host-local ]]; then
+        # The host's own firewall: what it sends fails with EPERM, not silently.
+        add_rule "${PREFIX}${h}" "$tag" INPUT -i fabric0 -- "$2"
+        add_rule "${PREFIX}${h}" "$tag" OUTPUT -o fabric0 -- "$2"
+      else
+        # On the wire: the ToR end of the host's cable, both directions, so the
+        # host's sends succeed and vanish like on a broken NIC or cable.
+        local tor port
+        tor="${PREFIX}$(tor_of "$h")"
+        port="h${h:2:1}"
+        add_rule "$tor" "$tag" FORWARD -i "$port" -- "$2"
+        add_rule "$tor" "$tag" FORWARD -o "$port" -- "$2"
+        add_rule "$tor" "$tag" INPUT -i "$port" -- "$2"
+        add_rule "$tor" "$tag" OUTPUT -o "$port" -- "$2"
+      fi
       ;;
     tor | spine)
       [[ $# -eq 2 ]] || usage 2
@@ -444,11 +481,41 @@ s.sendto(b"pmf-ecmp", (sys.argv[3], 40999))
         used[$s]=1
       fi
     done
-    echo "  source port ${sport}: via ${via:-nothing (lost)}"
+    echo "  source port ${sport}: via ${via:-nothing (lost)}(route get: $(flow_path "$src" "$dst" "$sport" 40999))"
   done
   for s in "${SPINES[@]}"; do delete_tagged "${PREFIX}${s}" "${COUNT_TAG}"; done
   echo "spines used: ${!used[*]}"
   [[ ${#used[@]} -eq ${#SPINES[@]} ]] || die "not every spine carried a flow: is L4 hashing on?"
+}
+
+# The routers a UDP flow from host to host crosses, as the source ToR's FIB picks.
+flow_path() {
+  local src=$1 dst=$2 sport=$3 dport=$4
+  local st dt spine
+  st=$(tor_of "$src")
+  dt=$(tor_of "$dst")
+  if [[ ${st} == "${dt}" ]]; then
+    echo "$st"
+    return
+  fi
+  spine=$(ip -n "${PREFIX}${st}" route get "$(host_ip "$dst")" from "$(host_ip "$src")" \
+    iif "h${src:2:1}" ipproto udp sport "$sport" dport "$dport" |
+    sed -n 's/.* dev \(sp[0-9]*\).*/\1/p' | head -n 1)
+  echo "${st} ${spine:-?} ${dt}"
+}
+
+cmd_paths() {
+  need_root
+  local src dst sport dport
+  while read -r src dst sport dport; do
+    [[ -n ${src} ]] || continue
+    src=$(short "$src")
+    dst=$(short "$dst")
+    is_one_of "$src" "${HOSTS[@]}" || die "no host ${src}"
+    is_one_of "$dst" "${HOSTS[@]}" || die "no host ${dst}"
+    [[ ${sport} =~ ^[0-9]+$ && ${dport} =~ ^[0-9]+$ ]] || die "ports must be numbers: ${sport} ${dport}"
+    flow_path "$src" "$dst" "$sport" "$dport"
+  done
 }
 
 main() {
@@ -464,6 +531,7 @@ main() {
     clear) cmd_clear ;;
     faults) cmd_faults ;;
     ecmp) cmd_ecmp "$@" ;;
+    paths) cmd_paths ;;
     -h | --help | help) usage 0 ;;
     *) usage 2 ;;
   esac

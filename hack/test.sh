@@ -72,6 +72,13 @@ fi
 # The RDMA mesh test (tests/rdma_mesh.rs) needs an RDMA device: hack/softroce.sh runs it.
 env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked --test mesh -- --include-ignored --test-threads=1
 
+step "end-to-end: fault localization on a leaf-spine fabric of network namespaces"
+if [[ "$(id -u)" == 0 ]] && command -v iptables >/dev/null && ip netns list >/dev/null 2>&1; then
+  PINGMESH_E2E_FABRIC=1 cargo test -p pingmesh-e2e --locked --test fabric -- --include-ignored --test-threads=1
+else
+  skipped+=("leaf-spine fabric e2e (needs root, iptables and network namespaces: hack/fabric.sh)")
+fi
+
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   step "envtest: the operator against a real API server (KUBEBUILDER_ASSETS=${KUBEBUILDER_ASSETS})"
   hack/envtest.sh check
