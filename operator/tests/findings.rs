@@ -1,5 +1,6 @@
-//! What the operator publishes from findings: Events on the PingMesh and on
-//! Nodes, and the opt-in Node condition, against a scripted API server.
+//! What the operator publishes from findings and root causes: Events on the
+//! PingMesh and on Nodes, and the opt-in Node condition, against a scripted
+//! API server.
 #![cfg(feature = "kubernetes")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -14,12 +15,15 @@ use pingmesh_operator::config::MeshConfig;
 use pingmesh_operator::crd::{DEFAULT_NODE_CONDITION_TYPE, NodeHealthSpec};
 use pingmesh_operator::mesh::analyzer::{ClearReason, Finding, FindingKind};
 use pingmesh_operator::mesh::controller::MeshController;
+use pingmesh_operator::mesh::localize::{
+    CauseEvidence, CauseKind, OpenRootCause, RootCause, Side, Signal,
+};
 use pingmesh_operator::mesh::registry::open_registry;
 use pingmesh_operator::mesh::types::MeshEndpoint;
 use pingmesh_operator::reconcile::{
-    EVENT_RETRIES, EventObject, FAULT_REASON, FIELD_MANAGER, FindingsPublisher, FindingsView,
-    HEALTHY_REASON, MAX_ANNOUNCED, NodeMeta, PAUSE_AFTER_FAILURE, ReconcileMetrics, SourceSettings,
-    node_cache,
+    EVENT_RETRIES, EventObject, FIELD_MANAGER, FindingsPublisher, FindingsView, MAX_ANNOUNCED,
+    NO_ROOT_CAUSE_REASON, NodeMeta, PAUSE_AFTER_FAILURE, ROOT_CAUSE_CLEARED_REASON,
+    ROOT_CAUSE_REASON, ReconcileMetrics, SourceSettings, node_cache,
 };
 use pingmesh_proto::v1::{Endpoint, Transport, WindowSummary};
 use pingmesh_proto::window::{unix_now_ms, window_start};
@@ -164,13 +168,67 @@ fn cleared(mut finding: Finding, why: ClearReason) -> Finding {
     finding
 }
 
-/// What a mesh controller that judged enough windows shows.
+/// What a mesh controller that judged enough windows shows, no root cause open.
 fn view(open: Vec<Finding>, cleared: Vec<Finding>) -> FindingsView {
     FindingsView {
         open,
         cleared,
         endpoints: fleet(),
         conditions_ready: true,
+        ..FindingsView::default()
+    }
+}
+
+/// The same, with root causes open.
+fn with_causes(open: Vec<Finding>, causes: Vec<OpenRootCause>) -> FindingsView {
+    FindingsView {
+        root_causes: causes,
+        ..view(open, vec![])
+    }
+}
+
+/// An open root cause explaining `findings`; `node` for endpoint and host causes.
+fn root_cause(kind: CauseKind, component: &str, findings: &[Finding]) -> OpenRootCause {
+    let node = matches!(kind, CauseKind::Endpoint | CauseKind::Host)
+        .then(|| component.split('/').next().unwrap().to_owned());
+    OpenRootCause {
+        cause: RootCause {
+            kind,
+            component: component.to_owned(),
+            side: node.as_ref().map(|_| Side::Both),
+            signal: Signal::Loss,
+            node,
+            tor: Some("tor-a".to_owned()),
+            confidence: 0.9,
+            evidence: CauseEvidence {
+                failing: 10,
+                healthy: 0,
+                unit: "paths".to_owned(),
+                ..CauseEvidence::default()
+            },
+            candidates: Vec::new(),
+            explains: findings
+                .iter()
+                .map(|f| format!("{} {}", kind_label(f.kind), f.location))
+                .collect(),
+            summary: format!(
+                "{} {component}: 10 of 10 paths through it losing, loss 100.0% vs 0.00% elsewhere",
+                kind.label()
+            ),
+        },
+        opened_at_window_ms: 1_800_000_010_000,
+        first_window_ms: 1_800_000_005_000,
+        last_window_ms: 1_800_000_010_000,
+        cleared_at_window_ms: None,
+    }
+}
+
+fn kind_label(kind: FindingKind) -> &'static str {
+    match kind {
+        FindingKind::PathLoss => "pathLoss",
+        FindingKind::PathLatency => "pathLatency",
+        FindingKind::TorPairLoss => "torPairLoss",
+        FindingKind::TorPairLatency => "torPairLatency",
     }
 }
 
@@ -510,7 +568,7 @@ async fn an_event_the_api_server_keeps_refusing_is_given_up_after_a_few_passes()
 async fn a_cancelled_pass_writes_nothing() {
     let mut h = Harness::start();
     h.cancel.cancel();
-    let seen = h.sync(&view(broken_n3(), vec![]), &settings(true)).await;
+    let seen = h.sync(&broken_n3(), &settings(true)).await;
     assert!(
         seen.is_empty(),
         "{:?}",
@@ -533,16 +591,244 @@ async fn without_the_policy_source_only_nodes_get_events() {
     assert_eq!(regarding, ["n2", "n3"]);
 }
 
+// ---------------------------------------------------------------- Root causes
+
+#[tokio::test]
+async fn a_root_cause_is_one_event_and_the_findings_it_explains_get_none() {
+    let mut h = Harness::start();
+    let opened = h.sync(&broken_n3(), &settings(false)).await;
+    assert_eq!(
+        events(&opened),
+        [
+            event(MESH_EVENTS, "Warning", ROOT_CAUSE_REASON, "default", "n3"),
+            event(NODE_EVENTS, "Warning", ROOT_CAUSE_REASON, "n3", ""),
+        ]
+    );
+    let note = opened[0].body["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("host n3 (loss, both ways, confidence 0.90): host n3: 10 of 10 paths"),
+        "{note}"
+    );
+    assert!(
+        note.contains("explains 10 open SLA findings (10 pathLoss): pathLoss n3/udp0 -> n1/udp0"),
+        "{note}"
+    );
+    assert_eq!(opened[1].body["regarding"]["uid"], "uid-n3");
+    assert_eq!(opened[1].body["note"], opened[0].body["note"]);
+
+    // Still open: nothing new.
+    let again = h.sync(&broken_n3(), &settings(false)).await;
+    assert!(again.is_empty(), "{:?}", events(&again));
+
+    // It clears with its findings: one Event each on the mesh and the node,
+    // none for the findings.
+    let mut record = broken_n3().root_causes.remove(0);
+    record.cleared_at_window_ms = Some(1_800_000_030_000);
+    let recovered = FindingsView {
+        cleared_root_causes: vec![record],
+        ..view(
+            vec![],
+            n3_paths()
+                .into_iter()
+                .map(|f| cleared(f, ClearReason::Recovered))
+                .collect(),
+        )
+    };
+    let closed = h.sync(&recovered, &settings(false)).await;
+    assert_eq!(
+        events(&closed),
+        [
+            event(
+                MESH_EVENTS,
+                "Normal",
+                ROOT_CAUSE_CLEARED_REASON,
+                "default",
+                "n3"
+            ),
+            event(NODE_EVENTS, "Normal", ROOT_CAUSE_CLEARED_REASON, "n3", ""),
+        ]
+    );
+    let note = closed[0].body["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("host n3 (loss): no longer localized (open since 2027-01-15T08:00:05Z"),
+        "{note}"
+    );
+    assert_eq!(h.metrics.finding_events(EventObject::PingMesh, true), 2);
+    assert_eq!(h.metrics.finding_events(EventObject::Node, true), 2);
+}
+
+#[tokio::test]
+async fn network_root_causes_are_announced_on_the_mesh_only() {
+    let mut h = Harness::start();
+    let pair = tor_pair(FindingKind::TorPairLoss, "tor-a", "tor-b");
+    let link = root_cause(
+        CauseKind::Link,
+        "spine-1 -> tor-b",
+        std::slice::from_ref(&pair),
+    );
+    let opened = h
+        .sync(&with_causes(vec![pair], vec![link]), &settings(false))
+        .await;
+    assert_eq!(
+        events(&opened),
+        [event(
+            MESH_EVENTS,
+            "Warning",
+            ROOT_CAUSE_REASON,
+            "default",
+            ""
+        )]
+    );
+    let closed = h.sync(&view(vec![], vec![]), &settings(false)).await;
+    assert_eq!(
+        events(&closed),
+        [event(
+            MESH_EVENTS,
+            "Normal",
+            ROOT_CAUSE_CLEARED_REASON,
+            "default",
+            ""
+        )]
+    );
+    assert!(
+        closed[0].body["note"]
+            .as_str()
+            .unwrap()
+            .ends_with("no longer reported by the mesh controller")
+    );
+}
+
+#[tokio::test]
+async fn findings_no_root_cause_explains_keep_their_own_events() {
+    let mut h = Harness::start();
+    let mut findings = n3_paths();
+    let host = root_cause(CauseKind::Host, "n3", &findings);
+    findings.push(tor_pair(FindingKind::TorPairLatency, "tor-b", "tor-c"));
+    let opened = h
+        .sync(&with_causes(findings, vec![host]), &settings(false))
+        .await;
+    let reasons: Vec<String> = events(&opened).into_iter().map(|e| e.2).collect();
+    assert_eq!(
+        reasons,
+        [
+            ROOT_CAUSE_REASON,
+            ROOT_CAUSE_REASON,
+            "TorPairLatencyDetected"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_finding_announced_before_its_root_cause_opened_is_announced_clearing_too() {
+    let mut h = Harness::start();
+    let loss = path(FindingKind::PathLoss, "n1", "n3");
+    let first = h
+        .sync(&view(vec![loss.clone()], vec![]), &settings(false))
+        .await;
+    assert_eq!(events(&first).len(), 3);
+
+    let host = root_cause(CauseKind::Host, "n3", std::slice::from_ref(&loss));
+    let second = h
+        .sync(&with_causes(vec![loss], vec![host]), &settings(false))
+        .await;
+    let reasons: Vec<String> = events(&second).into_iter().map(|e| e.2).collect();
+    assert_eq!(reasons, [ROOT_CAUSE_REASON, ROOT_CAUSE_REASON]);
+
+    let third = h.sync(&view(vec![], vec![]), &settings(false)).await;
+    let reasons: Vec<String> = events(&third).into_iter().map(|e| e.2).collect();
+    assert_eq!(
+        reasons,
+        [
+            ROOT_CAUSE_CLEARED_REASON,
+            ROOT_CAUSE_CLEARED_REASON,
+            "PathLossCleared",
+            "PathLossCleared",
+            "PathLossCleared"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_finding_its_root_cause_no_longer_explains_is_announced_then() {
+    let mut h = Harness::start();
+    let loss = path(FindingKind::PathLoss, "n1", "n3");
+    let host = root_cause(CauseKind::Host, "n3", std::slice::from_ref(&loss));
+    let first = h
+        .sync(
+            &with_causes(vec![loss.clone()], vec![host]),
+            &settings(false),
+        )
+        .await;
+    assert_eq!(events(&first).len(), 2);
+
+    // The cause cleared, the finding stays open: now it gets its Events.
+    let second = h
+        .sync(&view(vec![loss.clone()], vec![]), &settings(false))
+        .await;
+    let reasons: Vec<String> = events(&second).into_iter().map(|e| e.2).collect();
+    assert_eq!(
+        reasons,
+        [
+            ROOT_CAUSE_CLEARED_REASON,
+            ROOT_CAUSE_CLEARED_REASON,
+            "PathLossDetected",
+            "PathLossDetected",
+            "PathLossDetected",
+        ]
+    );
+    let third = h.sync(&view(vec![], vec![]), &settings(false)).await;
+    let reasons: Vec<String> = events(&third).into_iter().map(|e| e.2).collect();
+    assert_eq!(reasons, ["PathLossCleared"; 3]);
+}
+
+#[tokio::test]
+async fn root_causes_and_findings_share_the_bound_on_events_per_window() {
+    let mut h = Harness::start();
+    let causes: Vec<OpenRootCause> = (0..MAX_ANNOUNCED + 2)
+        .map(|i| root_cause(CauseKind::Tor, &format!("tor-{i:03}"), &[]))
+        .collect();
+    let findings: Vec<Finding> = (0..3)
+        .map(|i| tor_pair(FindingKind::TorPairLoss, "tor-x", &format!("tor-y{i}")))
+        .collect();
+    let opened = h
+        .sync(&with_causes(findings, causes), &settings(false))
+        .await;
+    let reasons: Vec<String> = events(&opened).into_iter().map(|e| e.2).collect();
+    assert_eq!(reasons.len(), MAX_ANNOUNCED + 1);
+    assert!(
+        reasons[..MAX_ANNOUNCED]
+            .iter()
+            .all(|r| r == ROOT_CAUSE_REASON)
+    );
+    assert_eq!(reasons[MAX_ANNOUNCED], "ManyFindingsDetected");
+    let note = opened[MAX_ANNOUNCED].body["note"].as_str().unwrap();
+    assert!(
+        note.starts_with("2 more root causes and 3 more findings opened in this window"),
+        "{note}"
+    );
+    // Clearing announces exactly what was announced one by one.
+    let closed = h.sync(&view(vec![], vec![]), &settings(false)).await;
+    let reasons: Vec<String> = events(&closed).into_iter().map(|e| e.2).collect();
+    assert_eq!(reasons, [ROOT_CAUSE_CLEARED_REASON; MAX_ANNOUNCED]);
+}
+
 // ---------------------------------------------------------------- Node condition
 
 /// n3's paths to every other node fail both ways.
-fn broken_n3() -> Vec<Finding> {
+fn n3_paths() -> Vec<Finding> {
     let mut findings = Vec::new();
     for other in ["n1", "n2", "n4", "n5", "n6"] {
         findings.push(path(FindingKind::PathLoss, "n3", other));
         findings.push(path(FindingKind::PathLoss, other, "n3"));
     }
     findings
+}
+
+/// n3's paths fail, and the localizer names host n3.
+fn broken_n3() -> FindingsView {
+    let findings = n3_paths();
+    let host = root_cause(CauseKind::Host, "n3", &findings);
+    with_causes(findings, vec![host])
 }
 
 #[tokio::test]
@@ -564,32 +850,36 @@ async fn the_node_condition_turns_false_on_a_localized_fault_and_true_again_when
     let written = condition(&n1, DEFAULT_NODE_CONDITION_TYPE).unwrap();
     assert_eq!(
         (written["status"].as_str(), written["reason"].as_str()),
-        (Some("True"), Some(HEALTHY_REASON))
+        (Some("True"), Some(NO_ROOT_CAUSE_REASON))
     );
     assert!(
         condition(&n1, "Ready").is_some(),
         "the kubelet's conditions stay"
     );
 
-    let fault = h.sync(&view(broken_n3(), vec![]), &on).await;
+    let fault = h.sync(&broken_n3(), &on).await;
     assert_eq!(node_calls(&fault), ["PATCH /api/v1/nodes/n3/status"]);
     let n3 = h.node("n3");
     let faulty = condition(&n3, DEFAULT_NODE_CONDITION_TYPE).unwrap();
     assert_eq!(
         (faulty["status"].as_str(), faulty["reason"].as_str()),
-        (Some("False"), Some(FAULT_REASON))
+        (Some("False"), Some(ROOT_CAUSE_REASON))
     );
     let message = faulty["message"].as_str().unwrap();
-    assert!(
-        message.contains("5 other nodes under ToR tor-a"),
-        "{message}"
+    assert_eq!(
+        message,
+        "host n3: 10 of 10 paths through it losing, loss 100.0% vs 0.00% elsewhere \
+         (open since 2027-01-15T08:00:05Z)"
     );
-    assert!(message.contains("pathLoss n1/udp0 -> n3/udp0"), "{message}");
     assert!(faulty["lastTransitionTime"].is_string());
     assert_eq!(h.metrics.condition_writes(true), 7);
 
-    // Unchanged in the next window: nothing written.
-    let steady = h.sync(&view(broken_n3(), vec![]), &on).await;
+    // Unchanged in the next window: nothing written, even though the
+    // evidence in the cause's summary moved.
+    let mut steady = broken_n3();
+    steady.root_causes[0].cause.summary =
+        "host n3: 9 of 10 paths through it losing, loss 93.0% vs 0.00% elsewhere".to_owned();
+    let steady = h.sync(&steady, &on).await;
     assert!(node_calls(&steady).is_empty(), "{:?}", node_calls(&steady));
 
     let recovered = h.sync(&view(vec![], vec![]), &on).await;
@@ -602,24 +892,80 @@ async fn the_node_condition_turns_false_on_a_localized_fault_and_true_again_when
 }
 
 #[tokio::test]
-async fn one_bad_path_does_not_flip_either_end() {
+async fn findings_without_a_root_cause_flip_no_node() {
     let mut h = Harness::start();
     let on = settings(true);
     h.sync(&view(vec![], vec![]), &on).await;
-    let one = h
-        .sync(
-            &view(vec![path(FindingKind::PathLoss, "n1", "n2")], vec![]),
-            &on,
-        )
-        .await;
-    assert!(node_calls(&one).is_empty(), "{:?}", node_calls(&one));
+    // Even n3's paths to every node failing: until the localizer names n3,
+    // the condition stays as it is.
+    for findings in [vec![path(FindingKind::PathLoss, "n1", "n2")], n3_paths()] {
+        let seen = h.sync(&view(findings, vec![]), &on).await;
+        assert!(node_calls(&seen).is_empty(), "{:?}", node_calls(&seen));
+    }
+    assert_eq!(h.metrics.faulty_nodes(), 0);
+}
+
+#[tokio::test]
+async fn network_root_causes_flip_no_node_and_endpoint_ones_flip_theirs() {
+    let mut h = Harness::start();
+    let on = settings(true);
+    h.sync(&view(vec![], vec![]), &on).await;
+    let network = with_causes(
+        vec![],
+        vec![
+            root_cause(CauseKind::Tor, "tor-a", &[]),
+            root_cause(CauseKind::Link, "spine-1 -> tor-a", &[]),
+            root_cause(CauseKind::Switch, "spine layer", &[]),
+        ],
+    );
+    let seen = h.sync(&network, &on).await;
+    assert!(node_calls(&seen).is_empty(), "{:?}", node_calls(&seen));
+
+    let rnic = with_causes(
+        vec![],
+        vec![root_cause(CauseKind::Endpoint, "n5/udp0", &[])],
+    );
+    let seen = h.sync(&rnic, &on).await;
+    assert_eq!(node_calls(&seen), ["PATCH /api/v1/nodes/n5/status"]);
+    let n5 = h.node("n5");
+    let written = condition(&n5, DEFAULT_NODE_CONDITION_TYPE).unwrap();
+    assert_eq!(written["status"], "False");
+    assert!(
+        written["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("endpoint n5/udp0: 10 of 10 paths"),
+        "{written}"
+    );
+    assert_eq!(h.metrics.faulty_nodes(), 1);
+}
+
+/// Two nodes under one ToR, one black-holed: the ToR mesh alone cannot say
+/// which (each one's only same-ToR path is to the other), the inter-ToR paths
+/// can, and the localizer's host cause flips exactly that node.
+#[tokio::test]
+async fn a_host_cause_flips_its_node_even_with_two_nodes_per_tor() {
+    let mut h = Harness::start();
+    let on = settings(true);
+    h.sync(&view(vec![], vec![]), &on).await;
+    let findings = vec![
+        path(FindingKind::PathLoss, "n1", "n2"),
+        path(FindingKind::PathLoss, "n2", "n1"),
+    ];
+    let host = root_cause(CauseKind::Host, "n2", &findings);
+    let seen = h.sync(&with_causes(findings, vec![host]), &on).await;
+    assert_eq!(node_calls(&seen), ["PATCH /api/v1/nodes/n2/status"]);
+    assert_eq!(
+        condition(&h.node("n1"), DEFAULT_NODE_CONDITION_TYPE).unwrap()["status"],
+        "True"
+    );
 }
 
 #[tokio::test]
 async fn nothing_is_written_on_nodes_when_node_conditions_are_off() {
     let mut h = Harness::start();
-    for findings in [vec![], broken_n3(), vec![]] {
-        let seen = h.sync(&view(findings, vec![]), &settings(false)).await;
+    for view in [view(vec![], vec![]), broken_n3(), view(vec![], vec![])] {
+        let seen = h.sync(&view, &settings(false)).await;
         assert!(node_calls(&seen).is_empty(), "{:?}", node_calls(&seen));
     }
     assert_eq!(
@@ -632,10 +978,10 @@ async fn nothing_is_written_on_nodes_when_node_conditions_are_off() {
 #[tokio::test]
 async fn turning_node_conditions_off_removes_the_condition_it_wrote() {
     let mut h = Harness::start();
-    h.sync(&view(broken_n3(), vec![]), &settings(true)).await;
+    h.sync(&broken_n3(), &settings(true)).await;
     assert!(condition(&h.node("n3"), DEFAULT_NODE_CONDITION_TYPE).is_some());
 
-    let off = h.sync(&view(broken_n3(), vec![]), &settings(false)).await;
+    let off = h.sync(&broken_n3(), &settings(false)).await;
 
     let patches: Vec<&Seen> = off.iter().filter(|s| s.method == "PATCH").collect();
     assert_eq!(patches.len(), 6);
@@ -665,8 +1011,8 @@ async fn a_condition_already_on_the_node_is_read_back_not_written_again() {
                 .unwrap()
                 .push(serde_json::json!({
                     "type": DEFAULT_NODE_CONDITION_TYPE, "status": "True",
-                    "reason": HEALTHY_REASON,
-                    "message": "no open finding localizes a fault to this node",
+                    "reason": NO_ROOT_CAUSE_REASON,
+                    "message": "no open root cause names this node",
                     "lastTransitionTime": "2026-01-01T00:00:00Z",
                 }));
         }
@@ -678,7 +1024,7 @@ async fn a_condition_already_on_the_node_is_read_back_not_written_again() {
         node_calls(&seen)
     );
     // When it does flip, the transition time moves and the old one is not kept.
-    let fault = h.sync(&view(broken_n3(), vec![]), &settings(true)).await;
+    let fault = h.sync(&broken_n3(), &settings(true)).await;
     assert_eq!(node_calls(&fault), ["PATCH /api/v1/nodes/n3/status"]);
     let n3 = h.node("n3");
     assert_ne!(
@@ -691,7 +1037,7 @@ async fn a_condition_already_on_the_node_is_read_back_not_written_again() {
 async fn after_a_restart_no_condition_is_written_until_the_mesh_controller_warmed_up() {
     let mut h = Harness::start();
     // n3 was found faulty before the operator (or the mesh controller) restarted.
-    h.left_behind("n3", "False", FAULT_REASON);
+    h.left_behind("n3", "False", ROOT_CAUSE_REASON);
     let on = settings(true);
 
     // The restarted mesh controller has no open findings yet: nothing is
@@ -708,7 +1054,7 @@ async fn after_a_restart_no_condition_is_written_until_the_mesh_controller_warme
     assert_eq!(h.metrics.condition_writes(true), 0);
 
     // Warmed up, the fault persists: n3 stays False, the others turn True.
-    let warm = h.sync(&view(broken_n3(), vec![]), &on).await;
+    let warm = h.sync(&broken_n3(), &on).await;
     let patches: Vec<String> = node_calls(&warm)
         .into_iter()
         .filter(|c| c.starts_with("PATCH"))
@@ -717,7 +1063,7 @@ async fn after_a_restart_no_condition_is_written_until_the_mesh_controller_warme
     let n3 = h.node("n3");
     let kept = condition(&n3, DEFAULT_NODE_CONDITION_TYPE).unwrap();
     assert_eq!(kept["status"], "False");
-    assert_eq!(kept["reason"], FAULT_REASON);
+    assert_eq!(kept["reason"], ROOT_CAUSE_REASON);
     assert_eq!(
         kept["lastTransitionTime"], "2026-01-01T00:00:00Z",
         "no flip, so the transition time stays"
@@ -731,7 +1077,7 @@ async fn after_a_restart_no_condition_is_written_until_the_mesh_controller_warme
 #[tokio::test]
 async fn after_the_warm_up_a_fault_gone_meanwhile_turns_the_condition_true() {
     let mut h = Harness::start();
-    h.left_behind("n3", "False", FAULT_REASON);
+    h.left_behind("n3", "False", ROOT_CAUSE_REASON);
     let on = settings(true);
     let early = h.sync(&warming_up(), &on).await;
     assert!(node_calls(&early).is_empty(), "{:?}", node_calls(&early));
@@ -870,4 +1216,176 @@ async fn a_failed_write_pauses_the_condition_for_a_few_windows_then_carries_on()
         .count();
     assert_eq!(patches, 6);
     assert_eq!(h.metrics.condition_writes(true), 6);
+}
+
+/// `sent` probes from `source` to `target` in window `start`, `lost` of them lost.
+fn lossy_summary(
+    source: &str,
+    target: &str,
+    start: u64,
+    window_ms: u32,
+    lost: u64,
+) -> WindowSummary {
+    WindowSummary {
+        ok: 20 - lost,
+        lost,
+        ..summary(source, target, start, window_ms)
+    }
+}
+
+/// A mesh controller with `window_ms` windows and the default SLA, and
+/// nodes n1..=n6 registered (one UDP endpoint each) and connected.
+async fn six_nodes(
+    dir: &tempfile::TempDir,
+    window_ms: u32,
+) -> (
+    Arc<MeshController>,
+    Vec<pingmesh_operator::mesh::controller::PresenceGuard>,
+) {
+    let mut config = MeshConfig {
+        registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
+        ..MeshConfig::default()
+    };
+    config.pinglist.window_ms = window_ms;
+    config.pinglist.probe_timeout_ms = 50;
+    let registry = open_registry(&config.registry).await.unwrap();
+    let controller = MeshController::new(config, registry).await.unwrap();
+    let mut present = Vec::new();
+    for i in 1..=6 {
+        let node = format!("n{i}");
+        let (session, _) = controller
+            .register(&node, "test", &[udp(&node, 7000 + i)])
+            .await
+            .unwrap();
+        present.push(controller.connect(&node, session));
+    }
+    (controller, present)
+}
+
+/// Reports window `start` from every node to every other one, every probe to
+/// and from n3 lost when `n3_broken`, judges it and returns what the publisher
+/// reads.
+async fn judge(
+    controller: &MeshController,
+    nodes: &[String],
+    start: u64,
+    n3_broken: bool,
+) -> FindingsView {
+    let window_ms = controller.config().pinglist.window_ms;
+    // A window is taken at most one window ahead of the clock.
+    while unix_now_ms() + u64::from(window_ms) < start {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for source in nodes {
+        let summaries = nodes
+            .iter()
+            .filter(|target| *target != source)
+            .map(|target| {
+                let lost = if n3_broken && (source == "n3" || target == "n3") {
+                    20
+                } else {
+                    0
+                };
+                lossy_summary(source, target, start, window_ms, lost)
+            })
+            .collect();
+        controller.report(source, summaries).unwrap();
+    }
+    controller.evaluate(start).unwrap();
+    FindingsView::of(controller)
+}
+
+/// The whole chain on a real mesh controller: six nodes under one ToR, every
+/// probe to and from n3 lost. The localizer names host n3: one root-cause
+/// Event on the PingMesh and on n3 (none per path), n3's condition False;
+/// after n3 recovers, one Event each again and the condition True.
+#[tokio::test]
+async fn a_black_holed_node_on_a_real_mesh_controller_is_one_root_cause_and_its_condition() {
+    const WINDOW_MS: u32 = 200;
+    let dir = tempfile::tempdir().unwrap();
+    let (controller, _present) = six_nodes(&dir, WINDOW_MS).await;
+    let nodes: Vec<String> = (1..=6).map(|i| format!("n{i}")).collect();
+    let mut h = Harness::start();
+    let on = settings(true);
+    let mut start = window_start(unix_now_ms(), WINDOW_MS);
+    let mut seen = Vec::new();
+    let mut view = FindingsView::default();
+    for _ in 0..4 {
+        start += u64::from(WINDOW_MS);
+        view = judge(&controller, &nodes, start, true).await;
+        seen.extend(h.sync(&view, &on).await);
+    }
+    let causes: Vec<(CauseKind, String)> = view
+        .root_causes
+        .iter()
+        .map(|c| (c.cause.kind, c.cause.component.clone()))
+        .collect();
+    assert_eq!(causes, [(CauseKind::Host, "n3".to_owned())]);
+    assert!(!view.open.is_empty(), "path findings open too");
+    assert!(view.conditions_ready);
+    let announced: Vec<(String, String, String, String, String)> = events(&seen);
+    assert_eq!(
+        announced,
+        [
+            event(MESH_EVENTS, "Warning", ROOT_CAUSE_REASON, "default", "n3"),
+            event(NODE_EVENTS, "Warning", ROOT_CAUSE_REASON, "n3", ""),
+        ],
+        "one Event per root cause, none per path"
+    );
+    let note = seen.iter().find(|s| s.is_event()).unwrap().body["note"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(note.starts_with("host n3 (loss, both ways"), "{note}");
+    assert!(note.contains("pathLoss n1/udp0 -> n3/udp0"), "{note}");
+    let n3 = condition(&h.node("n3"), DEFAULT_NODE_CONDITION_TYPE)
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (n3["status"].as_str(), n3["reason"].as_str()),
+        (Some("False"), Some(ROOT_CAUSE_REASON))
+    );
+    assert!(
+        n3["message"].as_str().unwrap().starts_with("host n3"),
+        "{n3}"
+    );
+    for node in ["n1", "n2", "n4", "n5", "n6"] {
+        assert_eq!(
+            condition(&h.node(node), DEFAULT_NODE_CONDITION_TYPE).unwrap()["status"],
+            "True",
+            "{node}"
+        );
+    }
+
+    // n3 recovers: the cause clears once the windows localization looks at
+    // together are clean, and then the SLA's clearAfterWindows (3) more.
+    let mut seen = Vec::new();
+    let mut clean = 0;
+    while !view.root_causes.is_empty() || !view.open.is_empty() {
+        clean += 1;
+        assert!(
+            clean <= 8,
+            "still open after {clean} clean windows: {view:?}"
+        );
+        start += u64::from(WINDOW_MS);
+        view = judge(&controller, &nodes, start, false).await;
+        seen.extend(h.sync(&view, &on).await);
+    }
+    assert_eq!(
+        events(&seen),
+        [
+            event(
+                MESH_EVENTS,
+                "Normal",
+                ROOT_CAUSE_CLEARED_REASON,
+                "default",
+                "n3"
+            ),
+            event(NODE_EVENTS, "Normal", ROOT_CAUSE_CLEARED_REASON, "n3", ""),
+        ]
+    );
+    assert_eq!(
+        condition(&h.node("n3"), DEFAULT_NODE_CONDITION_TYPE).unwrap()["status"],
+        "True"
+    );
 }

@@ -90,7 +90,7 @@ impl ReconcileMetrics {
         let finding_events = IntCounterVec::new(
             Opts::new(
                 "pingmesh_operator_finding_events_total",
-                "Events published for findings opening and clearing, by the object they are about and result.",
+                "Events published for root causes and findings opening and clearing, by the object they are about and result.",
             ),
             &["object", "result"],
         )?;
@@ -103,7 +103,7 @@ impl ReconcileMetrics {
         )?;
         let faulty_nodes = IntGauge::new(
             "pingmesh_operator_faulty_nodes",
-            "Nodes that open findings localize a fault to now (the nodeHealth condition is False on them when enabled).",
+            "Nodes an open endpoint or host root cause names now (the nodeHealth condition is False on them when enabled).",
         )?;
         registry.register(Box::new(reconciles.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -195,6 +195,11 @@ impl ReconcileMetrics {
     pub fn set_faulty_nodes(&self, nodes: usize) {
         self.faulty_nodes
             .set(i64::try_from(nodes).unwrap_or(i64::MAX));
+    }
+
+    /// `pingmesh_operator_faulty_nodes` now.
+    pub fn faulty_nodes(&self) -> i64 {
+        self.faulty_nodes.get()
     }
 
     /// Prometheus text format.

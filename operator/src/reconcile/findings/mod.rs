@@ -1,25 +1,36 @@
-//! What the operator does with the hosted mesh controller's findings besides
-//! the `PingMesh` status: Kubernetes Events, and the opt-in Node condition.
+//! What the operator does with the hosted mesh controller's findings and
+//! root causes besides the `PingMesh` status: Kubernetes Events, and the
+//! opt-in Node condition.
 //!
-//! Once per judged window the publisher compares the open findings with the
-//! ones it announced before:
+//! Once per judged window the publisher compares the open root causes and
+//! findings with the ones it announced before:
 //!
-//! - a finding it has not announced gets a `Warning` Event `<Kind>Detected`
-//!   (`PathLossDetected`, `PathLatencyDetected`, `TorPairLossDetected`,
-//!   `TorPairLatencyDetected`) on the policy-source `PingMesh`;
-//! - an announced finding no longer open gets a `Normal` `<Kind>Cleared`;
-//! - path findings also get the same Event on the Nodes at both ends (the
-//!   other end as the related object). ToR-pair findings get none on Nodes: a
-//!   ToR pair spans whole racks, and the switch is the suspect, not a node.
+//! - a root cause (a localized fault: an endpoint, host, ToR, link or switch,
+//!   see [`crate::mesh::localize`]) it has not announced gets a `Warning`
+//!   Event `RootCauseLocalized` on the policy-source `PingMesh`, and for
+//!   endpoint and host causes on the Node too; its note names the component,
+//!   kind, signal and confidence and summarizes the SLA findings it explains.
+//!   An announced one no longer open gets a `Normal` `RootCauseCleared`;
+//! - an SLA finding that an open root cause explains gets no Event of its
+//!   own: one Event per root cause, not one per path;
+//! - any other finding it has not announced gets a `Warning` Event
+//!   `<Kind>Detected` (`PathLossDetected`, `PathLatencyDetected`,
+//!   `TorPairLossDetected`, `TorPairLatencyDetected`) on the `PingMesh`, and an
+//!   announced one no longer open gets a `Normal` `<Kind>Cleared`; path
+//!   findings get the same Event on the Nodes at both ends (the other end as
+//!   the related object). ToR-pair findings get none on Nodes. A finding left
+//!   unannounced because a root cause explained it is announced once no open
+//!   root cause explains it any more.
 //!
-//! So a finding is announced once when it opens and once when it clears,
-//! however long it stays open. At most [`MAX_ANNOUNCED`] findings opening (and
-//! as many clearing) get their own Events per window; the rest are counted in
-//! one `ManyFindingsDetected` / `ManyFindingsCleared` Event, and their
-//! clearing is not announced either. A finding that opens and clears between
-//! two looks (a stalled API server) goes unannounced; one that is open when
-//! the mesh controller restarts with new settings is announced as cleared and,
-//! if the fault persists, detected again.
+//! So a root cause or finding is announced once when it opens and once when it
+//! clears, however long it stays open. At most [`MAX_ANNOUNCED`] root causes
+//! and findings opening (and as many clearing) get their own Events per
+//! window, root causes first; the rest are counted in one
+//! `ManyFindingsDetected` / `ManyFindingsCleared` Event, and their clearing is
+//! not announced either. What opens and clears between two looks (a stalled
+//! API server) goes unannounced; what is open when the mesh controller
+//! restarts with new settings is announced as cleared and, if the fault
+//! persists, again when it reopens.
 //!
 //! Every Event is a new Event object with a name of its own, carrying its own
 //! note: kube's event recorder would fold Events with the same type, reason
@@ -28,17 +39,18 @@
 //! its own deduplication. An Event the API server refused is tried again on
 //! each of the next [`EVENT_RETRIES`] passes (at most [`MAX_UNPUBLISHED`] wait).
 //!
-//! The Node condition is left alone until the mesh controller serving now has
-//! judged one window with path data more than its SLA policy's
+//! The Node condition follows the open endpoint and host root causes (see
+//! [`root_causes`]). It is left alone until the mesh controller serving now
+//! has judged one window with path data more than its SLA policy's
 //! `openAfterWindows` (see [`MeshController::windows_with_data`]): a
 //! restarted controller (a new leader, or new settings) starts with no open
-//! findings, and writing conditions at once would mark every node healthy, a
-//! faulty one included, until its finding opened again.
+//! root causes, and writing conditions at once would mark every node healthy,
+//! a faulty one included, until its root cause opened again.
 
-mod blame;
 mod node_condition;
+mod root_causes;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,17 +67,18 @@ use super::names::FIELD_MANAGER;
 use super::nodes::NodeMeta;
 use crate::mesh::analyzer::{ClearReason, Finding, FindingKind};
 use crate::mesh::controller::MeshController;
+use crate::mesh::localize::{OpenRootCause, RootCause};
 use crate::mesh::types::MeshEndpoint;
 
-pub use blame::{Blame, faulty_nodes};
-pub use node_condition::{
-    FAULT_REASON, HEALTHY_REASON, NodeConditions, PAUSE_AFTER_FAILURE, Wanted,
+pub use node_condition::{NodeConditions, PAUSE_AFTER_FAILURE, Wanted};
+pub use root_causes::{
+    CLEARED_REASON as ROOT_CAUSE_CLEARED_REASON, CauseKey, LOCALIZED_REASON as ROOT_CAUSE_REASON,
+    NOT_LOCALIZED_REASON as NO_ROOT_CAUSE_REASON, faulty_nodes, wanted_conditions,
 };
 
-/// Most findings opening (and, separately, clearing) announced one by one per pass.
+/// Most root causes and findings opening (and, separately, clearing)
+/// announced one by one per pass.
 pub const MAX_ANNOUNCED: usize = 20;
-/// Most finding locations a condition message lists.
-const MAX_LISTED: usize = 5;
 
 /// The Event action of everything published here.
 const ACTION: &str = "Analyze";
@@ -81,24 +94,34 @@ pub struct FindingsView {
     pub open: Vec<Finding>,
     /// Findings the last judged window closed, for the reason in `Cleared` Events.
     pub cleared: Vec<Finding>,
+    /// Open root causes, most confident first.
+    pub root_causes: Vec<OpenRootCause>,
+    /// Root causes the last judged window closed, for the note of their
+    /// `RootCauseCleared` Events.
+    pub cleared_root_causes: Vec<OpenRootCause>,
     /// Every registered endpoint: which node and ToR each is on.
     pub endpoints: Vec<MeshEndpoint>,
     /// Whether the controller has judged enough windows since it started that
-    /// a fault that persists would have opened its finding again: until then
-    /// an empty `open` says nothing, and Node conditions are not written.
+    /// a fault that persists would have opened its root cause again: until
+    /// then an empty `root_causes` says nothing, and Node conditions are not
+    /// written.
     pub conditions_ready: bool,
 }
 
 impl FindingsView {
     pub fn of(controller: &MeshController) -> Self {
-        // One more than it takes to open a finding: agents reconnecting to a
-        // new controller may probe the first window with data only in part.
+        // One more than it takes to open a finding or root cause: agents
+        // reconnecting to a new controller may probe the first window with
+        // data only in part.
         let needed = u64::from(controller.config().sla.open_after_windows) + 1;
+        let last = controller.last_report();
         Self {
             open: controller.open_findings(),
-            cleared: controller
-                .last_report()
-                .map(|r| r.cleared.clone())
+            cleared: last.as_ref().map(|r| r.cleared.clone()).unwrap_or_default(),
+            root_causes: controller.open_root_causes(),
+            cleared_root_causes: last
+                .as_ref()
+                .map(|r| r.cleared_root_causes.clone())
                 .unwrap_or_default(),
             endpoints: controller.known_endpoints(),
             conditions_ready: controller.windows_with_data() >= needed,
@@ -121,22 +144,90 @@ struct PendingEvent {
 
 type FindingKey = (FindingKind, String);
 
+/// How an open finding or root cause was announced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Announcement {
+    /// With Events of its own: its clearing is announced too.
+    Individually,
+    /// Only counted in a `ManyFindingsDetected` Event.
+    Counted,
+    /// Not at all: an open root cause explained it (findings only).
+    Explained,
+}
+
 /// An open finding as announced.
 #[derive(Debug, Clone)]
 struct Announced {
-    /// Announced with its own Events (not only counted in a summary).
-    individually: bool,
+    how: Announcement,
     /// Nodes at its ends (path findings), for the Events when it clears.
     nodes: Vec<String>,
 }
 
-/// Publishes Events for findings and keeps the Node condition; see the module docs.
+/// An open root cause as announced.
+#[derive(Debug, Clone)]
+struct AnnouncedCause {
+    how: Announcement,
+    /// The node it puts at fault (endpoint and host causes).
+    node: Option<String>,
+    /// The cause as it opened. The Node condition's message keeps its
+    /// summary while the cause stays open, so that evidence changing from
+    /// window to window does not rewrite the condition every window.
+    cause: RootCause,
+}
+
+/// Events left to announce one by one in this pass, and what was only counted.
+#[derive(Debug)]
+struct Budget {
+    left: usize,
+    causes_counted: usize,
+    findings_counted: usize,
+}
+
+impl Budget {
+    fn new() -> Self {
+        Self {
+            left: MAX_ANNOUNCED,
+            causes_counted: 0,
+            findings_counted: 0,
+        }
+    }
+
+    /// Takes one individual announcement if any is left.
+    fn take(&mut self) -> bool {
+        if self.left == 0 {
+            return false;
+        }
+        self.left -= 1;
+        true
+    }
+
+    /// "3 more root causes and 5 more findings", or `None` if nothing was counted.
+    fn counted(&self) -> Option<String> {
+        let plural = |n: usize, one: &str, many: &str| {
+            format!("{n} more {}", if n == 1 { one } else { many })
+        };
+        match (self.causes_counted, self.findings_counted) {
+            (0, 0) => None,
+            (c, 0) => Some(plural(c, "root cause", "root causes")),
+            (0, f) => Some(plural(f, "finding", "findings")),
+            (c, f) => Some(format!(
+                "{} and {}",
+                plural(c, "root cause", "root causes"),
+                plural(f, "finding", "findings")
+            )),
+        }
+    }
+}
+
+/// Publishes Events for root causes and findings and keeps the Node
+/// condition; see the module docs.
 pub struct FindingsPublisher {
     client: Client,
     reporter: Reporter,
     nodes: Store<NodeMeta>,
     metrics: ReconcileMetrics,
     announced: BTreeMap<FindingKey, Announced>,
+    announced_causes: BTreeMap<CauseKey, AnnouncedCause>,
     /// Events the API server refused, oldest first, to try again.
     unpublished: VecDeque<PendingEvent>,
     conditions: NodeConditions,
@@ -148,6 +239,7 @@ impl std::fmt::Debug for FindingsPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("FindingsPublisher")
             .field("announced", &self.announced.len())
+            .field("announced_causes", &self.announced_causes.len())
             .field("unpublished", &self.unpublished.len())
             .field("conditions", &self.conditions)
             .finish_non_exhaustive()
@@ -172,6 +264,7 @@ impl FindingsPublisher {
             nodes,
             metrics,
             announced: BTreeMap::new(),
+            announced_causes: BTreeMap::new(),
             unpublished: VecDeque::new(),
             conditions: NodeConditions::default(),
             warming_up: false,
@@ -190,8 +283,8 @@ impl FindingsPublisher {
     ) {
         self.retry_unpublished(cancel).await;
         self.announce(view, settings.mesh.as_ref(), cancel).await;
-        let faulty = faulty_nodes(&view.open, &view.endpoints);
-        self.metrics.set_faulty_nodes(faulty.len());
+        let causes = self.as_opened(&view.root_causes);
+        self.metrics.set_faulty_nodes(faulty_nodes(&causes).len());
         let api: Api<Node> = Api::all(self.client.clone());
         let health = &settings.node_health;
         if !health.conditions {
@@ -204,15 +297,29 @@ impl FindingsPublisher {
                     "the mesh controller has judged enough windows; writing Node conditions"
                 );
             }
-            let wanted = wanted_conditions(&faulty, &view.endpoints);
+            let wanted = wanted_conditions(&causes, &view.endpoints);
             self.conditions
                 .sync(&api, &health.condition_type, &wanted, &self.metrics, cancel)
                 .await;
         } else if !std::mem::replace(&mut self.warming_up, true) {
             tracing::info!(
-                "Node conditions left as they are until the mesh controller has judged enough windows to reopen findings"
+                "Node conditions left as they are until the mesh controller has judged enough windows to reopen root causes"
             );
         }
+    }
+
+    /// `causes` with the summaries they had when announced.
+    fn as_opened(&self, causes: &[OpenRootCause]) -> Vec<OpenRootCause> {
+        causes
+            .iter()
+            .map(|c| {
+                let mut c = c.clone();
+                if let Some(was) = self.announced_causes.get(&root_causes::key(&c.cause)) {
+                    c.cause.summary.clone_from(&was.cause.summary);
+                }
+                c
+            })
+            .collect()
     }
 
     async fn announce(
@@ -221,67 +328,15 @@ impl FindingsPublisher {
         mesh: Option<&ObjectReference>,
         cancel: &CancellationToken,
     ) {
-        let node_of: BTreeMap<&str, &str> = view
-            .endpoints
-            .iter()
-            .map(|e| (e.id.as_str(), e.node.as_str()))
-            .collect();
-        let open: BTreeMap<FindingKey, &Finding> = view
-            .open
-            .iter()
-            .map(|f| ((f.kind, f.location.clone()), f))
-            .collect();
-        let opened: Vec<&Finding> = open
-            .iter()
-            .filter(|(key, _)| !self.announced.contains_key(*key))
-            .map(|(_, f)| *f)
-            .collect();
-        let closed: Vec<FindingKey> = self
-            .announced
-            .keys()
-            .filter(|key| !open.contains_key(*key))
-            .cloned()
-            .collect();
-        self.announce_opened(&opened, &node_of, mesh, cancel).await;
-        self.announce_closed(closed, &view.cleared, mesh, cancel)
+        let mut opening = Budget::new();
+        let mut clearing = Budget::new();
+        self.announce_causes(view, mesh, &mut opening, &mut clearing, cancel)
             .await;
-    }
-
-    async fn announce_opened(
-        &mut self,
-        opened: &[&Finding],
-        node_of: &BTreeMap<&str, &str>,
-        mesh: Option<&ObjectReference>,
-        cancel: &CancellationToken,
-    ) {
-        let mut unannounced = 0usize;
-        for (index, finding) in opened.iter().enumerate() {
-            let nodes = ends(finding, node_of);
-            let individually = index < MAX_ANNOUNCED;
-            if individually {
-                let reason = reason(finding.kind, true);
-                let note = format!(
-                    "{} {}: {}",
-                    kind_name(finding.kind),
-                    finding.location,
-                    finding.evidence
-                );
-                self.publish(mesh, &nodes, EventType::Warning, &reason, &note, cancel)
-                    .await;
-            } else {
-                unannounced += 1;
-            }
-            self.announced.insert(
-                (finding.kind, finding.location.clone()),
-                Announced {
-                    individually,
-                    nodes,
-                },
-            );
-        }
-        if unannounced > 0 {
+        self.announce_findings(view, mesh, &mut opening, &mut clearing, cancel)
+            .await;
+        if let Some(counted) = opening.counted() {
             let note = format!(
-                "{unannounced} more findings opened in this window; the PingMesh status and the mesh API (/api/v1/findings) list them"
+                "{counted} opened in this window; the PingMesh status and the mesh API (/api/v1/findings) list them"
             );
             self.publish(
                 mesh,
@@ -293,6 +348,166 @@ impl FindingsPublisher {
             )
             .await;
         }
+        if let Some(counted) = clearing.counted() {
+            let note = format!("{counted} cleared in this window");
+            self.publish(
+                mesh,
+                &[],
+                EventType::Normal,
+                "ManyFindingsCleared",
+                &note,
+                cancel,
+            )
+            .await;
+        }
+    }
+
+    async fn announce_causes(
+        &mut self,
+        view: &FindingsView,
+        mesh: Option<&ObjectReference>,
+        opening: &mut Budget,
+        clearing: &mut Budget,
+        cancel: &CancellationToken,
+    ) {
+        let open: BTreeSet<CauseKey> = view
+            .root_causes
+            .iter()
+            .map(|c| root_causes::key(&c.cause))
+            .collect();
+        let closed: Vec<CauseKey> = self
+            .announced_causes
+            .keys()
+            .filter(|key| !open.contains(*key))
+            .cloned()
+            .collect();
+        for open in &view.root_causes {
+            let key = root_causes::key(&open.cause);
+            if self.announced_causes.contains_key(&key) {
+                continue;
+            }
+            let at_fault = root_causes::node_at_fault(&open.cause).map(str::to_owned);
+            let how = if opening.take() {
+                let nodes: Vec<String> = at_fault.iter().cloned().collect();
+                self.publish(
+                    mesh,
+                    &nodes,
+                    EventType::Warning,
+                    root_causes::LOCALIZED_REASON,
+                    &root_causes::opened_note(&open.cause),
+                    cancel,
+                )
+                .await;
+                Announcement::Individually
+            } else {
+                opening.causes_counted += 1;
+                Announcement::Counted
+            };
+            self.announced_causes.insert(
+                key,
+                AnnouncedCause {
+                    how,
+                    node: at_fault,
+                    cause: open.cause.clone(),
+                },
+            );
+        }
+        for key in closed {
+            let Some(was) = self.announced_causes.remove(&key) else {
+                continue;
+            };
+            if was.how != Announcement::Individually {
+                continue;
+            }
+            if !clearing.take() {
+                clearing.causes_counted += 1;
+                continue;
+            }
+            let record = view
+                .cleared_root_causes
+                .iter()
+                .find(|c| root_causes::key(&c.cause) == key);
+            let note = root_causes::cleared_note(&was.cause, record);
+            let nodes: Vec<String> = was.node.into_iter().collect();
+            self.publish(
+                mesh,
+                &nodes,
+                EventType::Normal,
+                root_causes::CLEARED_REASON,
+                &note,
+                cancel,
+            )
+            .await;
+        }
+    }
+
+    async fn announce_findings(
+        &mut self,
+        view: &FindingsView,
+        mesh: Option<&ObjectReference>,
+        opening: &mut Budget,
+        clearing: &mut Budget,
+        cancel: &CancellationToken,
+    ) {
+        let node_of: BTreeMap<&str, &str> = view
+            .endpoints
+            .iter()
+            .map(|e| (e.id.as_str(), e.node.as_str()))
+            .collect();
+        let explained = root_causes::explained(&view.root_causes);
+        let open: BTreeMap<FindingKey, &Finding> = view
+            .open
+            .iter()
+            .map(|f| ((f.kind, f.location.clone()), f))
+            .collect();
+        let closed: Vec<FindingKey> = self
+            .announced
+            .keys()
+            .filter(|key| !open.contains_key(*key))
+            .cloned()
+            .collect();
+        // New findings, and findings no open root cause explains any more
+        // that were left unannounced while one did.
+        let opened: Vec<&Finding> = open
+            .iter()
+            .filter(|(key, _)| {
+                self.announced.get(*key).is_none_or(|a| {
+                    a.how == Announcement::Explained
+                        && !explained.contains(explained_key(key).as_str())
+                })
+            })
+            .map(|(_, f)| *f)
+            .collect();
+        for finding in opened {
+            let nodes = ends(finding, &node_of);
+            let key = (finding.kind, finding.location.clone());
+            let how = if explained.contains(explained_key(&key).as_str()) {
+                Announcement::Explained
+            } else if opening.take() {
+                let note = format!(
+                    "{} {}: {}",
+                    kind_name(finding.kind),
+                    finding.location,
+                    finding.evidence
+                );
+                self.publish(
+                    mesh,
+                    &nodes,
+                    EventType::Warning,
+                    &reason(finding.kind, true),
+                    &note,
+                    cancel,
+                )
+                .await;
+                Announcement::Individually
+            } else {
+                opening.findings_counted += 1;
+                Announcement::Counted
+            };
+            self.announced.insert(key, Announced { how, nodes });
+        }
+        self.announce_closed(closed, &view.cleared, mesh, clearing, cancel)
+            .await;
     }
 
     async fn announce_closed(
@@ -300,22 +515,20 @@ impl FindingsPublisher {
         closed: Vec<FindingKey>,
         cleared: &[Finding],
         mesh: Option<&ObjectReference>,
+        clearing: &mut Budget,
         cancel: &CancellationToken,
     ) {
-        let mut unannounced = 0usize;
-        let mut announced_clears = 0usize;
         for key in closed {
             let Some(was) = self.announced.remove(&key) else {
                 continue;
             };
-            if !was.individually {
+            if was.how != Announcement::Individually {
                 continue;
             }
-            if announced_clears == MAX_ANNOUNCED {
-                unannounced += 1;
+            if !clearing.take() {
+                clearing.findings_counted += 1;
                 continue;
             }
-            announced_clears += 1;
             let why = cleared
                 .iter()
                 .find(|f| f.kind == key.0 && f.location == key.1)
@@ -330,18 +543,6 @@ impl FindingsPublisher {
                 &was.nodes,
                 EventType::Normal,
                 &reason(key.0, false),
-                &note,
-                cancel,
-            )
-            .await;
-        }
-        if unannounced > 0 {
-            let note = format!("{unannounced} more findings cleared in this window");
-            self.publish(
-                mesh,
-                &[],
-                EventType::Normal,
-                "ManyFindingsCleared",
                 &note,
                 cancel,
             )
@@ -526,6 +727,11 @@ pub fn reason(kind: FindingKind, opened: bool) -> String {
     format!("{kind}{}", if opened { "Detected" } else { "Cleared" })
 }
 
+/// How [`RootCause::explains`] names a finding: `pathLoss n1/udp0 -> n3/udp0`.
+fn explained_key((kind, location): &FindingKey) -> String {
+    format!("{} {location}", kind_name(*kind))
+}
+
 fn kind_name(kind: FindingKind) -> &'static str {
     match kind {
         FindingKind::PathLoss => "pathLoss",
@@ -533,54 +739,4 @@ fn kind_name(kind: FindingKind) -> &'static str {
         FindingKind::TorPairLoss => "torPairLoss",
         FindingKind::TorPairLatency => "torPairLatency",
     }
-}
-
-/// The condition every node with registered endpoints should carry.
-pub fn wanted_conditions(
-    faulty: &BTreeMap<String, Blame>,
-    endpoints: &[MeshEndpoint],
-) -> BTreeMap<String, Wanted> {
-    endpoints
-        .iter()
-        .map(|e| {
-            let wanted = faulty.get(&e.node).map_or_else(
-                || Wanted {
-                    healthy: true,
-                    reason: HEALTHY_REASON.to_owned(),
-                    message: "no open finding localizes a fault to this node".to_owned(),
-                },
-                |blame| Wanted {
-                    healthy: false,
-                    reason: FAULT_REASON.to_owned(),
-                    message: fault_message(blame),
-                },
-            );
-            (e.node.clone(), wanted)
-        })
-        .collect()
-}
-
-fn fault_message(blame: &Blame) -> String {
-    let listed: Vec<String> = blame
-        .findings
-        .iter()
-        .take(MAX_LISTED)
-        .map(|(kind, location)| format!("{} {location}", kind_name(*kind)))
-        .collect();
-    let more = blame.findings.len().saturating_sub(MAX_LISTED);
-    let more = if more > 0 {
-        format!(" and {more} more")
-    } else {
-        String::new()
-    };
-    super::events::truncate(
-        format!(
-            "open findings on paths between this node and {} other nodes under ToR {} \
-             have this node as their common factor (its RNIC, cable, switch port or host): {}{more}",
-            blame.peers.len(),
-            blame.tor,
-            listed.join(", ")
-        ),
-        super::events::MAX_NOTE_BYTES,
-    )
 }

@@ -4,9 +4,8 @@
 //! keyed by type). Written only when it changes.
 //!
 //! - Which nodes: every node with registered endpoints.
-//! - Status: `False` (reason [`FAULT_REASON`]) while open findings localize a
-//!   fault to the node (see `blame`), `True` (reason [`HEALTHY_REASON`])
-//!   otherwise.
+//! - Status: what the caller wants: `False` while an open endpoint or host
+//!   root cause names the node, `True` otherwise (see `root_causes`).
 //! - Removed again (the operator applies the node's status without it) when
 //!   the node no longer has registered endpoints, when `conditionType` changes
 //!   (the old type goes, the new one comes), and when `conditions` is turned
@@ -34,11 +33,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::super::metrics::ReconcileMetrics;
 use super::super::names::FIELD_MANAGER;
-
-/// Reason while a fault is localized to the node.
-pub const FAULT_REASON: &str = "FaultLocalized";
-/// Reason while none is.
-pub const HEALTHY_REASON: &str = "NoFaultLocalized";
 
 /// What the condition should say on one node.
 #[derive(Debug, Clone, PartialEq, Eq)]
