@@ -21,8 +21,8 @@ use pingmesh_operator::mesh::localize::{
 use pingmesh_operator::mesh::registry::open_registry;
 use pingmesh_operator::mesh::types::MeshEndpoint;
 use pingmesh_operator::reconcile::{
-    EVENT_RETRIES, EventObject, FIELD_MANAGER, FindingsPublisher, FindingsView, MAX_ANNOUNCED,
-    NO_ROOT_CAUSE_REASON, NodeMeta, PAUSE_AFTER_FAILURE, ROOT_CAUSE_CLEARED_REASON,
+    EVENT_RETRIES, EventObject, FIELD_MANAGER, FindingsPublisher, FindingsView, HOLD_WINDOWS,
+    MAX_ANNOUNCED, NO_ROOT_CAUSE_REASON, NodeMeta, PAUSE_AFTER_FAILURE, ROOT_CAUSE_CLEARED_REASON,
     ROOT_CAUSE_REASON, ReconcileMetrics, SourceSettings, node_cache,
 };
 use pingmesh_proto::v1::{Endpoint, Transport, WindowSummary};
@@ -779,6 +779,66 @@ async fn a_finding_its_root_cause_no_longer_explains_is_announced_then() {
     let third = h.sync(&view(vec![], vec![]), &settings(false)).await;
     let reasons: Vec<String> = events(&third).into_iter().map(|e| e.2).collect();
     assert_eq!(reasons, ["PathLossCleared"; 3]);
+}
+
+/// `view` as the mesh controller shows it `windows` 5 s windows after the
+/// findings of these tests opened.
+fn judged(mut view: FindingsView, windows: u32) -> FindingsView {
+    view.judged_window = Some((1_800_000_010_000 + u64::from(windows) * 5_000, 5_000));
+    view
+}
+
+#[tokio::test]
+async fn a_new_finding_waits_a_few_windows_for_a_root_cause_before_its_own_events() {
+    let mut h = Harness::start();
+    let loss = path(FindingKind::PathLoss, "n1", "n3");
+    for windows in 0..HOLD_WINDOWS {
+        let seen = h
+            .sync(
+                &judged(view(vec![loss.clone()], vec![]), windows),
+                &settings(false),
+            )
+            .await;
+        assert!(events(&seen).is_empty(), "{:?}", events(&seen));
+    }
+    let seen = h
+        .sync(
+            &judged(view(vec![loss.clone()], vec![]), HOLD_WINDOWS),
+            &settings(false),
+        )
+        .await;
+    let reasons: Vec<String> = events(&seen).into_iter().map(|e| e.2).collect();
+    assert_eq!(reasons, ["PathLossDetected"; 3]);
+    let later = h
+        .sync(
+            &judged(view(vec![loss], vec![]), HOLD_WINDOWS + 1),
+            &settings(false),
+        )
+        .await;
+    assert!(events(&later).is_empty());
+}
+
+#[tokio::test]
+async fn a_root_cause_named_a_window_after_its_findings_is_their_only_event() {
+    let mut h = Harness::start();
+    let early = h
+        .sync(&judged(view(n3_paths(), vec![]), 0), &settings(false))
+        .await;
+    assert!(events(&early).is_empty(), "{:?}", events(&early));
+    let named = h.sync(&judged(broken_n3(), 1), &settings(false)).await;
+    let reasons: Vec<String> = events(&named).into_iter().map(|e| e.2).collect();
+    assert_eq!(reasons, [ROOT_CAUSE_REASON; 2]);
+    for windows in 2..6 {
+        let seen = h
+            .sync(&judged(broken_n3(), windows), &settings(false))
+            .await;
+        assert!(events(&seen).is_empty(), "{:?}", events(&seen));
+    }
+    let cleared = h
+        .sync(&judged(view(vec![], vec![]), 6), &settings(false))
+        .await;
+    let reasons: Vec<String> = events(&cleared).into_iter().map(|e| e.2).collect();
+    assert_eq!(reasons, [ROOT_CAUSE_CLEARED_REASON; 2]);
 }
 
 #[tokio::test]

@@ -304,37 +304,38 @@ fn the_operator_under_the_charts_rbac_turns_ready_reconciles_and_reports_a_fault
             &format!("{CONDITION}=True on {node}"),
             context,
             || {
-                (condition(&api, node)? == ("True".to_owned(), "NoFaultLocalized".to_owned()))
+                (condition(&api, node)? == ("True".to_owned(), "NoRootCauseLocalized".to_owned()))
                     .then_some(())
             },
         );
     }
 
-    // A fault: node-3's agent stops answering (SIGSTOP). Its ToR neighbours'
-    // paths to it fail while theirs to each other do not: node-3 is blamed.
+    // A fault: node-3's agent stops answering (SIGSTOP). Every path to it
+    // fails, from its ToR neighbours and from node-4 under another ToR, while
+    // theirs to each other do not: the localizer names host node-3.
     signal(&agents[2], "-STOP");
     eventually(
         Duration::from_secs(15),
         "node-3 condition False",
         context,
         || {
-            (condition(&api, "node-3")? == ("False".to_owned(), "FaultLocalized".to_owned()))
+            (condition(&api, "node-3")? == ("False".to_owned(), "RootCauseLocalized".to_owned()))
                 .then_some(())
         },
     );
     eventually(
         Duration::from_secs(10),
-        "PathLossDetected Events",
+        "RootCauseLocalized Events",
         context,
         || {
-            (has_event(&api, NAMESPACE, "PingMesh/default", "PathLossDetected")
-                && has_event(&api, "default", "Node/node-3", "PathLossDetected"))
+            (has_event(&api, NAMESPACE, "PingMesh/default", "RootCauseLocalized")
+                && has_event(&api, "default", "Node/node-3", "RootCauseLocalized"))
             .then_some(())
         },
     );
     assert_eq!(
         condition(&api, "node-1"),
-        Some(("True".to_owned(), "NoFaultLocalized".to_owned()))
+        Some(("True".to_owned(), "NoRootCauseLocalized".to_owned()))
     );
     let table = api.ok(&["get", "pingmesh", "-n", NAMESPACE, "default"]);
     eventually(
@@ -356,7 +357,16 @@ fn the_operator_under_the_charts_rbac_turns_ready_reconciles_and_reports_a_fault
     );
     drop(table);
 
-    // It recovers: the findings clear and the condition is True again.
+    // One Event per root cause: the path findings it explains get none.
+    for (namespace, regarding) in [(NAMESPACE, "PingMesh/default"), ("default", "Node/node-3")] {
+        assert!(
+            !has_event(&api, namespace, regarding, "PathLossDetected"),
+            "{regarding}: {:?}",
+            events(&api, namespace)
+        );
+    }
+
+    // It recovers: the root cause clears and the condition is True again.
     signal(&agents[2], "-CONT");
     eventually(
         Duration::from_secs(30),
@@ -366,9 +376,13 @@ fn the_operator_under_the_charts_rbac_turns_ready_reconciles_and_reports_a_fault
     );
     eventually(
         Duration::from_secs(10),
-        "PathLossCleared Events",
+        "RootCauseCleared Events",
         context,
-        || has_event(&api, NAMESPACE, "PingMesh/default", "PathLossCleared").then_some(()),
+        || {
+            (has_event(&api, NAMESPACE, "PingMesh/default", "RootCauseCleared")
+                && has_event(&api, "default", "Node/node-3", "RootCauseCleared"))
+            .then_some(())
+        },
     );
 
     // Nothing the chart's RBAC does not allow was tried.

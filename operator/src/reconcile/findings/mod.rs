@@ -13,8 +13,10 @@
 //!   An announced one no longer open gets a `Normal` `RootCauseCleared`;
 //! - an SLA finding that an open root cause explains gets no Event of its
 //!   own: one Event per root cause, not one per path;
-//! - any other finding it has not announced gets a `Warning` Event
-//!   `<Kind>Detected` (`PathLossDetected`, `PathLatencyDetected`,
+//! - any other finding it has not announced, once it has been open for
+//!   [`HOLD_WINDOWS`] windows without a root cause explaining it (the
+//!   localizer may name the cause a window or two after the finding opens),
+//!   gets a `Warning` Event `<Kind>Detected` (`PathLossDetected`, `PathLatencyDetected`,
 //!   `TorPairLossDetected`, `TorPairLatencyDetected`) on the `PingMesh`, and an
 //!   announced one no longer open gets a `Normal` `<Kind>Cleared`; path
 //!   findings get the same Event on the Nodes at both ends (the other end as
@@ -80,6 +82,13 @@ pub use root_causes::{
 /// announced one by one per pass.
 pub const MAX_ANNOUNCED: usize = 20;
 
+/// Windows a new finding that no root cause explains waits for one before it
+/// gets Events of its own: localization weighs the last few windows together
+/// and may name the cause a window or two after the SLA finding opened (a
+/// finding stays open at least `clearAfterWindows`, 3 by default, so one
+/// still unexplained is announced before it can clear).
+pub const HOLD_WINDOWS: u32 = 2;
+
 /// The Event action of everything published here.
 const ACTION: &str = "Analyze";
 
@@ -101,6 +110,10 @@ pub struct FindingsView {
     pub cleared_root_causes: Vec<OpenRootCause>,
     /// Every registered endpoint: which node and ToR each is on.
     pub endpoints: Vec<MeshEndpoint>,
+    /// Start (Unix ms) of the last judged window, and the window length:
+    /// how long a new finding has been open. `None`: not known, and new
+    /// findings are not held back (see [`HOLD_WINDOWS`]).
+    pub judged_window: Option<(u64, u32)>,
     /// Whether the controller has judged enough windows since it started that
     /// a fault that persists would have opened its root cause again: until
     /// then an empty `root_causes` says nothing, and Node conditions are not
@@ -124,8 +137,20 @@ impl FindingsView {
                 .map(|r| r.cleared_root_causes.clone())
                 .unwrap_or_default(),
             endpoints: controller.known_endpoints(),
+            judged_window: last.as_ref().map(|r| (r.window_start_ms, r.window_ms)),
             conditions_ready: controller.windows_with_data() >= needed,
         }
+    }
+
+    /// Whether `finding`'s Events wait: it opened fewer than
+    /// [`HOLD_WINDOWS`] judged windows ago.
+    fn holds(&self, finding: &Finding) -> bool {
+        self.judged_window.is_some_and(|(judged, window_ms)| {
+            let until = finding
+                .opened_at_window_ms
+                .saturating_add(u64::from(HOLD_WINDOWS) * u64::from(window_ms));
+            judged < until
+        })
     }
 }
 
@@ -479,9 +504,14 @@ impl FindingsPublisher {
             .map(|(_, f)| *f)
             .collect();
         for finding in opened {
-            let nodes = ends(finding, &node_of);
             let key = (finding.kind, finding.location.clone());
-            let how = if explained.contains(explained_key(&key).as_str()) {
+            let is_explained = explained.contains(explained_key(&key).as_str());
+            if !is_explained && !self.announced.contains_key(&key) && view.holds(finding) {
+                // Not announced yet: the next window may open its root cause.
+                continue;
+            }
+            let nodes = ends(finding, &node_of);
+            let how = if is_explained {
                 Announcement::Explained
             } else if opening.take() {
                 let note = format!(
