@@ -285,7 +285,7 @@ def overview() -> Dashboard:
         "pingmesh-overview",
         "PingMesh / Mesh overview",
         "ToR x ToR loss and p99 network RTT from the mesh controller's last judged window, "
-        "worst pairs, probe rate and open findings.",
+        "worst pairs, probe rate, open root causes and findings.",
     )
     d.row("Now")
     d.stat("Open findings", "Findings the analyzer holds open (all kinds).",
@@ -300,6 +300,26 @@ def overview() -> Dashboard:
            f"sum(rate(pingmesh_probes_total[{RATE}]))", unit="reqps", width=4)
     d.stat("Fleet loss", "Lost / (ok + lost) over all agents; invalid samples are not loss.",
            loss_ratio(""), unit="percentunit", steps=LOSS_THRESHOLDS, width=4, decimals=3)
+    d.row("Root causes (localized faults)")
+    d.stat("Open root causes", "Faults the localizer names and holds open (all kinds): an endpoint, host, ToR, "
+           "link or switch. Details: /api/v1/findings and RootCauseLocalized Events.",
+           "sum(pingmesh_localized_faults)", steps=thresholds((None, "green"), (1, "red")), width=4)
+    d.stat("Nodes at fault", "Nodes an open endpoint or host root cause names (their spec.nodeHealth "
+           "condition is False when enabled).",
+           "max(pingmesh_operator_faulty_nodes)", steps=thresholds((None, "green"), (1, "red")), width=4)
+    d.table("Open root causes by kind and signal",
+            "pingmesh_localized_faults: open root causes by component kind (endpoint, host, tor, link, switch, "
+            "unknown) and signal (loss, latency, host_delay). Which component, its evidence and the findings it "
+            "explains: the mesh API (/api/v1/findings), RootCauseLocalized Events on the PingMesh and on Nodes.",
+            [target("sum by (kind, signal) (pingmesh_localized_faults) > 0",
+                    format="table", instant=True, range=False)],
+            width=8, height=8,
+            transformations=[{"id": "organize", "options": {"excludeByName": {"Time": True},
+                                                            "renameByName": {"Value": "open"}}},
+                             {"id": "sortBy", "options": {"sort": [{"field": "open", "desc": True}]}}])
+    d.timeseries("Open root causes over time", "pingmesh_localized_faults by kind and signal.",
+                 [target("sum by (kind, signal) (pingmesh_localized_faults)", "{{kind}} {{signal}}")],
+                 width=8, height=8, stack=True)
     d.row("ToR x ToR (last judged window)")
     d.matrix("Loss ratio matrix (rows: source ToR, columns: destination ToR)",
              "pingmesh_tor_pair_loss_ratio. Empty cells: the pair was not probed in the last window.",
@@ -466,7 +486,8 @@ def operator() -> Dashboard:
     d = Dashboard(
         "pingmesh-operator",
         "PingMesh / Operator",
-        "The operator process: mesh controller (registry, window evaluation, API) and the PingMesh reconciler.",
+        "The operator process: mesh controller (registry, window evaluation, localization, API) and the PingMesh "
+        "reconciler.",
     )
     d.row("Mesh controller")
     d.stat("Agents connected", "Agents with an open pinglist stream.",
@@ -498,6 +519,14 @@ def operator() -> Dashboard:
                  [target(f"sum by (kind) (increase(pingmesh_findings_opened_total[{RATE}]))", "{{kind}}")])
     d.timeseries("Open findings", "pingmesh_findings_open by kind.",
                  [target("sum by (kind) (pingmesh_findings_open)", "{{kind}}")])
+    d.timeseries("Root causes opened", "New root causes (localized faults) per interval, by kind and signal.",
+                 [target(f"sum by (kind, signal) (increase(pingmesh_root_causes_opened_total[{RATE}]))",
+                         "{{kind}} {{signal}}")])
+    d.timeseries("Root causes localized (last window, before hysteresis)",
+                 "pingmesh_root_causes_localized: what the last judged window localized, before the "
+                 "hysteresis that opens and clears root causes (pingmesh_localized_faults).",
+                 [target("sum by (kind, signal) (pingmesh_root_causes_localized)", "{{kind}} {{signal}}", "A"),
+                  target("sum(pingmesh_localized_faults)", "open (after hysteresis)", "B")])
     d.row("Reconciler")
     d.timeseries("Reconciles by result", "PingMesh reconciles per second.",
                  [target(f"sum by (result) (rate(pingmesh_reconcile_total[{RATE}]))", "{{result}}")],
@@ -512,9 +541,11 @@ def operator() -> Dashboard:
     d.row("Leadership, Events and Node conditions")
     d.stat("Leaders", "Replicas holding the leader Lease: 1 in a healthy install.",
            "sum(pingmesh_operator_leader)", width=6)
-    d.stat("Nodes with a localized fault", "Nodes that open findings single out (Node condition False when on).",
+    d.stat("Nodes with a localized fault", "Nodes an open endpoint or host root cause names (Node condition False "
+           "when on).",
            "max(pingmesh_operator_faulty_nodes)", width=6)
-    d.timeseries("Finding Events by result", "Events published when findings open and clear, on the PingMesh and on Nodes.",
+    d.timeseries("Finding Events by result", "Events published when root causes and findings open and clear, on the "
+                 "PingMesh and on Nodes.",
                  [target(f"sum by (object, result) (rate(pingmesh_operator_finding_events_total[{RATE}]))",
                          "{{object}} {{result}}")], unit="cps", width=6)
     d.timeseries("Node condition writes by result", "Sets and removals of the spec.nodeHealth condition.",
