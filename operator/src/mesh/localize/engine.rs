@@ -31,6 +31,19 @@ pub(super) trait Evidence {
     /// Whether `component` may be blamed at all (for example an RNIC of a
     /// node with one RNIC is not: the node stands for it).
     fn blamable(&self, component: u32) -> bool;
+    /// Whether a fault of `component` reaches only some of the observations
+    /// through it (the links of a ToR: ECMP hashes only some flows of each
+    /// path onto the broken one), so that few of them failing is expected.
+    fn diluted(&self, _component: u32) -> bool {
+        false
+    }
+    /// A component whose observations, less `component`'s own, are the ones
+    /// `component` must stand out from (its siblings: the links of the other
+    /// ToRs for the links of one), rather than everything else. A fault of
+    /// the parent raises them all alike, and then no sibling is to blame.
+    fn baseline(&self, _component: u32) -> Option<u32> {
+        None
+    }
 }
 
 /// When a component may be blamed.
@@ -46,8 +59,12 @@ pub(super) struct Rules {
     /// At least this share of its observations failing: loss spread over
     /// the component, not concentrated on one of its paths.
     pub min_failing_share: f64,
+    /// The same for [`Evidence::diluted`] components.
+    pub min_failing_share_diluted: f64,
     /// Its loss ratio at least this many times the rest's.
     pub min_contrast: f64,
+    /// And this many times its siblings' (see [`Evidence::baseline`]).
+    pub min_baseline_contrast: f64,
     /// Least log-likelihood gain (nats): about e^-gain chance of noise.
     pub min_gain: f64,
     /// Most components blamed per search.
@@ -197,10 +214,15 @@ fn best_component(
     let mut best: Option<(u32, f64)> = None;
     let mut ties = Vec::new();
     for (c, t) in tallies.iter().enumerate() {
-        if t.lost < rules.min_lost.max(1)
-            || t.failing < rules.min_failing
-            || (t.failing as f64) < rules.min_failing_share * t.observations as f64
-        {
+        if t.lost < rules.min_lost.max(1) || t.failing < rules.min_failing {
+            continue;
+        }
+        let share = if evidence.diluted(c as u32) {
+            rules.min_failing_share_diluted
+        } else {
+            rules.min_failing_share
+        };
+        if (t.failing as f64) < share * t.observations as f64 {
             continue;
         }
         let r_in = ratio(t.lost, t.probes);
@@ -208,6 +230,16 @@ fn best_component(
         let r_out = ratio(out_lost, out_probes);
         if r_in <= rules.min_loss_ratio || r_in < rules.min_contrast * r_out {
             continue;
+        }
+        if let Some(b) = evidence.baseline(c as u32) {
+            let b = &tallies[b as usize];
+            let siblings = ratio(
+                b.lost.saturating_sub(t.lost),
+                b.probes.saturating_sub(t.probes),
+            );
+            if r_in < rules.min_baseline_contrast * siblings {
+                continue;
+            }
         }
         let gain = log_likelihood(t.lost, t.probes) + log_likelihood(out_lost, out_probes) - pooled;
         if gain < rules.min_gain || !evidence.blamable(c as u32) {
@@ -271,7 +303,9 @@ mod tests {
             min_lost: 3,
             min_failing: 2,
             min_failing_share: 0.2,
+            min_failing_share_diluted: 0.02,
             min_contrast: 1.5,
+            min_baseline_contrast: 3.0,
             min_gain: 10.0,
             max_picks: 8,
         }

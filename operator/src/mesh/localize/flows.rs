@@ -18,42 +18,65 @@ use std::sync::Arc;
 use super::engine::Evidence;
 use super::paths::PathEvidence;
 
-/// The hops of traced flows, as (source endpoint, target endpoint, flow).
+/// The traced flows of every path, by (source endpoint, target endpoint).
 pub trait PathTraces: Send + Sync + std::fmt::Debug {
-    /// The routers a flow crosses, in order, named (a topology map turns
-    /// addresses into switch names before they get here).
-    fn hops(&self, source: &str, target: &str, flow: u16) -> Option<&[Arc<str>]>;
-    /// The routers the ACKs of that flow cross on their way back, in order
-    /// (from the target's side).
-    fn return_hops(&self, source: &str, target: &str, flow: u16) -> Option<&[Arc<str>]>;
+    /// What is known of the flows of one path.
+    fn path(&self, source: &str, target: &str) -> Option<&PathTrace>;
 }
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-/// Flow number -> traced hops, for one (source, target).
-type FlowTraces = Map<u16, Traced>;
+/// Hops there and, when traced, back.
+type BothWays = (Option<Vec<Arc<str>>>, Option<Vec<Arc<str>>>);
 
-/// Hops of both ways of a flow.
+/// The traced flows of one path: for each flow, the routers it crosses in
+/// order (named: a topology map turns addresses into switch names before
+/// they get here), and the routers its ACKs cross on the way back (from the
+/// target's side).
 #[derive(Debug, Default, Clone)]
-struct Traced {
-    there: Option<Vec<Arc<str>>>,
-    back: Option<Vec<Arc<str>>>,
+pub struct PathTrace {
+    flows: Map<u16, BothWays>,
 }
 
-/// Traces by source endpoint, target endpoint and flow.
+impl PathTrace {
+    pub fn hops(&self, flow: u16) -> Option<&[Arc<str>]> {
+        self.flows.get(&flow)?.0.as_deref()
+    }
+
+    pub fn return_hops(&self, flow: u16) -> Option<&[Arc<str>]> {
+        self.flows.get(&flow)?.1.as_deref()
+    }
+}
+
+/// Traces by source endpoint, target endpoint and flow. Hop names are
+/// interned: equal names share one allocation, which the tomography keys on.
 #[derive(Debug, Default, Clone)]
 pub struct TraceBook {
-    traces: Map<Box<str>, Map<Box<str>, FlowTraces>>,
+    paths: Map<Box<str>, Map<Box<str>, PathTrace>>,
+    names: std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>,
     len: usize,
 }
 
 impl TraceBook {
-    fn slot(&mut self, source: &str, target: &str, flow: u16) -> &mut Traced {
-        let flows = self
-            .traces
+    fn intern(&mut self, hops: Vec<Arc<str>>) -> Vec<Arc<str>> {
+        hops.into_iter()
+            .map(|h| {
+                if let Some(known) = self.names.get(&h) {
+                    return known.clone();
+                }
+                self.names.insert(h.clone());
+                h
+            })
+            .collect()
+    }
+
+    fn slot(&mut self, source: &str, target: &str, flow: u16) -> &mut BothWays {
+        let flows = &mut self
+            .paths
             .entry(source.into())
             .or_default()
             .entry(target.into())
-            .or_default();
+            .or_default()
+            .flows;
         if !flows.contains_key(&flow) {
             self.len += 1;
         }
@@ -62,25 +85,26 @@ impl TraceBook {
 
     /// The hops of a flow from `source` to `target`.
     pub fn insert(&mut self, source: &str, target: &str, flow: u16, hops: Vec<Arc<str>>) {
-        self.slot(source, target, flow).there = Some(hops);
+        let hops = self.intern(hops);
+        self.slot(source, target, flow).0 = Some(hops);
     }
 
     /// The hops its ACKs take back, from `target` to `source`.
     pub fn insert_return(&mut self, source: &str, target: &str, flow: u16, hops: Vec<Arc<str>>) {
-        self.slot(source, target, flow).back = Some(hops);
+        let hops = self.intern(hops);
+        self.slot(source, target, flow).1 = Some(hops);
     }
 
     /// Takes in every trace of `other` (newer ones win).
     pub fn merge(&mut self, other: TraceBook) {
-        for (source, targets) in other.traces {
-            for (target, flows) in targets {
-                for (flow, traced) in flows {
-                    let slot = self.slot(&source, &target, flow);
-                    if traced.there.is_some() {
-                        slot.there = traced.there;
+        for (source, targets) in other.paths {
+            for (target, trace) in targets {
+                for (flow, (there, back)) in trace.flows {
+                    if let Some(there) = there {
+                        self.insert(&source, &target, flow, there);
                     }
-                    if traced.back.is_some() {
-                        slot.back = traced.back;
+                    if let Some(back) = back {
+                        self.insert_return(&source, &target, flow, back);
                     }
                 }
             }
@@ -97,24 +121,14 @@ impl TraceBook {
     }
 }
 
-impl TraceBook {
-    fn traced(&self, source: &str, target: &str, flow: u16) -> Option<&Traced> {
-        self.traces.get(source)?.get(target)?.get(&flow)
-    }
-}
-
 impl PathTraces for TraceBook {
-    fn hops(&self, source: &str, target: &str, flow: u16) -> Option<&[Arc<str>]> {
-        self.traced(source, target, flow)?.there.as_deref()
-    }
-
-    fn return_hops(&self, source: &str, target: &str, flow: u16) -> Option<&[Arc<str>]> {
-        self.traced(source, target, flow)?.back.as_deref()
+    fn path(&self, source: &str, target: &str) -> Option<&PathTrace> {
+        self.paths.get(source)?.get(target)
     }
 }
 
 /// A component of the flow level.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Hop {
     /// Directed link between two hops.
     Link(Arc<str>, Arc<str>),
@@ -135,38 +149,45 @@ pub(super) struct FlowEvidence {
 impl FlowEvidence {
     /// Flows of the paths of `rows`; `None` without any trace.
     pub fn new(paths: &PathEvidence<'_>, rows: &[u32], traces: &dyn PathTraces) -> Option<Self> {
-        let mut index: HashMap<Hop, u32> = HashMap::new();
+        // Hop names are interned by the trace book: their addresses identify them.
+        let mut index: Map<(usize, usize), u32> = Map::default();
         let mut components = Vec::new();
         let mut flows = Vec::new();
         let mut members = Vec::new();
         for &row in rows {
             let p = paths.path(row);
+            let Some(trace) = traces.path(&p.source_endpoint, &p.target_endpoint) else {
+                continue;
+            };
             let mut probed = p.probed_flows_mask;
             while probed != 0 {
                 let flow = probed.trailing_zeros();
                 probed &= probed - 1;
-                let (source, target) = (&p.source_endpoint, &p.target_endpoint);
-                let Some(hops) = traces.hops(source, target, flow as u16) else {
+                let Some(hops) = trace.hops(flow as u16) else {
                     continue;
                 };
-                let back = traces.return_hops(source, target, flow as u16);
+                let back = trace.return_hops(flow as u16);
                 let lost = p.lost_flows_mask & (1 << flow) != 0;
                 let first = members.len() as u32;
-                let mut add = |hop: Hop| {
+                // A switch is keyed (its address, 0), a link (from, to).
+                let addr = |h: &Arc<str>| Arc::as_ptr(h).cast::<u8>() as usize;
+                let mut add = |key: (usize, usize), hop: &dyn Fn() -> Hop| {
                     let next = components.len() as u32;
-                    let c = *index.entry(hop.clone()).or_insert_with(|| {
-                        components.push(hop);
+                    let c = *index.entry(key).or_insert_with(|| {
+                        components.push(hop());
                         next
                     });
                     members.push(c);
                 };
                 for way in std::iter::once(hops).chain(back) {
                     for pair in way.windows(2) {
-                        add(Hop::Link(pair[0].clone(), pair[1].clone()));
+                        add((addr(&pair[0]), addr(&pair[1])), &|| {
+                            Hop::Link(pair[0].clone(), pair[1].clone())
+                        });
                     }
                     if way.len() > 2 {
                         for hop in &way[1..way.len() - 1] {
-                            add(Hop::Switch(hop.clone()));
+                            add((addr(hop), 0), &|| Hop::Switch(hop.clone()));
                         }
                     }
                 }

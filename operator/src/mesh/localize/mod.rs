@@ -184,7 +184,9 @@ impl LocalizeSettings {
                 min_lost: 3,
                 min_failing: 2,
                 min_failing_share: 0.2,
+                min_failing_share_diluted: 0.02,
                 min_contrast: 1.5,
+                min_baseline_contrast: 3.0,
                 min_gain: 10.0,
                 max_picks: 32,
             },
@@ -194,21 +196,29 @@ impl LocalizeSettings {
                 min_lost: 2,
                 min_failing: 2,
                 min_failing_share: 0.5,
+                min_failing_share_diluted: 0.1,
                 min_contrast: 3.0,
+                min_baseline_contrast: 3.0,
                 min_gain: 4.0,
                 max_picks: 32,
             },
         }
     }
 
+    /// One observation per probed flow (lost or not): a switch losing 1 %
+    /// of packets marks about as many of its flows, and the greedy search
+    /// must see it whole before any of its links (a low bar here lets the
+    /// switch, with far more evidence, win over each link's noise).
     fn flow_rules() -> Rules {
         Rules {
-            min_loss_ratio: 0.05,
-            min_lost: 3,
-            min_failing: 3,
-            min_failing_share: 0.05,
+            min_loss_ratio: 0.01,
+            min_lost: 5,
+            min_failing: 5,
+            min_failing_share: 0.01,
+            min_failing_share_diluted: 0.01,
             min_contrast: 4.0,
-            min_gain: 8.0,
+            min_baseline_contrast: 4.0,
+            min_gain: 10.0,
             max_picks: 32,
         }
     }
@@ -268,23 +278,33 @@ fn path_causes(
         PathSignal::Latency => Signal::Latency,
     };
     let mut causes = Vec::new();
-    let mut network_rows = Vec::new();
     let mut network_picks = Vec::new();
+    let mut explained = vec![false; evidence.rows() as usize];
     for pick in picks {
         let component = evidence.component(pick.component);
         if matches!(component, Component::TorLinks(_) | Component::Fabric) {
-            network_rows.extend(&pick.explained);
             network_picks.push(pick);
             continue;
         }
+        for &r in &pick.explained {
+            explained[r as usize] = true;
+        }
         causes.push(path_cause(evidence, pick, component, input, cause_signal));
     }
-    if network_picks.is_empty() {
-        return causes;
-    }
-    // Loss only: flows carry loss bits, not latencies.
+    // Traced flows of every inter-ToR path no endpoint, host or ToR explains
+    // name links and switches, also where ECMP spreads a fault too thin for
+    // the path level (one link of 32 uplinks). Loss only: flows carry loss
+    // bits, not latencies.
     let refined = match (signal, input.traces) {
-        (PathSignal::Loss, Some(traces)) => flow_causes(evidence, &network_rows, traces, input),
+        (PathSignal::Loss, Some(traces)) => {
+            let rows: Vec<u32> = (0..evidence.rows())
+                .filter(|&r| {
+                    let (s, t) = evidence.ends(r);
+                    !explained[r as usize] && evidence.tor_of(s) != evidence.tor_of(t)
+                })
+                .collect();
+            flow_causes(evidence, &rows, traces, input)
+        }
         _ => Vec::new(),
     };
     if refined.is_empty() {

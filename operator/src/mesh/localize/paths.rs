@@ -117,6 +117,7 @@ impl<'a> PathEvidence<'a> {
             }
             e
         };
+        let mut last_source: Option<(&str, u32)> = None;
         for (w, i, p) in windows
             .iter()
             .enumerate()
@@ -133,7 +134,16 @@ impl<'a> PathEvidence<'a> {
             if probes == 0 {
                 continue;
             }
-            let source = intern(&p.source_endpoint, &p.source_tor);
+            // Paths come sorted by source: most rows repeat the last one's.
+            let source = match last_source {
+                Some((id, e))
+                    if std::ptr::eq(id, p.source_endpoint.as_str()) || id == p.source_endpoint =>
+                {
+                    e
+                }
+                _ => intern(&p.source_endpoint, &p.source_tor),
+            };
+            last_source = Some((p.source_endpoint.as_str(), source));
             let target = intern(&p.target_endpoint, &p.target_tor);
             rows.push(PathRow {
                 source,
@@ -392,6 +402,17 @@ impl Evidence for PathEvidence<'_> {
                 self.tor_of(s) != self.tor_of(t)
             })),
         }
+    }
+
+    fn diluted(&self, c: u32) -> bool {
+        matches!(
+            self.component(c),
+            Component::TorLinks(_) | Component::Fabric
+        )
+    }
+
+    fn baseline(&self, c: u32) -> Option<u32> {
+        matches!(self.component(c), Component::TorLinks(_)).then(|| self.index(Component::Fabric))
     }
 
     fn blamable(&self, c: u32) -> bool {

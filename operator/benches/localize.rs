@@ -1,0 +1,442 @@
+//! The localization simulator: the real localizer on synthetic windows of a
+//! rail-optimized Clos fabric with random faults of every kind, single and
+//! several at once, at loss rates from 0.1 % to 100 %, over background noise.
+//! Prints precision, recall and windows-to-localize per fault kind, then the
+//! time to localize one window of about 100,000 endpoints.
+//!
+//! Run: `cargo bench -p pingmesh-operator --bench localize`
+//! (`PINGMESH_SIM_TRIALS=N` trials per cell, default 8; `PINGMESH_SIM_SEED`).
+//! Results and what they mean: docs/localization.md.
+#![allow(
+    clippy::expect_used,
+    clippy::cast_precision_loss,
+    clippy::cast_possible_truncation,
+    reason = "a benchmark binary over constant inputs"
+)]
+
+use std::time::{Duration, Instant};
+
+use pingmesh_operator::mesh::analyzer::PathStats;
+use pingmesh_operator::mesh::localize::sim::{
+    Fabric, FabricSpec, Fault, host_name, spine_name, tor_name,
+};
+use pingmesh_operator::mesh::localize::{
+    CauseKind, HostDelayRules, LocalizeSettings, PathTraces, RootCause, TraceBook, WindowEvidence,
+    localize,
+};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Windows localization looks at together (the analyzer's `LOCALIZE_WINDOWS`).
+const WINDOWS_TOGETHER: usize = 3;
+/// A fault not localized within this many windows counts as missed.
+const MAX_WINDOWS: usize = 5;
+const LOSS_RATES: [f64; 6] = [0.001, 0.01, 0.03, 0.1, 0.3, 1.0];
+
+fn settings() -> LocalizeSettings {
+    LocalizeSettings {
+        max_loss_ratio: 0.01,
+        host_delay: HostDelayRules::default(),
+    }
+}
+
+/// 32 spines, 16 groups of 32 hosts with 8 RNICs, each RNIC on its rail's ToR:
+/// 128 ToRs, 512 hosts, 4,096 endpoints; default pinglist rates over a 5 s window.
+fn accuracy_fabric() -> FabricSpec {
+    FabricSpec {
+        spines: 32,
+        groups: 16,
+        hosts_per_group: 32,
+        rnics_per_host: 8,
+        rail_optimized: true,
+        tor_mesh_probes: 50,
+        inter_tor_probes: 5,
+        inter_tor_sample_tors: 5,
+        inter_tor_flows: 64,
+        background_loss: 1e-4,
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Endpoint,
+    EndpointSendOnly,
+    Host,
+    Tor,
+    Downlink,
+    Uplink,
+    Spine,
+}
+
+const KINDS: [Kind; 7] = [
+    Kind::Endpoint,
+    Kind::EndpointSendOnly,
+    Kind::Host,
+    Kind::Tor,
+    Kind::Downlink,
+    Kind::Uplink,
+    Kind::Spine,
+];
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Self::Endpoint => "endpoint (RNIC)",
+            Self::EndpointSendOnly => "endpoint, send side",
+            Self::Host => "host",
+            Self::Tor => "ToR",
+            Self::Downlink => "link spine->ToR",
+            Self::Uplink => "link ToR->spine",
+            Self::Spine => "spine switch",
+        }
+    }
+
+    fn random(self, spec: &FabricSpec, loss: f64, rng: &mut StdRng) -> Fault {
+        let spine = rng.random_range(0..spec.spines);
+        let tor = rng.random_range(0..spec.tors());
+        match self {
+            Self::Endpoint | Self::EndpointSendOnly => Fault::Endpoint {
+                endpoint: rng.random_range(0..spec.endpoints()),
+                send: true,
+                receive: self == Self::Endpoint,
+                loss,
+            },
+            Self::Host => Fault::Host {
+                host: rng.random_range(0..spec.hosts()),
+                loss,
+            },
+            Self::Tor => Fault::Tor { tor, loss },
+            Self::Downlink => Fault::Downlink { spine, tor, loss },
+            Self::Uplink => Fault::Uplink { tor, spine, loss },
+            Self::Spine => Fault::Spine { spine, loss },
+        }
+    }
+}
+
+/// Whether `cause` names `fault` exactly, or (`coarse`) as precisely as
+/// paths without traces can.
+fn names(cause: &RootCause, fault: &Fault, fabric: &Fabric, coarse: bool) -> bool {
+    let c = (cause.kind, cause.component.as_str());
+    match *fault {
+        Fault::Endpoint { endpoint, .. } => {
+            c == (
+                CauseKind::Endpoint,
+                &fabric.endpoint_names[endpoint as usize],
+            )
+        }
+        Fault::Host { host, .. } => c == (CauseKind::Host, &host_name(host)),
+        Fault::Tor { tor, .. } => c == (CauseKind::Tor, &tor_name(tor)),
+        Fault::Downlink { spine, tor, .. } if !coarse => {
+            c == (
+                CauseKind::Link,
+                &format!("{} -> {}", spine_name(spine), tor_name(tor)),
+            )
+        }
+        Fault::Uplink { tor, spine, .. } if !coarse => {
+            c == (
+                CauseKind::Link,
+                &format!("{} -> {}", tor_name(tor), spine_name(spine)),
+            )
+        }
+        Fault::Downlink { tor, .. } | Fault::Uplink { tor, .. } => {
+            c == (
+                CauseKind::Link,
+                &format!("spine layer <-> {}", tor_name(tor)),
+            )
+        }
+        Fault::Spine { spine, .. } if !coarse => c == (CauseKind::Switch, &spine_name(spine)),
+        Fault::Spine { .. } => c == (CauseKind::Switch, "spine layer"),
+    }
+}
+
+/// Outcome of one trial.
+#[derive(Debug, Default, Clone, Copy)]
+struct Trial {
+    /// Faults named within `MAX_WINDOWS` windows.
+    found: usize,
+    faults: usize,
+    /// Window (1-based) by which every fault was named.
+    windows: Option<usize>,
+    true_causes: usize,
+    false_causes: usize,
+}
+
+fn run_trial(fabric: &Fabric, faults: &[Fault], traced: bool, seed: u64) -> Trial {
+    let mut history: Vec<(Vec<PathStats>, TraceBook)> = Vec::new();
+    let mut trial = Trial {
+        faults: faults.len(),
+        ..Trial::default()
+    };
+    let mut named = vec![false; faults.len()];
+    for w in 0..MAX_WINDOWS {
+        history.push(fabric.window(faults, seed.wrapping_mul(31).wrapping_add(w as u64), 0.01));
+        if history.len() > WINDOWS_TOGETHER {
+            history.remove(0);
+        }
+        let mut book = TraceBook::default();
+        if traced {
+            for (_, t) in &history {
+                book.merge(t.clone());
+            }
+        }
+        let windows: Vec<&[PathStats]> = history.iter().map(|(p, _)| p.as_slice()).collect();
+        let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
+        let causes = localize(
+            &WindowEvidence {
+                windows: &windows,
+                node_of: &node_of,
+                traces: traced.then_some(&book as &dyn PathTraces),
+                findings: &[],
+            },
+            &settings(),
+        );
+        for c in &causes {
+            let mut hit = false;
+            for (i, f) in faults.iter().enumerate() {
+                if names(c, f, fabric, !traced) {
+                    named[i] = true;
+                    hit = true;
+                }
+            }
+            if hit {
+                trial.true_causes += 1;
+            } else {
+                trial.false_causes += 1;
+                if std::env::var_os("PINGMESH_SIM_VERBOSE").is_some() {
+                    println!(
+                        "  wrong: {faults:?} -> {} {} ({})",
+                        c.kind.label(),
+                        c.component,
+                        c.summary
+                    );
+                }
+            }
+        }
+        if named.iter().all(|&n| n) {
+            trial.windows = Some(w + 1);
+            break;
+        }
+    }
+    trial.found = named.iter().filter(|&&n| n).count();
+    trial
+}
+
+#[derive(Debug, Default)]
+struct Cell {
+    trials: usize,
+    faults: usize,
+    found: usize,
+    true_causes: usize,
+    false_causes: usize,
+    windows: Vec<usize>,
+}
+
+impl Cell {
+    fn add(&mut self, t: Trial) {
+        self.trials += 1;
+        self.faults += t.faults;
+        self.found += t.found;
+        self.true_causes += t.true_causes;
+        self.false_causes += t.false_causes;
+        self.windows.extend(t.windows);
+    }
+
+    fn row(&self, label: &str, loss: &str) -> String {
+        let precision = if self.true_causes + self.false_causes == 0 {
+            "-".to_owned()
+        } else {
+            format!(
+                "{:.1}%",
+                100.0 * self.true_causes as f64 / (self.true_causes + self.false_causes) as f64
+            )
+        };
+        let mut w = self.windows.clone();
+        w.sort_unstable();
+        let median = w
+            .get(w.len() / 2)
+            .map_or("-".to_owned(), ToString::to_string);
+        let worst = w.last().map_or("-".to_owned(), ToString::to_string);
+        format!(
+            "| {label:<22} | {loss:>6} | {:>6} | {:>9} | {:>7.1}% | {median:>6} | {worst:>5} |",
+            self.trials,
+            precision,
+            100.0 * self.found as f64 / self.faults.max(1) as f64,
+        )
+    }
+}
+
+fn header() {
+    println!("| fault                  |   loss | trials | precision |  recall | median | worst |");
+    println!("|------------------------|-------:|-------:|----------:|--------:|-------:|------:|");
+}
+
+fn pct(loss: f64) -> String {
+    if loss < 0.01 {
+        format!("{:.1}%", loss * 100.0)
+    } else {
+        format!("{:.0}%", loss * 100.0)
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` runs it with no
+    // argument: then only a smoke run on a small fabric.
+    let benching = std::env::args().any(|a| a == "--bench");
+    let trials: usize = std::env::var("PINGMESH_SIM_TRIALS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(if benching { 8 } else { 1 });
+    let seed: u64 = std::env::var("PINGMESH_SIM_SEED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(42);
+    let spec = if benching {
+        accuracy_fabric()
+    } else {
+        FabricSpec {
+            groups: 2,
+            hosts_per_group: 8,
+            spines: 4,
+            ..accuracy_fabric()
+        }
+    };
+    let fabric = Fabric::new(spec.clone(), seed);
+    println!(
+        "fabric: {} spines, {} ToRs, {} hosts x {} RNICs = {} endpoints (rail-optimized), {} paths per window; \
+         {} probes per ToR-mesh path and {} per inter-ToR path a window over {} flows; background loss {:.2}% per probe; \
+         localization over {WINDOWS_TOGETHER} windows, a fault missed after {MAX_WINDOWS}",
+        spec.spines,
+        spec.tors(),
+        spec.hosts(),
+        spec.rnics_per_host,
+        spec.endpoints(),
+        fabric.pinglist.len(),
+        spec.tor_mesh_probes,
+        spec.inter_tor_probes,
+        spec.inter_tor_flows,
+        spec.background_loss * 100.0,
+    );
+    let mut rng = StdRng::seed_from_u64(seed);
+    let started = Instant::now();
+
+    println!("\nClean fabric ({} windows):", trials * MAX_WINDOWS);
+    let mut clean = Cell::default();
+    for t in 0..trials {
+        clean.add(run_trial(&fabric, &[], true, rng.random()));
+        let _ = t;
+    }
+    println!(
+        "  root causes blamed on a clean fabric: {} in {} windows",
+        clean.false_causes,
+        trials * MAX_WINDOWS
+    );
+
+    println!("\nSingle faults, flows traced:");
+    header();
+    for kind in KINDS {
+        for loss in LOSS_RATES {
+            let mut cell = Cell::default();
+            for _ in 0..trials {
+                let fault = kind.random(&spec, loss, &mut rng);
+                cell.add(run_trial(&fabric, &[fault], true, rng.random()));
+            }
+            println!("{}", cell.row(kind.label(), &pct(loss)));
+        }
+    }
+
+    println!("\nNetwork faults without traces (named as the links of a ToR, or the spine layer):");
+    header();
+    for kind in [Kind::Downlink, Kind::Spine] {
+        for loss in [0.01, 0.1, 0.3, 1.0] {
+            let mut cell = Cell::default();
+            for _ in 0..trials {
+                let fault = kind.random(&spec, loss, &mut rng);
+                cell.add(run_trial(&fabric, &[fault], false, rng.random()));
+            }
+            println!("{}", cell.row(kind.label(), &pct(loss)));
+        }
+    }
+
+    println!("\nSeveral faults at once (kinds drawn at random), flows traced:");
+    header();
+    for n in [2, 3] {
+        for loss in [0.03, 0.3, 1.0] {
+            let mut cell = Cell::default();
+            for _ in 0..trials {
+                let faults: Vec<Fault> = (0..n)
+                    .map(|_| {
+                        let kind = KINDS[rng.random_range(0..KINDS.len())];
+                        kind.random(&spec, loss, &mut rng)
+                    })
+                    .collect();
+                cell.add(run_trial(&fabric, &faults, true, rng.random()));
+            }
+            println!("{}", cell.row(&format!("{n} at once"), &pct(loss)));
+        }
+    }
+    println!("\nsimulated in {:.0?}", started.elapsed());
+
+    if benching {
+        time_large_window(seed);
+    }
+}
+
+/// Time to localize one window of about 100,000 endpoints (median of 3).
+fn time_large_window(seed: u64) {
+    let spec = FabricSpec {
+        groups: 391,
+        ..accuracy_fabric()
+    };
+    let fabric = Fabric::new(spec.clone(), seed);
+    let faults = [
+        Fault::Host {
+            host: 17,
+            loss: 1.0,
+        },
+        Fault::Tor {
+            tor: 101,
+            loss: 0.2,
+        },
+        Fault::Downlink {
+            spine: 3,
+            tor: 2000,
+            loss: 0.3,
+        },
+    ];
+    let (paths, book) = fabric.window(&faults, seed, 0.01);
+    println!(
+        "\nLocalizing at scale: {} endpoints, {} ToRs, {} paths a window, {} traced flows, 3 faults",
+        spec.endpoints(),
+        spec.tors(),
+        paths.len(),
+        book.len()
+    );
+    println!("| windows together | traces | causes | median time |");
+    println!("|-----------------:|:------:|-------:|------------:|");
+    for (windows, traced) in [(1, false), (1, true), (3, false), (3, true)] {
+        let slices: Vec<&[PathStats]> = (0..windows).map(|_| paths.as_slice()).collect();
+        let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
+        let mut times: Vec<Duration> = Vec::new();
+        let mut found = 0;
+        for _ in 0..3 {
+            let started = Instant::now();
+            let causes = localize(
+                &WindowEvidence {
+                    windows: &slices,
+                    node_of: &node_of,
+                    traces: traced.then_some(&book as &dyn PathTraces),
+                    findings: &[],
+                },
+                &settings(),
+            );
+            times.push(started.elapsed());
+            found = causes.len();
+        }
+        times.sort_unstable();
+        println!(
+            "| {windows:>16} | {:^6} | {found:>6} | {:>9.0} ms |",
+            if traced { "yes" } else { "no" },
+            times[1].as_secs_f64() * 1e3
+        );
+    }
+}
