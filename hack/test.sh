@@ -87,6 +87,19 @@ else
   not_run+=("envtest tier, the operator against a real kube-apiserver and etcd: set KUBEBUILDER_ASSETS to a folder holding them (docs/kubernetes.md, \"Envtest\")")
 fi
 
+# The real-node tier (hack/realnode.sh) needs root, containerd and the node
+# binaries, and changes this machine's network settings while it runs: never
+# run from here, only named.
+realnode_assets=1
+for bin in kube-apiserver etcd kube-controller-manager kube-scheduler kube-proxy kubelet; do
+  [[ -x "${KUBEBUILDER_ASSETS:-}/${bin}" ]] || realnode_assets=0
+done
+if ((realnode_assets)); then
+  not_run+=("real-node tier, a one-node cluster with a kubelet and containerd: run it yourself, as root: hack/realnode.sh run (docs/kubernetes.md, \"Real-node tier\")")
+else
+  not_run+=("real-node tier, a one-node cluster with a kubelet and containerd: KUBEBUILDER_ASSETS must also hold kubelet, kube-scheduler, kube-controller-manager and kube-proxy; then, as root: hack/realnode.sh run (docs/kubernetes.md, \"Real-node tier\")")
+fi
+
 if [[ -n "${PINGMESH_E2E_KIND:-}" ]]; then
   step "end-to-end on kind (real cluster; needs docker, kind, kubectl, helm)"
   hack/e2e-kind.sh
