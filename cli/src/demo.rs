@@ -108,11 +108,13 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     for f in &args.inject {
         eprintln!(
-            "  injecting    {:?} dropping {:.0}% from {:?}{}",
+            "  injecting    {} dropping {:.0}% of its packets from {}s{}",
             f.target,
             f.loss * 100.0,
-            f.start,
-            f.end.map(|e| format!(" to {e:?}")).unwrap_or_default()
+            f.start.as_secs(),
+            f.end
+                .map(|e| format!(" to {}s", e.as_secs()))
+                .unwrap_or_default()
         );
     }
     eprintln!("Ctrl-C stops it.\n");

@@ -24,6 +24,15 @@ pub enum Target {
     Tor(String),
 }
 
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Node(n) => write!(f, "node {n}"),
+            Self::Tor(t) => write!(f, "ToR {t}"),
+        }
+    }
+}
+
 /// One `--inject` fault.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Injection {
