@@ -15,6 +15,9 @@ declare -A probes=(
   [libclang-dev]=/usr/lib/llvm-*/lib/libclang.so
   [libibverbs-dev]=/usr/include/infiniband/verbs.h
   [librdmacm-dev]=/usr/include/rdma/rdma_cma.h
+  # The agent's eBPF tracer (the default `ebpf` feature): ebpf-probes' build.rs
+  # compiles bpf/*.c with clang (above) against libbpf's headers.
+  [libbpf-dev]=/usr/include/bpf/bpf_helpers.h
   # End-to-end tests: iptables fault injection, network namespaces.
   [iptables]=iptables
   [iproute2]=ip

@@ -9,4 +9,5 @@ pub mod endpoints;
 pub mod metrics;
 pub mod probe;
 pub mod rnic;
+pub mod tracer;
 pub mod transport;

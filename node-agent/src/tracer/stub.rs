@@ -1,0 +1,56 @@
+//! The tracer where there is no eBPF: not Linux, or built without the `ebpf`
+//! feature. Same API; loading fails with [`TracerError::Unsupported`].
+use std::path::Path;
+use std::time::Duration;
+
+use super::{Hook, TraceEvent, TracerError};
+
+/// Stands in for the eBPF tracer; it can never be constructed.
+#[derive(Debug)]
+pub struct Tracer {
+    _never: std::convert::Infallible,
+}
+
+impl Tracer {
+    pub fn load() -> Result<Self, TracerError> {
+        Err(TracerError::Unsupported)
+    }
+
+    pub fn attach_tcp(&mut self) -> Result<(), TracerError> {
+        Err(TracerError::Unsupported)
+    }
+
+    pub fn attach_verbs(&mut self, _library: &Path) -> Result<(), TracerError> {
+        Err(TracerError::Unsupported)
+    }
+
+    pub fn attach_loaded_verbs(&mut self, _proc_root: &Path) -> Vec<(Hook, TracerError)> {
+        Vec::new()
+    }
+
+    pub fn active_hooks(&self) -> Vec<Hook> {
+        Vec::new()
+    }
+
+    pub fn poll(&mut self, _timeout: Duration) -> Result<Vec<TraceEvent>, TracerError> {
+        Err(TracerError::Unsupported)
+    }
+
+    pub fn drain(&mut self) -> Vec<TraceEvent> {
+        Vec::new()
+    }
+
+    pub fn malformed_records(&self) -> u64 {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_reports_unsupported() {
+        assert!(matches!(Tracer::load(), Err(TracerError::Unsupported)));
+    }
+}
