@@ -79,6 +79,15 @@ else
   skipped+=("leaf-spine fabric e2e (needs root, iptables and network namespaces: hack/fabric.sh)")
 fi
 
+step "eBPF tracer: the real BPF programs in this machine's kernel"
+if [[ "$(id -u)" == 0 ]]; then
+  # The tracepoint attaches through tracefs, which is not always mounted.
+  mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || true
+  PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --locked --test tracer_bpf -- --include-ignored
+else
+  skipped+=("eBPF tracer tests (need root: PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --test tracer_bpf -- --include-ignored, docs/tracing.md)")
+fi
+
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   step "envtest: the operator against a real API server (KUBEBUILDER_ASSETS=${KUBEBUILDER_ASSETS})"
   hack/envtest.sh check
