@@ -153,6 +153,135 @@ fn tcp_connections_on_loopback_are_traced_up_and_down() {
     assert_eq!(tracer.malformed_records(), 0);
 }
 
+/// Two network namespaces joined by a veth pair, removed on drop.
+struct NetnsPair {
+    names: [String; 2],
+}
+
+impl NetnsPair {
+    const ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 213, 0, 1), Ipv4Addr::new(10, 213, 0, 2)];
+
+    fn new() -> Self {
+        let tag = std::process::id();
+        let pair = Self {
+            names: [format!("pmbpf-a-{tag}"), format!("pmbpf-b-{tag}")],
+        };
+        let [a, b] = &pair.names;
+        let ip = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().expect("run ip");
+            assert!(
+                out.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        ip(&["netns", "add", a]);
+        ip(&["netns", "add", b]);
+        ip(&[
+            "link", "add", "pmbpf0", "netns", a, "type", "veth", "peer", "name", "pmbpf1", "netns",
+            b,
+        ]);
+        for (ns, dev, addr) in [(a, "pmbpf0", Self::ADDRS[0]), (b, "pmbpf1", Self::ADDRS[1])] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        pair
+    }
+
+    /// Runs `f` on a thread that has joined namespace `index`.
+    fn run<T: Send + 'static>(&self, index: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/run/netns/{}", self.names[index]);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).expect("open the namespace");
+            // SAFETY: a valid namespace fd; setns changes only this thread's
+            // network namespace.
+            let rc =
+                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+        .join()
+        .expect("namespace thread")
+    }
+}
+
+impl Drop for NetnsPair {
+    fn drop(&mut self) {
+        for name in &self.names {
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and BPF: PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --test tracer_bpf -- --include-ignored"]
+fn tcp_connections_between_network_namespaces_are_traced_up_and_down() {
+    if !enabled() {
+        return;
+    }
+    let mut tracer = Tracer::load().expect("load the BPF object");
+    tracer
+        .attach_tcp()
+        .expect("attach sock:inet_sock_set_state (is tracefs mounted?)");
+    let pair = NetnsPair::new();
+    let [client_ip, server_ip] = NetnsPair::ADDRS;
+    let listener = pair.run(1, move || {
+        TcpListener::bind((server_ip, 0)).expect("bind in b")
+    });
+    let server = listener.local_addr().expect("listener addr");
+    // Sockets keep the namespace they were created in.
+    let client = pair.run(0, move || {
+        TcpStream::connect(server).expect("connect from a")
+    });
+    let (accepted, peer) = listener.accept().expect("accept");
+    assert_eq!(peer.ip(), client_ip);
+    let (cport, sport) = (peer.port(), server.port());
+
+    let up = |events: &[TraceEvent]| {
+        let est = |a, b| {
+            tcp_events(events, a, b)
+                .iter()
+                .any(|t| t.new_state == TcpState::Established)
+        };
+        est(cport, sport) && est(sport, cport)
+    };
+    let events = collect(&mut tracer, up);
+    let active = tcp_events(&events, cport, sport);
+    let active = active
+        .iter()
+        .find(|t| t.new_state == TcpState::Established)
+        .unwrap_or_else(|| panic!("no ESTABLISHED in namespace a: {events:#?}"));
+    assert_eq!(
+        (active.src, active.dst),
+        (client_ip.into(), server_ip.into())
+    );
+    assert_eq!(active.origin.pid, std::process::id());
+    let passive = tcp_events(&events, sport, cport);
+    let passive = passive
+        .iter()
+        .find(|t| t.new_state == TcpState::Established)
+        .unwrap_or_else(|| panic!("no ESTABLISHED in namespace b: {events:#?}"));
+    assert_eq!(
+        (passive.src, passive.dst),
+        (server_ip.into(), client_ip.into())
+    );
+
+    drop(client);
+    drop(accepted);
+    let closed = |events: &[TraceEvent]| {
+        let close = |a, b| {
+            tcp_events(events, a, b)
+                .iter()
+                .any(|t| t.new_state == TcpState::Close)
+        };
+        close(cport, sport) && close(sport, cport)
+    };
+    let events = collect(&mut tracer, closed);
+    assert!(closed(&events), "both ends reach CLOSE: {events:#?}");
+    drop(pair);
+}
+
 /// Builds the fake libibverbs.so.1 and the driver linked to it in `dir`.
 fn build_fake_verbs(dir: &Path) -> (PathBuf, PathBuf) {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fakeverbs");
