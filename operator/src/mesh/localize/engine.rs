@@ -85,7 +85,8 @@ pub(super) struct Tally {
 pub(super) struct Pick {
     pub component: u32,
     pub tally: Tally,
-    /// Probes and losses of every other observation not yet explained.
+    /// Probes and losses of every other observation not yet explained when
+    /// it was picked.
     pub elsewhere: (u64, u64),
     pub gain: f64,
     /// Components whose evidence was exactly as good: not told apart.
@@ -126,42 +127,62 @@ fn failing(lost: u64, probes: u64, rules: &Rules) -> bool {
     lost > 0 && ratio(lost, probes) > rules.min_loss_ratio
 }
 
+/// Running sums over the observations not yet explained.
+struct Sums {
+    tallies: Vec<Tally>,
+    probes: u64,
+    lost: u64,
+    scratch: Vec<u32>,
+}
+
+impl Sums {
+    /// Adds (`add`) or takes out observation `o` everywhere it counts.
+    fn count(&mut self, evidence: &impl Evidence, rules: &Rules, o: u32, add: bool) {
+        let (probes, lost) = evidence.counts(o);
+        let bad = u64::from(failing(lost, probes, rules));
+        let apply = |sum: &mut u64, by: u64| {
+            *sum = if add { *sum + by } else { *sum - by };
+        };
+        apply(&mut self.probes, probes);
+        apply(&mut self.lost, lost);
+        self.scratch.clear();
+        evidence.components_of(o, &mut self.scratch);
+        for &c in &self.scratch {
+            let t = &mut self.tallies[c as usize];
+            apply(&mut t.probes, probes);
+            apply(&mut t.lost, lost);
+            apply(&mut t.observations, 1);
+            apply(&mut t.failing, bad);
+        }
+    }
+}
+
 /// The components that explain the failing observations, most convincing
 /// first (see the module docs).
 pub(super) fn explain(evidence: &impl Evidence, rules: &Rules) -> Vec<Pick> {
-    let mut tallies = vec![Tally::default(); evidence.component_count()];
-    let mut active = vec![true; evidence.observation_count()];
-    let (mut all_probes, mut all_lost) = (0u64, 0u64);
-    let mut scratch = Vec::new();
-    for o in 0..evidence.observation_count() {
-        let o = o as u32;
-        let (probes, lost) = evidence.counts(o);
-        if probes == 0 {
-            active[o as usize] = false;
-            continue;
-        }
-        all_probes += probes;
-        all_lost += lost;
-        scratch.clear();
-        evidence.components_of(o, &mut scratch);
-        let bad = u64::from(failing(lost, probes, rules));
-        for &c in &scratch {
-            let t = &mut tallies[c as usize];
-            t.probes += probes;
-            t.lost += lost;
-            t.observations += 1;
-            t.failing += bad;
+    let mut sums = Sums {
+        tallies: vec![Tally::default(); evidence.component_count()],
+        probes: 0,
+        lost: 0,
+        scratch: Vec::new(),
+    };
+    let mut active = vec![false; evidence.observation_count()];
+    for o in 0..evidence.observation_count() as u32 {
+        if evidence.counts(o).0 > 0 {
+            active[o as usize] = true;
+            sums.count(evidence, rules, o, true);
         }
     }
 
     let mut picks = Vec::new();
-    while picks.len() < rules.max_picks && all_lost > 0 {
+    while picks.len() < rules.max_picks && sums.lost > 0 {
         let Some((best, gain, ties)) =
-            best_component(evidence, &tallies, (all_probes, all_lost), rules)
+            best_component(evidence, &sums.tallies, (sums.probes, sums.lost), rules)
         else {
             break;
         };
-        let tally = tallies[best as usize];
+        let tally = sums.tallies[best as usize];
+        let elsewhere = (sums.probes - tally.probes, sums.lost - tally.lost);
         let mut explained = Vec::new();
         evidence.observations_of(best, &mut explained);
         explained.sort_unstable();
@@ -169,35 +190,16 @@ pub(super) fn explain(evidence: &impl Evidence, rules: &Rules) -> Vec<Pick> {
         explained.retain(|&o| active[o as usize]);
         for &o in &explained {
             active[o as usize] = false;
-            let (probes, lost) = evidence.counts(o);
-            all_probes -= probes;
-            all_lost -= lost;
-            scratch.clear();
-            evidence.components_of(o, &mut scratch);
-            let bad = u64::from(failing(lost, probes, rules));
-            for &c in &scratch {
-                let t = &mut tallies[c as usize];
-                t.probes -= probes;
-                t.lost -= lost;
-                t.observations -= 1;
-                t.failing -= bad;
-            }
+            sums.count(evidence, rules, o, false);
         }
         picks.push(Pick {
             component: best,
             tally,
-            elsewhere: (
-                all_probes + tally.probes - tally.probes.min(all_probes + tally.probes),
-                0,
-            ),
+            elsewhere,
             gain,
             ties,
             explained,
         });
-        // What was elsewhere when the pick was made.
-        if let Some(p) = picks.last_mut() {
-            p.elsewhere = (all_probes, all_lost);
-        }
     }
     picks
 }
