@@ -184,6 +184,10 @@ fn http_probe(path: &str, port: u16, period_seconds: i32) -> Probe {
             ..HTTPGetAction::default()
         }),
         period_seconds: Some(period_seconds),
+        // The agent opens its HTTP port within about a second of starting; a
+        // probe before that only leaves a "connection refused" Warning Event
+        // on every agent start (seen on a real kubelet).
+        initial_delay_seconds: Some(2),
         ..Probe::default()
     }
 }
