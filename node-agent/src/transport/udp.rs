@@ -244,6 +244,7 @@ fn is_delivered_network_error(error: &io::Error) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
     use std::collections::BTreeSet;
     use std::sync::Arc;
     use std::time::Duration;
@@ -273,6 +274,8 @@ mod tests {
         }
     }
 
+    /// Only kernel timestamping produces TX stamps.
+    #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
     async fn tx_stamps(socket: &UdpProbeSocket, count: usize) -> Vec<(u32, u64)> {
         let mut buf = [0u8; 64];
         let mut stamps = Vec::new();
