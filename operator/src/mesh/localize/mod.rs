@@ -61,7 +61,8 @@ pub enum CauseKind {
     Link,
     /// A spine or aggregation switch, or the spine layer as a whole.
     Switch,
-    /// Evidence that fits no single component well.
+    /// Evidence that fits no single component well. Reserved: not produced
+    /// yet (ties are reported as `candidates` of the best cause instead).
     Unknown,
 }
 
