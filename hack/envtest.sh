@@ -34,6 +34,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=SCRIPTDIR/lib/pki.sh
+. "${ROOT}/hack/lib/pki.sh"
 LAST="${TMPDIR:-/tmp}/pingmesh-envtest-last-$(id -u)"
 readonly LAST
 readonly TIMEOUT_S="${PINGMESH_ENVTEST_TIMEOUT_S:-60}"
@@ -80,54 +82,14 @@ free_port() {
   die "no free loopback port found"
 }
 
-write_openssl_config() {
-  cat >"$1" <<'EOF'
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign,digitalSignature
-subjectKeyIdentifier = hash
-[server]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1,DNS:localhost
-[client]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = clientAuth
-EOF
-}
-
 # CA, serving certificate (IP:127.0.0.1), admin client certificate
 # (O=system:masters) and the service-account signing key pair, in $1.
 make_pki() {
-  local pki="$1" cnf="$1/openssl.cnf"
-  mkdir -p "${pki}"
-  write_openssl_config "${cnf}"
-  openssl genrsa -out "${pki}/ca.key" 2048 2>/dev/null
-  openssl req -x509 -new -key "${pki}/ca.key" -subj "/CN=pingmesh-envtest-ca" \
-    -days 7 -config "${cnf}" -extensions ca -out "${pki}/ca.crt"
-  local name subj ext
-  for name in apiserver admin; do
-    if [[ "${name}" == apiserver ]]; then
-      subj="/CN=kube-apiserver" ext=server
-    else
-      subj="/O=system:masters/CN=pingmesh-envtest-admin" ext=client
-    fi
-    openssl genrsa -out "${pki}/${name}.key" 2048 2>/dev/null
-    openssl req -new -key "${pki}/${name}.key" -subj "${subj}" -config "${cnf}" \
-      -out "${pki}/${name}.csr"
-    openssl x509 -req -in "${pki}/${name}.csr" -CA "${pki}/ca.crt" -CAkey "${pki}/ca.key" \
-      -set_serial "$((RANDOM * 32768 + RANDOM))" -days 7 \
-      -extfile "${cnf}" -extensions "${ext}" -out "${pki}/${name}.crt" 2>/dev/null
-  done
-  openssl genrsa -out "${pki}/sa.key" 2048 2>/dev/null
-  openssl rsa -in "${pki}/sa.key" -pubout -out "${pki}/sa.pub" 2>/dev/null
+  local pki="$1"
+  pki_init "${pki}" pingmesh-envtest-ca "IP:127.0.0.1,DNS:localhost"
+  pki_issue "${pki}" apiserver "/CN=kube-apiserver" server
+  pki_issue "${pki}" admin "/O=system:masters/CN=pingmesh-envtest-admin" client
+  pki_service_accounts "${pki}"
 }
 
 b64() { base64 <"$1" | tr -d '\n'; }

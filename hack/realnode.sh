@@ -52,6 +52,8 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly ROOT
+# shellcheck source=SCRIPTDIR/lib/pki.sh
+. "${ROOT}/hack/lib/pki.sh"
 readonly STATE="${PINGMESH_REALNODE_DIR:-${TMPDIR:-/tmp}/pingmesh-realnode}"
 readonly TIMEOUT_S="${PINGMESH_REALNODE_TIMEOUT_S:-180}"
 
@@ -253,56 +255,18 @@ current_phase=""
 
 # ---------------------------------------------------------------- certificates
 
-write_openssl_config() {
-  cat >"$1" <<EOF
-[req]
-distinguished_name = dn
-prompt = no
-[dn]
-CN = unused
-[ca]
-basicConstraints = critical,CA:TRUE
-keyUsage = critical,keyCertSign,cRLSign,digitalSignature
-subjectKeyIdentifier = hash
-[server]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = serverAuth
-subjectAltName = IP:127.0.0.1,IP:${NODE_IP},IP:${KUBERNETES_SVC_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.${CLUSTER_DOMAIN}
-[client]
-basicConstraints = critical,CA:FALSE
-keyUsage = critical,digitalSignature,keyEncipherment
-extendedKeyUsage = clientAuth
-EOF
-}
-
-# issue NAME SUBJECT EXTENSION
-issue() {
-  local pki="${STATE}/pki" name="$1"
-  openssl genrsa -out "${pki}/${name}.key" 2048 2>/dev/null
-  openssl req -new -key "${pki}/${name}.key" -subj "$2" -config "${pki}/openssl.cnf" \
-    -out "${pki}/${name}.csr"
-  openssl x509 -req -in "${pki}/${name}.csr" -CA "${pki}/ca.crt" -CAkey "${pki}/ca.key" \
-    -set_serial "$((RANDOM * 32768 + RANDOM))" -days 7 \
-    -extfile "${pki}/openssl.cnf" -extensions "$3" -out "${pki}/${name}.crt" 2>/dev/null
-}
-
 make_pki() {
   local pki="${STATE}/pki"
-  mkdir -p "${pki}"
-  write_openssl_config "${pki}/openssl.cnf"
-  openssl genrsa -out "${pki}/ca.key" 2048 2>/dev/null
-  openssl req -x509 -new -key "${pki}/ca.key" -subj "/CN=pingmesh-realnode-ca" \
-    -days 7 -config "${pki}/openssl.cnf" -extensions ca -out "${pki}/ca.crt"
-  issue apiserver "/CN=kube-apiserver" server
-  issue admin "/O=system:masters/CN=pingmesh-realnode-admin" client
-  issue apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" client
-  issue kubelet "/O=system:nodes/CN=system:node:${NODE}" client
-  issue controller-manager "/CN=system:kube-controller-manager" client
-  issue scheduler "/CN=system:kube-scheduler" client
-  issue proxy "/CN=system:kube-proxy" client
-  openssl genrsa -out "${pki}/sa.key" 2048 2>/dev/null
-  openssl rsa -in "${pki}/sa.key" -pubout -out "${pki}/sa.pub" 2>/dev/null
+  pki_init "${pki}" pingmesh-realnode-ca \
+    "IP:127.0.0.1,IP:${NODE_IP},IP:${KUBERNETES_SVC_IP},DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.${CLUSTER_DOMAIN}"
+  pki_issue "${pki}" apiserver "/CN=kube-apiserver" server
+  pki_issue "${pki}" admin "/O=system:masters/CN=pingmesh-realnode-admin" client
+  pki_issue "${pki}" apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" client
+  pki_issue "${pki}" kubelet "/O=system:nodes/CN=system:node:${NODE}" client
+  pki_issue "${pki}" controller-manager "/CN=system:kube-controller-manager" client
+  pki_issue "${pki}" scheduler "/CN=system:kube-scheduler" client
+  pki_issue "${pki}" proxy "/CN=system:kube-proxy" client
+  pki_service_accounts "${pki}"
 }
 
 b64() { base64 <"$1" | tr -d '\n'; }
