@@ -108,7 +108,7 @@ fn a_host_on_rails_is_the_host_not_its_rnics_or_their_tors() {
 }
 
 #[test]
-fn an_rnic_that_cannot_send_is_named_on_the_prober_side() {
+fn an_rnic_that_cannot_send_is_named_as_the_endpoint() {
     let fabric = Fabric::new(spec(true), 5);
     let endpoint = 4 * 3 + 2;
     let found = causes(
