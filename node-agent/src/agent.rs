@@ -134,6 +134,7 @@ pub async fn start(
     let (pinglist_tx, pinglist_rx) = watch::channel(None);
     let (summary_tx, summary_rx) = mpsc::channel(256);
     let registered = Arc::new(AtomicBool::new(false));
+    let sessions = Arc::new(watch::channel(None).0);
     let mut tasks = JoinSet::new();
     let wiring = Wiring {
         metrics: metrics.clone(),
@@ -160,6 +161,7 @@ pub async fn start(
         node: config.node.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         endpoints: wiring.endpoints.clone(),
+        sessions: sessions.clone(),
     };
     let (m, r, c) = (metrics.clone(), registered.clone(), cancel.clone());
     let buffer = config.report_buffer;

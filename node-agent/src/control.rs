@@ -66,6 +66,18 @@ pub struct Identity {
     pub agent_version: String,
     /// Registered again whenever it changes (an RNIC re-opened with a new QPN).
     pub endpoints: EndpointSet,
+    /// The live session, for tasks with RPCs of their own (path traces,
+    /// service flows): `Some` while registered and streaming, `None` otherwise.
+    pub sessions: Arc<watch::Sender<Option<ControlSession>>>,
+}
+
+/// A registered session other tasks may call the controller under. The client
+/// shares the control channel's connection.
+#[derive(Debug, Clone)]
+pub struct ControlSession {
+    pub client: MeshControllerClient<Channel>,
+    pub node: String,
+    pub session: u64,
 }
 
 /// Why a registered session ended.
@@ -228,6 +240,12 @@ async fn serve_session(
         Err(status) => return SessionEnd::Lost(format!("watch refused: {status}")),
     };
     metrics.set_controller_connected(true);
+    identity.sessions.send_replace(Some(ControlSession {
+        client: client.clone(),
+        node: identity.node.clone(),
+        session,
+    }));
+    let _withdraw = WithdrawSession(&identity.sessions);
     let mut flush = tokio::time::interval(FLUSH_EVERY);
     flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -271,6 +289,15 @@ async fn serve_session(
                 }
             }
         }
+    }
+}
+
+/// Withdraws the published session when a session ends, however it ends.
+struct WithdrawSession<'a>(&'a watch::Sender<Option<ControlSession>>);
+
+impl Drop for WithdrawSession<'_> {
+    fn drop(&mut self) {
+        self.0.send_replace(None);
     }
 }
 

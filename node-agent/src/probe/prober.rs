@@ -699,6 +699,7 @@ mod tests {
                 rate_pps: 10.0,
                 flows: 1,
                 source_tor: String::new(),
+                flow_label: 0,
             }],
         })));
         let cancel = CancellationToken::new();

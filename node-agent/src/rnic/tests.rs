@@ -67,6 +67,7 @@ fn self_probe(endpoint: &Endpoint, version: u64) -> Arc<Pinglist> {
             rate_pps: 200.0,
             flows: 4,
             source_tor: "tor-a".into(),
+            flow_label: 0,
         }],
     })
 }

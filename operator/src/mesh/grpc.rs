@@ -10,8 +10,9 @@ use pingmesh_proto::v1::mesh_controller_server::{
     MeshController as MeshService, MeshControllerServer,
 };
 use pingmesh_proto::v1::{
-    Pinglist, RegisterRequest, RegisterResponse, ReportWindowsRequest, ReportWindowsResponse,
-    WatchPinglistRequest,
+    ExchangeTracesRequest, ExchangeTracesResponse, Pinglist, RegisterRequest, RegisterResponse,
+    ReportServiceFlowsRequest, ReportServiceFlowsResponse, ReportWindowsRequest,
+    ReportWindowsResponse, WatchPinglistRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -154,5 +155,21 @@ impl MeshService for GrpcService {
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
         }))
+    }
+
+    async fn exchange_traces(
+        &self,
+        request: Request<ExchangeTracesRequest>,
+    ) -> Result<Response<ExchangeTracesResponse>, Status> {
+        let _ = request;
+        Err(Status::unimplemented("path traces are not taken yet"))
+    }
+
+    async fn report_service_flows(
+        &self,
+        request: Request<ReportServiceFlowsRequest>,
+    ) -> Result<Response<ReportServiceFlowsResponse>, Status> {
+        let _ = request;
+        Err(Status::unimplemented("service flows are not taken yet"))
     }
 }

@@ -450,6 +450,7 @@ impl MeshView {
             kind: kind.into(),
             rate_pps,
             flows,
+            flow_label: 0,
         }
     }
 }
