@@ -18,7 +18,8 @@ use crate::config::{AgentConfig, RdmaArgs, TransportChoice};
 use crate::control::{Identity, run_control};
 use crate::endpoints::EndpointSet;
 use crate::metrics::{AgentMetrics, MetricsError};
-use crate::probe::flows::UdpFlows;
+use crate::pathtrace::{FlowTuples, PathTraceMetrics, TraceSettings, run_path_traces};
+use crate::probe::flows::{UdpFlowSources, UdpFlows};
 use crate::probe::prober::{ProberConfig, run_prober};
 use crate::probe::responder::{ResponderObserver, run_responder};
 use crate::rnic::{RnicContext, endpoint_of, run_rnic};
@@ -145,16 +146,38 @@ pub async fn start(
         cancel: cancel.clone(),
     };
 
-    let (transport, udp_addr) = match choose_transport(&config)? {
+    let (transport, udp_addr, flow_tuples) = match choose_transport(&config)? {
         TransportPlan::Udp { reason } => {
-            let addr = start_udp(&config, reason, &wiring, &mut tasks).await?;
-            ("udp", Some(addr))
+            let (addr, sources) = start_udp(&config, reason, &wiring, &mut tasks).await?;
+            ("udp", Some(addr), FlowTuples::Udp(sources))
         }
         TransportPlan::Rdma { devices, reason } => {
             start_rdma(&config, devices, reason, &wiring, &mut tasks);
-            ("rdma", None)
+            let tuples = FlowTuples::Rdma {
+                max_flows: config.max_flows,
+            };
+            ("rdma", None, tuples)
         }
     };
+    let trace_metrics = PathTraceMetrics::register(metrics.registry())
+        .map_err(|e| AgentError::Config(format!("path-trace metrics: {e}")))?;
+    let (endpoints, trace_sessions, c) = (
+        wiring.endpoints.clone(),
+        sessions.subscribe(),
+        cancel.clone(),
+    );
+    tasks.spawn(async move {
+        run_path_traces(
+            flow_tuples,
+            endpoints,
+            trace_sessions,
+            trace_metrics,
+            TraceSettings::default(),
+            c,
+        )
+        .await;
+        Ok(())
+    });
 
     let identity = Identity {
         controller_url: config.controller.clone(),
@@ -195,7 +218,7 @@ async fn start_udp(
     reason: &'static str,
     wiring: &Wiring,
     tasks: &mut JoinSet<Result<(), AgentError>>,
-) -> Result<SocketAddr, AgentError> {
+) -> Result<(SocketAddr, UdpFlowSources), AgentError> {
     let responder_socket = Arc::new(UdpProbeSocket::bind(
         config.udp_bind,
         config.timestamps.into(),
@@ -232,6 +255,7 @@ async fn start_udp(
         ..ProberConfig::new(&endpoint.id, config.max_pending)
     };
     let flows = UdpFlows::new(advertised.ip(), config.timestamps.into(), config.max_flows);
+    let sources = flows.sources();
     let (m, p, s, c) = (
         wiring.metrics.clone(),
         wiring.pinglists.clone(),
@@ -244,7 +268,7 @@ async fn start_udp(
             .map_err(AgentError::from)
     });
     wiring.endpoints.insert(endpoint);
-    Ok(advertised)
+    Ok((advertised, sources))
 }
 
 /// Spawns a task the agent cannot do without: when it fails, the error is

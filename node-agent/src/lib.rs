@@ -7,6 +7,7 @@ pub mod config;
 pub mod control;
 pub mod endpoints;
 pub mod metrics;
+pub mod pathtrace;
 pub mod probe;
 pub mod rnic;
 pub mod tracer;

@@ -51,6 +51,36 @@ pub trait FlowTransport: Send + 'static {
     ) -> (usize, <Self::Socket as ProbeSocket>::Peer);
 }
 
+/// The local addresses of a UDP prober's sockets, in the order opened: flow
+/// `f` leaves from entry `f % len`. Shared with the path tracer, which must
+/// send from exactly the port a flow is probed from.
+#[derive(Debug, Clone, Default)]
+pub struct UdpFlowSources(Arc<std::sync::RwLock<Vec<SocketAddr>>>);
+
+impl UdpFlowSources {
+    /// Where flow `flow` leaves from; `None` before the prober opened a socket.
+    pub fn source_of(&self, flow: u32) -> Option<SocketAddr> {
+        let sources = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = u32::try_from(sources.len()).ok().filter(|n| *n > 0)?;
+        sources.get(usize::try_from(flow % count).ok()?).copied()
+    }
+
+    #[cfg(test)]
+    pub fn push_for_test(&self, addr: SocketAddr) {
+        self.push(addr);
+    }
+
+    fn push(&self, addr: SocketAddr) {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(addr);
+    }
+}
+
 /// UDP: one socket, and so one source port, per flow.
 #[derive(Debug)]
 pub struct UdpFlows {
@@ -58,6 +88,7 @@ pub struct UdpFlows {
     timestamps: TimestampMode,
     max_flows: u16,
     opened: u16,
+    sources: UdpFlowSources,
 }
 
 impl UdpFlows {
@@ -68,7 +99,13 @@ impl UdpFlows {
             timestamps,
             max_flows: max_flows.max(1),
             opened: 0,
+            sources: UdpFlowSources::default(),
         }
+    }
+
+    /// The sockets' local addresses as they open, for the path tracer.
+    pub fn sources(&self) -> UdpFlowSources {
+        self.sources.clone()
     }
 }
 
@@ -90,7 +127,9 @@ impl FlowTransport for UdpFlows {
         let mut added = Vec::new();
         while self.opened < wanted {
             let addr = SocketAddr::new(self.bind_ip, 0);
-            added.push(Arc::new(UdpProbeSocket::bind(addr, self.timestamps)?));
+            let socket = UdpProbeSocket::bind(addr, self.timestamps)?;
+            self.sources.push(socket.local_addr());
+            added.push(Arc::new(socket));
             self.opened += 1;
         }
         Ok(added)
@@ -122,16 +161,23 @@ impl<S> RdmaFlows<S> {
         }
     }
 
-    /// The label of `flow` at wall-clock time `unix_ms`: block `unix_ms /
-    /// rotation` of `max_flows` consecutive labels, so consecutive blocks share none.
+    /// The label of `flow` at wall-clock time `unix_ms` (see [`rotating_label`]).
     pub fn label_at(&self, flow: u16, unix_ms: u64) -> u32 {
-        let block = unix_ms / self.rotation_ms.max(1);
-        let salt = block.wrapping_mul(u64::from(self.max_flows)) % u64::from(u32::MAX);
-        flow_label(
-            u32::from(flow % self.max_flows),
-            u32::try_from(salt).unwrap_or(0),
-        )
+        rotating_label(flow, self.max_flows, self.rotation_ms, unix_ms)
     }
+}
+
+/// The RDMA flow label a prober with `max_flows` flows gives `flow` at
+/// wall-clock time `unix_ms`: block `unix_ms / rotation_ms` of `max_flows`
+/// consecutive labels, so consecutive blocks share none.
+pub fn rotating_label(flow: u16, max_flows: u16, rotation_ms: u64, unix_ms: u64) -> u32 {
+    let max_flows = max_flows.max(1);
+    let block = unix_ms / rotation_ms.max(1);
+    let salt = block.wrapping_mul(u64::from(max_flows)) % u64::from(u32::MAX);
+    flow_label(
+        u32::from(flow % max_flows),
+        u32::try_from(salt).unwrap_or(0),
+    )
 }
 
 impl<S: ProbeSocket<Peer = RdmaDest>> FlowTransport for RdmaFlows<S> {

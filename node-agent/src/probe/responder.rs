@@ -104,6 +104,12 @@ impl<S: ProbeSocket> Responder<S> {
                         .malformed(DecodeError::WrongLength(len).category());
                     return;
                 }
+                if buf[..len].starts_with(&crate::pathtrace::TRACE_MAGIC) {
+                    // The last datagram of another agent's path trace: it
+                    // reached us, which is all it was for.
+                    self.observer.dropped("path_trace");
+                    return;
+                }
                 match Message::decode(&buf[..len]) {
                     Ok(probe) if probe.kind == MessageType::Probe => {
                         self.answer(probe, from, host_ns, kernel_ns).await;
