@@ -93,6 +93,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "PingMesh demo: {} agents over {} ToRs, window {} ms",
         args.agents, args.tors, args.window_ms
     );
+    eprintln!("  web view     http://{}/", controller.http_addr);
     eprintln!(
         "  mesh API     http://{}/api/v1/summary",
         controller.http_addr
