@@ -10,6 +10,7 @@
 #define PM_EVENT_QP_DESTROY 3
 
 #define PM_COMM_LEN 16
+#define PM_DEVICE_LEN 16
 
 struct pm_event_header {
 	__u32 kind;
@@ -29,6 +30,8 @@ struct pm_tcp_event {
 	__u16 dport;
 	__u8 oldstate;
 	__u8 newstate;
+	__u32 netns; /* inode of the socket's network namespace */
+	__u32 _pad;
 };
 
 struct pm_qp_rtr_event {
@@ -43,6 +46,7 @@ struct pm_qp_rtr_event {
 	__u8 traffic_class;
 	__u8 hop_limit;
 	__u32 qp_type;
+	char device[PM_DEVICE_LEN]; /* qp->context->device->name, NUL-terminated */
 };
 
 struct pm_qp_destroy_event {
@@ -52,8 +56,8 @@ struct pm_qp_destroy_event {
 };
 
 _Static_assert(sizeof(struct pm_event_header) == 40, "header size");
-_Static_assert(sizeof(struct pm_tcp_event) == 88, "tcp event size");
-_Static_assert(sizeof(struct pm_qp_rtr_event) == 80, "qp rtr event size");
+_Static_assert(sizeof(struct pm_tcp_event) == 96, "tcp event size");
+_Static_assert(sizeof(struct pm_qp_rtr_event) == 96, "qp rtr event size");
 _Static_assert(sizeof(struct pm_qp_destroy_event) == 48, "qp destroy event size");
 
 #endif

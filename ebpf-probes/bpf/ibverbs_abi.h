@@ -16,6 +16,15 @@
 #define PM_IBV_QP_AV (1 << 7)
 #define PM_IBV_QP_DEST_QPN (1 << 20)
 
+/* struct ibv_device: the device name follows the two ops pointers and two
+ * enums (node_type, transport_type). */
+#define PM_IBV_DEVICE_NAME_OFFSET 24
+
+/* struct ibv_context starts with the device pointer. */
+struct pm_ibv_context {
+	__u64 device;
+};
+
 struct pm_ibv_qp {
 	__u64 context;
 	__u64 qp_context;

@@ -58,6 +58,29 @@ struct trace_event_raw_inet_sock_set_state {
 	__u8 daddr_v6[16];
 };
 
+/* The socket's network namespace: sk->__sk_common.skc_net.net->ns.inum, the
+ * inode `ls -l /proc/<pid>/ns/net` shows. Tells apart listeners on the same
+ * port in different pods. */
+struct ns_common {
+	unsigned int inum;
+};
+
+struct net {
+	struct ns_common ns;
+};
+
+typedef struct {
+	struct net *net;
+} possible_net_t;
+
+struct sock_common {
+	possible_net_t skc_net;
+};
+
+struct sock {
+	struct sock_common __sk_common;
+};
+
 #if defined(__TARGET_ARCH_x86)
 struct pt_regs {
 	unsigned long r15;

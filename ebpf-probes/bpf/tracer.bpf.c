@@ -32,11 +32,25 @@ static __always_inline void fill_header(struct pm_event_header *hdr, __u32 kind)
 	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
 }
 
-/* Connections coming up (-> ESTABLISHED), going down (ESTABLISHED -> any) and
- * ending (-> CLOSE, except listeners closing). Handshake states and listen
- * sockets are left out. The pid is the task the kernel runs the transition
- * on: the process itself for its own connect/close, and for transitions in
- * softirq context whatever process was interrupted (see docs/tracing.md). */
+static __always_inline __u32 sock_netns(const void *skaddr)
+{
+	const struct sock *sk = skaddr;
+	struct net *net = 0;
+	__u32 inum = 0;
+	if (bpf_probe_read_kernel(&net, sizeof(net), &sk->__sk_common.skc_net.net) || !net)
+		return 0;
+	bpf_probe_read_kernel(&inum, sizeof(inum), &net->ns.inum);
+	return inum;
+}
+
+/* Connections coming up (-> ESTABLISHED), going down (ESTABLISHED -> any),
+ * ending (-> CLOSE), and listening sockets opening and closing (-> LISTEN,
+ * LISTEN -> CLOSE: listen() and close() run in the server's context, so they
+ * name the owner of the connections the listener later accepts). Handshake
+ * states are left out. The pid is the task the kernel runs the transition
+ * on: the process itself for its own connect/listen/close, and for
+ * transitions in softirq context (a passive open completing, a peer's FIN)
+ * whatever process was interrupted (see docs/tracing.md). */
 SEC("tracepoint/sock/inet_sock_set_state")
 int pingmesh_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 {
@@ -46,8 +60,9 @@ int pingmesh_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	int newstate = ctx->newstate;
 	bool up = newstate == TCP_ESTABLISHED;
 	bool down = oldstate == TCP_ESTABLISHED;
-	bool closed = newstate == TCP_CLOSE && oldstate != TCP_LISTEN;
-	if (!up && !down && !closed)
+	bool closed = newstate == TCP_CLOSE;
+	bool listen = newstate == TCP_LISTEN;
+	if (!up && !down && !closed && !listen)
 		return 0;
 
 	struct pm_tcp_event *e = bpf_ringbuf_reserve(&EVENTS, sizeof(*e), 0);
@@ -60,6 +75,8 @@ int pingmesh_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	e->dport = ctx->dport;
 	e->oldstate = oldstate;
 	e->newstate = newstate;
+	e->netns = sock_netns(ctx->skaddr);
+	e->_pad = 0;
 	__builtin_memset(e->saddr, 0, sizeof(e->saddr));
 	__builtin_memset(e->daddr, 0, sizeof(e->daddr));
 	if (e->family == AF_INET6) {
@@ -112,6 +129,14 @@ int BPF_KPROBE(pingmesh_ibv_modify_qp, struct pm_ibv_qp *qp, struct pm_ibv_qp_at
 	bpf_probe_read_user(&e->hop_limit, 1, &attr->ah_attr.grh.hop_limit);
 	bpf_probe_read_user(&e->traffic_class, 1, &attr->ah_attr.grh.traffic_class);
 	bpf_probe_read_user(&e->port_num, 1, &attr->ah_attr.port_num);
+	e->device[0] = 0;
+	__u64 context = 0, device = 0;
+	if (!bpf_probe_read_user(&context, sizeof(context), &qp->context) && context &&
+	    !bpf_probe_read_user(&device, sizeof(device),
+				 &((struct pm_ibv_context *)context)->device) &&
+	    device)
+		bpf_probe_read_user_str(e->device, sizeof(e->device),
+					(void *)(device + PM_IBV_DEVICE_NAME_OFFSET));
 	bpf_ringbuf_submit(e, 0);
 	return 0;
 }

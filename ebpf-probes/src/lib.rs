@@ -33,6 +33,7 @@ pub mod kind {
 }
 
 const COMM_LEN: usize = 16;
+const DEVICE_LEN: usize = 16;
 
 /// Common prefix of every record (`struct pm_event_header`).
 #[repr(C)]
@@ -61,6 +62,8 @@ pub struct RawTcpEvent {
     pub dport: u16,
     pub oldstate: u8,
     pub newstate: u8,
+    pub netns: u32,
+    pub pad: u32,
 }
 
 /// `struct pm_qp_rtr_event`.
@@ -78,6 +81,7 @@ pub struct RawQpRtrEvent {
     pub traffic_class: u8,
     pub hop_limit: u8,
     pub qp_type: u32,
+    pub device: [u8; DEVICE_LEN],
 }
 
 /// `struct pm_qp_destroy_event`.
@@ -92,8 +96,8 @@ pub struct RawQpDestroyEvent {
 const _: () = {
     // The same sizes bpf/events.h asserts.
     assert!(size_of::<EventHeader>() == 40);
-    assert!(size_of::<RawTcpEvent>() == 88);
-    assert!(size_of::<RawQpRtrEvent>() == 80);
+    assert!(size_of::<RawTcpEvent>() == 96);
+    assert!(size_of::<RawQpRtrEvent>() == 96);
     assert!(size_of::<RawQpDestroyEvent>() == 48);
 };
 
@@ -157,6 +161,8 @@ pub struct TcpEvent {
     pub dport: u16,
     pub old_state: TcpState,
     pub new_state: TcpState,
+    /// Inode of the socket's network namespace (0 when it could not be read).
+    pub netns: u32,
 }
 
 /// A queue pair moved to RTR: its peer is now known.
@@ -177,6 +183,9 @@ pub struct QpRtrEvent {
     pub attr_mask: u32,
     /// `qp->qp_type` (`enum ibv_qp_type`: 2 is RC, 3 UC, 4 UD).
     pub qp_type: u32,
+    /// The RNIC (`qp->context->device->name`, such as `mlx5_0`); empty when
+    /// the process's structures could not be read.
+    pub device: String,
 }
 
 /// A queue pair was destroyed.
@@ -248,14 +257,17 @@ impl Fields<'_> {
     fn u64(&self, at: usize) -> u64 {
         u64::from_ne_bytes(self.bytes(at))
     }
+    fn c_string<const N: usize>(&self, at: usize) -> String {
+        let raw: [u8; N] = self.bytes(at);
+        let end = raw.iter().position(|&b| b == 0).unwrap_or(N);
+        String::from_utf8_lossy(&raw[..end]).into_owned()
+    }
     fn origin(&self) -> Origin {
-        let comm: [u8; COMM_LEN] = self.bytes(24);
-        let end = comm.iter().position(|&b| b == 0).unwrap_or(COMM_LEN);
         Origin {
             pid: self.u32(4),
             cgroup_id: self.u64(8),
             ts_ns: self.u64(16),
-            comm: String::from_utf8_lossy(&comm[..end]).into_owned(),
+            comm: self.c_string::<COMM_LEN>(24),
         }
     }
 }
@@ -308,6 +320,7 @@ pub fn parse_event(record: &[u8]) -> Result<TraceEvent, ParseError> {
                 dport: f.u16(84),
                 old_state: TcpState::from(f.u8(86)),
                 new_state: TcpState::from(f.u8(87)),
+                netns: f.u32(88),
             })
         }
         kind::QP_RTR => TraceEvent::QpRtr(QpRtrEvent {
@@ -322,6 +335,7 @@ pub fn parse_event(record: &[u8]) -> Result<TraceEvent, ParseError> {
             traffic_class: f.u8(74),
             hop_limit: f.u8(75),
             qp_type: f.u32(76),
+            device: f.c_string::<DEVICE_LEN>(80),
         }),
         _ => TraceEvent::QpDestroy(QpDestroyEvent {
             origin,
@@ -359,6 +373,8 @@ mod tests {
         assert_eq!(offset_of!(RawQpRtrEvent, traffic_class), 74);
         assert_eq!(offset_of!(RawQpRtrEvent, hop_limit), 75);
         assert_eq!(offset_of!(RawQpRtrEvent, qp_type), 76);
+        assert_eq!(offset_of!(RawQpRtrEvent, device), 80);
+        assert_eq!(offset_of!(RawTcpEvent, netns), 88);
         assert_eq!(offset_of!(RawQpDestroyEvent, qp_num), 40);
         assert_eq!(offset_of!(EventHeader, comm), 24);
     }
@@ -389,6 +405,8 @@ mod tests {
         v.extend_from_slice(&40000u16.to_ne_bytes());
         v.extend_from_slice(&5201u16.to_ne_bytes());
         v.extend_from_slice(&[2, 1]);
+        v.extend_from_slice(&4_026_531_840u32.to_ne_bytes());
+        v.extend_from_slice(&0u32.to_ne_bytes());
         let Ok(TraceEvent::Tcp(e)) = parse_event(&v) else {
             unreachable!("{:?}", parse_event(&v))
         };
@@ -403,6 +421,29 @@ mod tests {
             (TcpState::SynSent, TcpState::Established)
         );
         assert_eq!(e.sock, 0xdead_beef);
+        assert_eq!(e.netns, 4_026_531_840);
+    }
+
+    #[test]
+    fn parses_a_qp_rtr_record_with_its_device() {
+        let mut v = header(kind::QP_RTR);
+        v.extend_from_slice(&0x1234u32.to_ne_bytes());
+        v.extend_from_slice(&0x5678u32.to_ne_bytes());
+        v.extend_from_slice(&[0xfe; 16]);
+        v.extend_from_slice(&0xabcdeu32.to_ne_bytes());
+        v.extend_from_slice(&0x0010_0081u32.to_ne_bytes());
+        v.extend_from_slice(&[3, 1, 106, 64]);
+        v.extend_from_slice(&2u32.to_ne_bytes());
+        let mut device = [0xffu8; 16];
+        device[..7].copy_from_slice(b"mlx5_0\0");
+        v.extend_from_slice(&device);
+        let Ok(TraceEvent::QpRtr(e)) = parse_event(&v) else {
+            unreachable!("{:?}", parse_event(&v))
+        };
+        assert_eq!((e.qp_num, e.dest_qp_num), (0x1234, 0x5678));
+        assert_eq!(e.flow_label, 0xabcde);
+        assert_eq!((e.sgid_index, e.port_num), (3, 1));
+        assert_eq!(e.device, "mlx5_0", "bytes after the NUL are ignored");
     }
 
     #[test]
@@ -421,16 +462,16 @@ mod tests {
             Err(ParseError::Truncated {
                 kind: kind::QP_RTR,
                 len: 40,
-                need: 80
+                need: 96
             })
         );
         assert_eq!(parse_event(&header(99)), Err(ParseError::UnknownKind(99)));
         let mut tcp = header(kind::TCP_STATE);
-        tcp.resize(88, 0);
+        tcp.resize(96, 0);
         assert_eq!(parse_event(&tcp), Err(ParseError::UnknownFamily(0)));
         // Every prefix of a valid record: an error or a value, never a panic.
         let mut rtr = header(kind::QP_RTR);
-        rtr.resize(80, 0xff);
+        rtr.resize(96, 0xff);
         for len in 0..rtr.len() {
             assert!(parse_event(&rtr[..len]).is_err());
         }

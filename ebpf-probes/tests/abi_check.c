@@ -8,6 +8,9 @@
 #define SAME(pm, real, field) \
 	_Static_assert(offsetof(struct pm, field) == offsetof(struct real, field), #real "." #field)
 
+SAME(pm_ibv_qp, ibv_qp, context);
+SAME(pm_ibv_context, ibv_context, device);
+_Static_assert(offsetof(struct ibv_device, name) == PM_IBV_DEVICE_NAME_OFFSET, "ibv_device.name");
 SAME(pm_ibv_qp, ibv_qp, qp_num);
 SAME(pm_ibv_qp, ibv_qp, qp_type);
 SAME(pm_ibv_qp_attr, ibv_qp_attr, qp_state);

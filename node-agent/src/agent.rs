@@ -23,6 +23,7 @@ use crate::probe::flows::{UdpFlowSources, UdpFlows};
 use crate::probe::prober::{ProberConfig, run_prober};
 use crate::probe::responder::{ResponderObserver, run_responder};
 use crate::rnic::{RnicContext, endpoint_of, run_rnic};
+use crate::service_flows::tracking::{SharedTable, TrackingConfig};
 use crate::transport::TransportError;
 use crate::transport::rdma::{
     Availability, RdmaConfig, RdmaEndpoint, RdmaError, RnicEndpointSpec, discover_endpoints,
@@ -73,6 +74,8 @@ pub struct RunningAgent {
     pub metrics: Arc<AgentMetrics>,
     /// The endpoints registered now (RNICs leave while they are re-opened).
     pub endpoints: EndpointSet,
+    /// The traced service flows (`None` without `--tracing`).
+    pub service_flows: Option<SharedTable>,
     tasks: JoinSet<Result<(), AgentError>>,
 }
 
@@ -121,12 +124,6 @@ pub async fn start(
             "ToR {:?} is not a valid identifier",
             config.tor
         )));
-    }
-    if config.tracing {
-        // The tracer is not part of this agent build; say so rather than pretend.
-        tracing::warn!(
-            "service tracing was asked for, but this agent has no tracer; continuing without it"
-        );
     }
     let metrics = Arc::new(AgentMetrics::new(
         &config.node,
@@ -179,6 +176,8 @@ pub async fn start(
         Ok(())
     });
 
+    let service_flows = start_service_flows(&config, &metrics, &sessions, &cancel, &mut tasks)?;
+
     let identity = Identity {
         controller_url: config.controller.clone(),
         node: config.node.clone(),
@@ -208,8 +207,34 @@ pub async fn start(
         http_addr,
         metrics,
         endpoints: wiring.endpoints,
+        service_flows,
         tasks,
     })
+}
+
+/// Service tracing: off (its metric says "disabled") unless asked for; when
+/// it cannot run, its metric says why and probing goes on.
+fn start_service_flows(
+    config: &AgentConfig,
+    metrics: &AgentMetrics,
+    sessions: &watch::Sender<Option<crate::control::ControlSession>>,
+    cancel: &CancellationToken,
+    tasks: &mut JoinSet<Result<(), AgentError>>,
+) -> Result<Option<SharedTable>, AgentError> {
+    let started = crate::service_flows::start(
+        config.tracing,
+        TrackingConfig::host(&config.rdma.sysfs_root),
+        metrics.registry(),
+        sessions.subscribe(),
+        cancel.clone(),
+    )?;
+    Ok(started.map(|(table, reporter)| {
+        tasks.spawn(async move {
+            reporter.await;
+            Ok(())
+        });
+        table
+    }))
 }
 
 /// The UDP endpoint: one responder socket, one prober with a socket per flow.

@@ -10,5 +10,6 @@ pub mod metrics;
 pub mod pathtrace;
 pub mod probe;
 pub mod rnic;
+pub mod service_flows;
 pub mod tracer;
 pub mod transport;

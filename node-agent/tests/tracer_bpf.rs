@@ -13,20 +13,14 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use pingmesh_agent::tracer::{Hook, QpRtrEvent, TcpEvent, TcpState, TraceEvent, Tracer};
+mod common;
 
-fn enabled() -> bool {
-    if std::env::var_os("PINGMESH_BPF_TESTS").is_some() {
-        return true;
-    }
-    eprintln!("skipped: set PINGMESH_BPF_TESTS=1 (and run as root) to load the BPF programs");
-    false
-}
+use common::{NetnsPair, build_fake_verbs, cgroup_id, enabled};
+use pingmesh_agent::tracer::{Hook, QpRtrEvent, TcpEvent, TcpState, TraceEvent, Tracer};
 
 /// Collects events until `done` holds for what was collected, or 10 s pass.
 fn collect(tracer: &mut Tracer, mut done: impl FnMut(&[TraceEvent]) -> bool) -> Vec<TraceEvent> {
@@ -40,21 +34,6 @@ fn collect(tracer: &mut Tracer, mut done: impl FnMut(&[TraceEvent]) -> bool) -> 
         );
     }
     events
-}
-
-/// The cgroup v2 id of a process (the inode of its cgroup directory), when
-/// the unified hierarchy is mounted.
-fn cgroup_id(pid: u32) -> Option<u64> {
-    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
-    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
-    let mount = mounts.lines().find_map(|l| {
-        let mut f = l.split_whitespace();
-        let (_, dir, fstype) = (f.next()?, f.next()?, f.next()?);
-        (fstype == "cgroup2").then(|| dir.to_owned())
-    })?;
-    let dir = Path::new(&mount).join(path.trim_start_matches('/'));
-    Some(std::fs::metadata(dir).ok()?.ino())
 }
 
 fn tcp_events(events: &[TraceEvent], port_a: u16, port_b: u16) -> Vec<TcpEvent> {
@@ -153,67 +132,6 @@ fn tcp_connections_on_loopback_are_traced_up_and_down() {
     assert_eq!(tracer.malformed_records(), 0);
 }
 
-/// Two network namespaces joined by a veth pair, removed on drop.
-struct NetnsPair {
-    names: [String; 2],
-}
-
-impl NetnsPair {
-    const ADDRS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 213, 0, 1), Ipv4Addr::new(10, 213, 0, 2)];
-
-    fn new() -> Self {
-        let tag = std::process::id();
-        let pair = Self {
-            names: [format!("pmbpf-a-{tag}"), format!("pmbpf-b-{tag}")],
-        };
-        let [a, b] = &pair.names;
-        let ip = |args: &[&str]| {
-            let out = Command::new("ip").args(args).output().expect("run ip");
-            assert!(
-                out.status.success(),
-                "ip {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        };
-        ip(&["netns", "add", a]);
-        ip(&["netns", "add", b]);
-        ip(&[
-            "link", "add", "pmbpf0", "netns", a, "type", "veth", "peer", "name", "pmbpf1", "netns",
-            b,
-        ]);
-        for (ns, dev, addr) in [(a, "pmbpf0", Self::ADDRS[0]), (b, "pmbpf1", Self::ADDRS[1])] {
-            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
-            ip(&["-n", ns, "link", "set", dev, "up"]);
-            ip(&["-n", ns, "link", "set", "lo", "up"]);
-        }
-        pair
-    }
-
-    /// Runs `f` on a thread that has joined namespace `index`.
-    fn run<T: Send + 'static>(&self, index: usize, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = format!("/run/netns/{}", self.names[index]);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).expect("open the namespace");
-            // SAFETY: a valid namespace fd; setns changes only this thread's
-            // network namespace.
-            let rc =
-                unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&ns), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .expect("namespace thread")
-    }
-}
-
-impl Drop for NetnsPair {
-    fn drop(&mut self) {
-        for name in &self.names {
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-        }
-    }
-}
-
 #[test]
 #[ignore = "needs root and BPF: PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --test tracer_bpf -- --include-ignored"]
 fn tcp_connections_between_network_namespaces_are_traced_up_and_down() {
@@ -282,34 +200,6 @@ fn tcp_connections_between_network_namespaces_are_traced_up_and_down() {
     drop(pair);
 }
 
-/// Builds the fake libibverbs.so.1 and the driver linked to it in `dir`.
-fn build_fake_verbs(dir: &Path) -> (PathBuf, PathBuf) {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fakeverbs");
-    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".to_owned());
-    let lib = dir.join("libibverbs.so.1");
-    let driver = dir.join("driver");
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().expect("run cc");
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(Command::new(&cc)
-        .args(["-shared", "-fPIC", "-O1", "-Wall", "-Werror", "-o"])
-        .arg(&lib)
-        .arg(src.join("libibverbs.c")));
-    run(Command::new(&cc)
-        .args(["-O1", "-Wall", "-Werror", "-o"])
-        .arg(&driver)
-        .arg(src.join("driver.c"))
-        .arg(format!("-L{}", dir.display()))
-        .arg("-l:libibverbs.so.1")
-        .arg(format!("-Wl,-rpath,{}", dir.display())));
-    (lib, driver)
-}
-
 fn verbs_events(events: &[TraceEvent], pid: u32) -> (Vec<QpRtrEvent>, Vec<u32>) {
     let mut rtr = Vec::new();
     let mut destroyed = Vec::new();
@@ -343,6 +233,7 @@ fn check_driver_events(tracer: &mut Tracer, pid: u32) {
     assert_eq!(r.traffic_class, 106);
     assert_eq!(r.port_num, 1);
     assert_eq!(r.qp_type, 2, "IBV_QPT_RC");
+    assert_eq!(r.device, "mlx5_7");
     assert_eq!(r.origin.comm, "driver");
     if let Some(id) = cgroup_id(std::process::id()) {
         // The driver is this test's child, in the same cgroup.

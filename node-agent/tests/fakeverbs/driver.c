@@ -1,27 +1,47 @@
 /* A "service" that sets up and tears down queue pairs through the fake
  * libibverbs, with structures built from the real <infiniband/verbs.h>.
  * With --wait it prints "ready" and waits for a line on stdin first (so the
- * test can find it in /proc and attach before the calls).
+ * test can find it in /proc and attach before the calls); with --hold it
+ * prints "connected" and waits for another line before the destroy (so the
+ * test can see the connection in the agent's flow table).
  *
  * Calls, in order (tests/tracer_bpf.rs checks which are traced):
- *   QP 0x1234: INIT (not traced), RTR (traced), RTS (not traced)
+ *   QP 0x1234 (device mlx5_7): INIT (not traced), RTR (traced), RTS (not traced)
  *   QP 0x2222: mask without IBV_QP_STATE but qp_state RTR (not traced)
  *   QP 0x1234: destroy (traced) */
 #include <infiniband/verbs.h>
 #include <stdio.h>
 #include <string.h>
 
+static int wait_for_line(const char *say)
+{
+	char line[16];
+	printf("%s\n", say);
+	fflush(stdout);
+	return fgets(line, sizeof(line), stdin) ? 0 : -1;
+}
+
 int main(int argc, char **argv)
 {
-	if (argc > 1 && strcmp(argv[1], "--wait") == 0) {
-		char line[16];
-		printf("ready\n");
-		fflush(stdout);
-		if (!fgets(line, sizeof(line), stdin))
-			return 2;
+	int wait = 0, hold = 0;
+	for (int i = 1; i < argc; i++) {
+		wait |= strcmp(argv[i], "--wait") == 0;
+		hold |= strcmp(argv[i], "--hold") == 0;
 	}
+	if (wait && wait_for_line("ready"))
+		return 2;
+	/* The device the QP belongs to: the tracer reads its name through
+	 * qp->context->device. */
+	struct ibv_device device;
+	memset(&device, 0, sizeof(device));
+	strcpy(device.name, "mlx5_7");
+	struct ibv_context context;
+	memset(&context, 0, sizeof(context));
+	context.device = &device;
+
 	struct ibv_qp qp;
 	memset(&qp, 0, sizeof(qp));
+	qp.context = &context;
 	qp.qp_num = 0x1234;
 	qp.qp_type = IBV_QPT_RC;
 
@@ -63,6 +83,8 @@ int main(int argc, char **argv)
 	if (ibv_modify_qp(&other, &attr, IBV_QP_AV))
 		return 6;
 
+	if (hold && wait_for_line("connected"))
+		return 8;
 	if (ibv_destroy_qp(&qp))
 		return 7;
 	return 0;

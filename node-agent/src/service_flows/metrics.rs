@@ -1,0 +1,246 @@
+//! What the tracer and the flow table export, on the agent's registry (so
+//! every series carries the agent's `node` label). Bounded: hooks, states,
+//! event kinds and outcomes are fixed sets; nothing per flow, pod or library.
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+
+use super::table::Outcome;
+use crate::metrics::MetricsError;
+
+/// Every hook the tracer may attach, as a `hook` label.
+pub const HOOKS: [&str; 5] = [
+    "kprobe_ib_modify_qp",
+    "kprobe_ib_destroy_qp",
+    "tracepoint_inet_sock_set_state",
+    "uprobe_ibv_modify_qp",
+    "uprobe_ibv_destroy_qp",
+];
+
+/// Why the tracer is off (or `on`): the `reason` label of `pingmesh_tracer_state`.
+pub const STATES: [&str; 7] = [
+    "on",
+    "disabled",
+    "unsupported_platform",
+    "no_btf",
+    "no_privileges",
+    "load_failed",
+    "no_hooks",
+];
+
+const EVENT_KINDS: [&str; 3] = ["tcp", "qp_rtr", "qp_destroy"];
+const REPORT_RESULTS: [&str; 4] = ["accepted", "unimplemented", "rejected", "failed"];
+
+#[derive(Debug, Clone)]
+pub struct TracerMetrics {
+    hooks: IntGaugeVec,
+    state: IntGaugeVec,
+    verbs_libraries: IntGauge,
+    attach_failures: IntCounterVec,
+    events: IntCounterVec,
+    malformed: IntCounter,
+    flows: IntGaugeVec,
+    dropped_full: IntCounter,
+    expired: IntCounter,
+    reports: IntCounterVec,
+}
+
+impl TracerMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, MetricsError> {
+        let m = Self {
+            hooks: gauge_vec(
+                registry,
+                "pingmesh_tracer_hooks",
+                "Service tracing hooks attached (1) or not (0).",
+                &["hook"],
+            )?,
+            state: gauge_vec(
+                registry,
+                "pingmesh_tracer_state",
+                "1 for the tracer's state: reason=\"on\", or why it is off.",
+                &["reason"],
+            )?,
+            verbs_libraries: gauge(
+                registry,
+                "pingmesh_tracer_verbs_libraries",
+                "Distinct libibverbs files (device, inode) the uprobes are attached to.",
+            )?,
+            attach_failures: counter_vec(
+                registry,
+                "pingmesh_tracer_attach_failures_total",
+                "Hooks that failed to attach, by hook.",
+                &["hook"],
+            )?,
+            events: counter_vec(
+                registry,
+                "pingmesh_tracer_events_total",
+                "Tracer records consumed, by kind and what they did to the flow table.",
+                &["kind", "outcome"],
+            )?,
+            malformed: counter(
+                registry,
+                "pingmesh_tracer_malformed_records_total",
+                "Ring-buffer records that did not parse (dropped).",
+            )?,
+            flows: gauge_vec(
+                registry,
+                "pingmesh_service_flows",
+                "Service flows in the agent's table, by kind.",
+                &["kind"],
+            )?,
+            dropped_full: counter(
+                registry,
+                "pingmesh_service_flows_dropped_total",
+                "New service flows left out because the table was full.",
+            )?,
+            expired: counter(
+                registry,
+                "pingmesh_service_flows_expired_total",
+                "Idle service flows removed because they no longer existed.",
+            )?,
+            reports: counter_vec(
+                registry,
+                "pingmesh_service_flow_reports_total",
+                "ReportServiceFlows calls by result.",
+                &["result"],
+            )?,
+        };
+        for hook in HOOKS {
+            m.hooks.with_label_values(&[hook]).set(0);
+        }
+        for kind in EVENT_KINDS {
+            for outcome in Outcome::ALL {
+                m.events
+                    .with_label_values(&[kind, outcome.label()])
+                    .inc_by(0);
+            }
+        }
+        for result in REPORT_RESULTS {
+            m.reports.with_label_values(&[result]).inc_by(0);
+        }
+        for kind in ["tcp", "rdma"] {
+            m.flows.with_label_values(&[kind]).set(0);
+        }
+        m.set_state("disabled");
+        Ok(m)
+    }
+
+    /// Exactly one `reason` series is 1.
+    pub fn set_state(&self, reason: &str) {
+        for r in STATES {
+            self.state
+                .with_label_values(&[r])
+                .set(i64::from(r == reason));
+        }
+    }
+
+    pub fn set_hook(&self, hook: &str, attached: bool) {
+        self.hooks
+            .with_label_values(&[hook])
+            .set(i64::from(attached));
+    }
+
+    pub fn attach_failed(&self, hook: &str) {
+        self.attach_failures.with_label_values(&[hook]).inc();
+    }
+
+    pub fn set_verbs_libraries(&self, n: usize) {
+        self.verbs_libraries
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn event(&self, kind: &'static str, outcome: Outcome) {
+        self.events
+            .with_label_values(&[kind, outcome.label()])
+            .inc();
+        if outcome == Outcome::DroppedFull {
+            self.dropped_full.inc();
+        }
+    }
+
+    pub fn malformed(&self, n: u64) {
+        self.malformed.inc_by(n);
+    }
+
+    pub fn expired(&self, n: usize) {
+        self.expired.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
+    }
+
+    pub fn set_flows(&self, tcp: usize, rdma: usize) {
+        for (kind, n) in [("tcp", tcp), ("rdma", rdma)] {
+            self.flows
+                .with_label_values(&[kind])
+                .set(i64::try_from(n).unwrap_or(i64::MAX));
+        }
+    }
+
+    pub fn report(&self, result: &'static str) {
+        self.reports.with_label_values(&[result]).inc();
+    }
+}
+
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+    let c = IntCounter::new(name, help)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, MetricsError> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+    let g = IntGauge::new(name, help)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use prometheus::Encoder;
+
+    use super::*;
+
+    #[test]
+    fn exactly_one_state_is_set_and_every_hook_is_listed() {
+        let registry = Registry::new();
+        let m = TracerMetrics::new(&registry).unwrap();
+        m.set_state("no_btf");
+        m.set_hook("tracepoint_inet_sock_set_state", true);
+        let mut text = Vec::new();
+        prometheus::TextEncoder::new()
+            .encode(&registry.gather(), &mut text)
+            .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        assert!(
+            text.contains("pingmesh_tracer_state{reason=\"no_btf\"} 1"),
+            "{text}"
+        );
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("pingmesh_tracer_state{") && l.ends_with(" 1"))
+                .count(),
+            1
+        );
+        for hook in HOOKS {
+            assert!(text.contains(&format!("pingmesh_tracer_hooks{{hook=\"{hook}\"}}")));
+        }
+        assert!(text.contains("pingmesh_tracer_hooks{hook=\"tracepoint_inet_sock_set_state\"} 1"));
+    }
+}
