@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::mesh::analyzer::SlaPolicy;
 use crate::mesh::pinglist::PinglistPolicy;
+use crate::mesh::services::ServicePolicy;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -45,6 +46,9 @@ pub struct MeshConfig {
     pub report_grace_ms: u64,
     pub pinglist: PinglistPolicy,
     pub sla: SlaPolicy,
+    /// Service flows: how long a node's report counts, how many services get
+    /// their own metric series (see docs/services.md).
+    pub services: ServicePolicy,
 }
 
 impl Default for MeshConfig {
@@ -58,6 +62,7 @@ impl Default for MeshConfig {
             report_grace_ms: 1_500,
             pinglist: PinglistPolicy::default(),
             sla: SlaPolicy::default(),
+            services: ServicePolicy::default(),
         }
     }
 }
@@ -140,6 +145,7 @@ impl MeshConfig {
                 self.default_tor
             )));
         }
+        self.services.validate().map_err(ConfigError::Invalid)?;
         if self.stale_after_secs == 0 {
             return Err(ConfigError::Invalid(
                 "staleAfterSecs must be at least 1".into(),

@@ -11,6 +11,9 @@ pub const MAX_SUMMARIES_PER_REPORT: usize = 20_000;
 pub const MAX_ID_LEN: usize = 320;
 /// Most probes per second the controller hands out for one target.
 pub const MAX_RATE_PPS: f64 = 1_000.0;
+/// Most service flows in one `ReportServiceFlows` snapshot (a few hundred
+/// bytes each, so a full report stays well under [`MAX_MESSAGE_BYTES`]).
+pub const MAX_SERVICE_FLOWS_PER_REPORT: usize = 8_192;
 
 /// Whether `id` is acceptable as a node name, endpoint id or ToR name:
 /// non-empty, bounded, printable ASCII without whitespace.

@@ -23,9 +23,15 @@ use super::localize::{CauseKind, OpenRootCause, Signal};
 use super::metrics::ControllerMetrics;
 use super::pinglist::MeshView;
 use super::registry::{Registry, RegistryError, TorMove};
+use super::services::metrics::ServiceMetrics;
+use super::services::{PodResolver, ServiceTargets};
 use super::topology::{TorResolver, choose_tor};
 use super::types::{AgentRecord, MeshEndpoint};
 use crate::config::MeshConfig;
+
+mod services;
+
+pub use services::FlowsOutcome;
 
 /// How often presence is written to the registry (`last_seen`) for connected agents.
 const PERSIST_PRESENCE_EVERY: Duration = Duration::from_secs(15);
@@ -66,6 +72,8 @@ pub struct Snapshot {
     pub version: u64,
     pub rotation_epoch: u64,
     pub view: MeshView,
+    /// Each node's service targets (see `mesh::services`).
+    pub services: Arc<ServiceTargets>,
 }
 
 /// When a node's agent was connected.
@@ -101,6 +109,11 @@ pub struct MeshController {
     /// Windows judged since this controller started that had path data.
     windows_with_data: AtomicU64,
     pub metrics: ControllerMetrics,
+    /// Service flows, targets and impact (see `controller/services.rs`).
+    services: Mutex<services::ServiceState>,
+    /// Names the services of pods; the operator sets it (`set_pod_resolver`).
+    pod_resolver: std::sync::RwLock<Option<Arc<dyn PodResolver>>>,
+    service_metrics: ServiceMetrics,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -135,6 +148,8 @@ impl MeshController {
         let metrics = ControllerMetrics::new()
             .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
         initialize_series(&metrics);
+        let service_metrics = ServiceMetrics::new(metrics.registry())
+            .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
         let endpoints = registry.endpoints().await?;
         let state = State {
             endpoints: endpoints.into_iter().map(|e| (e.id.clone(), e)).collect(),
@@ -145,6 +160,7 @@ impl MeshController {
             version: 0,
             rotation_epoch: state.rotation_epoch,
             view: MeshView::new(Vec::new()),
+            services: Arc::default(),
         }));
         let analyzer = Analyzer::new(config.sla.clone(), config.pinglist.window_ms)
             .map_err(|e| MeshError::InvalidRequest(format!("SLA policy: {e}")))?;
@@ -157,6 +173,9 @@ impl MeshController {
             analyzer: Mutex::new(analyzer),
             stopping: CancellationToken::new(),
             windows_with_data: AtomicU64::new(0),
+            services: Mutex::default(),
+            pod_resolver: std::sync::RwLock::new(None),
+            service_metrics,
             metrics,
         });
         controller.publish();
@@ -504,12 +523,21 @@ impl MeshController {
 
     /// The pinglist of `node` in `snapshot`.
     pub fn pinglist(&self, node: &str, snapshot: &Snapshot) -> v1::Pinglist {
-        snapshot.view.pinglist(
+        let mut list = snapshot.view.pinglist(
             node,
             &self.config.pinglist,
             snapshot.rotation_epoch,
             snapshot.version,
-        )
+        );
+        if let Some(targets) = snapshot.services.get(node) {
+            snapshot.view.add_service_targets(
+                node,
+                targets,
+                &self.config.pinglist,
+                &mut list.targets,
+            );
+        }
+        list
     }
 
     /// Rebuilds the view from the endpoints of present nodes and wakes every stream.
@@ -559,10 +587,12 @@ impl MeshController {
             .with_label_values(&["connected"])
             .set(i64::try_from(connected).unwrap_or(i64::MAX));
         let view = MeshView::new(present);
+        let services = lock(&self.services).targets();
         self.snapshot.send_replace(Arc::new(Snapshot {
             version,
             rotation_epoch: epoch,
             view,
+            services,
         }));
     }
 
@@ -660,6 +690,7 @@ impl MeshController {
                     self.windows_with_data.fetch_add(1, Ordering::Relaxed);
                 }
                 self.publish_report_metrics(&report);
+                self.refresh_service_impact(report.window_start_ms);
                 Some(report)
             }
             Err(e) => {
@@ -855,6 +886,7 @@ impl MeshController {
     /// Runs every few seconds from [`MeshController::run_background`]; public so
     /// tests can run it at a chosen time.
     pub async fn housekeeping(&self, now: u64) {
+        self.expire_service_flows(now);
         let stale_after_ms = self.config.stale_after_secs.saturating_mul(1_000);
         let due: Vec<(String, u64)> = {
             let mut state = lock(&self.state);
@@ -939,7 +971,12 @@ fn initialize_series(m: &ControllerMetrics) {
             .with_label_values(&[kind_label(kind)])
             .inc_by(0);
     }
-    for rpc in ["register", "watch_pinglist", "report_windows"] {
+    for rpc in [
+        "register",
+        "watch_pinglist",
+        "report_windows",
+        "report_service_flows",
+    ] {
         for reason in [
             "invalid_request",
             "unknown_node",

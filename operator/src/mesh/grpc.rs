@@ -169,7 +169,20 @@ impl MeshService for GrpcService {
         &self,
         request: Request<ReportServiceFlowsRequest>,
     ) -> Result<Response<ReportServiceFlowsResponse>, Status> {
-        let _ = request;
-        Err(Status::unimplemented("service flows are not taken yet"))
+        const RPC: &str = "report_service_flows";
+        let r = request.into_inner();
+        self.check_node(RPC, &r.node)?;
+        self.controller
+            .check_session(&r.node, r.session)
+            .await
+            .map_err(|e| self.refuse(RPC, &e))?;
+        let outcome = self
+            .controller
+            .report_service_flows(&r.node, r.session, &r.flows, r.dropped)
+            .map_err(|e| self.refuse(RPC, &e))?;
+        Ok(Response::new(ReportServiceFlowsResponse {
+            accepted: outcome.accepted,
+            rejected: outcome.rejected,
+        }))
     }
 }

@@ -16,6 +16,8 @@ use serde::Serialize;
 use super::analyzer::{Finding, TorPairStats};
 use super::controller::{MeshController, MeshError};
 use super::localize::OpenRootCause;
+use super::services::ImpactedService;
+use super::services::view::ServicesView;
 
 type Shared = State<Arc<MeshController>>;
 
@@ -25,6 +27,7 @@ pub fn router(controller: Arc<MeshController>) -> Router {
         .route("/api/v1/endpoints", get(endpoints))
         .route("/api/v1/paths", get(paths))
         .route("/api/v1/findings", get(findings))
+        .route("/api/v1/services", get(services))
         .route("/api/v1/summary", get(summary))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -62,19 +65,67 @@ async fn paths(State(c): Shared) -> Response {
 }
 
 /// What is broken: root causes first (each with the SLA findings it
-/// explains), then every open SLA finding.
+/// explains), then every open SLA finding; each with the services whose
+/// traced flows cross it, most affected first (see docs/services.md).
 #[derive(Debug, Clone, Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct FindingsView {
-    pub root_causes: Vec<OpenRootCause>,
-    pub findings: Vec<Finding>,
+    pub root_causes: Vec<Impacted<OpenRootCause>>,
+    pub findings: Vec<Impacted<Finding>>,
+}
+
+/// A root cause or finding with the services it hits.
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Impacted<T> {
+    #[serde(flatten)]
+    pub item: T,
+    /// Ranked by affected flows, then pods; at most 20 (see `impactedServiceCount`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub impacted_services: Vec<ImpactedService>,
+    #[serde(default)]
+    pub impacted_service_count: usize,
+}
+
+/// Open root causes and findings with the services each hits, as of the
+/// last judged window.
+pub fn findings_view(c: &MeshController) -> FindingsView {
+    let impact = c.service_impact();
+    FindingsView {
+        root_causes: c
+            .open_root_causes()
+            .into_iter()
+            .map(|cause| {
+                let hit = impact.of_cause(&cause.cause);
+                Impacted {
+                    impacted_services: hit.map(|h| h.services.clone()).unwrap_or_default(),
+                    impacted_service_count: hit.map_or(0, |h| h.service_count),
+                    item: cause,
+                }
+            })
+            .collect(),
+        findings: c
+            .open_findings()
+            .into_iter()
+            .map(|finding| {
+                let hit = impact.of_finding(&finding);
+                Impacted {
+                    impacted_services: hit.map(|h| h.services.clone()).unwrap_or_default(),
+                    impacted_service_count: hit.map_or(0, |h| h.service_count),
+                    item: finding,
+                }
+            })
+            .collect(),
+    }
 }
 
 async fn findings(State(c): Shared) -> Json<FindingsView> {
-    Json(FindingsView {
-        root_causes: c.open_root_causes(),
-        findings: c.open_findings(),
-    })
+    Json(findings_view(&c))
+}
+
+/// Services with traced flows, their paths and what hits them.
+async fn services(State(c): Shared) -> Json<ServicesView> {
+    Json(c.services_view())
 }
 
 /// The mesh at a glance.

@@ -205,6 +205,11 @@ impl ControllerMetrics {
         })
     }
 
+    /// For parts of the controller that register their own series.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -8,5 +8,6 @@ pub mod metrics;
 pub mod pinglist;
 pub mod registry;
 pub mod server;
+pub mod services;
 pub mod topology;
 pub mod types;

@@ -18,6 +18,8 @@ use serde::{Deserialize, Serialize};
 
 use super::types::MeshEndpoint;
 
+mod service_targets;
+
 /// Most flows per target: the agent reports lost flows as bits of a `u64` mask.
 pub const MAX_FLOWS_PER_TARGET: u32 = 64;
 /// Most inter-ToR targets one source endpoint may get per rotation epoch
@@ -25,6 +27,8 @@ pub const MAX_FLOWS_PER_TARGET: u32 = 64;
 pub const MAX_INTER_TOR_TARGETS_PER_ENDPOINT: usize = 4096;
 /// Longest accepted aggregation window (one hour).
 pub const MAX_WINDOW_MS: u32 = 3_600_000;
+/// Most service targets one agent may get (`maxServiceTargetsPerAgent`).
+pub const MAX_SERVICE_TARGETS_PER_AGENT: usize = 4096;
 
 /// How pinglists are sized. Field names are camelCase in YAML/JSON; every field has
 /// a default, so an empty object is a valid policy.
@@ -51,6 +55,12 @@ pub struct PinglistPolicy {
     pub window_ms: u32,
     /// A probe without both ACKs after this long counts as lost.
     pub probe_timeout_ms: u32,
+    /// Probes per second to each service target (an endpoint pair traced
+    /// service flows join, see `mesh::services`).
+    pub service_rate_pps: f64,
+    /// Most service targets per agent; the pairs carrying the most service
+    /// connections win. 0 turns service targets off.
+    pub max_service_targets_per_agent: usize,
 }
 
 impl Default for PinglistPolicy {
@@ -66,6 +76,9 @@ impl Default for PinglistPolicy {
             rotation_period_ms: 60_000,
             window_ms: 5_000,
             probe_timeout_ms: 500,
+            // Enough for the default SLA's 10 probes in a 5 s window.
+            service_rate_pps: 5.0,
+            max_service_targets_per_agent: 32,
         }
     }
 }
@@ -137,6 +150,14 @@ impl PinglistPolicy {
     pub fn validate(&self) -> Result<(), PolicyError> {
         check_rate("torMeshRatePps", self.tor_mesh_rate_pps)?;
         check_rate("interTorRatePps", self.inter_tor_rate_pps)?;
+        check_rate("serviceRatePps", self.service_rate_pps)?;
+        if self.max_service_targets_per_agent > MAX_SERVICE_TARGETS_PER_AGENT {
+            return Err(out_of_range(
+                "maxServiceTargetsPerAgent",
+                &self.max_service_targets_per_agent,
+                &format!("in 0..={MAX_SERVICE_TARGETS_PER_AGENT}"),
+            ));
+        }
         let inter_tor_targets = self
             .inter_tor_sample_tors
             .saturating_mul(self.inter_tor_targets_per_tor);
