@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use pingmesh_proto::window::unix_now_ms;
 
-use pingmesh_proto::v1::{Endpoint, Transport};
+use pingmesh_proto::v1::{Endpoint, PingTarget, Transport};
 
 use crate::transport::rdma::flow_label::flow_label;
 use crate::transport::rdma::{Gid, RdmaDest};
@@ -25,6 +25,8 @@ use crate::transport::{TimestampMode, TransportError};
 
 /// Largest valid queue pair number (24 bits).
 const MAX_QPN: u32 = 0x00FF_FFFF;
+/// The GRH flow label is 20 bits.
+const FLOW_LABEL_MASK: u32 = 0x000F_FFFF;
 
 /// How long one block of RDMA flow labels is used before the next one.
 pub const FLOW_LABEL_ROTATION: Duration = Duration::from_hours(1);
@@ -38,6 +40,17 @@ pub trait FlowTransport: Send + 'static {
         &self,
         endpoint: &Endpoint,
     ) -> Result<<Self::Socket as ProbeSocket>::Peer, &'static str>;
+
+    /// Where a pinglist target is probed: its endpoint's address, plus what
+    /// the target pins on this transport (RDMA: a service's own flow label).
+    fn pinned_address(
+        &self,
+        target: &PingTarget,
+        endpoint: &Endpoint,
+    ) -> Result<<Self::Socket as ProbeSocket>::Peer, &'static str> {
+        let _ = target;
+        self.target_address(endpoint)
+    }
 
     /// Opens what `flows` distinct flows need; returns the sockets it added.
     fn open_flows(&mut self, flows: u16) -> Result<Vec<Arc<Self::Socket>>, TransportError>;
@@ -201,6 +214,19 @@ impl<S: ProbeSocket<Peer = RdmaDest>> FlowTransport for RdmaFlows<S> {
         })
     }
 
+    /// A SERVICE target with a flow label is probed with exactly that label,
+    /// so the probes hash onto the service's own ECMP path.
+    fn pinned_address(
+        &self,
+        target: &PingTarget,
+        endpoint: &Endpoint,
+    ) -> Result<RdmaDest, &'static str> {
+        Ok(RdmaDest {
+            flow_label: target.flow_label & FLOW_LABEL_MASK,
+            ..self.target_address(endpoint)?
+        })
+    }
+
     fn open_flows(&mut self, _flows: u16) -> Result<Vec<Arc<S>>, TransportError> {
         if self.handed_out {
             return Ok(Vec::new());
@@ -210,6 +236,9 @@ impl<S: ProbeSocket<Peer = RdmaDest>> FlowTransport for RdmaFlows<S> {
     }
 
     fn route(&self, target: RdmaDest, flow: u16) -> (usize, RdmaDest) {
+        if target.flow_label != 0 {
+            return (0, target);
+        }
         (
             0,
             RdmaDest {
@@ -308,6 +337,27 @@ mod tests {
         assert_eq!(labels(6 * hour - 1), first, "stable within the hour");
         let next: HashSet<u32> = labels(6 * hour).into_iter().collect();
         assert!(distinct.is_disjoint(&next), "{distinct:?} vs {next:?}");
+    }
+
+    #[test]
+    fn a_service_target_is_probed_with_exactly_its_flow_label() {
+        let flows = RdmaFlows::new(Arc::new(Unused), 4);
+        let endpoint = rdma_endpoint("::ffff:10.0.0.2", 0x11);
+        let service = PingTarget {
+            flow_label: 0xF_ABCDE,
+            ..PingTarget::default()
+        };
+        let pinned = flows.pinned_address(&service, &endpoint).unwrap();
+        assert_eq!(pinned.flow_label, 0xA_BCDE, "20 bits");
+        for flow in 0..8 {
+            assert_eq!(flows.route(pinned, flow).1.flow_label, 0xA_BCDE);
+        }
+        // Without a label: the rotating ECMP labels.
+        let plain = flows
+            .pinned_address(&PingTarget::default(), &endpoint)
+            .unwrap();
+        assert_eq!(plain.flow_label, 0);
+        assert_ne!(flows.route(plain, 1).1.flow_label, 0);
     }
 
     #[tokio::test]

@@ -266,7 +266,7 @@ fn resolve_targets<T: FlowTransport>(
             continue;
         }
         let Some(endpoint) = &t.target else { continue };
-        let addr = match transport.target_address(endpoint) {
+        let addr = match transport.pinned_address(t, endpoint) {
             Ok(addr) => addr,
             Err(reason) => {
                 tracing::warn!(target = %endpoint.id, address = %endpoint.address, reason, "pinglist target cannot be probed from this endpoint; skipped");
