@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
-/// Answers ReportServiceFlows with Unimplemented `refuse` times, then takes them.
+/// Answers `ReportServiceFlows` with `Unimplemented` `refuse` times, then takes them.
 #[derive(Default)]
 struct Recorder {
     refuse: Mutex<u32>,
