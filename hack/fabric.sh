@@ -8,6 +8,8 @@
 #   hack/fabric.sh status                      namespaces, injected faults, ping matrix
 #   hack/fabric.sh hosts                       one line per host:
 #                                              <netns> <host> <tor> <fabric IP>
+#   hack/fabric.sh switches                    every router's addresses, as the
+#                                              controller's traces.switches (YAML)
 #   hack/fabric.sh inject host <host> <pct>    drop pct % of what the host sends and
 #                                              receives on its fabric cable (at the ToR
 #                                              end: the host's sends succeed and vanish,
@@ -262,6 +264,27 @@ cmd_hosts() {
   local h
   for h in "${HOSTS[@]}"; do
     echo "${PREFIX}${h} ${h} $(tor_of "$h") $(host_ip "$h")"
+  done
+}
+
+# Every router's interface addresses, as the mesh controller's `traces.switches`
+# (YAML, indented to sit under `traces:`): path traces learn addresses, this
+# folds them into router names.
+cmd_switches() {
+  local s t
+  echo "  switches:"
+  for t in "${TORS[@]}"; do
+    echo "    ${t}:"
+    echo "      - 10.77.${t:3:1}.1"
+    for s in "${SPINES[@]}"; do
+      echo "      - $(tor_link_ip "${s:2:1}" "${t:3:1}")"
+    done
+  done
+  for s in "${SPINES[@]}"; do
+    echo "    ${s}:"
+    for t in "${TORS[@]}"; do
+      echo "      - $(spine_link_ip "${s:2:1}" "${t:3:1}")"
+    done
   done
 }
 
@@ -527,6 +550,7 @@ main() {
     down) cmd_down ;;
     status) cmd_status ;;
     hosts) cmd_hosts ;;
+    switches) cmd_switches ;;
     inject) cmd_inject "$@" ;;
     clear) cmd_clear ;;
     faults) cmd_faults ;;

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::mesh::analyzer::SlaPolicy;
 use crate::mesh::pinglist::PinglistPolicy;
 use crate::mesh::services::ServicePolicy;
+use crate::mesh::traces::{HopNames, TraceSettings};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -49,6 +50,8 @@ pub struct MeshConfig {
     /// Service flows: how long a node's report counts, how many services get
     /// their own metric series (see docs/services.md).
     pub services: ServicePolicy,
+    /// Path traces for link and switch localization (docs/localization.md).
+    pub traces: TraceSettings,
 }
 
 impl Default for MeshConfig {
@@ -63,6 +66,7 @@ impl Default for MeshConfig {
             pinglist: PinglistPolicy::default(),
             sla: SlaPolicy::default(),
             services: ServicePolicy::default(),
+            traces: TraceSettings::default(),
         }
     }
 }
@@ -149,6 +153,13 @@ impl MeshConfig {
         if self.stale_after_secs == 0 {
             return Err(ConfigError::Invalid(
                 "staleAfterSecs must be at least 1".into(),
+            ));
+        }
+        HopNames::new(&self.traces.switches)
+            .map_err(|e| ConfigError::Invalid(format!("traces.switches: {e}")))?;
+        if self.traces.max_hops == 0 || self.traces.max_hops > 64 {
+            return Err(ConfigError::Invalid(
+                "traces.maxHops must be between 1 and 64".into(),
             ));
         }
         Ok(())

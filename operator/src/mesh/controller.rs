@@ -26,6 +26,7 @@ use super::registry::{Registry, RegistryError, TorMove};
 use super::services::metrics::ServiceMetrics;
 use super::services::{PodResolver, ServiceTargets};
 use super::topology::{TorResolver, choose_tor};
+use super::traces::{ProbedPath, TracePlanner};
 use super::types::{AgentRecord, MeshEndpoint};
 use crate::config::MeshConfig;
 
@@ -104,6 +105,8 @@ pub struct MeshController {
     state: Mutex<State>,
     snapshot: watch::Sender<Arc<Snapshot>>,
     analyzer: Mutex<Analyzer>,
+    /// Which flows agents should trace, and the hops they found.
+    traces: Mutex<TracePlanner>,
     /// Cancelled on shutdown: ends every pinglist stream so the server can stop.
     stopping: CancellationToken,
     /// Windows judged since this controller started that had path data.
@@ -115,6 +118,9 @@ pub struct MeshController {
     pod_resolver: std::sync::RwLock<Option<Arc<dyn PodResolver>>>,
     service_metrics: ServiceMetrics,
 }
+
+/// Trace results one `ExchangeTraces` call may carry.
+const MAX_TRACE_RESULTS: usize = 1_024;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -162,6 +168,8 @@ impl MeshController {
             view: MeshView::new(Vec::new()),
             services: Arc::default(),
         }));
+        let traces = TracePlanner::new(config.traces.clone(), Some(metrics.registry()))
+            .map_err(|e| MeshError::InvalidRequest(e.to_string()))?;
         let analyzer = Analyzer::new(config.sla.clone(), config.pinglist.window_ms)
             .map_err(|e| MeshError::InvalidRequest(format!("SLA policy: {e}")))?;
         let controller = Arc::new(Self {
@@ -171,6 +179,7 @@ impl MeshController {
             state: Mutex::new(state),
             snapshot,
             analyzer: Mutex::new(analyzer),
+            traces: Mutex::new(traces),
             stopping: CancellationToken::new(),
             windows_with_data: AtomicU64::new(0),
             services: Mutex::default(),
@@ -682,7 +691,19 @@ impl MeshController {
                         || p.last_disconnect_ms >= window + window_ms + timeout_ms)
             })
         };
-        let judged = lock(&self.analyzer).evaluate(window_start_ms, &topology, &present);
+        let judged = {
+            let mut analyzer = lock(&self.analyzer);
+            analyzer.set_traces(lock(&self.traces).book());
+            let judged = analyzer.evaluate(window_start_ms, &topology, &present);
+            if let Ok(report) = &judged {
+                lock(&self.traces).plan(
+                    report.paths.iter().map(ProbedPath::from),
+                    &state.endpoints,
+                    unix_now_ms(),
+                );
+            }
+            judged
+        };
         drop(state);
         match judged {
             Ok(report) => {
@@ -785,6 +806,33 @@ impl MeshController {
                 .with_label_values(&[c.cause.kind.label(), c.cause.signal.label()])
                 .inc();
         }
+    }
+
+    /// Takes `node`'s path-trace results and hands out its next requests,
+    /// with when to call again (milliseconds; 0 when more wait).
+    pub async fn exchange_traces(
+        &self,
+        node: &str,
+        session: u64,
+        results: Vec<v1::TraceResult>,
+    ) -> Result<(Vec<v1::TraceRequest>, u32), MeshError> {
+        self.check_session(node, session).await?;
+        if results.len() > MAX_TRACE_RESULTS {
+            return Err(MeshError::InvalidRequest(format!(
+                "{} trace results in one call; at most {MAX_TRACE_RESULTS}",
+                results.len()
+            )));
+        }
+        // Lock order everywhere: state, analyzer, traces.
+        let state = lock(&self.state);
+        let mut traces = lock(&self.traces);
+        let requests = traces.exchange(node, results, &state.endpoints, unix_now_ms());
+        let next = if traces.waiting(node) > 0 {
+            0
+        } else {
+            self.config.pinglist.window_ms
+        };
+        Ok((requests, next))
     }
 
     /// Open root causes (localized faults), most confident first.

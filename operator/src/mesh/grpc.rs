@@ -161,8 +161,17 @@ impl MeshService for GrpcService {
         &self,
         request: Request<ExchangeTracesRequest>,
     ) -> Result<Response<ExchangeTracesResponse>, Status> {
-        let _ = request;
-        Err(Status::unimplemented("path traces are not taken yet"))
+        let r = request.into_inner();
+        self.check_node("exchange_traces", &r.node)?;
+        let (requests, next_exchange_ms) = self
+            .controller
+            .exchange_traces(&r.node, r.session, r.results)
+            .await
+            .map_err(|e| self.refuse("exchange_traces", &e))?;
+        Ok(Response::new(ExchangeTracesResponse {
+            requests,
+            next_exchange_ms,
+        }))
     }
 
     async fn report_service_flows(

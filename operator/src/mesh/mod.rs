@@ -10,4 +10,5 @@ pub mod registry;
 pub mod server;
 pub mod services;
 pub mod topology;
+pub mod traces;
 pub mod types;

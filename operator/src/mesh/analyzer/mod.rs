@@ -112,6 +112,8 @@ pub struct Analyzer {
     /// The last [`LOCALIZE_WINDOWS`] windows' paths and endpoint nodes, oldest first.
     recent: VecDeque<(Arc<WindowReport>, Arc<NodeMap>)>,
     causes: CauseTracker,
+    /// Hops of traced flows, for link and switch localization.
+    traces: Option<Arc<localize::TraceBook>>,
 }
 
 type NodeMap = HashMap<String, String, FastHash>;
@@ -134,6 +136,7 @@ impl Analyzer {
             last_report: None,
             recent: VecDeque::new(),
             causes,
+            traces: None,
         })
     }
 
@@ -300,11 +303,19 @@ impl Analyzer {
             &WindowEvidence {
                 windows: &windows,
                 node_of: &node_of,
-                traces: None,
+                traces: self
+                    .traces
+                    .as_deref()
+                    .map(|t| t as &dyn localize::PathTraces),
                 findings: &findings,
             },
             &self.localize_settings(),
         )
+    }
+
+    /// The path traces localization uses from the next window on.
+    pub fn set_traces(&mut self, traces: Arc<localize::TraceBook>) {
+        self.traces = (!traces.is_empty()).then_some(traces);
     }
 
     /// Open findings, by kind then location.
