@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::analyzer::{Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, WindowReport};
+use super::history::WindowHistory;
 use super::localize::{CauseKind, OpenRootCause, Signal};
 use super::metrics::ControllerMetrics;
 use super::pinglist::MeshView;
@@ -117,6 +118,8 @@ pub struct MeshController {
     /// Names the services of pods; the operator sets it (`set_pod_resolver`).
     pod_resolver: std::sync::RwLock<Option<Arc<dyn PodResolver>>>,
     service_metrics: ServiceMetrics,
+    /// Closed windows of the last hour, for the web view.
+    pub history: WindowHistory,
 }
 
 /// Trace results one `ExchangeTraces` call may carry.
@@ -186,6 +189,7 @@ impl MeshController {
             pod_resolver: std::sync::RwLock::new(None),
             service_metrics,
             metrics,
+            history: WindowHistory::default(),
         });
         controller.publish();
         Ok(controller)
@@ -701,6 +705,10 @@ impl MeshController {
                     &state.endpoints,
                     unix_now_ms(),
                 );
+            }
+            if let Ok(report) = &judged {
+                let tors = state.endpoints.values().map(|e| e.tor.as_str());
+                self.history.record(report, analyzer.sla(), tors);
             }
             judged
         };

@@ -32,6 +32,8 @@ pub fn router(controller: Arc<MeshController>) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(|| async { "ready" }))
+        // The web view at `/` and the history it reads.
+        .merge(super::web::routes())
         .with_state(controller)
 }
 

@@ -2,6 +2,7 @@
 pub mod analyzer;
 pub mod controller;
 pub mod grpc;
+pub mod history;
 pub mod http;
 pub mod localize;
 pub mod metrics;
@@ -12,3 +13,4 @@ pub mod services;
 pub mod topology;
 pub mod traces;
 pub mod types;
+pub mod web;
