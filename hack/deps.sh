@@ -28,6 +28,9 @@ declare -A probes=(
   [python3-venv]=/usr/lib/python3*/ensurepip/__init__.py
   # rqlited for the registry suite comes from npm.
   [npm]=npm
+  # The web view's browser tests (hack/web-test.sh): Debian's Chromium, driven
+  # by playwright-core from npm.
+  [chromium]=chromium
 )
 
 present() {
