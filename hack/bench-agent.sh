@@ -6,6 +6,7 @@
 # each agent sends RATE probes/s (2 targets) and answers RATE probes/s.
 #
 # Usage: hack/bench-agent.sh [RATE=1000] [SECONDS=30]   (needs a release build)
+# TRACING=true runs the agents with the eBPF service tracer on (needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rate=${1:-1000}
@@ -29,7 +30,8 @@ pids+=($!)
 sleep 1
 for i in 1 2 3; do
   $bin/pingmesh-agent --node "bench-$i" --tor rack-1 --controller http://127.0.0.1:19400 \
-    --udp-bind "127.0.0.1:0" --metrics-addr "127.0.0.1:1950$i" --log-level warn &
+    --udp-bind "127.0.0.1:0" --metrics-addr "127.0.0.1:1950$i" --log-level warn \
+    --tracing "${TRACING:-false}" &
   pids+=($!)
 done
 agent=${pids[1]}
