@@ -154,7 +154,7 @@ export function renderAgents(el, countEl, agents) {
       + `<td>${esc(formatTime(a.last_seen_ms))}</td></tr>`;
   });
   el.innerHTML = '<div class="table-wrap"><table><thead><tr><th>node</th><th>state</th><th>ToR</th>'
-    + '<th class="num">endpoints</th><th>last seen</th></tr></thead>'
+    + '<th class="num" title="endpoints">EPs</th><th>last seen</th></tr></thead>'
     + `<tbody>${rows.join('')}</tbody></table></div>`;
 }
 
