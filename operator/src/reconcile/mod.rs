@@ -23,6 +23,7 @@ mod names;
 mod nodes;
 mod operator_http;
 mod owned;
+pub mod pods;
 pub mod run;
 mod settings;
 mod status;

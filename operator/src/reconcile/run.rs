@@ -45,6 +45,7 @@ use super::nodes::{
     wait_for_nodes,
 };
 pub use super::operator_http::{OperatorHttp, operator_router};
+use super::pods::start_pod_caches;
 use super::synced::watched;
 use super::{
     Context, MeshHost, MeshPolicy, OperatorSettings, ReconcileMetrics, SourceSettings,
@@ -53,6 +54,7 @@ use super::{
 use crate::config::{ConfigError, MeshArgs, MeshConfig};
 use crate::crd::PingMesh;
 use crate::mesh::server::{self, RunningController, ServeError};
+use crate::mesh::services::PodResolver;
 use crate::mesh::topology::TorResolver;
 
 /// Longest wait for the Node cache before the mesh controller starts anyway.
@@ -341,6 +343,8 @@ struct Led {
     running: Option<RunningController>,
     mesh_cancel: CancellationToken,
     tor_resolver: Arc<dyn TorResolver>,
+    /// Names services after their pods' owners; set on every controller started.
+    pod_resolver: Arc<dyn PodResolver>,
     /// Policies the source asks for, subscribed before the reconciler starts
     /// so that none is missed.
     policies: watch::Receiver<Option<MeshPolicy>>,
@@ -437,6 +441,8 @@ async fn start_leading(
         Some(tor_resolver.clone()),
     )
     .await?;
+    let (pod_resolver, pod_caches) = start_pod_caches(&client, &work);
+    running.controller.set_pod_resolver(pod_resolver.clone());
     let host = Arc::new(MeshHost::with_settings(
         running.controller.clone(),
         format!("{source_ns}/{source_name}"),
@@ -489,12 +495,13 @@ async fn start_leading(
     let (work_guard, mesh_guard) = stop_on_error;
     work_guard.disarm();
     mesh_guard.disarm();
-    Ok(Led {
+    let mut led = Led {
         host,
         config,
         running: Some(running),
         mesh_cancel,
         tor_resolver,
+        pod_resolver,
         policies,
         tasks: vec![
             ("reconciler", reconciler),
@@ -504,7 +511,9 @@ async fn start_leading(
         ],
         metrics: http.metrics.clone(),
         work,
-    })
+    };
+    led.tasks.extend(pod_caches);
+    Ok(led)
 }
 
 impl Led {
@@ -641,6 +650,9 @@ impl Led {
             Some(self.tor_resolver.clone()),
         )
         .await?;
+        running
+            .controller
+            .set_pod_resolver(self.pod_resolver.clone());
         self.host.replace(running.controller.clone());
         self.running = Some(running);
         Ok(())
@@ -776,6 +788,16 @@ mod tests {
     use crate::mesh::controller::MeshController;
     use crate::mesh::registry::open_registry;
 
+    /// A Pod cache that knows no pod.
+    #[derive(Debug)]
+    struct NoPods;
+
+    impl PodResolver for NoPods {
+        fn pod(&self, _: &str) -> Option<crate::mesh::services::PodIdentity> {
+            None
+        }
+    }
+
     /// A leader with no mesh controller running (as after a failed restart)
     /// and no tasks; the mesh controller restarts on a registry that cannot
     /// be opened.
@@ -798,6 +820,7 @@ mod tests {
             running: None,
             mesh_cancel: CancellationToken::new(),
             tor_resolver: Arc::new(NodeTorResolver::new(nodes, TopologySpec::default())),
+            pod_resolver: Arc::new(NoPods),
             tasks: Vec::new(),
             metrics: ReconcileMetrics::new().unwrap(),
             work: CancellationToken::new(),
