@@ -100,8 +100,11 @@ fn spec_with(change: impl FnOnce(&mut PingMeshSpec)) -> PingMeshSpec {
 // ---------------------------------------------------------------- builders
 
 #[test]
-fn udp_agents_get_no_capability_and_run_as_non_root() {
-    let pm = mesh(spec_with(|s| s.transport = TransportMode::Udp));
+fn udp_agents_without_path_traces_get_no_capability_and_run_as_non_root() {
+    let pm = mesh(spec_with(|s| {
+        s.transport = TransportMode::Udp;
+        s.topology.path_traces = false;
+    }));
     assert!(capabilities(&pm).is_empty());
     assert!(host_paths(&pm).is_empty());
     let security = agent(&pm).security_context.unwrap();
@@ -114,10 +117,22 @@ fn udp_agents_get_no_capability_and_run_as_non_root() {
 }
 
 #[test]
+fn path_traces_add_net_raw_and_so_run_the_agent_as_root() {
+    let pm = mesh(spec_with(|s| s.transport = TransportMode::Udp));
+    assert!(pm.spec.topology.path_traces, "on by default");
+    assert_eq!(capabilities(&pm), ["NET_RAW"]);
+    assert!(host_paths(&pm).is_empty());
+    let security = agent(&pm).security_context.unwrap();
+    assert_eq!(security.run_as_user, Some(0));
+    assert_eq!(security.run_as_non_root, Some(false));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+}
+
+#[test]
 fn rdma_and_auto_agents_get_ipc_lock_and_the_infiniband_devices() {
     for transport in [TransportMode::Rdma, TransportMode::Auto] {
         let pm = mesh(spec_with(|s| s.transport = transport));
-        assert_eq!(capabilities(&pm), ["IPC_LOCK"], "{transport:?}");
+        assert_eq!(capabilities(&pm), ["IPC_LOCK", "NET_RAW"], "{transport:?}");
         assert_eq!(host_paths(&pm), ["/dev/infiniband"], "{transport:?}");
         assert!(agent(&pm).resources.is_none(), "{transport:?}");
     }
@@ -131,7 +146,7 @@ fn device_plugin_access_requests_the_resource_instead_of_a_host_path() {
         s.rdma.device_plugin_resource = "rdma/rdma_shared_device_a".into();
     }));
     assert!(host_paths(&pm).is_empty());
-    assert_eq!(capabilities(&pm), ["IPC_LOCK"]);
+    assert_eq!(capabilities(&pm), ["IPC_LOCK", "NET_RAW"]);
     let limits = agent(&pm).resources.unwrap().limits.unwrap();
     assert_eq!(limits["rdma/rdma_shared_device_a"].0, "1");
     // UDP meshes never ask for RDMA devices, however the RDMA section reads.
@@ -148,7 +163,7 @@ fn tracing_adds_bpf_perfmon_and_read_only_kernel_mounts() {
         s.transport = TransportMode::Udp;
         s.tracing.enabled = true;
     }));
-    assert_eq!(capabilities(&pm), ["BPF", "PERFMON"]);
+    assert_eq!(capabilities(&pm), ["BPF", "PERFMON", "NET_RAW"]);
     assert_eq!(host_paths(&pm), ["/sys/kernel/btf", "/sys/kernel/tracing"]);
     let mounts = agent(&pm).volume_mounts.unwrap();
     assert!(mounts.iter().all(|m| m.read_only == Some(true)));

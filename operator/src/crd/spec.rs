@@ -2,6 +2,8 @@
 //! shows; defaults are serde defaults that schemars also writes into the schema,
 //! so the API server fills them in and the stored object shows them.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::ResourceRequirements;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -165,6 +167,17 @@ pub struct TopologySpec {
     /// `topology.pingmesh.io/tor-mlx5_0`). Empty turns per-RNIC ToRs off.
     #[schemars(length(max = 253))]
     pub rnic_tor_label_prefix: String,
+    /// Agents traceroute probed flows with the flows' own 5-tuples, so a
+    /// fault is named down to a link or a spine switch rather than "the
+    /// fabric". Needs `CAP_NET_RAW`, which agents then get (and so run as
+    /// uid 0, as RDMA agents already do).
+    pub path_traces: bool,
+    /// Switch name -> the addresses its interfaces answer traces from. Folds
+    /// the addresses traces learn into switch names ("link spine-2 -> tor-7");
+    /// a traced flow must then run from the sender's ToR to the receiver's,
+    /// so name ToRs as the ToR labels do. Without it hops are named by address.
+    #[schemars(extend("maxProperties" = 4096))]
+    pub switches: BTreeMap<String, Vec<String>>,
 }
 
 impl Default for TopologySpec {
@@ -172,6 +185,8 @@ impl Default for TopologySpec {
         Self {
             tor_label: DEFAULT_TOR_LABEL.to_owned(),
             rnic_tor_label_prefix: String::new(),
+            path_traces: true,
+            switches: BTreeMap::new(),
         }
     }
 }

@@ -4,7 +4,9 @@
 //! may let a bad spec through; it then reports `Degraded` with these messages
 //! instead of rolling out agents that cannot work.
 
+use std::collections::BTreeMap;
 use std::fmt;
+use std::net::IpAddr;
 
 use pingmesh_proto::limits::MAX_RATE_PPS;
 
@@ -12,6 +14,7 @@ use super::PingMeshSpec;
 use super::spec::{DeviceAccess, ProbingSpec, RdmaSpec, SlaSpec};
 use crate::mesh::analyzer::SlaPolicy;
 use crate::mesh::pinglist::PinglistPolicy;
+use crate::mesh::traces::{HopNames, TraceSettings};
 
 /// Every problem found in a spec, each naming its field as users write it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -74,6 +77,9 @@ impl PingMeshSpec {
         p.check(!self.topology.tor_label.is_empty(), || {
             "topology.torLabel must not be empty".to_owned()
         });
+        if let Err(e) = self.trace_settings() {
+            p.0.push(e);
+        }
         p.check(is_condition_type(&self.node_health.condition_type), || {
             format!(
                 "nodeHealth.conditionType {:?} is not a condition type (letters, digits, '_', '.', '-', optional DNS prefix)",
@@ -111,6 +117,29 @@ impl PingMeshSpec {
             probe_timeout_ms: probing.probe_timeout_ms,
             ..PinglistPolicy::default()
         }
+    }
+
+    /// The mesh controller's path-trace settings for this spec: `topology.pathTraces`
+    /// and the switch map, its addresses parsed and checked.
+    pub fn trace_settings(&self) -> Result<TraceSettings, String> {
+        let mut switches = BTreeMap::new();
+        for (name, addresses) in &self.topology.switches {
+            let parsed = addresses
+                .iter()
+                .map(|a| {
+                    a.parse::<IpAddr>().map_err(|_| {
+                        format!("topology.switches.{name}: {a:?} is not an IP address")
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            switches.insert(name.clone(), parsed);
+        }
+        HopNames::new(&switches).map_err(|e| format!("topology.switches: {e}"))?;
+        Ok(TraceSettings {
+            enabled: self.topology.path_traces,
+            switches,
+            ..TraceSettings::default()
+        })
     }
 
     /// The analyzer's SLA policy for this spec; hysteresis keeps its defaults.

@@ -221,10 +221,12 @@ fn resources(pm: &PingMesh) -> Option<ResourceRequirements> {
 
 /// What the agent needs from the host beyond an unprivileged container.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // independent features, each granting its own
 struct Privileges {
     rdma: bool,
     rdma_host_path: bool,
     tracing: bool,
+    path_traces: bool,
 }
 
 impl Privileges {
@@ -234,6 +236,7 @@ impl Privileges {
             rdma,
             rdma_host_path: rdma && pm.spec.rdma.device_access == DeviceAccess::HostPath,
             tracing: pm.spec.tracing.enabled,
+            path_traces: pm.spec.topology.path_traces,
         }
     }
 
@@ -246,6 +249,11 @@ impl Privileges {
         if self.tracing {
             caps.push("BPF".to_owned());
             caps.push("PERFMON".to_owned());
+        }
+        if self.path_traces {
+            // Raw sockets: trace datagrams with a flow's own source port, and
+            // the routers' ICMP answers.
+            caps.push("NET_RAW".to_owned());
         }
         caps
     }

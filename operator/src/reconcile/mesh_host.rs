@@ -20,12 +20,14 @@ use crate::crd::{NodeHealthSpec, PingMesh, TopologySpec};
 use crate::mesh::analyzer::SlaPolicy;
 use crate::mesh::controller::MeshController;
 use crate::mesh::pinglist::PinglistPolicy;
+use crate::mesh::traces::TraceSettings;
 
 /// The part of the mesh controller's configuration a `PingMesh` sets.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MeshPolicy {
     pub pinglist: PinglistPolicy,
     pub sla: SlaPolicy,
+    pub traces: TraceSettings,
 }
 
 impl MeshPolicy {
@@ -34,6 +36,12 @@ impl MeshPolicy {
         Self {
             pinglist: pm.spec.pinglist_policy(),
             sla: pm.spec.sla_policy(),
+            // A spec with a bad switch map is Degraded before it gets here;
+            // should one slip through, traces run with hops named by address.
+            traces: pm.spec.trace_settings().unwrap_or_else(|_| TraceSettings {
+                enabled: pm.spec.topology.path_traces,
+                ..TraceSettings::default()
+            }),
         }
     }
 
@@ -42,6 +50,7 @@ impl MeshPolicy {
         Self {
             pinglist: controller.config().pinglist.clone(),
             sla: controller.config().sla.clone(),
+            traces: controller.config().traces.clone(),
         }
     }
 }

@@ -744,6 +744,7 @@ async fn standby_until_leading(
 fn with_policy(config: &mut MeshConfig, policy: MeshPolicy) {
     config.pinglist = policy.pinglist;
     config.sla = policy.sla;
+    config.traces = policy.traces;
 }
 
 /// The `PingMesh` controller, watching owned objects by label only (the cache
