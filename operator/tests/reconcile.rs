@@ -15,13 +15,15 @@ use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use pingmesh_operator::crd::{
-    DeviceAccess, MAX_OPEN_FINDINGS, PingMesh, PingMeshSpec, PingMeshStatus, TransportMode,
+    DeviceAccess, MAX_OPEN_FINDINGS, MAX_ROOT_CAUSES, PingMesh, PingMeshSpec, PingMeshStatus,
+    TransportMode,
 };
 use pingmesh_operator::reconcile::{
     AVAILABLE, BuildError, CONFIG_HASH_ANNOTATION, Context, DEGRADED, FIELD_MANAGER, MeshFinding,
-    MeshStatus, MeshStatusSource, Observation, OperatorSettings, Outcome, PAUSED_NODE_SELECTOR,
-    PROGRESSING, PolicyState, Problem, ReconcileMetrics, agent_config_data, config_hash,
-    desired_configmap, desired_daemonset, desired_status, error_policy, reconcile, retry_delay,
+    MeshRootCause, MeshStatus, MeshStatusSource, Observation, OperatorSettings, Outcome,
+    PAUSED_NODE_SELECTOR, PROGRESSING, PolicyState, Problem, ReconcileMetrics, agent_config_data,
+    config_hash, desired_configmap, desired_daemonset, desired_status, error_policy, reconcile,
+    retry_delay,
 };
 use serde_json::{Value, json};
 
@@ -336,10 +338,21 @@ fn status_reports_the_rollout_and_bounds_the_findings() {
             since_ms: 1_800_000_000_000 + i * 5_000,
         })
         .collect();
+    let root_causes = (0..12u64)
+        .map(|i| MeshRootCause {
+            kind: "host".into(),
+            component: format!("n{i}"),
+            signal: "loss".into(),
+            confidence_percent: i32::try_from(95 - i).unwrap(),
+            summary: format!("host n{i} loses probes"),
+            since_ms: 1_800_000_000_000,
+        })
+        .collect();
     let mesh_status = Ok(MeshStatus {
         endpoints_registered: 4,
         paths_probed: 12,
         open_findings: findings,
+        root_causes,
     });
     let seen = Observation {
         daemonset: Some(&ds),
@@ -356,6 +369,12 @@ fn status_reports_the_rollout_and_bounds_the_findings() {
         status.open_findings[0].location, "n0/udp0 -> n0/udp0",
         "oldest first"
     );
+    // Root causes: the most confident first (the mesh's order), bounded.
+    assert_eq!(status.root_cause_count, 12);
+    assert_eq!(status.root_causes.len(), MAX_ROOT_CAUSES);
+    assert_eq!(status.root_causes[0].component, "n0");
+    assert_eq!(status.root_causes[0].confidence_percent, 95);
+    assert_eq!(status.root_causes[0].kind, "host");
     assert_eq!(condition(&status, AVAILABLE).status, "True");
     assert_eq!(condition(&status, PROGRESSING).reason, "RollingOut");
     assert_eq!(condition(&status, DEGRADED).status, "False");
@@ -426,6 +445,7 @@ fn healthy_mesh() -> FakeMesh {
             location: "n1/udp0 -> n3/udp0".into(),
             since_ms: 1_800_000_000_000,
         }],
+        root_causes: Vec::new(),
     }))
 }
 

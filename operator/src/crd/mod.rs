@@ -25,7 +25,9 @@ pub use spec::{
     DEFAULT_TOR_LABEL, DeviceAccess, ImagePullPolicy, LogLevel, NodeHealthSpec, ProbingSpec,
     RdmaSpec, SlaSpec, TopologySpec, TracingSpec, TransportMode,
 };
-pub use status::{MAX_OPEN_FINDINGS, OpenFinding, PingMeshStatus};
+pub use status::{
+    MAX_OPEN_FINDINGS, MAX_ROOT_CAUSES, OpenFinding, PingMeshStatus, StatusRootCause,
+};
 pub use validate::SpecError;
 
 /// Desired state of a mesh: which nodes run an agent, how agents probe, and

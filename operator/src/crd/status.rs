@@ -33,6 +33,36 @@ pub struct PingMeshStatus {
     pub open_findings: Vec<OpenFinding>,
     /// Number of open findings, including those not listed in `openFindings`.
     pub open_finding_count: i64,
+    /// Open root causes (the components localization blames), most confident
+    /// first, at most 10 (see `rootCauseCount`).
+    #[serde(default)]
+    #[schemars(length(max = 10))]
+    pub root_causes: Vec<StatusRootCause>,
+    /// Number of open root causes, including those not listed in `rootCauses`.
+    #[serde(default)]
+    pub root_cause_count: i64,
+}
+
+/// Root causes listed in status at most.
+pub const MAX_ROOT_CAUSES: usize = 10;
+
+/// A localized fault: the component at fault and how sure the analysis is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusRootCause {
+    /// `endpoint`, `host`, `tor`, `link`, `switch` or `unknown`.
+    pub kind: String,
+    /// The component: a node's endpoint or the node, a ToR, a link
+    /// `from -> to`, a switch.
+    pub component: String,
+    /// `loss`, `latency`, `proberDelay` or `responderDelay`.
+    pub signal: String,
+    /// 0 to 100.
+    pub confidence_percent: i32,
+    /// One line for people, with the evidence.
+    pub summary: String,
+    /// Start of the first window of the streak that opened it.
+    pub since: Time,
 }
 
 /// A finding the analyzer holds open.

@@ -14,12 +14,27 @@ pub struct MeshFinding {
     pub since_ms: u64,
 }
 
+/// A root cause as the status lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshRootCause {
+    pub kind: String,
+    pub component: String,
+    /// camelCase signal, e.g. `proberDelay`.
+    pub signal: String,
+    pub confidence_percent: i32,
+    pub summary: String,
+    /// Start (Unix ms) of the first window of the streak that opened it.
+    pub since_ms: u64,
+}
+
 /// The mesh as the status shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshStatus {
     pub endpoints_registered: u64,
     pub paths_probed: u64,
     pub open_findings: Vec<MeshFinding>,
+    /// Most confident first.
+    pub root_causes: Vec<MeshRootCause>,
 }
 
 /// Whether the mesh controller runs with a mesh's probing and SLA settings.
@@ -63,10 +78,25 @@ impl MeshStatusSource for MeshController {
                 since_ms: f.first_bad_window_ms,
             })
             .collect();
+        let root_causes = self
+            .open_root_causes()
+            .into_iter()
+            .map(|c| MeshRootCause {
+                kind: c.cause.kind.label().to_owned(),
+                component: c.cause.component.clone(),
+                signal: camel_kind(c.cause.signal.label()),
+                // confidence is in [0, 1]: the product fits an i32.
+                #[allow(clippy::cast_possible_truncation)]
+                confidence_percent: (c.cause.confidence.clamp(0.0, 1.0) * 100.0).round() as i32,
+                summary: c.cause.summary.clone(),
+                since_ms: c.first_window_ms,
+            })
+            .collect();
         Ok(MeshStatus {
             endpoints_registered: endpoints.len() as u64,
             paths_probed: paths as u64,
             open_findings,
+            root_causes,
         })
     }
 }

@@ -7,7 +7,9 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::conditions::{AVAILABLE, DEGRADED, Judged, PROGRESSING, merge};
 use super::mesh_status::{MeshStatus, PolicyState};
-use crate::crd::{MAX_OPEN_FINDINGS, OpenFinding, PingMesh, PingMeshStatus};
+use crate::crd::{
+    MAX_OPEN_FINDINGS, MAX_ROOT_CAUSES, OpenFinding, PingMesh, PingMeshStatus, StatusRootCause,
+};
 
 /// Why a mesh is not what its spec asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -92,6 +94,8 @@ pub fn desired_status(pm: &PingMesh, seen: Observation<'_>, now: Timestamp) -> P
         paths_probed: previous.paths_probed,
         open_findings: previous.open_findings,
         open_finding_count: previous.open_finding_count,
+        root_causes: previous.root_causes,
+        root_cause_count: previous.root_cause_count,
     };
     if let Ok(mesh) = seen.mesh {
         status.endpoints_registered = clamp(mesh.endpoints_registered);
@@ -111,8 +115,29 @@ pub fn desired_status(pm: &PingMesh, seen: Observation<'_>, now: Timestamp) -> P
                 ),
             })
             .collect();
+        status.root_cause_count = clamp(mesh.root_causes.len() as u64);
+        status.root_causes = mesh
+            .root_causes
+            .iter()
+            .take(MAX_ROOT_CAUSES)
+            .map(|c| StatusRootCause {
+                kind: c.kind.clone(),
+                component: c.component.clone(),
+                signal: c.signal.clone(),
+                confidence_percent: c.confidence_percent,
+                summary: c.summary.clone(),
+                since: time_of(c.since_ms),
+            })
+            .collect();
     }
     status
+}
+
+fn time_of(unix_ms: u64) -> Time {
+    Time(
+        Timestamp::from_millisecond(i64::try_from(unix_ms).unwrap_or(i64::MAX))
+            .unwrap_or(Timestamp::UNIX_EPOCH),
+    )
 }
 
 fn clamp(n: u64) -> i64 {
