@@ -74,9 +74,13 @@ env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked --test mesh -- --include
 
 step "end-to-end: fault localization on a leaf-spine fabric of network namespaces"
 if [[ "$(id -u)" == 0 ]] && command -v iptables >/dev/null && ip netns list >/dev/null 2>&1; then
+  # Same-5-tuple path traces through a real Linux router (raw sockets, ICMP).
+  PINGMESH_NETNS_TESTS=1 cargo test -p pingmesh-agent --locked --test path_trace -- --include-ignored --test-threads=1
   PINGMESH_E2E_FABRIC=1 cargo test -p pingmesh-e2e --locked --test fabric -- --include-ignored --test-threads=1
+  # Service awareness on the same fabric: services hit by a fault, ranked.
+  PINGMESH_E2E_FABRIC=1 cargo test -p pingmesh-e2e --locked --test services -- --include-ignored --test-threads=1
 else
-  skipped+=("leaf-spine fabric e2e (needs root, iptables and network namespaces: hack/fabric.sh)")
+  skipped+=("leaf-spine fabric e2e, path traces and service impact (need root, iptables and network namespaces: hack/fabric.sh)")
 fi
 
 step "eBPF tracer: the real BPF programs in this machine's kernel"
@@ -84,6 +88,8 @@ if [[ "$(id -u)" == 0 ]]; then
   # The tracepoint attaches through tracefs, which is not always mounted.
   mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev /sys/kernel/tracing || true
   PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --locked --test tracer_bpf -- --include-ignored
+  # The flow table fed by the real programs: TCP between namespaces, fake verbs, pod attribution.
+  PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --locked --test service_flows_bpf -- --include-ignored --test-threads 1
 else
   skipped+=("eBPF tracer tests (need root: PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --test tracer_bpf -- --include-ignored, docs/tracing.md)")
 fi
