@@ -17,8 +17,10 @@ chromium=${PINGMESH_CHROMIUM:-/usr/bin/chromium}
 [[ -x $chromium ]] || { echo "$chromium is missing: apt-get install chromium (hack/deps.sh)" >&2; exit 1; }
 command -v npm >/dev/null || { echo "npm is missing: apt-get install npm (hack/deps.sh)" >&2; exit 1; }
 
-# The demo and the fixture, with the page embedded as it is now.
-cargo build --locked -p pingmesh-cli -p pingmesh-operator --example web_fixture
+# The demo and the fixture, with the page embedded as it is now (two
+# commands: a target flag such as --example would narrow both packages).
+cargo build --locked -p pingmesh-cli
+cargo build --locked -p pingmesh-operator --example web_fixture
 
 (cd e2e/web && npm ci --no-audit --no-fund --loglevel=error)
 cd e2e/web

@@ -245,3 +245,56 @@ async fn bad_history_requests_get_a_clear_error() {
         assert!(r.body.contains(says), "{path}: {}", r.body);
     }
 }
+
+/// In a cluster the page comes through the operator's own HTTP port, as the
+/// JSON API does: from the leader, and not from a standby.
+#[cfg(feature = "kubernetes")]
+mod operator_port {
+    use std::sync::atomic::AtomicBool;
+
+    use pingmesh_operator::reconcile::leader::Role;
+    use pingmesh_operator::reconcile::run::{OperatorHttp, operator_router};
+    use pingmesh_operator::reconcile::{MeshHost, ReconcileMetrics};
+
+    use super::*;
+
+    async fn serve_router(router: axum::Router) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        addr
+    }
+
+    #[tokio::test]
+    async fn the_leader_serves_the_page_and_a_standby_names_the_leader() {
+        let dir = tempfile::tempdir().unwrap();
+        let (controller, _) = serve(&dir).await;
+        let host = Arc::new(MeshHost::new(controller, "pingmesh-system/default".into()));
+        let leader = serve_router(operator_router(OperatorHttp::leading(
+            host,
+            ReconcileMetrics::new().unwrap(),
+            Arc::new(AtomicBool::new(true)),
+        )))
+        .await;
+        let page = get(leader, "/").await;
+        assert_eq!(page.status, 200);
+        assert!(page.body.contains("/ui/app.js"));
+        assert_eq!(get(leader, "/ui/matrix.js").await.status, 200);
+        assert_eq!(get(leader, "/api/v1/history").await.status, 200);
+
+        let (_role_tx, role) = tokio::sync::watch::channel(Role::Standby {
+            leader: Some("operator-1".into()),
+            address: None,
+        });
+        let standby = serve_router(operator_router(OperatorHttp {
+            hosted: Arc::default(),
+            metrics: ReconcileMetrics::new().unwrap(),
+            synced: Arc::new(AtomicBool::new(false)),
+            role,
+        }))
+        .await;
+        let page = get(standby, "/").await;
+        assert_eq!(page.status, 503);
+        assert!(page.body.contains("operator-1"), "{}", page.body);
+    }
+}

@@ -251,3 +251,9 @@ fn windows_after_a_start_are_the_newer_ones() {
         .collect();
     assert_eq!(newer, [2 * WINDOW, 3 * WINDOW]);
 }
+
+#[test]
+fn a_cell_takes_the_forty_bytes_the_memory_budget_counts_on() {
+    // docs/web.md and HistoryLimits::max_cells size the history by this.
+    assert!(std::mem::size_of::<Cell>() <= 40);
+}
