@@ -11,6 +11,12 @@
 //! *answered* when both ACKs arrived and only the kernel TX timestamp is missing
 //! (the sample then falls back to host timing), and *lost* otherwise.
 //!
+//! A probe whose `send()` has not returned by its deadline is not ended then:
+//! it may still fail to send, and a probe that never left the host must end
+//! as [`Outcome::SendFailed`], never as lost. It ends when the send returns
+//! (lost, or answered if both ACKs came) or fails. The prober counts a probe
+//! sent once its send returned, so no loss is ever booked before its send.
+//!
 //! Every probe ends in exactly one [`Outcome`]; an event for a sequence number
 //! that has already ended is reported as [`Unmatched`] so it can be counted.
 
@@ -167,6 +173,9 @@ struct Entry<C> {
     tx_kernel_ns: Option<u64>,
     t5: Option<Stamp>,
     ack2: Option<Ack2>,
+    /// The deadline passed while the send had not returned: the probe ends
+    /// as soon as it does.
+    expired: bool,
 }
 
 impl<C> Entry<C> {
@@ -175,9 +184,9 @@ impl<C> Entry<C> {
     }
 
     fn complete(&self) -> bool {
-        self.acked()
-            && self.sent_host_ns.is_some()
-            && (self.tx_kernel_ns.is_some() || !self.expect_kernel_tx)
+        let sent = self.sent_host_ns.is_some();
+        (self.expired && sent)
+            || (self.acked() && sent && (self.tx_kernel_ns.is_some() || !self.expect_kernel_tx))
     }
 
     /// Answered when both ACKs are in (whatever else is missing), else lost.
@@ -291,6 +300,7 @@ impl<C> PendingTable<C> {
                 tx_kernel_ns: None,
                 t5: None,
                 ack2: None,
+                expired: false,
             },
         );
         self.deadlines.push(Reverse((deadline_host_ns, seq)));
@@ -352,7 +362,9 @@ impl<C> PendingTable<C> {
     }
 
     /// Ends every probe whose deadline is at or before `now_host_ns`, in deadline
-    /// order. Costs O(log n) per expired probe or stale heap item, never a scan.
+    /// order, except those whose send has not returned: they end when it
+    /// returns or fails. Costs O(log n) per expired probe or stale heap item,
+    /// never a scan.
     pub fn expire(&mut self, now_host_ns: u64) -> Vec<Outcome<C>> {
         let mut out = Vec::new();
         while let Some(&Reverse((deadline, seq))) = self.deadlines.peek() {
@@ -365,7 +377,14 @@ impl<C> PendingTable<C> {
                 .entries
                 .get(&seq)
                 .is_some_and(|e| e.deadline_host_ns == deadline);
-            if live && let Some(entry) = self.entries.remove(&seq) {
+            if !live {
+                continue;
+            }
+            if let Some(entry) = self.entries.get_mut(&seq)
+                && entry.sent_host_ns.is_none()
+            {
+                entry.expired = true;
+            } else if let Some(entry) = self.entries.remove(&seq) {
                 out.push(entry.into_outcome());
             }
         }
@@ -540,6 +559,50 @@ mod tests {
     }
 
     #[test]
+    fn a_probe_whose_send_returns_after_its_deadline_is_lost_only_once_sent() {
+        let mut t = table_with_probe(1, false);
+        // The deadline passes while send() is still running: nothing ends yet,
+        // or a loss would be booked for a probe not (yet) counted as sent.
+        assert!(t.expire(u64::MAX).is_empty());
+        assert_eq!(t.len(), 1);
+        assert_eq!(
+            t.on_sent(1, 200),
+            Ok(Some(Outcome::Lost {
+                ctx: "path-a",
+                flow: 3,
+                window_start_ms: 10_000
+            }))
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_send_that_fails_after_its_deadline_ends_as_send_failed_not_lost() {
+        let mut t = table_with_probe(1, true);
+        assert!(t.expire(u64::MAX).is_empty());
+        assert_eq!(
+            t.on_send_failed(1),
+            Ok(Some(Outcome::SendFailed {
+                ctx: "path-a",
+                flow: 3,
+                window_start_ms: 10_000
+            }))
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn acks_before_a_late_send_return_still_answer_the_probe() {
+        let mut t = table_with_probe(1, true);
+        t.on_ack1(1, Stamp::host(4_000)).unwrap();
+        assert!(t.expire(u64::MAX).is_empty());
+        assert_eq!(ack2(&mut t, 1), Ok(None));
+        // Past the deadline the kernel TX stamp is not waited for any more.
+        let times = answered_times(t.on_sent(1, 200).unwrap());
+        assert_eq!(times.t2, Stamp::host(200));
+    }
+
+    #[test]
     fn an_ack_after_expiry_is_unmatched() {
         let mut t = table_with_probe(1, false);
         t.on_sent(1, 200).unwrap();
@@ -603,6 +666,7 @@ mod tests {
         let mut t = PendingTable::new(8);
         for (seq, deadline) in [(1, 300), (2, 100), (3, 200), (4, 100)] {
             t.insert(seq, seq, 0, 0, 1, deadline, false).unwrap();
+            t.on_sent(seq, 2).unwrap();
         }
         let seqs = |v: Vec<Outcome<u64>>| v.iter().map(|o| *o.ctx()).collect::<Vec<_>>();
         assert_eq!(seqs(t.expire(99)), Vec::<u64>::new());
@@ -620,6 +684,7 @@ mod tests {
         t.insert(1, "old", 0, 0, 1, 100, false).unwrap();
         t.on_send_failed(1).unwrap();
         t.insert(1, "new", 0, 0, 1, 500, false).unwrap();
+        t.on_sent(1, 2).unwrap();
         assert!(t.expire(200).is_empty());
         assert_eq!(t.len(), 1);
         assert_eq!(t.expire(500).len(), 1);
@@ -670,25 +735,33 @@ mod tests {
             let n = probes.len();
             let mut ended = vec![0u32; n];
             let mut acks = vec![(false, false); n];
-            let mut record = |o: Outcome<u64>, acks: &[(bool, bool)]| {
+            // Whether the probe's send returned: only then may it be answered or lost.
+            let mut sent = vec![false; n];
+            let mut record = |o: Outcome<u64>, acks: &[(bool, bool)], sent: &[bool]| {
                 let i = usize::try_from(*o.ctx()).unwrap();
                 ended[i] += 1;
                 if let Outcome::Answered { .. } = o {
                     assert_eq!(acks[i], (true, true), "probe {i} answered without both ACKs");
+                    assert!(sent[i], "probe {i} answered before its send returned");
                 }
                 if let Outcome::Lost { .. } = o {
                     assert_ne!(acks[i], (true, true), "probe {i} lost despite both ACKs");
+                    assert!(sent[i], "probe {i} lost before its send returned");
                 }
             };
             for e in events {
                 let result = match e {
                     Event::Expire(now) => {
                         for o in t.expire(now) {
-                            record(o, &acks);
+                            record(o, &acks, &sent);
                         }
                         continue;
                     }
-                    Event::Sent(i) if i < n => t.on_sent(i as u64, 10),
+                    Event::Sent(i) if i < n => {
+                        let r = t.on_sent(i as u64, 10);
+                        if r.is_ok() { sent[i] = true; }
+                        r
+                    }
                     Event::Tx(i) if i < n => t.on_tx_timestamp(i as u64, 20),
                     Event::Ack1(i) if i < n => {
                         let r = t.on_ack1(i as u64, Stamp::host(30));
@@ -704,11 +777,20 @@ mod tests {
                     _ => continue,
                 };
                 if let Ok(Some(o)) = result {
-                    record(o, &acks);
+                    record(o, &acks, &sent);
+                }
+            }
+            // Every send returns in the end; then every deadline passes.
+            for i in 0..n {
+                if let Ok(r) = t.on_sent(i as u64, 10) {
+                    sent[i] = true;
+                    if let Some(o) = r {
+                        record(o, &acks, &sent);
+                    }
                 }
             }
             for o in t.expire(u64::MAX) {
-                record(o, &acks);
+                record(o, &acks, &sent);
             }
             prop_assert!(t.is_empty());
             prop_assert!(ended.iter().all(|&c| c == 1), "outcomes per probe: {:?}", ended);
