@@ -111,7 +111,7 @@ impl WindowAggregator {
                 .or_insert_with(|| PathStats::new(Arc::clone(path))),
         };
         stats.sent += 1;
-        stats.probed_flows_mask |= 1u64 << (flow % 64);
+        stats.probed_flows_mask |= flow_bit(flow);
     }
 
     /// The transport refused to send a probe counted by [`Self::on_sent`]: it
@@ -144,7 +144,7 @@ impl WindowAggregator {
     pub fn on_lost(&mut self, window_start_ms: u64, path: &Arc<PathInfo>, flow: u16) {
         if let Some(stats) = self.unresolved_path(window_start_ms, path) {
             stats.lost += 1;
-            stats.lost_flows_mask |= 1u64 << (flow % 64);
+            stats.lost_flows_mask |= flow_bit(flow);
         }
     }
 
@@ -235,6 +235,14 @@ impl WindowAggregator {
         }
         unresolved
     }
+}
+
+/// Flow `flow`'s bit in the flow masks of a summary. Flows are numbered below
+/// [`pingmesh_proto::limits::MAX_FLOWS_PER_TARGET`] (the prober clamps targets to it), so each has a
+/// bit of its own; a flow beyond the mask gets none rather than another
+/// flow's bit, which would blame a clean flow's path for its losses.
+fn flow_bit(flow: u16) -> u64 {
+    1u64.checked_shl(u32::from(flow)).unwrap_or(0)
 }
 
 /// Counters and delay samples of one path in one window.
@@ -574,23 +582,31 @@ mod tests {
     }
 
     #[test]
-    fn losses_set_the_bit_of_their_flow_modulo_64() {
+    fn losses_set_the_bit_of_their_flow_and_no_other_flows_bit() {
         let mut agg = WindowAggregator::new(W, 100);
         let p = path("a/udp0", "b/udp0");
-        for flow in [3, 67, 5, 63] {
+        for flow in [5, 63] {
             agg.on_sent(10_000, &p, flow);
             agg.on_lost(10_000, &p, flow);
         }
-        agg.on_sent(10_000, &p, 9);
+        // Flow 3 is clean; a flow beyond the mask (no prober sends one, a
+        // target has at most 64) must not put its loss on flow 3's bit.
+        let beyond = u16::try_from(pingmesh_proto::limits::MAX_FLOWS_PER_TARGET + 3).unwrap();
+        agg.on_sent(10_000, &p, beyond);
+        agg.on_lost(10_000, &p, beyond);
+        for flow in [3, 9] {
+            agg.on_sent(10_000, &p, flow);
+        }
+        agg.on_answered(10_000, &p, Ok(sample(1_000)));
         agg.on_answered(10_000, &p, Err(InvalidReason::ZeroTimestamp));
         let s = only_summary(&mut agg);
-        assert_eq!(s.lost_flows_mask, (1 << 3) | (1 << 5) | (1 << 63));
+        assert_eq!(s.lost_flows_mask, (1 << 5) | (1 << 63));
         assert_eq!(
             s.probed_flows_mask,
             (1 << 3) | (1 << 5) | (1 << 9) | (1 << 63),
-            "flow 9 was probed and not lost"
+            "flows 3 and 9 were probed and not lost"
         );
-        assert_eq!(s.lost, 4);
+        assert_eq!(s.lost, 3);
     }
 
     #[test]

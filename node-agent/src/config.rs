@@ -70,8 +70,15 @@ pub struct AgentConfig {
     /// Kernel/NIC timestamping for T2..T5.
     #[arg(long, env = "PINGMESH_TIMESTAMPS", value_enum, default_value_t = TimestampChoice::Software)]
     pub timestamps: TimestampChoice,
-    /// Most UDP source ports (ECMP flows) the prober opens, whatever the controller asks.
-    #[arg(long, env = "PINGMESH_MAX_FLOWS", default_value_t = 64)]
+    /// Most UDP source ports (ECMP flows) the prober opens, whatever the controller
+    /// asks: 1 to 64 (`MAX_FLOWS_PER_TARGET`, what a summary's flow masks can tell apart).
+    #[arg(
+        long,
+        env = "PINGMESH_MAX_FLOWS",
+        default_value_t = 64,
+        value_parser = clap::value_parser!(u16)
+            .range(1..=i64::from(pingmesh_proto::limits::MAX_FLOWS_PER_TARGET))
+    )]
     pub max_flows: u16,
     /// Most probes awaiting ACKs at once; more are not sent and are counted.
     #[arg(long, env = "PINGMESH_MAX_PENDING", default_value_t = 65_536)]
@@ -274,6 +281,8 @@ mod tests {
             ["--rdma-traffic-class", "256"],
             ["--rdma-gid-index", "-1"],
             ["--tracing", "maybe"],
+            ["--max-flows", "65"],
+            ["--max-flows", "0"],
         ] {
             let mut argv = vec!["agent", "--node", "n1"];
             argv.extend(args);

@@ -2,8 +2,9 @@
 //! every ECMP path between two endpoints with a given probability.
 
 /// Default upper bound on flows per target: more flows mean more address handles
-/// (RDMA) or sockets (UDP) and the reference hung when this was unbounded.
-pub const DEFAULT_MAX_FLOWS: u32 = 64;
+/// (RDMA) or sockets (UDP) and the reference hung when this was unbounded. It is
+/// also the most the flow masks of a window summary can tell apart.
+pub const DEFAULT_MAX_FLOWS: u32 = crate::limits::MAX_FLOWS_PER_TARGET;
 
 /// Flows needed to hit all `paths` equal-cost paths with probability `coverage`,
 /// using the coupon-collector bound `n = ceil(ln(1 - p^(1/m)) / ln((m-1)/m))`,

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use pingmesh_proto::limits::MAX_FLOWS_PER_TARGET;
 use pingmesh_proto::v1::{Pinglist, TargetKind, WindowSummary};
 use pingmesh_proto::window::{unix_now_ms, window_start};
 use tokio::sync::{mpsc, watch};
@@ -293,7 +294,9 @@ fn resolve_targets<T: FlowTransport>(
             interval: Duration::from_secs_f64(
                 1.0 / t.rate_pps.min(pingmesh_proto::limits::MAX_RATE_PPS),
             ),
-            flows: u16::try_from(t.flows.clamp(1, 1024)).unwrap_or(1),
+            // The controller never asks for more; anything above would share
+            // bits of the summary's flow masks.
+            flows: u16::try_from(t.flows.clamp(1, MAX_FLOWS_PER_TARGET)).unwrap_or(1),
         }));
     }
     out
@@ -419,7 +422,10 @@ async fn send_probe<S: ProbeSocket>(
     {
         // Gone on the (emulated) wire: counted as sent, times out as lost.
         lock(&shared.aggregator).on_sent(window, &target.path, flow);
-        let _ = lock(&shared.pending).on_sent(seq, host_now_ns());
+        let finished = lock(&shared.pending).on_sent(seq, host_now_ns());
+        if let Ok(Some(outcome)) = finished {
+            record(shared, outcome);
+        }
         return;
     }
     match flow_socket.socket.send_to(&payload, peer).await {
@@ -442,6 +448,9 @@ async fn send_probe<S: ProbeSocket>(
         Err(e) => {
             tracing::debug!(error = %e, ?peer, "probe send failed");
             shared.metrics.sent_nothing(e.category());
+            // Never counted sent, so nothing to take back: the outcome (the
+            // probe ends here even when its deadline passed during the send,
+            // see the pending table) is only dropped.
             let _ = lock(&shared.pending).on_send_failed(seq);
         }
     }
@@ -679,6 +688,33 @@ mod tests {
         fn route(&self, target: u32, _: u16) -> (usize, u32) {
             (0, target)
         }
+    }
+
+    #[test]
+    fn targets_get_at_most_as_many_flows_as_the_flow_masks_can_tell_apart() {
+        let metrics = AgentMetrics::new("n1", false).unwrap();
+        let target = |flows| PingTarget {
+            source_endpoint: "n1/e0".into(),
+            target: Some(Endpoint::default()),
+            target_node: "n2".into(),
+            kind: TargetKind::TorMesh as i32,
+            rate_pps: 10.0,
+            flows,
+            source_tor: String::new(),
+            flow_label: 0,
+        };
+        let list = Pinglist {
+            version: 1,
+            window_ms: 1_000,
+            probe_timeout_ms: 100,
+            targets: vec![target(1_000), target(64), target(0), target(u32::MAX)],
+        };
+        let transport = OneSocket(Arc::new(BrokenReceive::default()), false);
+        let flows: Vec<u16> = resolve_targets(&list, "n1/e0", &transport, &metrics)
+            .iter()
+            .map(|t| t.flows)
+            .collect();
+        assert_eq!(flows, [64, 64, 1, 64]);
     }
 
     #[tokio::test]

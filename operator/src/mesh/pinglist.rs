@@ -20,8 +20,9 @@ use super::types::MeshEndpoint;
 
 mod service_targets;
 
-/// Most flows per target: the agent reports lost flows as bits of a `u64` mask.
-pub const MAX_FLOWS_PER_TARGET: u32 = 64;
+/// Most flows per target: the agent reports lost flows as bits of a `u64`
+/// mask. One constant for both sides, so agent and controller agree.
+pub use pingmesh_proto::limits::MAX_FLOWS_PER_TARGET;
 /// Most inter-ToR targets one source endpoint may get per rotation epoch
 /// (`interTorSampleTors` x `interTorTargetsPerTor`), to keep pinglists small.
 pub const MAX_INTER_TOR_TARGETS_PER_ENDPOINT: usize = 4096;
