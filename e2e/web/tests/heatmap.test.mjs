@@ -123,6 +123,10 @@ test('a fault turns exactly its cells to the failing colour within two windows, 
     return (await page.locator('.cause[data-component="node-3"]').count()) === 1;
   });
   assert.match(await page.locator('.cause[data-component="node-3"]').innerText(), /SLA findings it explains/);
+  // Pointing at the cause outlines its ToR's row and column.
+  await page.locator('.cause[data-component="node-3"]').hover();
+  const outlined = await page.locator('.c.hl').evaluateAll((els) => els.map((e) => `${e.dataset.src}->${e.dataset.dst}`));
+  assert.deepEqual(new Set(outlined), AFFECTED);
 
   // Drill down: tor-1 -> tor-3 holds paths to node-3 (lossy) and node-6 (clean).
   await page.locator('.c[data-src="tor-1"][data-dst="tor-3"]').click();

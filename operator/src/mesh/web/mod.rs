@@ -2,7 +2,8 @@
 //! heatmap over the history, root causes and findings, services, agents),
 //! and the history endpoints it reads.
 //!
-//! The page is three small files, embedded in the binary so it works offline
+//! The page is an HTML file, four small script modules and a stylesheet
+//! (`assets/`), embedded in the binary so it works offline
 //! and ships with whatever serves the mesh API (the demo, `standalone`, the
 //! operator's HTTP port); no CDN, no build step. Only GET routes: the page
 //! changes nothing. A strict Content-Security-Policy keeps it to its own

@@ -107,6 +107,21 @@ function markSelected() {
   }
 }
 
+function highlightTor(tor) {
+  const heatmap = $('heatmap');
+  for (const el of heatmap.querySelectorAll('.c.hl')) el.classList.remove('hl');
+  if (!tor || !state.grid || !state.shown) return;
+  const index = state.shown.tors.indexOf(tor);
+  const holds = (g) => (state.grid.aggregated ? g.members.includes(index) : g.label === tor);
+  const row = state.grid.rows.findIndex(holds);
+  const col = state.grid.cols.findIndex(holds);
+  const width = state.grid.cols.length;
+  for (const el of heatmap.querySelectorAll('.c')) {
+    const i = Number(el.dataset.i);
+    if (Math.floor(i / width) === row || i % width === col) el.classList.add('hl');
+  }
+}
+
 function drawHistory() {
   const slider = $('slider');
   const n = state.windows.length;
@@ -299,6 +314,14 @@ function wire() {
     markSelected();
     $('drill').hidden = true;
   });
+  // Hovering a root cause outlines the cells of its ToR (or of the group
+  // holding it), tying the list to the map.
+  const causes = $('causes');
+  causes.addEventListener('mouseover', (e) => {
+    const tor = e.target.closest('.cause')?.dataset.tor;
+    if (tor) highlightTor(tor);
+  });
+  causes.addEventListener('mouseleave', () => highlightTor(null));
   let resize;
   window.addEventListener('resize', () => {
     clearTimeout(resize);
