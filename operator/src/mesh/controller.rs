@@ -31,7 +31,10 @@ use super::traces::{ProbedPath, TracePlanner};
 use super::types::{AgentRecord, MeshEndpoint};
 use crate::config::MeshConfig;
 
+mod presence;
 mod services;
+
+use presence::Presence;
 
 pub use services::FlowsOutcome;
 
@@ -76,16 +79,6 @@ pub struct Snapshot {
     pub view: MeshView,
     /// Each node's service targets (see `mesh::services`).
     pub services: Arc<ServiceTargets>,
-}
-
-/// When a node's agent was connected.
-#[derive(Debug, Clone, Copy, Default)]
-struct Presence {
-    session: u64,
-    open_streams: u32,
-    connected_since_ms: u64,
-    last_disconnect_ms: u64,
-    persisted_ms: u64,
 }
 
 #[derive(Debug, Default)]
@@ -249,7 +242,7 @@ impl MeshController {
                 state.endpoints.insert(e.id.clone(), e.clone());
             }
             let p = state.presence.entry(node.to_owned()).or_default();
-            p.session = session;
+            p.registered(session, now);
             p.persisted_ms = now;
         }
         self.publish();
@@ -485,27 +478,22 @@ impl MeshController {
         {
             let mut state = lock(&self.state);
             let p = state.presence.entry(node.to_owned()).or_default();
-            if p.open_streams == 0 {
-                p.connected_since_ms = unix_now_ms();
-            }
-            p.open_streams += 1;
+            p.connect(session, unix_now_ms());
         }
         self.publish();
         tracing::info!(node, session, "agent connected");
         PresenceGuard {
             controller: self.clone(),
             node: node.to_owned(),
+            session,
         }
     }
 
-    fn disconnect(&self, node: &str) {
+    fn disconnect(&self, node: &str, session: u64) {
         {
             let mut state = lock(&self.state);
             if let Some(p) = state.presence.get_mut(node) {
-                p.open_streams = p.open_streams.saturating_sub(1);
-                if p.open_streams == 0 {
-                    p.last_disconnect_ms = unix_now_ms();
-                }
+                p.disconnect(session, unix_now_ms());
             }
         }
         self.publish();
@@ -561,19 +549,10 @@ impl MeshController {
             let present: Vec<MeshEndpoint> = state
                 .endpoints
                 .values()
-                .filter(|e| {
-                    state
-                        .presence
-                        .get(&e.node)
-                        .is_some_and(|p| p.open_streams > 0)
-                })
+                .filter(|e| state.presence.get(&e.node).is_some_and(Presence::connected))
                 .cloned()
                 .collect();
-            let connected = state
-                .presence
-                .values()
-                .filter(|p| p.open_streams > 0)
-                .count();
+            let connected = state.presence.values().filter(|p| p.connected()).count();
             let registered = state
                 .endpoints
                 .values()
@@ -682,18 +661,17 @@ impl MeshController {
                 tor: e.tor.clone(),
             })
         };
-        // Present for the whole window: connected before it began, and still
-        // connected, or disconnected only after its last probe timed out.
+        // Present for the whole window: one session connected before it
+        // began, and still connected, or gone (disconnected, or registered
+        // again) only after its last probe timed out.
         let present = |endpoint: &str, window: u64| {
             let Some(node) = state.endpoints.get(endpoint).map(|e| &e.node) else {
                 return false;
             };
-            state.presence.get(node).is_some_and(|p| {
-                p.connected_since_ms != 0
-                    && p.connected_since_ms <= window
-                    && (p.open_streams > 0
-                        || p.last_disconnect_ms >= window + window_ms + timeout_ms)
-            })
+            state
+                .presence
+                .get(node)
+                .is_some_and(|p| p.present(window, window + window_ms + timeout_ms))
         };
         let judged = {
             let mut analyzer = lock(&self.analyzer);
@@ -879,7 +857,7 @@ impl MeshController {
                 let connected = state
                     .presence
                     .get(&record.node)
-                    .is_some_and(|p| p.open_streams > 0);
+                    .is_some_and(Presence::connected);
                 let endpoints = state
                     .endpoints
                     .values()
@@ -954,7 +932,7 @@ impl MeshController {
                 .presence
                 .iter_mut()
                 .filter(|(_, p)| {
-                    p.open_streams > 0 && now.saturating_sub(p.persisted_ms) >= persist_every
+                    p.connected() && now.saturating_sub(p.persisted_ms) >= persist_every
                 })
                 .map(|(node, p)| {
                     p.persisted_ms = now;
@@ -977,7 +955,7 @@ impl MeshController {
                     let mut state = lock(&self.state);
                     for node in &removed {
                         // An agent connected right now is not stale whatever the store says.
-                        if state.presence.get(node).is_some_and(|p| p.open_streams > 0) {
+                        if state.presence.get(node).is_some_and(Presence::connected) {
                             continue;
                         }
                         state.presence.remove(node);
@@ -1071,11 +1049,12 @@ pub fn kind_label(kind: FindingKind) -> &'static str {
 pub struct PresenceGuard {
     controller: Arc<MeshController>,
     node: String,
+    session: u64,
 }
 
 impl Drop for PresenceGuard {
     fn drop(&mut self) {
-        self.controller.disconnect(&self.node);
+        self.controller.disconnect(&self.node, self.session);
     }
 }
 
