@@ -8,6 +8,8 @@ use std::sync::Arc;
 use pingmesh_proto::v1;
 
 use super::{MeshController, MeshError, lock};
+use crate::mesh::analyzer::Finding;
+use crate::mesh::localize::OpenRootCause;
 use crate::mesh::services::flow::{FlowKind, check_report};
 use crate::mesh::services::identity::name_service;
 use crate::mesh::services::impact::{self, ServiceImpact};
@@ -15,7 +17,7 @@ use crate::mesh::services::mapping::EndpointBook;
 use crate::mesh::services::metrics::{ServiceMetrics, gauge};
 use crate::mesh::services::table::{NodeFlows, ServiceTable, ServiceTargets, fold};
 use crate::mesh::services::view::{ServicesView, services_view};
-use crate::mesh::services::{PodResolver, ServiceRoutes};
+use crate::mesh::services::{PodResolver, TracedRoutes};
 
 /// What the controller holds of service flows.
 #[derive(Debug, Default)]
@@ -170,11 +172,23 @@ impl MeshController {
     pub(super) fn refresh_service_impact(&self, window_start_ms: u64) {
         let causes = self.open_root_causes();
         let findings = self.open_findings();
+        self.set_service_impact(window_start_ms, &causes, &findings);
+    }
+
+    /// The impact of `causes` and `findings` on the services known now.
+    /// Traced links and switches are matched against each service path's own
+    /// route where the path-trace planner has one.
+    fn set_service_impact(
+        &self,
+        window_start_ms: u64,
+        causes: &[OpenRootCause],
+        findings: &[Finding],
+    ) {
         let resolver = self.pod_resolver();
-        // Path traces plug in here once the controller keeps them: pass
-        // `Some(&TracedRoutes(&book))` and traced links and switches are
-        // matched against each service path's own route.
-        let routes: Option<&dyn ServiceRoutes> = None;
+        // Taken (and the lock released) before the services lock: the
+        // controller's lock order is state, analyzer, traces.
+        let traced = lock(&self.traces).book();
+        let routes = TracedRoutes(&*traced);
         let (mut impact, named) = {
             let services = lock(&self.services);
             let named: std::collections::BTreeSet<String> = services
@@ -184,10 +198,10 @@ impl MeshController {
                 .collect();
             let impact = impact::compute(
                 &services.table,
-                &causes,
-                &findings,
+                causes,
+                findings,
                 resolver.as_deref(),
-                routes,
+                Some(&routes),
             );
             (impact, named.len())
         };
@@ -240,3 +254,6 @@ impl MeshController {
         ));
     }
 }
+
+#[cfg(test)]
+mod tests;

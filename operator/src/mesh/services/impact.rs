@@ -33,6 +33,8 @@ use crate::mesh::localize::{CauseKind, OpenRootCause, PathTraces, RootCause, Sig
 pub const MAX_SERVICES_PER_ITEM: usize = 20;
 /// Most endpoint pairs listed per impacted service.
 pub const MAX_PATHS_LISTED: usize = 5;
+/// Most root causes and findings listed as hitting one ranked service.
+pub const MAX_HITS_LISTED: usize = 5;
 /// How the localizer names the links of a ToR to the spine layer.
 const TOR_LINKS_PREFIX: &str = "spine layer <-> ";
 /// How the localizer names the spine layer as a whole.
@@ -87,6 +89,10 @@ pub struct ImpactedService {
     /// Up to [`MAX_PATHS_LISTED`] crossing endpoint pairs, `source -> target`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<String>,
+    /// In the ranking only: what hits it, root causes (`host h31`) in their
+    /// order, then findings (`pathLoss a -> b`), at most [`MAX_HITS_LISTED`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hit_by: Vec<String>,
 }
 
 /// The services one root cause hits.
@@ -179,17 +185,21 @@ pub fn compute(
             }
         })
         .collect();
-    let mut hit_any = vec![false; candidates.len()];
+    // What hits each candidate path: indices into `labels`, which holds the
+    // root causes in their order, then the findings.
+    let mut hit_by: Vec<Vec<usize>> = vec![Vec::new(); candidates.len()];
+    let mut labels: Vec<String> = Vec::with_capacity(causes.len() + findings.len());
     let root_causes = causes
         .iter()
         .map(|c| {
             let hits: Vec<usize> = (0..candidates.len())
                 .filter(|&i| cause_crosses(&c.cause, &candidates[i]))
                 .collect();
+            labels.push(format!("{} {}", c.cause.kind.label(), c.cause.component));
             for &i in &hits {
-                hit_any[i] = true;
+                hit_by[i].push(labels.len() - 1);
             }
-            let (services, service_count) = rank(&candidates, &hits, MAX_SERVICES_PER_ITEM);
+            let (services, service_count) = rank(&candidates, &hits, None, MAX_SERVICES_PER_ITEM);
             CauseImpact {
                 kind: c.cause.kind,
                 signal: c.cause.signal,
@@ -205,10 +215,11 @@ pub fn compute(
             let hits: Vec<usize> = (0..candidates.len())
                 .filter(|&i| finding_crosses(f.kind, &f.location, candidates[i].path))
                 .collect();
+            labels.push(format!("{} {}", finding_name(f.kind), f.location));
             for &i in &hits {
-                hit_any[i] = true;
+                hit_by[i].push(labels.len() - 1);
             }
-            let (services, service_count) = rank(&candidates, &hits, MAX_SERVICES_PER_ITEM);
+            let (services, service_count) = rank(&candidates, &hits, None, MAX_SERVICES_PER_ITEM);
             FindingImpact {
                 kind: f.kind,
                 location: f.location.clone(),
@@ -217,8 +228,18 @@ pub fn compute(
             }
         })
         .collect();
-    let all: Vec<usize> = (0..candidates.len()).filter(|&i| hit_any[i]).collect();
-    let (ranking, _) = rank(&candidates, &all, usize::MAX);
+    let all: Vec<usize> = (0..candidates.len())
+        .filter(|&i| !hit_by[i].is_empty())
+        .collect();
+    let (ranking, _) = rank(
+        &candidates,
+        &all,
+        Some(HitBy {
+            paths: &hit_by,
+            labels: &labels,
+        }),
+        usize::MAX,
+    );
     ServiceImpact {
         window_start_ms: None,
         root_causes,
@@ -227,11 +248,20 @@ pub fn compute(
     }
 }
 
+/// What hits each candidate path (indices into `labels`).
+#[derive(Clone, Copy)]
+struct HitBy<'a> {
+    paths: &'a [Vec<usize>],
+    labels: &'a [String],
+}
+
 /// The services of the candidate paths `hits`, ranked: most flows, then
-/// most pods, then by id; at most `limit`, with the number of all.
+/// most pods, then by id; at most `limit`, with the number of all. With
+/// `hit_by` (what hits each candidate), each service lists what hits it.
 fn rank(
     candidates: &[Candidate<'_>],
     hits: &[usize],
+    hit_by: Option<HitBy<'_>>,
     limit: usize,
 ) -> (Vec<ImpactedService>, usize) {
     #[derive(Default)]
@@ -240,6 +270,7 @@ fn rank(
         pods: BTreeSet<String>,
         paths: BTreeSet<String>,
         workload: Option<WorkloadRef>,
+        hit_by: BTreeSet<usize>,
     }
     let mut by_service: BTreeMap<&ServiceName, Tally> = BTreeMap::new();
     for &i in hits {
@@ -260,6 +291,9 @@ fn rank(
         if t.workload.is_none() {
             t.workload.clone_from(&c.named.workload);
         }
+        if let Some(h) = hit_by.and_then(|h| h.paths.get(i)) {
+            t.hit_by.extend(h);
+        }
     }
     let count = by_service.len();
     let mut ranked: Vec<ImpactedService> = by_service
@@ -271,6 +305,12 @@ fn rank(
             pods: t.pods.len() as u64,
             workload: t.workload,
             paths: t.paths.into_iter().take(MAX_PATHS_LISTED).collect(),
+            hit_by: t
+                .hit_by
+                .into_iter()
+                .filter_map(|l| hit_by.and_then(|h| h.labels.get(l)).cloned())
+                .take(MAX_HITS_LISTED)
+                .collect(),
         })
         .collect();
     ranked.sort_by(|a, b| {

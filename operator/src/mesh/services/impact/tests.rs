@@ -277,6 +277,47 @@ fn a_service_hit_by_two_causes_counts_its_flows_once_in_the_ranking() {
     assert_eq!(impact.ranking.len(), 1);
     assert_eq!(impact.ranking[0].flows, 3);
     assert_eq!(impact.ranking[0].paths, ["h11/udp0 -> h31/udp0"]);
+    assert_eq!(impact.ranking[0].hit_by, ["host h11", "tor tor3"]);
+    assert!(
+        impact.root_causes[0].services[0].hit_by.is_empty(),
+        "only the ranking says what hits a service"
+    );
+}
+
+#[test]
+fn the_ranking_lists_root_causes_before_findings_whatever_path_they_hit() {
+    // The finding hits the first path only, the cause the second only.
+    let t = table(vec![
+        ("h11", path("a", "h11", Some("h21"), 1, 0)),
+        ("h12", path("a", "h12", Some("h31"), 1, 0)),
+    ]);
+    let causes = [
+        cause(CauseKind::Host, "h31", Some("h31")),
+        cause(CauseKind::Endpoint, "h12/udp0", None),
+    ];
+    let impact = compute(
+        &t,
+        &causes,
+        &[finding(FindingKind::PathLoss, "h11/udp0 -> h21/udp0")],
+        None,
+        None,
+    );
+    assert_eq!(impact.ranking.len(), 1);
+    assert_eq!(
+        impact.ranking[0].hit_by,
+        [
+            "host h31",
+            "endpoint h12/udp0",
+            "pathLoss h11/udp0 -> h21/udp0"
+        ],
+        "the finding comes last, though its path comes first"
+    );
+    let many: Vec<OpenRootCause> = (0..MAX_HITS_LISTED + 2)
+        .map(|i| cause(CauseKind::Host, &format!("h12-{i}"), Some("h12")))
+        .collect();
+    let capped = compute(&t, &many, &[], None, None);
+    assert_eq!(capped.ranking[0].hit_by.len(), MAX_HITS_LISTED);
+    assert_eq!(capped.ranking[0].hit_by[0], "host h12-0");
 }
 
 #[test]
