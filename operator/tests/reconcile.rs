@@ -15,15 +15,15 @@ use k8s_openapi::api::core::v1::{Container, PodSpec};
 use k8s_openapi::jiff::Timestamp;
 use kube::runtime::controller::Action;
 use pingmesh_operator::crd::{
-    DeviceAccess, MAX_OPEN_FINDINGS, MAX_ROOT_CAUSES, PingMesh, PingMeshSpec, PingMeshStatus,
-    TransportMode,
+    DeviceAccess, MAX_AFFECTED_SERVICES, MAX_HITS_PER_SERVICE, MAX_OPEN_FINDINGS, MAX_ROOT_CAUSES,
+    PingMesh, PingMeshSpec, PingMeshStatus, TransportMode,
 };
 use pingmesh_operator::reconcile::{
-    AVAILABLE, BuildError, CONFIG_HASH_ANNOTATION, Context, DEGRADED, FIELD_MANAGER, MeshFinding,
-    MeshRootCause, MeshStatus, MeshStatusSource, Observation, OperatorSettings, Outcome,
-    PAUSED_NODE_SELECTOR, PROGRESSING, PolicyState, Problem, ReconcileMetrics, agent_config_data,
-    config_hash, desired_configmap, desired_daemonset, desired_status, error_policy, reconcile,
-    retry_delay,
+    AVAILABLE, BuildError, CONFIG_HASH_ANNOTATION, Context, DEGRADED, FIELD_MANAGER,
+    MeshAffectedService, MeshFinding, MeshRootCause, MeshStatus, MeshStatusSource, Observation,
+    OperatorSettings, Outcome, PAUSED_NODE_SELECTOR, PROGRESSING, PolicyState, Problem,
+    ReconcileMetrics, agent_config_data, config_hash, desired_configmap, desired_daemonset,
+    desired_status, error_policy, reconcile, retry_delay,
 };
 use serde_json::{Value, json};
 
@@ -353,6 +353,7 @@ fn status_reports_the_rollout_and_bounds_the_findings() {
         paths_probed: 12,
         open_findings: findings,
         root_causes,
+        affected_services: affected_services(),
     });
     let seen = Observation {
         daemonset: Some(&ds),
@@ -375,10 +376,59 @@ fn status_reports_the_rollout_and_bounds_the_findings() {
     assert_eq!(status.root_causes[0].component, "n0");
     assert_eq!(status.root_causes[0].confidence_percent, 95);
     assert_eq!(status.root_causes[0].kind, "host");
+    // Affected services: the mesh's ranking, bounded, with owners and hits.
+    assert_eq!(status.affected_service_count, 13);
+    assert_eq!(status.affected_services.len(), MAX_AFFECTED_SERVICES);
+    let first = &status.affected_services[0];
+    assert_eq!(first.service, "Job/ml/train-0");
+    assert_eq!(
+        (
+            first.kind.as_str(),
+            first.namespace.as_deref(),
+            first.name.as_str()
+        ),
+        ("Job", Some("ml"), "train-0")
+    );
+    assert_eq!((first.flows, first.pods), (40, 4));
+    assert_eq!(first.hit_by.len(), MAX_HITS_PER_SERVICE);
+    assert_eq!(first.hit_by[0], "host n0");
+    let process = &status.affected_services[1];
+    assert_eq!(process.service, "Process/ib_write_bw");
+    assert_eq!(process.namespace, None, "no namespace outside pods");
     assert_eq!(condition(&status, AVAILABLE).status, "True");
     assert_eq!(condition(&status, PROGRESSING).reason, "RollingOut");
     assert_eq!(condition(&status, DEGRADED).status, "False");
     assert_eq!(status.observed_generation, Some(1));
+}
+
+/// 13 services, most affected first: a Job hit by 7 causes, a process, 11 more Jobs.
+fn affected_services() -> Vec<MeshAffectedService> {
+    let job = |i: u64, flows: u64| MeshAffectedService {
+        service: format!("Job/ml/train-{i}"),
+        kind: "Job".into(),
+        namespace: "ml".into(),
+        name: format!("train-{i}"),
+        flows,
+        pods: flows / 10,
+        hit_by: vec!["host n0".into()],
+    };
+    let mut all = vec![
+        MeshAffectedService {
+            hit_by: (0..7).map(|i| format!("host n{i}")).collect(),
+            ..job(0, 40)
+        },
+        MeshAffectedService {
+            service: "Process/ib_write_bw".into(),
+            kind: "Process".into(),
+            namespace: String::new(),
+            name: "ib_write_bw".into(),
+            flows: 30,
+            pods: 1,
+            hit_by: vec!["pathLoss n1/udp0 -> n0/udp0".into()],
+        },
+    ];
+    all.extend((1..12).map(|i| job(i, 20 - i)));
+    all
 }
 
 #[test]
@@ -446,6 +496,7 @@ fn healthy_mesh() -> FakeMesh {
             since_ms: 1_800_000_000_000,
         }],
         root_causes: Vec::new(),
+        affected_services: Vec::new(),
     }))
 }
 

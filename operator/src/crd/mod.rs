@@ -26,7 +26,8 @@ pub use spec::{
     RdmaSpec, SlaSpec, TopologySpec, TracingSpec, TransportMode,
 };
 pub use status::{
-    MAX_OPEN_FINDINGS, MAX_ROOT_CAUSES, OpenFinding, PingMeshStatus, StatusRootCause,
+    AffectedService, MAX_AFFECTED_SERVICES, MAX_HITS_PER_SERVICE, MAX_OPEN_FINDINGS,
+    MAX_ROOT_CAUSES, OpenFinding, PingMeshStatus, StatusRootCause,
 };
 pub use validate::SpecError;
 

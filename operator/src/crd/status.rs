@@ -41,6 +41,47 @@ pub struct PingMeshStatus {
     /// Number of open root causes, including those not listed in `rootCauses`.
     #[serde(default)]
     pub root_cause_count: i64,
+    /// Services whose traced connections cross open root causes or findings,
+    /// most affected connections first, at most 10 (see
+    /// `affectedServiceCount`; the mesh controller's `/api/v1/services` has
+    /// them all). Needs `spec.tracing.enabled`.
+    #[serde(default)]
+    #[schemars(length(max = 10))]
+    pub affected_services: Vec<AffectedService>,
+    /// Number of affected services, including those not listed.
+    #[serde(default)]
+    pub affected_service_count: i64,
+}
+
+/// Affected services listed in status at most.
+pub const MAX_AFFECTED_SERVICES: usize = 10;
+/// Root causes and findings listed per affected service at most.
+pub const MAX_HITS_PER_SERVICE: usize = 5;
+
+/// A service hit by open faults: the workload that owns the pods whose
+/// connections cross them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AffectedService {
+    /// `kind/namespace/name` of the owner (`Job/ml/train`), `Pod/ns/name` for
+    /// a bare pod, `PodUID/<uid>` while the operator does not know the pod
+    /// yet, `Process/<command>` for connections outside pods.
+    pub service: String,
+    /// The owner's kind (`Job`, `StatefulSet`, ...), or `Pod`, `PodUID`, `Process`.
+    pub kind: String,
+    /// The owner's namespace; absent for `PodUID` and `Process` services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// The owner's name (the pod UID or command when there is no owner).
+    pub name: String,
+    /// Its connections (TCP) or connected queue pairs (RDMA) that cross a fault.
+    pub flows: i64,
+    /// Its pods with such connections (processes count one per node and pid).
+    pub pods: i64,
+    /// What hits it: root causes (`host h31`, `link sp2 -> tor3`) first, then
+    /// findings (`pathLoss a -> b`), at most 5.
+    #[schemars(length(max = 5))]
+    pub hit_by: Vec<String>,
 }
 
 /// Root causes listed in status at most.

@@ -27,6 +27,21 @@ pub struct MeshRootCause {
     pub since_ms: u64,
 }
 
+/// A service hit by open faults, as the status lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshAffectedService {
+    /// `Job/ml/train`.
+    pub service: String,
+    pub kind: String,
+    /// Empty for `PodUID` and `Process` services.
+    pub namespace: String,
+    pub name: String,
+    pub flows: u64,
+    pub pods: u64,
+    /// Root causes, then findings (`host h31`, `pathLoss a -> b`).
+    pub hit_by: Vec<String>,
+}
+
 /// The mesh as the status shows it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshStatus {
@@ -35,6 +50,8 @@ pub struct MeshStatus {
     pub open_findings: Vec<MeshFinding>,
     /// Most confident first.
     pub root_causes: Vec<MeshRootCause>,
+    /// Most affected first (as of the last judged window).
+    pub affected_services: Vec<MeshAffectedService>,
 }
 
 /// Whether the mesh controller runs with a mesh's probing and SLA settings.
@@ -92,11 +109,26 @@ impl MeshStatusSource for MeshController {
                 since_ms: c.first_window_ms,
             })
             .collect();
+        let affected_services = self
+            .service_impact()
+            .ranking
+            .iter()
+            .map(|s| MeshAffectedService {
+                service: s.service.clone(),
+                kind: s.name.kind.clone(),
+                namespace: s.name.namespace.clone(),
+                name: s.name.name.clone(),
+                flows: s.flows,
+                pods: s.pods,
+                hit_by: s.hit_by.clone(),
+            })
+            .collect();
         Ok(MeshStatus {
             endpoints_registered: endpoints.len() as u64,
             paths_probed: paths as u64,
             open_findings,
             root_causes,
+            affected_services,
         })
     }
 }

@@ -49,7 +49,9 @@ pub use findings::{
 };
 pub use forward::forward_to_leader;
 pub use mesh_host::{MeshHost, MeshPolicy, SourceSettings};
-pub use mesh_status::{MeshFinding, MeshRootCause, MeshStatus, MeshStatusSource, PolicyState};
+pub use mesh_status::{
+    MeshAffectedService, MeshFinding, MeshRootCause, MeshStatus, MeshStatusSource, PolicyState,
+};
 pub use metrics::{EventObject, Outcome, ReconcileMetrics};
 pub use names::{
     CONFIG_HASH_ANNOTATION, FIELD_MANAGER, MANAGED_BY_LABEL, MAX_MESH_NAME_LEN, MESH_LABEL,

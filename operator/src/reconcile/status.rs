@@ -8,7 +8,8 @@ use k8s_openapi::jiff::Timestamp;
 use super::conditions::{AVAILABLE, DEGRADED, Judged, PROGRESSING, merge};
 use super::mesh_status::{MeshStatus, PolicyState};
 use crate::crd::{
-    MAX_OPEN_FINDINGS, MAX_ROOT_CAUSES, OpenFinding, PingMesh, PingMeshStatus, StatusRootCause,
+    AffectedService, MAX_AFFECTED_SERVICES, MAX_HITS_PER_SERVICE, MAX_OPEN_FINDINGS,
+    MAX_ROOT_CAUSES, OpenFinding, PingMesh, PingMeshStatus, StatusRootCause,
 };
 
 /// Why a mesh is not what its spec asks for.
@@ -96,6 +97,8 @@ pub fn desired_status(pm: &PingMesh, seen: Observation<'_>, now: Timestamp) -> P
         open_finding_count: previous.open_finding_count,
         root_causes: previous.root_causes,
         root_cause_count: previous.root_cause_count,
+        affected_services: previous.affected_services,
+        affected_service_count: previous.affected_service_count,
     };
     if let Ok(mesh) = seen.mesh {
         status.endpoints_registered = clamp(mesh.endpoints_registered);
@@ -127,6 +130,26 @@ pub fn desired_status(pm: &PingMesh, seen: Observation<'_>, now: Timestamp) -> P
                 confidence_percent: c.confidence_percent,
                 summary: c.summary.clone(),
                 since: time_of(c.since_ms),
+            })
+            .collect();
+        status.affected_service_count = clamp(mesh.affected_services.len() as u64);
+        status.affected_services = mesh
+            .affected_services
+            .iter()
+            .take(MAX_AFFECTED_SERVICES)
+            .map(|s| AffectedService {
+                service: s.service.clone(),
+                kind: s.kind.clone(),
+                namespace: (!s.namespace.is_empty()).then(|| s.namespace.clone()),
+                name: s.name.clone(),
+                flows: clamp(s.flows),
+                pods: clamp(s.pods),
+                hit_by: s
+                    .hit_by
+                    .iter()
+                    .take(MAX_HITS_PER_SERVICE)
+                    .cloned()
+                    .collect(),
             })
             .collect();
     }
