@@ -389,10 +389,16 @@ fn main() {
     }
 }
 
-/// Time to localize one window of about 100,000 endpoints (median of 3).
+/// Time to localize one window of about 100,000 endpoints (median of 3);
+/// `PINGMESH_SIM_GROUPS` makes the fabric smaller or larger (391 groups of 8
+/// ToRs: 100,096 endpoints), for profiling.
 fn time_large_window(seed: u64) {
+    let groups = std::env::var("PINGMESH_SIM_GROUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(391);
     let spec = FabricSpec {
-        groups: 391,
+        groups,
         ..accuracy_fabric()
     };
     let fabric = Fabric::new(spec.clone(), seed);

@@ -21,38 +21,86 @@ use super::paths::PathEvidence;
 /// The traced flows of every path, by (source endpoint, target endpoint).
 pub trait PathTraces: Send + Sync + std::fmt::Debug {
     /// What is known of the flows of one path.
-    fn path(&self, source: &str, target: &str) -> Option<&PathTrace>;
+    fn path(&self, source: &str, target: &str) -> Option<&PathTrace> {
+        self.paths_from(source)?.to(target)
+    }
+
+    /// Every traced path from `source`.
+    fn paths_from(&self, source: &str) -> Option<&SourceTraces>;
+
+    /// The link or switch a [`PathTrace::components`] id stands for.
+    fn component(&self, id: u32) -> Option<&Hop>;
+
+    /// Component ids are below this.
+    fn component_count(&self) -> usize;
 }
 
 type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
-/// Hops there and, when traced, back.
-type BothWays = (Option<Vec<Arc<str>>>, Option<Vec<Arc<str>>>);
 
-/// The traced flows of one path: for each flow, the routers it crosses in
-/// order (named: a topology map turns addresses into switch names before
-/// they get here), and the routers its ACKs cross on the way back (from the
-/// target's side).
+/// One traced flow: the routers it crosses in order (named: a switch map
+/// turns addresses into switch names before they get here), the routers its
+/// ACKs cross on the way back (from the target's side), and the components
+/// (links and switches, as book-wide ids) of both ways, sorted, once each.
+#[derive(Debug, Default, Clone)]
+struct FlowTrace {
+    there: Option<Vec<Arc<str>>>,
+    back: Option<Vec<Arc<str>>>,
+    components: Box<[u32]>,
+}
+
+/// The traced flows of one path.
 #[derive(Debug, Default, Clone)]
 pub struct PathTrace {
-    flows: Map<u16, BothWays>,
+    flows: Map<u16, FlowTrace>,
 }
 
 impl PathTrace {
     pub fn hops(&self, flow: u16) -> Option<&[Arc<str>]> {
-        self.flows.get(&flow)?.0.as_deref()
+        self.flows.get(&flow)?.there.as_deref()
     }
 
     pub fn return_hops(&self, flow: u16) -> Option<&[Arc<str>]> {
-        self.flows.get(&flow)?.1.as_deref()
+        self.flows.get(&flow)?.back.as_deref()
+    }
+
+    /// The links and switches a flow and its ACKs cross (ids of the book's
+    /// components); `None` when its way there is not traced.
+    pub fn components(&self, flow: u16) -> Option<&[u32]> {
+        let f = self.flows.get(&flow)?;
+        f.there.as_ref()?;
+        Some(&f.components)
     }
 }
 
+/// The traced paths from one source endpoint, by target.
+#[derive(Debug, Default, Clone)]
+pub struct SourceTraces(Map<Box<str>, PathTrace>);
+
+impl SourceTraces {
+    pub fn to(&self, target: &str) -> Option<&PathTrace> {
+        self.0.get(target)
+    }
+}
+
+/// A component of the flow level.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Hop {
+    /// Directed link between two hops.
+    Link(Arc<str>, Arc<str>),
+    /// A switch inside a path (not its first or last hop).
+    Switch(Arc<str>),
+}
+
 /// Traces by source endpoint, target endpoint and flow. Hop names are
-/// interned: equal names share one allocation, which the tomography keys on.
+/// interned (equal names share one allocation), and so are the links and
+/// switches between them: each gets a book-wide id when first traced, so
+/// localization reads a flow's components without hashing a name.
 #[derive(Debug, Default, Clone)]
 pub struct TraceBook {
-    paths: Map<Box<str>, Map<Box<str>, PathTrace>>,
+    paths: Map<Box<str>, SourceTraces>,
     names: std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>,
+    components: Vec<Hop>,
+    component_ids: Map<Hop, u32>,
     len: usize,
 }
 
@@ -69,43 +117,94 @@ impl TraceBook {
             .collect()
     }
 
-    fn slot(&mut self, source: &str, target: &str, flow: u16) -> &mut BothWays {
-        let flows = &mut self
+    fn component_id(&mut self, hop: Hop) -> u32 {
+        if let Some(&id) = self.component_ids.get(&hop) {
+            return id;
+        }
+        let id = u32::try_from(self.components.len()).unwrap_or(u32::MAX);
+        self.components.push(hop.clone());
+        self.component_ids.insert(hop, id);
+        id
+    }
+
+    /// The links between consecutive hops of both ways and the switches
+    /// inside them, once each (a switch crossed both ways is one component).
+    fn components_of(
+        &mut self,
+        there: Option<&[Arc<str>]>,
+        back: Option<&[Arc<str>]>,
+    ) -> Box<[u32]> {
+        let mut ids = Vec::new();
+        for way in there.into_iter().chain(back) {
+            for pair in way.windows(2) {
+                ids.push(self.component_id(Hop::Link(pair[0].clone(), pair[1].clone())));
+            }
+            if way.len() > 2 {
+                for hop in &way[1..way.len() - 1] {
+                    ids.push(self.component_id(Hop::Switch(hop.clone())));
+                }
+            }
+        }
+        ids.sort_unstable();
+        ids.dedup();
+        ids.into_boxed_slice()
+    }
+
+    fn set(
+        &mut self,
+        source: &str,
+        target: &str,
+        flow: u16,
+        there: Option<Vec<Arc<str>>>,
+        back: Option<Vec<Arc<str>>>,
+    ) {
+        let known = self
             .paths
+            .get(source)
+            .and_then(|s| s.0.get(target))
+            .and_then(|p| p.flows.get(&flow))
+            .cloned();
+        let is_new = known.is_none();
+        let known = known.unwrap_or_default();
+        let there = there.map(|h| self.intern(h)).or(known.there);
+        let back = back.map(|h| self.intern(h)).or(known.back);
+        let components = self.components_of(there.as_deref(), back.as_deref());
+        self.paths
             .entry(source.into())
             .or_default()
+            .0
             .entry(target.into())
             .or_default()
-            .flows;
-        if !flows.contains_key(&flow) {
+            .flows
+            .insert(
+                flow,
+                FlowTrace {
+                    there,
+                    back,
+                    components,
+                },
+            );
+        if is_new {
             self.len += 1;
         }
-        flows.entry(flow).or_default()
     }
 
     /// The hops of a flow from `source` to `target`.
     pub fn insert(&mut self, source: &str, target: &str, flow: u16, hops: Vec<Arc<str>>) {
-        let hops = self.intern(hops);
-        self.slot(source, target, flow).0 = Some(hops);
+        self.set(source, target, flow, Some(hops), None);
     }
 
     /// The hops its ACKs take back, from `target` to `source`.
     pub fn insert_return(&mut self, source: &str, target: &str, flow: u16, hops: Vec<Arc<str>>) {
-        let hops = self.intern(hops);
-        self.slot(source, target, flow).1 = Some(hops);
+        self.set(source, target, flow, None, Some(hops));
     }
 
     /// Takes in every trace of `other` (newer ones win).
     pub fn merge(&mut self, other: TraceBook) {
         for (source, targets) in other.paths {
-            for (target, trace) in targets {
-                for (flow, (there, back)) in trace.flows {
-                    if let Some(there) = there {
-                        self.insert(&source, &target, flow, there);
-                    }
-                    if let Some(back) = back {
-                        self.insert_return(&source, &target, flow, back);
-                    }
+            for (target, trace) in targets.0 {
+                for (flow, f) in trace.flows {
+                    self.set(&source, &target, flow, f.there, f.back);
                 }
             }
         }
@@ -122,18 +221,17 @@ impl TraceBook {
 }
 
 impl PathTraces for TraceBook {
-    fn path(&self, source: &str, target: &str) -> Option<&PathTrace> {
-        self.paths.get(source)?.get(target)
+    fn paths_from(&self, source: &str) -> Option<&SourceTraces> {
+        self.paths.get(source)
     }
-}
 
-/// A component of the flow level.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) enum Hop {
-    /// Directed link between two hops.
-    Link(Arc<str>, Arc<str>),
-    /// A switch inside the path (not the first or last hop).
-    Switch(Arc<str>),
+    fn component(&self, id: u32) -> Option<&Hop> {
+        self.components.get(usize::try_from(id).ok()?)
+    }
+
+    fn component_count(&self) -> usize {
+        self.components.len()
+    }
 }
 
 /// Probed flows of the given paths with their traced hops.
@@ -143,84 +241,82 @@ pub(super) struct FlowEvidence {
     /// Per flow: lost, components (range into `members`), the path it belongs to.
     flows: Vec<(bool, u32, u32, u32)>,
     members: Vec<u32>,
-    by_component: Vec<Vec<u32>>,
+    /// Flows of component c: `by_component[offsets[c]..offsets[c + 1]]`.
+    offsets: Vec<u32>,
+    by_component: Vec<u32>,
 }
 
 impl FlowEvidence {
     /// Flows of the paths of `rows`; `None` without any trace.
     pub fn new(paths: &PathEvidence<'_>, rows: &[u32], traces: &dyn PathTraces) -> Option<Self> {
-        // Hop names are interned by the trace book: their addresses identify them.
-        let mut index: Map<(usize, usize), u32> = Map::default();
+        // Book component id -> this evidence's component index (u32::MAX: not yet).
+        let mut local = vec![u32::MAX; traces.component_count()];
         let mut components = Vec::new();
         let mut flows = Vec::new();
         let mut members = Vec::new();
+        // One name lookup per source endpoint, not per path.
+        let mut sources: HashMap<u32, Option<&SourceTraces>, foldhash::fast::RandomState> =
+            HashMap::default();
         for &row in rows {
             let p = paths.path(row);
-            let Some(trace) = traces.path(&p.source_endpoint, &p.target_endpoint) else {
+            let (s, _) = paths.ends(row);
+            let from = *sources
+                .entry(s)
+                .or_insert_with(|| traces.paths_from(&p.source_endpoint));
+            let Some(trace) = from.and_then(|f| f.to(&p.target_endpoint)) else {
                 continue;
             };
             let mut probed = p.probed_flows_mask;
             while probed != 0 {
                 let flow = probed.trailing_zeros();
                 probed &= probed - 1;
-                let Some(hops) = trace.hops(flow as u16) else {
+                let Some(ids) = trace.components(flow as u16) else {
                     continue;
                 };
-                let back = trace.return_hops(flow as u16);
                 let lost = p.lost_flows_mask & (1 << flow) != 0;
                 let first = members.len() as u32;
-                // A switch is keyed (its address, 0), a link (from, to).
-                let addr = |h: &Arc<str>| Arc::as_ptr(h).cast::<u8>() as usize;
-                let mut add = |key: (usize, usize), hop: &dyn Fn() -> Hop| {
-                    let next = components.len() as u32;
-                    let c = *index.entry(key).or_insert_with(|| {
-                        components.push(hop());
-                        next
-                    });
-                    members.push(c);
-                };
-                for way in std::iter::once(hops).chain(back) {
-                    for pair in way.windows(2) {
-                        add((addr(&pair[0]), addr(&pair[1])), &|| {
-                            Hop::Link(pair[0].clone(), pair[1].clone())
-                        });
+                for &id in ids {
+                    let Some(slot) = local.get_mut(id as usize) else {
+                        continue;
+                    };
+                    if *slot == u32::MAX {
+                        let Some(hop) = traces.component(id) else {
+                            continue;
+                        };
+                        *slot = components.len() as u32;
+                        components.push(hop.clone());
                     }
-                    if way.len() > 2 {
-                        for hop in &way[1..way.len() - 1] {
-                            add((addr(hop), 0), &|| Hop::Switch(hop.clone()));
-                        }
-                    }
+                    members.push(*slot);
                 }
-                // A switch both ways is one component, not two.
-                let mine = &mut members[first as usize..];
-                mine.sort_unstable();
-                let unique = {
-                    let mut n = 0;
-                    for i in 0..mine.len() {
-                        if i == 0 || mine[i] != mine[i - 1] {
-                            mine[n] = mine[i];
-                            n += 1;
-                        }
-                    }
-                    n
-                };
-                members.truncate(first as usize + unique);
                 flows.push((lost, first, members.len() as u32, row));
             }
         }
         if flows.is_empty() {
             return None;
         }
-        let mut by_component = vec![Vec::new(); components.len()];
+        // Flows by component, as one array cut at offsets (one allocation,
+        // not one per component).
+        let mut offsets = vec![0u32; components.len() + 1];
+        for &c in &members {
+            offsets[c as usize + 1] += 1;
+        }
+        for i in 1..offsets.len() {
+            offsets[i] += offsets[i - 1];
+        }
+        let mut fill = offsets.clone();
+        let mut by_component = vec![0u32; members.len()];
         for (i, &(_, a, b, _)) in flows.iter().enumerate() {
             for &c in &members[a as usize..b as usize] {
-                by_component[c as usize].push(i as u32);
+                let at = &mut fill[c as usize];
+                by_component[*at as usize] = i as u32;
+                *at += 1;
             }
         }
         Some(Self {
             components,
             flows,
             members,
+            offsets,
             by_component,
         })
     }
@@ -250,7 +346,8 @@ impl Evidence for FlowEvidence {
     }
 
     fn observations_of(&self, c: u32, out: &mut Vec<u32>) {
-        out.extend(&self.by_component[c as usize]);
+        let (a, b) = (self.offsets[c as usize], self.offsets[c as usize + 1]);
+        out.extend(&self.by_component[a as usize..b as usize]);
     }
 
     fn blamable(&self, _: u32) -> bool {

@@ -38,12 +38,12 @@ mod tests;
 
 use serde::{Deserialize, Serialize};
 
-pub use flows::{PathTraces, TraceBook};
+pub use flows::{Hop, PathTraces, SourceTraces, TraceBook};
 pub use host_delay::HostDelayRules;
 pub use tracker::{CauseTracker, CauseTransitions, OpenRootCause};
 
 use engine::{Pick, Rules, explain};
-use flows::{FlowEvidence, Hop};
+use flows::FlowEvidence;
 use paths::{Component, PathEvidence, PathSignal};
 
 use super::analyzer::{Finding, FindingKind, PathStats};
