@@ -40,8 +40,11 @@ const MAX_EXACT_SAMPLES: usize = 4_096;
 /// TX-timestamp keys remembered per socket; older ones are forgotten.
 const MAX_TX_KEYS: usize = 8_192;
 /// Receive failures in a row after which a socket counts as broken and the
-/// prober ends with the error (an RDMA endpoint is then re-opened).
-const MAX_RECEIVE_FAILURES: u32 = 100;
+/// prober (or the responder) ends with the error (an RDMA endpoint is then
+/// re-opened). Fewer are transient: counted, waited out, and gone past.
+pub(crate) const MAX_RECEIVE_FAILURES: u32 = 100;
+/// Pause after a failed receive, so a broken socket is not spun on.
+pub(crate) const RECEIVE_RETRY: Duration = Duration::from_millis(10);
 /// Window length and timeout used until the first pinglist says otherwise.
 const DEFAULT_WINDOW_MS: u32 = 5_000;
 const DEFAULT_TIMEOUT_MS: u32 = 500;
@@ -547,7 +550,7 @@ async fn receive<S: ProbeSocket>(
                     return Err(e);
                 }
                 tracing::warn!(error = %e, "prober socket receive failed");
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                tokio::time::sleep(RECEIVE_RETRY).await;
                 continue;
             }
         };

@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::probe::prober::{MAX_RECEIVE_FAILURES, RECEIVE_RETRY};
 use crate::probe::wire::{DecodeError, MESSAGE_LEN, Message, MessageType};
 use crate::transport::TransportError;
 use crate::transport::socket::{ProbeEvent, ProbeSocket};
@@ -44,13 +45,16 @@ pub trait ResponderObserver: Send + Sync {
     ///   probe's ACK2 went out host-timed;
     /// - `"send_completion_failed"`: a send the transport had accepted
     ///   completed with an error (RDMA), and it was not an ACK1 still waited on;
+    /// - `"receive_failed"`: the socket failed to receive (whatever it was
+    ///   is lost); the responder goes on unless it fails persistently;
     /// - a reason the socket gave for a skipped event (`"icmp_error"`, ...).
     fn dropped(&self, reason: &'static str);
 }
 
 /// Answers probes on `socket` until `cancel` fires (then returns `Ok`). Only a
-/// failure to receive at all ends it early; bad input and failed sends are
-/// counted and skipped.
+/// persistent failure to receive ([`MAX_RECEIVE_FAILURES`] in a row, as the
+/// prober) ends it early, with the error; a transient one, bad input and
+/// failed sends are counted and skipped.
 pub async fn run_responder<S: ProbeSocket>(
     socket: Arc<S>,
     observer: Arc<dyn ResponderObserver>,
@@ -62,6 +66,7 @@ pub async fn run_responder<S: ProbeSocket>(
         pending: PendingAck2s::default(),
     };
     let mut buf = [0u8; RECEIVE_BUFFER_LEN];
+    let mut failures = 0u32;
     tracing::debug!(support = ?socket.timestamp_support(), "responder running");
     loop {
         let deadline = responder.pending.next_deadline();
@@ -71,7 +76,22 @@ pub async fn run_responder<S: ProbeSocket>(
             () = sleep_until(deadline) => {
                 responder.expire(Instant::now()).await;
             }
-            event = socket.next_event(&mut buf) => responder.handle(event?, &buf).await,
+            event = socket.next_event(&mut buf) => match event {
+                Ok(event) => {
+                    failures = 0;
+                    responder.handle(event, &buf).await;
+                }
+                Err(error) => {
+                    failures += 1;
+                    responder.observer.dropped("receive_failed");
+                    if failures >= MAX_RECEIVE_FAILURES {
+                        tracing::error!(%error, failures, "responder socket keeps failing to receive; giving up on it");
+                        return Err(error);
+                    }
+                    tracing::warn!(%error, failures, "responder socket receive failed");
+                    tokio::time::sleep(RECEIVE_RETRY).await;
+                }
+            },
         }
     }
 }
@@ -722,5 +742,117 @@ mod tests {
             table.take(key);
         }
         assert!(table.order.len() <= 2 * MAX_PENDING_ACK2 + 1);
+    }
+
+    /// A socket whose receives fail `failures` times, then deliver one probe,
+    /// then fail for good; it keeps what is sent.
+    struct Flaky {
+        failures: u32,
+        receives: std::sync::atomic::AtomicU32,
+        sent: Mutex<Vec<Message>>,
+    }
+
+    impl Flaky {
+        fn new(failures: u32) -> Arc<Self> {
+            Arc::new(Self {
+                failures,
+                receives: std::sync::atomic::AtomicU32::new(0),
+                sent: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl ProbeSocket for Flaky {
+        type Peer = u32;
+        fn timestamp_support(&self) -> crate::transport::TimestampSupport {
+            crate::transport::TimestampSupport::NONE
+        }
+        async fn send_to(
+            &self,
+            payload: &[u8],
+            _: u32,
+        ) -> Result<crate::transport::socket::SendReceipt, TransportError> {
+            self.sent
+                .lock()
+                .unwrap()
+                .push(Message::decode(payload).unwrap());
+            Ok(crate::transport::socket::SendReceipt {
+                host_ns: 1_000,
+                tx_key: None,
+            })
+        }
+        async fn next_event(&self, buf: &mut [u8]) -> Result<ProbeEvent<u32>, TransportError> {
+            let n = self
+                .receives
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if n == self.failures {
+                let probe = Message::probe(0xABCD, 42).encode();
+                buf[..probe.len()].copy_from_slice(&probe);
+                return Ok(ProbeEvent::Datagram {
+                    len: probe.len(),
+                    from: 9,
+                    host_ns: 500,
+                    kernel_ns: None,
+                    truncated: false,
+                });
+            }
+            Err(TransportError::Receive {
+                source: std::io::Error::other("receive queue overrun"),
+            })
+        }
+    }
+
+    fn spawn_flaky(
+        socket: &Arc<Flaky>,
+    ) -> (
+        Arc<CountingObserver>,
+        tokio::task::JoinHandle<Result<(), TransportError>>,
+    ) {
+        let observer = Arc::new(CountingObserver::default());
+        let task = tokio::spawn(run_responder(
+            Arc::clone(socket),
+            Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            CancellationToken::new(),
+        ));
+        (observer, task)
+    }
+
+    #[tokio::test]
+    async fn transient_receive_failures_are_counted_and_probes_after_them_answered() {
+        let socket = Flaky::new(MAX_RECEIVE_FAILURES - 1);
+        let (observer, task) = spawn_flaky(&socket);
+        let ended = tokio::time::timeout(GUARD * 4, task)
+            .await
+            .unwrap()
+            .unwrap();
+        // It gave up only after the probe, on the next run of failures.
+        assert_eq!(ended.unwrap_err().category(), "receive");
+        let kinds: Vec<MessageType> = socket.sent.lock().unwrap().iter().map(|m| m.kind).collect();
+        assert_eq!(kinds, [MessageType::Ack1, MessageType::Ack2]);
+        let counts = observer.counts();
+        assert_eq!(counts.answered_software, 1);
+        assert_eq!(
+            counts.dropped.get("receive_failed"),
+            Some(&usize::try_from(2 * MAX_RECEIVE_FAILURES - 1).unwrap())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_persistent_receive_failure_ends_the_responder_with_its_error() {
+        let socket = Flaky::new(u32::MAX);
+        let (observer, task) = spawn_flaky(&socket);
+        let ended = tokio::time::timeout(GUARD * 4, task)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(ended.unwrap_err().category(), "receive");
+        assert_eq!(
+            socket.receives.load(std::sync::atomic::Ordering::Relaxed),
+            MAX_RECEIVE_FAILURES
+        );
+        assert_eq!(
+            observer.counts().dropped.get("receive_failed"),
+            Some(&usize::try_from(MAX_RECEIVE_FAILURES).unwrap())
+        );
     }
 }
