@@ -14,7 +14,8 @@ use std::time::Duration;
 use pingmesh_proto::limits::MAX_MESSAGE_BYTES;
 use pingmesh_proto::v1::mesh_controller_client::MeshControllerClient;
 use pingmesh_proto::v1::{
-    Pinglist, RegisterRequest, ReportWindowsRequest, WatchPinglistRequest, WindowSummary,
+    Pinglist, RegisterRequest, ReportWindowsRequest, ReportWindowsResponse, WatchPinglistRequest,
+    WindowSummary,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -338,7 +339,8 @@ impl Outbox {
         }
     }
 
-    /// Sends everything queued; a summary leaves the queue only once accepted.
+    /// Sends everything queued; a summary leaves the queue once the controller
+    /// answered for it (accepted, duplicate or rejected: see [`ReportCounts`]).
     async fn flush(
         &mut self,
         client: &mut MeshControllerClient<Channel>,
@@ -354,9 +356,9 @@ impl Outbox {
                 windows,
             };
             match client.report_windows(request).await {
-                Ok(_) => {
+                Ok(reply) => {
                     self.queue.drain(..n);
-                    self.metrics.reports("accepted", n);
+                    self.book(&ReportCounts::of(n, reply.get_ref()));
                 }
                 Err(status) if status.code() == Code::InvalidArgument => {
                     // The controller will never take these: drop them, say so, go on.
@@ -376,5 +378,209 @@ impl Outbox {
             }
         }
         Ok(())
+    }
+
+    /// Exports what the controller made of one report: accepted, duplicate
+    /// (taken before; nothing lost) and rejected (never taken: dropped).
+    fn book(&self, counts: &ReportCounts) {
+        self.metrics.reports("accepted", counts.accepted);
+        self.metrics.reports("duplicate", counts.duplicates);
+        self.metrics.reports("rejected", counts.rejected);
+        if counts.rejected > 0 {
+            self.metrics.windows_dropped(
+                "rejected",
+                u64::try_from(counts.rejected).unwrap_or(u64::MAX),
+            );
+            tracing::warn!(
+                count = counts.rejected,
+                "controller rejected window summaries (pingmesh_controller_window_summaries_total says why)"
+            );
+        }
+    }
+}
+
+/// How the summaries of one answered report ended, each counted once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReportCounts {
+    accepted: usize,
+    duplicates: usize,
+    rejected: usize,
+}
+
+impl ReportCounts {
+    /// From the controller's answer for `sent` summaries. What it neither
+    /// accepted nor called a duplicate was rejected: a controller older than
+    /// the `rejected` field leaves that 0, and a reply whose counts exceed
+    /// `sent` is capped rather than trusted.
+    fn of(sent: usize, reply: &ReportWindowsResponse) -> Self {
+        let accepted = usize::try_from(reply.accepted)
+            .unwrap_or(usize::MAX)
+            .min(sent);
+        let duplicates = usize::try_from(reply.duplicates)
+            .unwrap_or(usize::MAX)
+            .min(sent - accepted);
+        let rejected = sent - accepted - duplicates;
+        let said = usize::try_from(reply.rejected).unwrap_or(usize::MAX);
+        if said != 0 && said != rejected {
+            tracing::debug!(
+                sent,
+                accepted,
+                duplicates,
+                said_rejected = said,
+                "report answer does not add up; counting the rest as rejected"
+            );
+        }
+        Self {
+            accepted,
+            duplicates,
+            rejected,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+    use std::pin::Pin;
+
+    use futures::Stream;
+    use pingmesh_proto::v1::mesh_controller_server::{MeshController, MeshControllerServer};
+    use pingmesh_proto::v1::{
+        ExchangeTracesRequest, ExchangeTracesResponse, RegisterResponse, ReportServiceFlowsRequest,
+        ReportServiceFlowsResponse,
+    };
+    use tonic::{Request, Response};
+
+    use super::*;
+
+    /// A controller that answers every `ReportWindows` with the same counts.
+    struct Answers(ReportWindowsResponse);
+
+    #[tonic::async_trait]
+    impl MeshController for Answers {
+        type WatchPinglistStream = Pin<Box<dyn Stream<Item = Result<Pinglist, Status>> + Send>>;
+
+        async fn register(
+            &self,
+            _: Request<RegisterRequest>,
+        ) -> Result<Response<RegisterResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn watch_pinglist(
+            &self,
+            _: Request<WatchPinglistRequest>,
+        ) -> Result<Response<Self::WatchPinglistStream>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn report_windows(
+            &self,
+            _: Request<ReportWindowsRequest>,
+        ) -> Result<Response<ReportWindowsResponse>, Status> {
+            Ok(Response::new(self.0))
+        }
+        async fn exchange_traces(
+            &self,
+            _: Request<ExchangeTracesRequest>,
+        ) -> Result<Response<ExchangeTracesResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+        async fn report_service_flows(
+            &self,
+            _: Request<ReportServiceFlowsRequest>,
+        ) -> Result<Response<ReportServiceFlowsResponse>, Status> {
+            Err(Status::unimplemented("not in this test"))
+        }
+    }
+
+    async fn client_of(answer: ReportWindowsResponse) -> MeshControllerClient<Channel> {
+        let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .await
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(MeshControllerServer::new(Answers(answer)))
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
+        tokio::spawn(server);
+        MeshControllerClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap()
+    }
+
+    fn series(metrics: &AgentMetrics, name: &str, label: &str) -> u64 {
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
+            .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Reports five summaries to a controller answering `answer`; returns
+    /// (accepted, duplicate, rejected, dropped as rejected, left queued).
+    async fn report_five(answer: ReportWindowsResponse) -> (u64, u64, u64, u64, usize) {
+        let metrics = Arc::new(AgentMetrics::new("n1", false).unwrap());
+        let mut outbox = Outbox::new(100, metrics.clone());
+        outbox.push(vec![WindowSummary::default(); 5]);
+        let mut client = client_of(answer).await;
+        outbox.flush(&mut client, "n1", 7).await.unwrap();
+        let reports = |result: &str| {
+            series(
+                &metrics,
+                "pingmesh_window_reports_total",
+                &format!("result=\"{result}\""),
+            )
+        };
+        (
+            reports("accepted"),
+            reports("duplicate"),
+            reports("rejected"),
+            series(
+                &metrics,
+                "pingmesh_window_summaries_dropped_total",
+                "reason=\"rejected\"",
+            ),
+            outbox.queue.len(),
+        )
+    }
+
+    #[tokio::test]
+    async fn reports_are_counted_as_the_controller_answers_accepted_duplicate_or_rejected() {
+        let counts = report_five(ReportWindowsResponse {
+            accepted: 2,
+            duplicates: 1,
+            rejected: 2,
+        })
+        .await;
+        assert_eq!(counts, (2, 1, 2, 2, 0));
+    }
+
+    #[tokio::test]
+    async fn an_older_controller_without_rejected_counts_the_rest_as_rejected() {
+        let counts = report_five(ReportWindowsResponse {
+            accepted: 3,
+            duplicates: 1,
+            rejected: 0,
+        })
+        .await;
+        assert_eq!(counts, (3, 1, 1, 1, 0));
+    }
+
+    #[test]
+    fn an_answer_claiming_more_than_was_sent_is_capped() {
+        let counts = ReportCounts::of(
+            4,
+            &ReportWindowsResponse {
+                accepted: 3,
+                duplicates: u32::MAX,
+                rejected: 9,
+            },
+        );
+        assert_eq!(
+            counts,
+            ReportCounts {
+                accepted: 3,
+                duplicates: 1,
+                rejected: 0
+            }
+        );
     }
 }

@@ -257,7 +257,11 @@ async fn bad_summaries_are_counted_and_good_ones_in_the_same_report_kept() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!((reply.accepted, reply.duplicates), (1, 1));
+    assert_eq!(
+        (reply.accepted, reply.duplicates, reply.rejected),
+        (1, 1, 3),
+        "every summary is counted once"
+    );
 
     let too_many = vec![summary("n1/udp0", "n2/udp0", 0, 0); 20_001];
     let status = h

@@ -154,6 +154,7 @@ impl MeshService for GrpcService {
         Ok(Response::new(ReportWindowsResponse {
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
+            rejected: outcome.rejected,
         }))
     }
 
