@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::analyzer::{Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, WindowReport};
 use super::history::WindowHistory;
 use super::localize::{CauseKind, OpenRootCause, Signal};
-use super::metrics::ControllerMetrics;
+use super::metrics::{ControllerMetrics, WINDOW_PHASES};
 use super::pinglist::MeshView;
 use super::registry::{Registry, RegistryError, TorMove};
 use super::services::metrics::ServiceMetrics;
@@ -105,6 +105,9 @@ pub struct MeshController {
     stopping: CancellationToken,
     /// Windows judged since this controller started that had path data.
     windows_with_data: AtomicU64,
+    /// Nanoseconds spent taking summaries in since the last judged window
+    /// (the `ingest` phase of `pingmesh_window_processing_seconds`).
+    ingest_ns: AtomicU64,
     pub metrics: ControllerMetrics,
     /// Service flows, targets and impact (see `controller/services.rs`).
     services: Mutex<services::ServiceState>,
@@ -178,6 +181,7 @@ impl MeshController {
             traces: Mutex::new(traces),
             stopping: CancellationToken::new(),
             windows_with_data: AtomicU64::new(0),
+            ingest_ns: AtomicU64::new(0),
             services: Mutex::default(),
             pod_resolver: std::sync::RwLock::new(None),
             service_metrics,
@@ -614,6 +618,7 @@ impl MeshController {
         };
         let mut outcome = ReportOutcome::default();
         let now = unix_now_ms();
+        let ingest_began = std::time::Instant::now();
         let mut analyzer = lock(&self.analyzer);
         for (summary, owned) in windows.into_iter().zip(owned) {
             if !owned {
@@ -638,6 +643,10 @@ impl MeshController {
             }
         }
         drop(analyzer);
+        self.ingest_ns.fetch_add(
+            u64::try_from(ingest_began.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         self.metrics
             .summaries
             .with_label_values(&["accepted"])
@@ -673,10 +682,13 @@ impl MeshController {
                 .get(node)
                 .is_some_and(|p| p.present(window, window + window_ms + timeout_ms))
         };
-        let judged = {
+        let (judged, evaluated, publish_began) = {
             let mut analyzer = lock(&self.analyzer);
             analyzer.set_traces(lock(&self.traces).book());
+            let began = std::time::Instant::now();
             let judged = analyzer.evaluate(window_start_ms, &topology, &present);
+            let publish_began = std::time::Instant::now();
+            let evaluated = publish_began.duration_since(began);
             if let Ok(report) = &judged {
                 lock(&self.traces).plan(
                     report.paths.iter().map(ProbedPath::from),
@@ -688,7 +700,7 @@ impl MeshController {
                 let tors = state.endpoints.values().map(|e| e.tor.as_str());
                 self.history.record(report, analyzer.sla(), tors);
             }
-            judged
+            (judged, evaluated, publish_began)
         };
         drop(state);
         match judged {
@@ -698,12 +710,28 @@ impl MeshController {
                 }
                 self.publish_report_metrics(&report);
                 self.refresh_service_impact(report.window_start_ms);
+                let ingested = self.ingest_ns.swap(0, Ordering::Relaxed);
+                self.observe_window_phases([
+                    Duration::from_nanos(ingested),
+                    evaluated,
+                    publish_began.elapsed(),
+                ]);
                 Some(report)
             }
             Err(e) => {
                 tracing::debug!(error = %e, "window not judged");
                 None
             }
+        }
+    }
+
+    /// One judged window's cost, in the order of [`WINDOW_PHASES`].
+    fn observe_window_phases(&self, phases: [Duration; 3]) {
+        for (phase, took) in WINDOW_PHASES.into_iter().zip(phases) {
+            self.metrics
+                .window_processing
+                .with_label_values(&[phase])
+                .observe(took.as_secs_f64());
         }
     }
 
@@ -989,6 +1017,9 @@ const FINDING_KINDS: [FindingKind; 4] = [
 /// Starts the labelled counters and gauges at zero for every known label value,
 /// so dashboards and alerts see series (and `rate()` works) before the first event.
 fn initialize_series(m: &ControllerMetrics) {
+    for phase in WINDOW_PHASES {
+        m.window_processing.with_label_values(&[phase]);
+    }
     for kind in CauseKind::ALL {
         for signal in CAUSE_SIGNALS {
             let labels = [kind.label(), signal.label()];

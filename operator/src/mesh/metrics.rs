@@ -3,9 +3,15 @@
 //! is what a 10,000-node fleet should scrape instead of every agent's histograms.
 
 use prometheus::{
-    Encoder, GaugeVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+/// Phases of [`ControllerMetrics::window_processing`]: summaries taken in
+/// since the previous judged window, the analyzer's pass (path and ToR-pair
+/// statistics, SLA hysteresis, localization), and what follows it (trace
+/// planning, history, metrics, service impact).
+pub const WINDOW_PHASES: [&str; 3] = ["ingest", "evaluate", "publish"];
 
 #[derive(Debug)]
 pub struct ControllerMetrics {
@@ -28,6 +34,8 @@ pub struct ControllerMetrics {
     pub tor_pair_loss: GaugeVec,
     pub tor_pair_p99: GaugeVec,
     pub tor_pair_probes: IntGaugeVec,
+    /// Seconds each judged window cost the controller, by phase ([`WINDOW_PHASES`]).
+    pub window_processing: HistogramVec,
 }
 
 impl ControllerMetrics {
@@ -199,6 +207,19 @@ impl ControllerMetrics {
                         "Probes between two ToRs in the last judged window, by result.",
                     ),
                     &["src_tor", "dst_tor", "result"],
+                )?,
+            )?,
+            window_processing: reg(
+                &registry,
+                HistogramVec::new(
+                    HistogramOpts::new(
+                        "pingmesh_window_processing_seconds",
+                        "Controller time per judged window, by phase: ingest (taking in summaries since the previous judged window), evaluate (the analyzer: statistics, SLA, localization), publish (trace planning, history, metrics, service impact).",
+                    )
+                    .buckets(vec![
+                        0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    ]),
+                    &["phase"],
                 )?,
             )?,
             registry,
