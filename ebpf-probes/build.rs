@@ -6,9 +6,19 @@ use std::process::Command;
 
 const SOURCES: &[&str] = &[
     "bpf/tracer.bpf.c",
+    "bpf/ib_core.bpf.c",
     "bpf/kernel_types.h",
+    "bpf/ib_core_types.h",
     "bpf/events.h",
+    "bpf/maps.h",
     "bpf/ibverbs_abi.h",
+];
+
+/// The objects built: (source, object file in `OUT_DIR`). Two objects, so that
+/// a kernel without `ib_core`'s BTF never fails the main one's load.
+const OBJECTS: &[(&str, &str)] = &[
+    ("bpf/tracer.bpf.c", "tracer.bpf.o"),
+    ("bpf/ib_core.bpf.c", "ib_core.bpf.o"),
 ];
 
 fn main() {
@@ -29,25 +39,27 @@ fn main() {
         Err(_) => fail("CARGO_CFG_TARGET_ARCH is not set"),
     };
     let out = PathBuf::from(env::var_os("OUT_DIR").unwrap_or_else(|| fail("OUT_DIR is not set")));
-    let object = out.join("tracer.bpf.o");
     let clang = env::var("CLANG").unwrap_or_else(|_| "clang".to_owned());
-    let mut cmd = Command::new(&clang);
-    cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
-        .arg(format!("-D__TARGET_ARCH_{arch}"))
-        .args(["-I", "bpf"]);
-    if let Ok(extra) = env::var("BPF_EXTRA_CFLAGS") {
-        cmd.args(extra.split_whitespace());
-    }
-    cmd.args(["-c", "bpf/tracer.bpf.c", "-o"]).arg(&object);
-    match cmd.status() {
-        Ok(status) if status.success() => {}
-        Ok(status) => fail(&format!(
-            "{clang} failed ({status}) compiling bpf/tracer.bpf.c; it needs libbpf's headers \
-             (Debian: libbpf-dev, see hack/deps.sh)"
-        )),
-        Err(err) => fail(&format!(
-            "cannot run {clang} ({err}): building the BPF programs needs clang (hack/deps.sh)"
-        )),
+    for (source, object) in OBJECTS {
+        let object = out.join(object);
+        let mut cmd = Command::new(&clang);
+        cmd.args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])
+            .arg(format!("-D__TARGET_ARCH_{arch}"))
+            .args(["-I", "bpf"]);
+        if let Ok(extra) = env::var("BPF_EXTRA_CFLAGS") {
+            cmd.args(extra.split_whitespace());
+        }
+        cmd.args(["-c", source, "-o"]).arg(&object);
+        match cmd.status() {
+            Ok(status) if status.success() => {}
+            Ok(status) => fail(&format!(
+                "{clang} failed ({status}) compiling {source}; it needs libbpf's headers \
+                 (Debian: libbpf-dev, see hack/deps.sh)"
+            )),
+            Err(err) => fail(&format!(
+                "cannot run {clang} ({err}): building the BPF programs needs clang (hack/deps.sh)"
+            )),
+        }
     }
 }
 

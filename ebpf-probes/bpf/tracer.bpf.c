@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0 OR Apache-2.0
 /* PingMesh service tracing: which TCP connections and RDMA queue pairs the
  * node's services open and close. Every record goes into one ring buffer,
- * EVENTS, read by the agent (node-agent/src/tracer). */
+ * EVENTS, read by the agent (node-agent/src/tracer); records that find it
+ * full are counted in LOST (maps.h). */
 #include "kernel_types.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_tracing.h>
@@ -18,19 +19,8 @@
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
 
-struct {
-	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 1 << 20);
-} EVENTS SEC(".maps");
-
-static __always_inline void fill_header(struct pm_event_header *hdr, __u32 kind)
-{
-	hdr->kind = kind;
-	hdr->pid = bpf_get_current_pid_tgid() >> 32;
-	hdr->cgroup_id = bpf_get_current_cgroup_id();
-	hdr->ts_ns = bpf_ktime_get_ns();
-	bpf_get_current_comm(hdr->comm, sizeof(hdr->comm));
-}
+#define PM_EVENTS_BYTES (1 << 20)
+#include "maps.h"
 
 static __always_inline __u32 sock_netns(const void *skaddr)
 {
@@ -65,7 +55,7 @@ int pingmesh_tcp_state(struct trace_event_raw_inet_sock_set_state *ctx)
 	if (!up && !down && !closed && !listen)
 		return 0;
 
-	struct pm_tcp_event *e = bpf_ringbuf_reserve(&EVENTS, sizeof(*e), 0);
+	struct pm_tcp_event *e = pm_reserve(sizeof(*e));
 	if (!e)
 		return 0;
 	fill_header(&e->hdr, PM_EVENT_TCP_STATE);
@@ -106,7 +96,7 @@ int BPF_KPROBE(pingmesh_ibv_modify_qp, struct pm_ibv_qp *qp, struct pm_ibv_qp_at
 	if (state != PM_IBV_QPS_RTR)
 		return 0;
 
-	struct pm_qp_rtr_event *e = bpf_ringbuf_reserve(&EVENTS, sizeof(*e), 0);
+	struct pm_qp_rtr_event *e = pm_reserve(sizeof(*e));
 	if (!e)
 		return 0;
 	fill_header(&e->hdr, PM_EVENT_QP_RTR);
@@ -145,7 +135,7 @@ int BPF_KPROBE(pingmesh_ibv_modify_qp, struct pm_ibv_qp *qp, struct pm_ibv_qp_at
 SEC("uprobe/ibv_destroy_qp")
 int BPF_KPROBE(pingmesh_ibv_destroy_qp, struct pm_ibv_qp *qp)
 {
-	struct pm_qp_destroy_event *e = bpf_ringbuf_reserve(&EVENTS, sizeof(*e), 0);
+	struct pm_qp_destroy_event *e = pm_reserve(sizeof(*e));
 	if (!e)
 		return 0;
 	fill_header(&e->hdr, PM_EVENT_QP_DESTROY);

@@ -1,8 +1,9 @@
 //! BPF programs that trace the node's services: TCP connections (the
 //! `sock:inet_sock_set_state` tracepoint) and RDMA queue pairs (uprobes on
-//! libibverbs' `ibv_modify_qp` and `ibv_destroy_qp`). The C sources are in
-//! `bpf/`; with the `build-bpf` feature on Linux, build.rs compiles them with
-//! clang and [`TRACER_OBJECT`] holds the object file.
+//! libibverbs' `ibv_modify_qp` and `ibv_destroy_qp`, and kernel hooks on
+//! `ib_core`'s modify and destroy paths). The C sources are in `bpf/`; with the
+//! `build-bpf` feature on Linux, build.rs compiles them with clang and
+//! `TRACER_OBJECT` and `IB_CORE_OBJECT` hold the object files.
 //!
 //! The record types and their parser are plain Rust and build everywhere, so
 //! the agent's flow handling can be tested on any platform.
@@ -13,6 +14,12 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 #[cfg(all(target_os = "linux", feature = "build-bpf"))]
 pub static TRACER_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tracer.bpf.o"));
 
+/// The kernel RDMA hooks (`bpf/ib_core.bpf.c`): a separate object, relocated
+/// against `ib_core`'s BTF, loaded after [`TRACER_OBJECT`]. Same records, its
+/// own `EVENTS` and `LOST` maps.
+#[cfg(all(target_os = "linux", feature = "build-bpf"))]
+pub static IB_CORE_OBJECT: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ib_core.bpf.o"));
+
 /// Program names in the object, as the loader looks them up.
 pub mod programs {
     /// Tracepoint `sock/inet_sock_set_state`.
@@ -21,8 +28,29 @@ pub mod programs {
     pub const IBV_MODIFY_QP: &str = "pingmesh_ibv_modify_qp";
     /// Uprobe on `ibv_destroy_qp`.
     pub const IBV_DESTROY_QP: &str = "pingmesh_ibv_destroy_qp";
-    /// The ring buffer every program writes to.
+    /// The ring buffer every program of an object writes to.
     pub const EVENTS_MAP: &str = "EVENTS";
+    /// Per-CPU count of records that found `EVENTS` full (one `u64` at key 0).
+    pub const LOST_MAP: &str = "LOST";
+
+    /// Programs of the kernel RDMA hooks object ([`crate::IB_CORE_OBJECT`]).
+    pub mod ib_core {
+        /// Kprobe for `ib_modify_qp` and `ib_modify_qp_with_udata`.
+        pub const KPROBE_MODIFY_QP: &str = "pingmesh_kprobe_ib_modify_qp";
+        /// Kprobe for `ib_destroy_qp_user`.
+        pub const KPROBE_DESTROY_QP: &str = "pingmesh_kprobe_ib_destroy_qp_user";
+        /// Fentry on `ib_modify_qp`.
+        pub const FENTRY_MODIFY_QP: &str = "pingmesh_fentry_ib_modify_qp";
+        /// Fentry on `ib_modify_qp_with_udata`.
+        pub const FENTRY_MODIFY_QP_WITH_UDATA: &str = "pingmesh_fentry_ib_modify_qp_with_udata";
+        /// Fentry on `ib_destroy_qp_user`.
+        pub const FENTRY_DESTROY_QP: &str = "pingmesh_fentry_ib_destroy_qp_user";
+        /// The kernel functions hooked for a modify (kernel consumers call
+        /// the first, uverbs the second).
+        pub const MODIFY_FUNCTIONS: [&str; 2] = ["ib_modify_qp", "ib_modify_qp_with_udata"];
+        /// The kernel function hooked for a destroy.
+        pub const DESTROY_FUNCTION: &str = "ib_destroy_qp_user";
+    }
 }
 
 /// `kind` values of [`EventHeader`] (bpf/events.h).
@@ -40,9 +68,11 @@ const DEVICE_LEN: usize = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EventHeader {
     pub kind: u32,
-    /// Thread-group id, the process.
+    /// Thread-group id, the process. 0 in the `ib_core` hooks' records of a
+    /// queue pair a kernel consumer owns (no process does).
     pub pid: u32,
-    /// `bpf_get_current_cgroup_id()`: the cgroup v2 inode of the task.
+    /// `bpf_get_current_cgroup_id()`: the cgroup v2 inode of the task (0
+    /// where `pid` is 0).
     pub cgroup_id: u64,
     /// `bpf_ktime_get_ns()`, `CLOCK_MONOTONIC`.
     pub ts_ns: u64,
@@ -142,6 +172,7 @@ impl From<u8> for TcpState {
 /// Which process a record came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Origin {
+    /// The process; 0 for a kernel consumer's queue pair (`ib_core` hooks).
     pub pid: u32,
     pub cgroup_id: u64,
     pub ts_ns: u64,

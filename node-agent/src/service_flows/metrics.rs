@@ -7,7 +7,9 @@ use super::table::Outcome;
 use crate::metrics::MetricsError;
 
 /// Every hook the tracer may attach, as a `hook` label.
-pub const HOOKS: [&str; 5] = [
+pub const HOOKS: [&str; 7] = [
+    "fentry_ib_modify_qp",
+    "fentry_ib_destroy_qp",
     "kprobe_ib_modify_qp",
     "kprobe_ib_destroy_qp",
     "tracepoint_inet_sock_set_state",
@@ -26,6 +28,19 @@ pub const STATES: [&str; 7] = [
     "no_hooks",
 ];
 
+/// The kernel RDMA hooks' state: `reason` of `pingmesh_tracer_ib_core_state`
+/// (`crate::tracer::IbCoreState::label`).
+pub const IB_CORE_STATES: [&str; 8] = [
+    "on_fentry",
+    "on_kprobe",
+    "disabled",
+    "unsupported_platform",
+    "no_ib_core",
+    "no_ib_core_btf",
+    "load_failed",
+    "attach_failed",
+];
+
 const EVENT_KINDS: [&str; 3] = ["tcp", "qp_rtr", "qp_destroy"];
 const REPORT_RESULTS: [&str; 4] = ["accepted", "unimplemented", "rejected", "failed"];
 
@@ -37,6 +52,8 @@ pub struct TracerMetrics {
     attach_failures: IntCounterVec,
     events: IntCounterVec,
     malformed: IntCounter,
+    lost: IntCounter,
+    ib_core_state: IntGaugeVec,
     flows: IntGaugeVec,
     dropped_full: IntCounter,
     expired: IntCounter,
@@ -80,6 +97,17 @@ impl TracerMetrics {
                 "pingmesh_tracer_malformed_records_total",
                 "Ring-buffer records that did not parse (dropped).",
             )?,
+            lost: counter(
+                registry,
+                "pingmesh_tracer_events_lost_total",
+                "Records the BPF programs could not write because the ring buffer was full.",
+            )?,
+            ib_core_state: gauge_vec(
+                registry,
+                "pingmesh_tracer_ib_core_state",
+                "1 for the kernel RDMA hooks' state: reason=\"on_fentry\" or \"on_kprobe\", or why they are off.",
+                &["reason"],
+            )?,
             flows: gauge_vec(
                 registry,
                 "pingmesh_service_flows",
@@ -120,6 +148,7 @@ impl TracerMetrics {
             m.flows.with_label_values(&[kind]).set(0);
         }
         m.set_state("disabled");
+        m.set_ib_core_state("disabled");
         Ok(m)
     }
 
@@ -130,6 +159,20 @@ impl TracerMetrics {
                 .with_label_values(&[r])
                 .set(i64::from(r == reason));
         }
+    }
+
+    /// Exactly one `reason` series of the kernel RDMA hooks is 1.
+    pub fn set_ib_core_state(&self, reason: &str) {
+        for r in IB_CORE_STATES {
+            self.ib_core_state
+                .with_label_values(&[r])
+                .set(i64::from(r == reason));
+        }
+    }
+
+    /// Adds records lost to a full ring buffer (a delta).
+    pub fn lost(&self, n: u64) {
+        self.lost.inc_by(n);
     }
 
     pub fn set_hook(&self, hook: &str, attached: bool) {
@@ -242,5 +285,21 @@ mod tests {
             assert!(text.contains(&format!("pingmesh_tracer_hooks{{hook=\"{hook}\"}}")));
         }
         assert!(text.contains("pingmesh_tracer_hooks{hook=\"tracepoint_inet_sock_set_state\"} 1"));
+        assert!(text.contains("pingmesh_tracer_ib_core_state{reason=\"disabled\"} 1"));
+        assert!(text.contains("pingmesh_tracer_events_lost_total 0"));
+    }
+
+    #[test]
+    fn every_kernel_hook_and_ib_core_state_has_its_series() {
+        use crate::tracer::{Hook, IbCoreOff, IbCoreState, KernelHook};
+        for how in [KernelHook::Fentry, KernelHook::Kprobe] {
+            assert!(HOOKS.contains(&Hook::KernelModifyQp(how).kind()));
+            assert!(HOOKS.contains(&Hook::KernelDestroyQp(how).kind()));
+            assert!(IB_CORE_STATES.contains(&IbCoreState::On(how).label()));
+        }
+        assert!(IB_CORE_STATES.contains(&IbCoreState::NotTried.label()));
+        for reason in IbCoreOff::ALL {
+            assert!(IB_CORE_STATES.contains(&reason.label()), "{reason:?}");
+        }
     }
 }

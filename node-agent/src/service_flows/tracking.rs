@@ -5,10 +5,12 @@
 //! expires flows that died silently.
 //!
 //! Hooks are tried in this order and each one that attaches is kept:
-//! 1. kernel hooks on `ib_core`'s modify/destroy paths (kprobe or fentry): they
-//!    would also see kernel RDMA consumers. The BPF object has none yet, so
-//!    they stay at 0 in `pingmesh_tracer_hooks` (docs/tracing.md).
-//! 2. the `sock:inet_sock_set_state` tracepoint (needs tracefs);
+//! 1. the `sock:inet_sock_set_state` tracepoint (needs tracefs);
+//! 2. kernel hooks on `ib_core`'s modify/destroy paths (a second BPF object:
+//!    fentry, else kprobe; they also see kernel RDMA consumers). Off with the
+//!    reason in `pingmesh_tracer_ib_core_state` when `ib_core` or its BTF is
+//!    missing or neither mechanism attaches; retried at each rescan while
+//!    `ib_core` is absent, in case the module is loaded later;
 //! 3. uprobes on each libibverbs file mapped by a process in the host's
 //!    `/proc` (needs the host PID namespace), now and at every rescan.
 //!
@@ -26,7 +28,7 @@ use super::cgroup::PodResolver;
 use super::host::{HostResolver, flow_alive};
 use super::metrics::TracerMetrics;
 use super::table::{FlowTable, Resolve, TableLimits};
-use crate::tracer::{Hook, TraceEvent, Tracer, TracerError};
+use crate::tracer::{Hook, IbCoreState, TraceEvent, Tracer, TracerError};
 
 /// The flow table shared by the consumer thread and the reporter.
 pub type SharedTable = Arc<Mutex<FlowTable>>;
@@ -122,6 +124,7 @@ pub fn open(proc_root: &Path, metrics: &TracerMetrics) -> Result<Tracer, TracerO
         };
         tracing::warn!(error = %e, hint, "TCP service connections are not traced");
     }
+    attach_kernel_hooks(&mut tracer, metrics);
     let mut failed = HashSet::new();
     attach_verbs(&mut tracer, proc_root, metrics, &mut failed);
     if tracer.active_hooks().is_empty() {
@@ -191,6 +194,45 @@ fn tracefs_mounted() -> bool {
         || Path::new("/sys/kernel/debug/tracing/events").exists()
 }
 
+/// Loads and attaches the kernel RDMA hooks (`ib_core`), and says in the
+/// metrics and the log what attached or why nothing did.
+fn attach_kernel_hooks(tracer: &mut Tracer, metrics: &TracerMetrics) {
+    let state = tracer.attach_ib_core().clone();
+    metrics.set_ib_core_state(state.label());
+    for hook in ["fentry", "kprobe"] {
+        let on = state.label() == format!("on_{hook}");
+        metrics.set_hook(&format!("{hook}_ib_modify_qp"), on);
+        metrics.set_hook(&format!("{hook}_ib_destroy_qp"), on);
+    }
+    match &state {
+        IbCoreState::On(how) => tracing::info!(
+            mechanism = how.label(),
+            "kernel RDMA hooks on (ib_core modify and destroy QP)"
+        ),
+        IbCoreState::Off { reason, detail } => {
+            if matches!(reason, crate::tracer::IbCoreOff::AttachFailed) {
+                metrics.attach_failed("kprobe_ib_modify_qp");
+            }
+            tracing::info!(
+                reason = reason.label(),
+                %detail,
+                "kernel RDMA hooks off; kernel RDMA consumers are not traced"
+            );
+        }
+        IbCoreState::NotTried => {}
+    }
+    if matches!(state, IbCoreState::On(_)) {
+        metrics.set_state("on");
+    }
+}
+
+/// Whether the kernel RDMA hooks should be tried again: `ib_core` was absent
+/// and has appeared since.
+fn retry_kernel_hooks(tracer: &Tracer) -> bool {
+    matches!(tracer.ib_core_state(), IbCoreState::Off { reason, .. } if reason.retryable())
+        && tracer.ib_core_present()
+}
+
 /// Attaches the uprobes to libibverbs copies not attached yet; logs each
 /// failing file once.
 fn attach_verbs(
@@ -203,7 +245,9 @@ fn attach_verbs(
         metrics.attach_failed(hook.kind());
         let library = match &hook {
             Hook::IbvModifyQp { library } | Hook::IbvDestroyQp { library } => library.clone(),
-            Hook::TcpStateTracepoint => PathBuf::new(),
+            Hook::TcpStateTracepoint | Hook::KernelModifyQp(_) | Hook::KernelDestroyQp(_) => {
+                PathBuf::new()
+            }
         };
         if failed.insert(library) {
             tracing::warn!(error = %err, "libibverbs copy not traced");
@@ -242,6 +286,8 @@ fn consume(
     let mut next_rescan = Instant::now() + config.rescan_every;
     let mut next_expiry = Instant::now() + config.expire_every;
     let mut malformed_seen = 0;
+    let mut lost_seen = 0;
+    let mut next_lost = Instant::now();
     let mut poll_errors = 0u64;
     while !cancel.is_cancelled() {
         match tracer.poll(Duration::from_millis(100)) {
@@ -258,9 +304,28 @@ fn consume(
         metrics.malformed(malformed - malformed_seen.min(malformed));
         malformed_seen = malformed;
         let now = Instant::now();
+        if now >= next_lost {
+            // A counter the kernel keeps: read once a second, exported as a delta.
+            next_lost = now + Duration::from_secs(1);
+            let lost = tracer.lost_records();
+            if lost > lost_seen {
+                if lost_seen == 0 {
+                    tracing::warn!(
+                        lost,
+                        "the tracer's ring buffer overflowed; records were lost \
+                         (pingmesh_tracer_events_lost_total)"
+                    );
+                }
+                metrics.lost(lost - lost_seen);
+                lost_seen = lost;
+            }
+        }
         if now >= next_rescan {
             next_rescan = now + config.rescan_every;
             attach_verbs(&mut tracer, &config.proc_root, metrics, &mut failed);
+            if retry_kernel_hooks(&tracer) {
+                attach_kernel_hooks(&mut tracer, metrics);
+            }
         }
         if now >= next_expiry {
             next_expiry = now + config.expire_every;

@@ -4,19 +4,26 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::time::Duration;
 
-use aya::maps::{MapData, RingBuf};
+use aya::maps::{MapData, PerCpuArray, RingBuf};
 use aya::programs::{TracePoint, UProbe, uprobe::UProbeScope};
 use aya::{Ebpf, EbpfLoader};
 use pingmesh_ebpf_probes::{TRACER_OBJECT, programs};
 
+use super::ib_core::{self, IbCore, chain};
 use super::procmaps::{LIBIBVERBS, find_loaded_libraries};
-use super::{Hook, TraceEvent, TracerError, parse_event};
+use super::{Hook, IbCoreState, KernelPaths, TraceEvent, TracerError, TracerOptions, parse_event};
 
 /// The loaded BPF programs, their attached hooks and the ring buffer reader.
 /// Dropping it detaches everything.
 pub struct Tracer {
     ebpf: Ebpf,
     events: RingBuf<MapData>,
+    /// Records the main object could not reserve (full ring buffer).
+    lost: PerCpuArray<MapData, u64>,
+    /// The kernel RDMA hooks, when attached (a second object and ring buffer).
+    ib_core: Option<IbCore>,
+    ib_core_state: IbCoreState,
+    options: TracerOptions,
     hooks: BTreeSet<Hook>,
     /// Library files attached by `attach_loaded_verbs`, by (device, inode):
     /// one file reached through several processes' roots is attached once.
@@ -29,6 +36,7 @@ impl std::fmt::Debug for Tracer {
         f.debug_struct("Tracer")
             .field("hooks", &self.active_hooks())
             .field("malformed", &self.malformed)
+            .field("ib_core", &self.ib_core_state)
             .finish_non_exhaustive()
     }
 }
@@ -37,7 +45,16 @@ impl Tracer {
     /// Loads the object into the kernel (verifying every program) without
     /// attaching anything. Needs `CAP_BPF` and `CAP_PERFMON` (or root) and BTF.
     pub fn load() -> Result<Self, TracerError> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with(TracerOptions::default())
+    }
+
+    /// [`Tracer::load`] with settings (a smaller ring buffer, for tests).
+    pub fn load_with(options: TracerOptions) -> Result<Self, TracerError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(bytes) = options.ring_bytes {
+            loader.map_max_entries(programs::EVENTS_MAP, bytes);
+        }
+        let mut ebpf = loader
             .load(TRACER_OBJECT)
             .map_err(|e| TracerError::Load(chain(&e)))?;
         for name in [programs::IBV_MODIFY_QP, programs::IBV_DESTROY_QP] {
@@ -52,9 +69,17 @@ impl Tracer {
             .take_map(programs::EVENTS_MAP)
             .ok_or_else(|| TracerError::Load(format!("no map {}", programs::EVENTS_MAP)))?;
         let events = RingBuf::try_from(map).map_err(|e| TracerError::Load(chain(&e)))?;
+        let lost = ebpf
+            .take_map(programs::LOST_MAP)
+            .ok_or_else(|| TracerError::Load(format!("no map {}", programs::LOST_MAP)))?;
+        let lost = PerCpuArray::try_from(lost).map_err(|e| TracerError::Load(chain(&e)))?;
         Ok(Self {
             ebpf,
             events,
+            lost,
+            ib_core: None,
+            ib_core_state: IbCoreState::NotTried,
+            options,
             hooks: BTreeSet::new(),
             attached_files: HashSet::new(),
             malformed: 0,
@@ -73,6 +98,55 @@ impl Tracer {
             .map_err(|e| attach_error(&hook, &e))?;
         self.hooks.insert(hook);
         Ok(())
+    }
+
+    /// Loads the kernel RDMA hooks (a second object, relocated against
+    /// `ib_core`'s BTF) and attaches them with fentry, else kprobe. Never
+    /// fails: where they cannot run the state says why
+    /// ([`IbCoreState::Off`]). Does nothing once they are on.
+    pub fn attach_ib_core(&mut self) -> &IbCoreState {
+        self.attach_ib_core_at(&KernelPaths::default())
+    }
+
+    /// [`Tracer::attach_ib_core`] with another `/sys/kernel/btf` and `/sys/module`.
+    pub fn attach_ib_core_at(&mut self, paths: &KernelPaths) -> &IbCoreState {
+        if self.ib_core.is_some() {
+            return &self.ib_core_state;
+        }
+        match ib_core::attach(paths, self.options.ring_bytes) {
+            Ok(hooks) => {
+                self.hooks.insert(Hook::KernelModifyQp(hooks.how));
+                self.hooks.insert(Hook::KernelDestroyQp(hooks.how));
+                self.ib_core_state = IbCoreState::On(hooks.how);
+                self.ib_core = Some(hooks);
+            }
+            Err((reason, detail)) => self.ib_core_state = IbCoreState::Off { reason, detail },
+        }
+        &self.ib_core_state
+    }
+
+    /// Where the kernel RDMA hooks stand.
+    pub fn ib_core_state(&self) -> &IbCoreState {
+        &self.ib_core_state
+    }
+
+    /// Whether `ib_core` is present now (loaded since the last try, say).
+    pub fn ib_core_present(&self) -> bool {
+        ib_core::module_present(&KernelPaths::default())
+    }
+
+    /// Records the BPF programs could not write because a ring buffer was
+    /// full, since load (both objects). Counters that cannot be read are
+    /// left out (and logged at debug).
+    pub fn lost_records(&self) -> u64 {
+        let maps = std::iter::once(&self.lost).chain(self.ib_core.as_ref().map(|k| &k.lost));
+        maps.map(|map| {
+            ib_core::lost_total(map).unwrap_or_else(|e| {
+                tracing::debug!(error = %e, "reading a LOST counter failed");
+                0
+            })
+        })
+        .fold(0u64, u64::saturating_add)
     }
 
     /// Attaches the `ibv_modify_qp` and `ibv_destroy_qp` uprobes to one
@@ -142,14 +216,19 @@ impl Tracer {
         if !ready.is_empty() {
             return Ok(ready);
         }
-        let mut pfd = libc::pollfd {
-            fd: self.events.as_fd().as_raw_fd(),
+        let pollfd = |fd: i32| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut pfds = [pollfd(self.events.as_fd().as_raw_fd()), pollfd(-1)];
+        if let Some(k) = &self.ib_core {
+            pfds[1] = pollfd(k.events.as_fd().as_raw_fd());
+        }
         let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-        // SAFETY: one valid pollfd, owned by this frame, for the call's duration.
-        let rc = unsafe { libc::poll(&raw mut pfd, 1, ms) };
+        // SAFETY: valid pollfds (a negative fd is ignored by poll), owned by
+        // this frame, for the call's duration.
+        let rc = unsafe { libc::poll(pfds.as_mut_ptr(), 2, ms) };
         if rc < 0 {
             let err = std::io::Error::last_os_error();
             if err.kind() != std::io::ErrorKind::Interrupted {
@@ -162,12 +241,16 @@ impl Tracer {
     /// Every record ready now, parsed. Malformed ones are counted and dropped.
     pub fn drain(&mut self) -> Vec<TraceEvent> {
         let mut out = Vec::new();
-        while let Some(record) = self.events.next() {
-            match parse_event(&record) {
-                Ok(event) => out.push(event),
-                Err(err) => {
-                    self.malformed += 1;
-                    tracing::debug!(%err, "malformed tracer record");
+        let rings =
+            std::iter::once(&mut self.events).chain(self.ib_core.as_mut().map(|k| &mut k.events));
+        for ring in rings {
+            while let Some(record) = ring.next() {
+                match parse_event(&record) {
+                    Ok(event) => out.push(event),
+                    Err(err) => {
+                        self.malformed += 1;
+                        tracing::debug!(%err, "malformed tracer record");
+                    }
                 }
             }
         }
@@ -199,16 +282,4 @@ fn attach_error(hook: &Hook, err: &dyn std::error::Error) -> TracerError {
         hook: hook.to_string(),
         reason: chain(err),
     }
-}
-
-/// An error with its sources, `a: b: c`.
-fn chain(err: &dyn std::error::Error) -> String {
-    let mut s = err.to_string();
-    let mut source = err.source();
-    while let Some(e) = source {
-        s.push_str(": ");
-        s.push_str(&e.to_string());
-        source = e.source();
-    }
-    s
 }

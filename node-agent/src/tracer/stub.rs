@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::{Hook, TraceEvent, TracerError};
+use super::{Hook, IbCoreState, KernelPaths, TraceEvent, TracerError, TracerOptions};
 
 /// Stands in for the eBPF tracer; it can never be constructed.
 #[derive(Debug)]
@@ -14,6 +14,30 @@ pub struct Tracer {
 impl Tracer {
     pub fn load() -> Result<Self, TracerError> {
         Err(TracerError::Unsupported)
+    }
+
+    pub fn load_with(_options: TracerOptions) -> Result<Self, TracerError> {
+        Err(TracerError::Unsupported)
+    }
+
+    pub fn attach_ib_core(&mut self) -> &IbCoreState {
+        match self._never {}
+    }
+
+    pub fn attach_ib_core_at(&mut self, _paths: &KernelPaths) -> &IbCoreState {
+        match self._never {}
+    }
+
+    pub fn ib_core_state(&self) -> &IbCoreState {
+        match self._never {}
+    }
+
+    pub fn ib_core_present(&self) -> bool {
+        false
+    }
+
+    pub fn lost_records(&self) -> u64 {
+        0
     }
 
     pub fn attach_tcp(&mut self) -> Result<(), TracerError> {
