@@ -13,7 +13,9 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n=== %s\n' "$*"; }
 skipped=()
-# Tiers that need binaries CI cannot download: listed, never a CI failure.
+# Tiers and #[ignore]d tests that need hardware or binaries CI does not have:
+# listed with the command that runs them, never a CI failure. Every ignored
+# test this script does not run is named here or in `skipped`.
 not_run=()
 
 # Installs the system packages the suite needs (as root on Debian/Ubuntu),
@@ -69,7 +71,8 @@ if [[ "$(id -u)" == 0 ]] && command -v iptables >/dev/null; then
 else
   skipped+=("iptables fault injection (needs root and iptables)")
 fi
-# The RDMA mesh test (tests/rdma_mesh.rs) needs an RDMA device: hack/softroce.sh runs it.
+not_run+=("RDMA e2e mesh (e2e/tests/rdma_mesh.rs) and the RDMA transport on a device (node-agent/tests/rdma_hardware.rs): need an RDMA device (no RDMA stack here); on a host with one, or soft-RoCE: sudo hack/softroce.sh, or PINGMESH_RDMA_DEVICE=rxe0 cargo test -p pingmesh-agent --test rdma_hardware -- --ignored --test-threads=1 and PINGMESH_RDMA_DEVICE=rxe0 cargo test -p pingmesh-e2e --test rdma_mesh -- --ignored")
+not_run+=("UDP TX-timestamp keys across a firewall drop (node-agent/src/transport/udp.rs, a_firewall_drop_keeps_keys_matched*): need root and nft (Debian nftables) in a private network namespace; the command is in the doc comment of firewall_drop_keeps_keys_matched")
 env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked --test mesh -- --include-ignored --test-threads=1
 
 step "end-to-end: fault localization on a leaf-spine fabric of network namespaces"
@@ -90,9 +93,15 @@ if [[ "$(id -u)" == 0 ]]; then
   PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --locked --test tracer_bpf -- --include-ignored
   # The flow table fed by the real programs: TCP between namespaces, fake verbs, pod attribution.
   PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --locked --test service_flows_bpf -- --include-ignored --test-threads 1
+  # ib_core kernel hooks: the off path, the verifier, field decoding, the lost counter.
+  PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --locked --test ib_core_bpf -- --include-ignored --test-threads 1
 else
   skipped+=("eBPF tracer tests (need root: PINGMESH_BPF_TESTS=1 cargo test -p pingmesh-agent --test tracer_bpf -- --include-ignored, docs/tracing.md)")
 fi
+
+# The ib_core kprobe/fentry hooks attaching for real need a kernel that allows
+# kprobes or fentry and has rdma_rxe; CI's and this suite's machines do not.
+not_run+=("ib_core kernel hooks attached for real (needs kprobes or fentry and rdma_rxe), as root: PINGMESH_BPF_TESTS=1 PINGMESH_IB_CORE_TESTS=1 cargo test -p pingmesh-agent --test ib_core_bpf -- --include-ignored --test-threads 1 kernel_hooks_see (docs/tracing.md)")
 
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then
   step "envtest: the operator against a real API server (KUBEBUILDER_ASSETS=${KUBEBUILDER_ASSETS})"
@@ -118,10 +127,12 @@ fi
 if [[ -n "${PINGMESH_E2E_KIND:-}" ]]; then
   step "end-to-end on kind (real cluster; needs docker, kind, kubectl, helm)"
   hack/e2e-kind.sh
+else
+  not_run+=("end-to-end on kind, a real cluster: needs docker, kind, kubectl and helm; PINGMESH_E2E_KIND=1 hack/test.sh, or hack/e2e-kind.sh")
 fi
 
 if ((${#not_run[@]})); then
-  printf '\nNOT RUN here (needs binaries CI cannot download; informational, never a failure):\n'
+  printf '\nNOT RUN here (needs hardware or binaries CI does not have; informational, never a failure):\n'
   printf '  - %s\n' "${not_run[@]}"
 fi
 if ((${#skipped[@]})); then
