@@ -351,6 +351,8 @@ spec:
     ecmpCoverage: 0.9
     probeTimeoutMs: 500
     windowMs: 5000
+    serviceRatePps: 5
+    maxServiceTargetsPerAgent: 32
   sla:
     maxLossRatio: 0.01
     maxP99NetworkRttMicros: 500

@@ -228,6 +228,15 @@ pub struct ProbingSpec {
     /// Aggregation window in milliseconds (wall-clock aligned), 1000 to 3600000.
     #[schemars(range(min = 1_000, max = 3_600_000))]
     pub window_ms: u32,
+    /// Probes per second to each service target (an endpoint pair the
+    /// services' traced connections join, see `tracing`), above 0 and at most
+    /// 1000. The default gives the SLA its 10 probes per 5 s window.
+    #[schemars(range(max = 1000), extend("minimum" = 0, "exclusiveMinimum" = true))]
+    pub service_rate_pps: f64,
+    /// Most service targets per agent, 0 to 4096: the endpoint pairs carrying
+    /// the most service connections win. 0 turns service probing off.
+    #[schemars(range(min = 0, max = 4096))]
+    pub max_service_targets_per_agent: u32,
 }
 
 impl Default for ProbingSpec {
@@ -240,6 +249,8 @@ impl Default for ProbingSpec {
             ecmp_coverage: 0.9,
             probe_timeout_ms: 500,
             window_ms: 5_000,
+            service_rate_pps: 5.0,
+            max_service_targets_per_agent: 32,
         }
     }
 }

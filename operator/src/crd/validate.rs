@@ -16,6 +16,10 @@ use crate::mesh::analyzer::SlaPolicy;
 use crate::mesh::pinglist::PinglistPolicy;
 use crate::mesh::traces::{HopNames, TraceSettings};
 
+/// `probing.maxServiceTargetsPerAgent` at most (the controller's bound, and
+/// the schema's).
+const MAX_SERVICE_TARGETS: u32 = 4_096;
+
 /// Every problem found in a spec, each naming its field as users write it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct SpecError {
@@ -115,6 +119,9 @@ impl PingMeshSpec {
             ecmp_coverage: probing.ecmp_coverage,
             window_ms: probing.window_ms,
             probe_timeout_ms: probing.probe_timeout_ms,
+            service_rate_pps: probing.service_rate_pps,
+            max_service_targets_per_agent: usize::try_from(probing.max_service_targets_per_agent)
+                .unwrap_or(usize::MAX),
             ..PinglistPolicy::default()
         }
     }
@@ -156,6 +163,7 @@ fn check_probing(p: &mut Problems, probing: &ProbingSpec) {
     for (field, rate) in [
         ("probing.torMeshRatePps", probing.tor_mesh_rate_pps),
         ("probing.interTorRatePps", probing.inter_tor_rate_pps),
+        ("probing.serviceRatePps", probing.service_rate_pps),
     ] {
         p.check(
             rate.is_finite() && rate > 0.0 && rate <= MAX_RATE_PPS,
@@ -169,6 +177,12 @@ fn check_probing(p: &mut Problems, probing: &ProbingSpec) {
         1_000,
     );
     p.in_range("probing.ecmpPaths", probing.ecmp_paths, 1, 64);
+    p.in_range(
+        "probing.maxServiceTargetsPerAgent",
+        probing.max_service_targets_per_agent,
+        0,
+        MAX_SERVICE_TARGETS,
+    );
     let coverage = probing.ecmp_coverage;
     p.check(
         coverage.is_finite() && coverage > 0.0 && coverage < 1.0,
@@ -334,8 +348,42 @@ mod tests {
     fn spec_values_become_mesh_policies() {
         let mut spec = PingMeshSpec::default();
         spec.probing.window_ms = 10_000;
+        spec.probing.service_rate_pps = 20.0;
+        spec.probing.max_service_targets_per_agent = 0;
         spec.sla.max_p99_network_rtt_micros = 250;
-        assert_eq!(spec.pinglist_policy().window_ms, 10_000);
+        let policy = spec.pinglist_policy();
+        assert_eq!(policy.window_ms, 10_000);
+        assert!((policy.service_rate_pps - 20.0).abs() < f64::EPSILON);
+        assert_eq!(policy.max_service_targets_per_agent, 0);
         assert_eq!(spec.sla_policy().max_p99_network_rtt_ns, 250_000);
+    }
+
+    #[test]
+    fn the_service_probing_defaults_are_the_controllers() {
+        let spec = PingMeshSpec::default().pinglist_policy();
+        let controller = PinglistPolicy::default();
+        assert!((spec.service_rate_pps - controller.service_rate_pps).abs() < f64::EPSILON);
+        assert_eq!(
+            spec.max_service_targets_per_agent,
+            controller.max_service_targets_per_agent
+        );
+        assert_eq!(
+            usize::try_from(MAX_SERVICE_TARGETS).unwrap(),
+            crate::mesh::pinglist::MAX_SERVICE_TARGETS_PER_AGENT
+        );
+    }
+
+    #[test]
+    fn service_probing_out_of_bounds_is_refused() {
+        let mut spec = PingMeshSpec::default();
+        spec.probing.service_rate_pps = 0.0;
+        spec.probing.max_service_targets_per_agent = 5_000;
+        let message = spec.validate().unwrap_err().to_string();
+        assert!(message.contains("probing.serviceRatePps is 0"), "{message}");
+        assert!(
+            message.contains("probing.maxServiceTargetsPerAgent"),
+            "{message}"
+        );
+        assert!(spec.pinglist_policy().validate().is_err());
     }
 }
