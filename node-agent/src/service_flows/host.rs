@@ -63,8 +63,11 @@ impl Resolve for HostResolver {
 /// and are let go.
 pub fn flow_alive(proc_root: &Path, key: &FlowKey, flow: &Flow) -> bool {
     let pid = flow.owner.pid;
+    // A kernel consumer's queue pair (NVMe-oF, RDS, SMB Direct; seen by the
+    // ib_core hooks with pid 0) has no process to outlive: it stays until
+    // its destroy record.
     if pid == 0 {
-        return false;
+        return matches!(key, FlowKey::Rdma { pid: 0, .. });
     }
     let pid_dir = proc_root.join(pid.to_string());
     match key {
@@ -220,6 +223,20 @@ mod tests {
         let key = FlowKey::Rdma { pid: 77, qpn: 1 };
         assert!(flow_alive(tmp.path(), &key, &flow(77, any, any)));
         assert!(!flow_alive(tmp.path(), &key, &flow(78, any, any)));
+    }
+
+    #[test]
+    fn a_kernel_consumers_queue_pair_stays_until_its_destroy_record() {
+        let tmp = tempfile::tempdir().unwrap();
+        let any = SocketAddr::from((Ipv4Addr::LOCALHOST, 1));
+        let kernel = FlowKey::Rdma { pid: 0, qpn: 9 };
+        assert!(flow_alive(tmp.path(), &kernel, &flow(0, any, any)));
+        // A TCP flow nobody owns is not kept on that ground.
+        assert!(!flow_alive(
+            tmp.path(),
+            &FlowKey::Tcp { sock: 3 },
+            &flow(0, any, any)
+        ));
     }
 
     #[test]
