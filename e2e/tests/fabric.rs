@@ -71,14 +71,10 @@ const CLEAN_WINDOWS: u64 = 12;
 static SERIAL: Mutex<()> = Mutex::new(());
 
 fn gate() -> bool {
-    if std::env::var_os(GATE).is_none_or(|v| v.is_empty()) {
-        eprintln!(
-            "SKIPPED: set {GATE}=1 to run (needs root and network namespaces; builds \
-             the fabric with hack/fabric.sh)"
-        );
-        return false;
-    }
-    true
+    common::enabled(
+        GATE,
+        "needs root and network namespaces; builds the fabric with hack/fabric.sh",
+    )
 }
 
 // ---------------------------------------------------------------------------

@@ -480,8 +480,7 @@ fn wait_until_nothing_impacted(cleared: u64) -> (u64, u64) {
 #[test]
 #[ignore = "needs root and network namespaces; set PINGMESH_E2E_FABRIC=1"]
 fn a_fault_on_a_services_path_ranks_it_as_impacted_until_the_fault_clears() {
-    if std::env::var_os(GATE).is_none_or(|v| v.is_empty()) {
-        eprintln!("SKIPPED: set {GATE}=1 to run (needs root; builds hack/fabric.sh's fabric)");
+    if !common::enabled(GATE, "needs root; builds hack/fabric.sh's fabric") {
         return;
     }
     let started = Instant::now();

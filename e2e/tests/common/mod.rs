@@ -16,13 +16,35 @@ use serde_json::Value;
 pub const WINDOW_MS: u64 = 1_000;
 pub const TIMEOUT_MS: u64 = 200;
 
-/// Whether the gated tests should run; prints why not otherwise.
+/// Whether the gated tests should run: `var` is set and not empty. Otherwise
+/// the test is skipped loudly (see [`skip`]).
 pub fn enabled(var: &str, why: &str) -> bool {
-    if std::env::var_os(var).is_some() {
+    if std::env::var_os(var).is_some_and(|v| !v.is_empty()) {
         return true;
     }
-    eprintln!("SKIPPED: set {var}=1 to run ({why}); hack/test.sh does");
+    skip(&format!("set {var}=1 to run ({why}); hack/test.sh does"));
     false
+}
+
+/// Skips a gated test that cannot run here, saying `how` to run it. Under CI
+/// (see [`in_ci`]) that is a failure: a skipped test proves nothing, and CI
+/// must run every test it asks for. Elsewhere a banner on stderr says that
+/// nothing was tested.
+pub fn skip(how: &str) {
+    assert!(
+        !in_ci(),
+        "SKIPPED under CI, which must run this test: {how}"
+    );
+    eprintln!("\n*** SKIPPED, nothing was tested: {how} ***\n");
+}
+
+/// Whether this runs under CI: `CI` is set (as CI services set it) to
+/// anything but empty, `0` or `false`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| {
+        let v = v.trim();
+        !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
+    })
 }
 
 /// Directory holding the workspace's binaries (next to this test's `deps/`).

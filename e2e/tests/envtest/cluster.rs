@@ -78,9 +78,9 @@ impl ApiServer {
     /// `KUBEBUILDER_ASSETS` is unset.
     pub fn start() -> Option<Self> {
         let Some(assets) = std::env::var_os("KUBEBUILDER_ASSETS").filter(|a| !a.is_empty()) else {
-            eprintln!(
-                "SKIPPED: set KUBEBUILDER_ASSETS to a folder holding kube-apiserver and etcd \
-                 (see hack/envtest.sh and docs/kubernetes.md)"
+            crate::common::skip(
+                "set KUBEBUILDER_ASSETS to a folder holding kube-apiserver and etcd \
+                 (see hack/envtest.sh and docs/kubernetes.md)",
             );
             return None;
         };

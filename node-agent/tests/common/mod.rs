@@ -7,11 +7,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Whether the root-only tests were asked for (`PINGMESH_BPF_TESTS=1`).
+/// Without it a test is skipped loudly: under CI (`CI` set, not `false` or
+/// `0`) that fails, since CI must run what it asks for; elsewhere a banner
+/// says that nothing was tested.
 pub fn enabled() -> bool {
-    if std::env::var_os("PINGMESH_BPF_TESTS").is_some() {
+    if std::env::var_os("PINGMESH_BPF_TESTS").is_some_and(|v| !v.is_empty()) {
         return true;
     }
-    eprintln!("skipped: set PINGMESH_BPF_TESTS=1 (and run as root) to load the BPF programs");
+    let how = "set PINGMESH_BPF_TESTS=1 (and run as root) to load the BPF programs";
+    let in_ci = std::env::var("CI").is_ok_and(|v| {
+        let v = v.trim();
+        !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
+    });
+    assert!(!in_ci, "SKIPPED under CI, which must run this test: {how}");
+    eprintln!("\n*** SKIPPED, nothing was tested: {how} ***\n");
     false
 }
 
