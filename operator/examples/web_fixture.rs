@@ -11,7 +11,9 @@
 //!
 //! Prints `web view http://ADDR/` once serving and `window START` for each
 //! window it reported. `--lossy-tor` and `--slow-tor` make every path from or to
-//! that ToR lose half its probes or take 1 ms.
+//! that ToR lose half its probes or take 1 ms. `--service-flows` has every node
+//! report one TCP connection to the next node (a ring over the ToRs) for one of
+//! three processes, so root causes hit services.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -50,6 +52,33 @@ struct Args {
     /// Stop after this many seconds (default: run until killed).
     #[arg(long)]
     duration_secs: Option<u64>,
+    /// Report service flows (TCP, outside pods) along a ring of the nodes.
+    #[arg(long)]
+    service_flows: bool,
+}
+
+/// The processes the ring's connections belong to, by the source's ToR.
+const SERVICES: [&str; 3] = ["allreduce", "parameter-server", "checkpoint"];
+
+/// Node `n` of ToR `t`'s own loopback address: flows map to endpoints by IP.
+fn node_ip(t: u32, n: u32) -> String {
+    format!("127.{}.{}.{}", n + 1, t >> 8, t & 0xff)
+}
+
+/// One TCP connection from each node to the next one, round the ring.
+fn ring_flow(nodes: &[(String, u64, String, u32)], i: usize) -> v1::ServiceFlow {
+    let (_, _, ip, t) = &nodes[i];
+    let (_, _, next_ip, _) = &nodes[(i + 1) % nodes.len()];
+    v1::ServiceFlow {
+        kind: v1::ServiceFlowKind::Tcp as i32,
+        local_address: ip.clone(),
+        remote_address: next_ip.clone(),
+        local_port: 40_000,
+        remote_port: 29_500,
+        pid: 4_242,
+        command: SERVICES[*t as usize % SERVICES.len()].to_owned(),
+        ..Default::default()
+    }
 }
 
 const PROBES: u64 = 20;
@@ -128,11 +157,11 @@ async fn main() -> anyhow::Result<()> {
         for n in 0..args.nodes_per_tor {
             let node = format!("node-{:03}-{}", t + 1, n + 1);
             let id = format!("{node}/udp0");
-            let port = 10_000 + t * args.nodes_per_tor + n;
+            let ip = node_ip(t, n);
             let endpoint = v1::Endpoint {
                 id: id.clone(),
                 transport: Transport::Udp as i32,
-                address: format!("127.0.0.1:{}", port % 60_000 + 1_024),
+                address: format!("{ip}:9999"),
                 tor: tor_name(t),
                 ..Default::default()
             };
@@ -140,12 +169,12 @@ async fn main() -> anyhow::Result<()> {
                 .register(&node, "web-fixture", &[endpoint])
                 .await?;
             tor_of.insert(id, tor_name(t));
-            nodes.push((node, session));
+            nodes.push((node, session, ip, t));
         }
     }
     let _presence: Vec<_> = nodes
         .iter()
-        .map(|(node, session)| controller.connect(node, *session))
+        .map(|(node, session, _, _)| controller.connect(node, *session))
         .collect();
     println!("web view http://{}/", running.http_addr);
 
@@ -165,7 +194,10 @@ async fn main() -> anyhow::Result<()> {
         let began = std::time::Instant::now();
         let snapshot = controller.subscribe().borrow().clone();
         let hit = |tor: Option<&String>, id: &str| tor.is_some_and(|t| tor_of.get(id) == Some(t));
-        for (node, _) in &nodes {
+        for (i, (node, session, _, _)) in nodes.iter().enumerate() {
+            if args.service_flows {
+                controller.report_service_flows(node, *session, &[ring_flow(&nodes, i)], 0)?;
+            }
             let list = controller.pinglist(node, &snapshot);
             let summaries: Vec<v1::WindowSummary> = list
                 .targets

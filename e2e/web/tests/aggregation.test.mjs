@@ -2,7 +2,9 @@
 // by synthetic agents (operator/examples/web_fixture.rs) with 120 ToRs, one of
 // them lossy and another slow. The lossy ToR's group row and column fail in
 // the loss view and only there, the slow one's in the p99 view, and a click
-// zooms into one aggregated cell's ToRs.
+// zooms into one aggregated cell's ToRs. The agents also report service
+// flows (a ring of TCP connections): the lossy ToR's root cause names the
+// services whose connections cross it.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
@@ -33,7 +35,7 @@ const same = (a, b) => a.size === b.size && [...a].every((x) => b.has(x));
 test('beyond 100 ToRs the heatmap aggregates without hiding a failing ToR', { timeout: 120_000 }, async (t) => {
   const fixture = await startFixture([
     '--tors', String(TORS), '--nodes-per-tor', '1', '--window-ms', '2000',
-    '--lossy-tor', LOSSY, '--slow-tor', SLOW, '--duration-secs', '100',
+    '--lossy-tor', LOSSY, '--slow-tor', SLOW, '--duration-secs', '100', '--service-flows',
   ]);
   t.after(() => fixture.stop());
   const browser = await launchChromium();
@@ -55,7 +57,6 @@ test('beyond 100 ToRs the heatmap aggregates without hiding a failing ToR', { ti
     for (const key of failing(s)) assert.ok(lossCross.has(key), `${key} failed`);
   }
   assert.match(await page.locator('#zoom').innerText(), /120 ToRs in groups of 2/);
-  await page.screenshot({ path: join(screenshots, 'web-aggregated.png') });
 
   await page.locator('label:has(input[value="p99"])').click();
   const p99 = await waitFor('the slow group row and column in the p99 view', 20_000, async () => {
@@ -78,5 +79,18 @@ test('beyond 100 ToRs the heatmap aggregates without hiding a failing ToR', { ti
   assert.deepEqual([...failing(zoomed)].sort(), ['tor-077->tor-001', 'tor-077->tor-002']);
   await page.locator('[data-unzoom]').click();
   assert.equal((await heatmapState(page)).count, GROUPS * GROUPS);
+
+  // The ring's connections into and out of tor-077 belong to the services of
+  // tor-076 (index 75: allreduce) and tor-077 (index 76: parameter-server).
+  const card = page.locator(`.cause[data-tor="${LOSSY}"]`).first();
+  const chips = await waitFor('the services the lossy ToR\'s root cause hits', 30_000, async () => {
+    if ((await card.count()) === 0) return false;
+    const names = await card.locator(':scope > .chips .chip').allInnerTexts();
+    return names.length > 0 && names;
+  });
+  assert.deepEqual(chips.sort(), ['Process/allreduce', 'Process/parameter-server']);
+  const listed = await page.locator('#services li[data-service]').evaluateAll((els) => els.map((e) => e.dataset.service));
+  assert.ok(listed.includes('Process/allreduce') && listed.includes('Process/parameter-server'), listed.join(', '));
+  await page.screenshot({ path: join(screenshots, 'web-aggregated.png') });
   assert.deepEqual(errors, []);
 });

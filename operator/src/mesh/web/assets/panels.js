@@ -24,28 +24,32 @@ const KIND_NAMES = {
 function findingItem(f) {
   const kind = KIND_NAMES[f.kind] ?? f.kind;
   return `<li data-finding="${esc(findingKey(f))}"><span class="kind">${esc(kind)}</span> `
-    + `${esc(f.location)}<br><span class="muted">${esc(f.evidence)}; since ${esc(formatTime(f.firstBadWindowMs))}</span></li>`;
+    + `${esc(f.location)}<br><span class="muted">${esc(f.evidence)}; since ${esc(formatTime(f.firstBadWindowMs))}</span>`
+    + `${serviceChips(f)}</li>`;
 }
 
-// Service names in whatever shape service awareness gives them: strings, or
-// objects with a name-like field.
-function serviceNames(list) {
-  if (!Array.isArray(list)) return [];
-  return list.map((s) => {
-    if (typeof s === 'string') return s;
-    if (s && typeof s === 'object') {
-      const name = s.name ?? s.service ?? s.owner ?? s.id;
-      if (name !== undefined) return typeof name === 'object' ? JSON.stringify(name) : String(name);
-    }
-    return JSON.stringify(s);
-  });
-}
-
-function causeServices(cause) {
-  for (const key of ['affectedServices', 'services', 'impactedServices']) {
-    if (Array.isArray(cause[key]) && cause[key].length) return serviceNames(cause[key]);
+// A service as people name it: `Job/ml/train` (the API's id), else its name.
+function serviceName(s) {
+  if (typeof s === 'string') return s;
+  if (s && typeof s === 'object') {
+    const name = s.service ?? s.name ?? s.id;
+    if (name !== undefined) return String(name);
   }
-  return [];
+  return JSON.stringify(s);
+}
+
+// The services a root cause or finding hits (`impactedServices`, ranked by
+// the controller), as chips; "+N" when it lists fewer than it counted.
+function serviceChips(item) {
+  const list = Array.isArray(item.impactedServices) ? item.impactedServices : [];
+  if (list.length === 0) return '';
+  const more = Math.max(0, (item.impactedServiceCount ?? list.length) - list.length);
+  const chips = list.map((s) => {
+    const detail = typeof s === 'object' ? ` title="${esc(`${s.flows ?? '?'} flows, ${s.pods ?? '?'} pods`)}"` : '';
+    return `<span class="chip"${detail}>${esc(serviceName(s))}</span>`;
+  });
+  if (more) chips.push(`<span class="chip">+${more}</span>`);
+  return `<div class="chips" aria-label="Services it hits">${chips.join('')}</div>`;
 }
 
 // The SLA findings a cause explains: the first few, the rest folded away.
@@ -62,19 +66,21 @@ function explainedList(explained) {
       : '');
 }
 
+const RATIO_NAMES = { loss: 'loss', latency: 'slow', hostDelay: 'delayed' };
+
 function causeCard(cause, findingsByKey) {
   const ev = cause.evidence ?? {};
   const explained = (cause.explains ?? []).map((k) => findingsByKey.get(k)).filter(Boolean);
   const side = cause.side ? ` (${cause.side})` : '';
   const rows = [
     ['evidence', `${ev.failing ?? 0} of ${(ev.failing ?? 0) + (ev.healthy ?? 0)} ${esc(ev.unit ?? 'paths')} through it failing`],
-    ['loss', `${formatPercent(ev.lossRatio)} vs ${formatPercent(ev.elsewhereLossRatio)} elsewhere`],
+    // The ratio is of lost probes for loss, of slow paths for latency.
+    [RATIO_NAMES[cause.signal] ?? 'failing', `${formatPercent(ev.lossRatio)} vs ${formatPercent(ev.elsewhereLossRatio)} elsewhere`],
     ['confidence', `${Math.round((cause.confidence ?? 0) * 100)}%`],
     ['open since', esc(formatTime(cause.firstWindowMs))],
   ];
   if (cause.tor) rows.push(['ToR', esc(cause.tor)]);
   if (cause.candidates?.length) rows.push(['fits as well', esc(cause.candidates.join(', '))]);
-  const services = causeServices(cause);
   return `<div class="cause" data-kind="${esc(cause.kind)}" data-component="${esc(cause.component)}"`
     + ` data-tor="${esc(cause.tor ?? '')}">`
     + `<div class="head"><span class="badge">${esc(cause.kind)}</span>`
@@ -82,9 +88,7 @@ function causeCard(cause, findingsByKey) {
     + `<span class="component">${esc(cause.component)}${esc(side)}</span></div>`
     + `<div class="summary">${esc(cause.summary ?? '')}</div>`
     + `<dl>${rows.map(([k, v]) => `<dt>${k}</dt><dd>${v}</dd>`).join('')}</dl>`
-    + (services.length
-      ? `<div class="chips" aria-label="Affected services">${services.map((s) => `<span class="chip">${esc(s)}</span>`).join('')}</div>`
-      : '')
+    + serviceChips(cause)
     + explainedList(explained)
     + '</div>';
 }
@@ -110,30 +114,25 @@ export function renderFindings(causesEl, findingsEl, counts, view) {
     : `<p class="muted">${findings.length ? 'Every open finding is explained by a root cause above.' : 'None open.'}</p>`;
 }
 
-// GET /api/v1/services, whatever its shape; `null`: not served by this controller.
-export function renderServices(el, services) {
-  if (services === null) {
+// GET /api/v1/services: {reportingNodes, services: [{service, flows, pods,
+// nodes, impactedBy, ...}]}; `null`: not served by this controller.
+export function renderServices(el, view) {
+  if (view === null) {
     el.innerHTML = '<p class="muted">Service awareness is not served by this controller.</p>';
     return;
   }
-  const list = Array.isArray(services) ? services
-    : Array.isArray(services?.services) ? services.services : [];
-  const affected = list.filter((s) => !(s && typeof s === 'object' && s.affected === false));
-  if (affected.length === 0) {
-    el.innerHTML = '<p class="muted">No service crosses an open fault.</p>';
+  const all = Array.isArray(view?.services) ? view.services : [];
+  const hit = all.filter((s) => Array.isArray(s?.impactedBy) && s.impactedBy.length > 0);
+  const traced = `${all.length} service${all.length === 1 ? '' : 's'} traced`
+    + (view?.reportingNodes !== undefined ? ` on ${view.reportingNodes} nodes` : '');
+  if (hit.length === 0) {
+    el.innerHTML = `<p class="muted">No service crosses an open fault (${esc(traced)}).</p>`;
     return;
   }
-  const names = serviceNames(affected);
-  el.innerHTML = `<ul class="findings-list">${affected.map((s, i) => {
-    const details = s && typeof s === 'object'
-      ? Object.entries(s)
-        .filter(([k, v]) => !['name', 'service'].includes(k) && (typeof v !== 'object' || v === null))
-        .slice(0, 4)
-        .map(([k, v]) => `${esc(k)} ${esc(v)}`)
-        .join(' · ')
-      : '';
-    return `<li><span class="kind">${esc(names[i])}</span>${details ? `<br><span class="muted">${details}</span>` : ''}</li>`;
-  }).join('')}</ul>`;
+  const items = hit.map((s) => `<li data-service="${esc(serviceName(s))}"><span class="kind">${esc(serviceName(s))}</span>`
+    + `<br><span class="muted">${esc(`${s.flows ?? 0} flows, ${s.pods ?? 0} pods on ${s.nodes ?? 0} nodes`)}</span>`
+    + `<div class="chips" aria-label="Hit by">${s.impactedBy.map((h) => `<span class="chip">${esc(h)}</span>`).join('')}</div></li>`);
+  el.innerHTML = `<ul class="findings-list">${items.join('')}</ul><p class="muted">${esc(traced)}</p>`;
 }
 
 // GET /api/v1/agents.
