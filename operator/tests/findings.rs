@@ -19,11 +19,13 @@ use pingmesh_operator::mesh::localize::{
     CauseEvidence, CauseKind, OpenRootCause, RootCause, Side, Signal,
 };
 use pingmesh_operator::mesh::registry::open_registry;
+use pingmesh_operator::mesh::services::impact::CauseImpact;
+use pingmesh_operator::mesh::services::{ImpactedService, ServiceImpact, ServiceName, WorkloadRef};
 use pingmesh_operator::mesh::types::MeshEndpoint;
 use pingmesh_operator::reconcile::{
     EVENT_RETRIES, EventObject, FIELD_MANAGER, FindingsPublisher, FindingsView, HOLD_WINDOWS,
     MAX_ANNOUNCED, NO_ROOT_CAUSE_REASON, NodeMeta, PAUSE_AFTER_FAILURE, ROOT_CAUSE_CLEARED_REASON,
-    ROOT_CAUSE_REASON, ReconcileMetrics, SourceSettings, node_cache,
+    ROOT_CAUSE_REASON, ReconcileMetrics, SERVICE_HIT_REASON, SourceSettings, node_cache,
 };
 use pingmesh_proto::v1::{Endpoint, Transport, WindowSummary};
 use pingmesh_proto::window::{unix_now_ms, window_start};
@@ -311,6 +313,99 @@ fn condition<'a>(node: &'a Value, type_: &str) -> Option<&'a Value> {
 }
 
 // ---------------------------------------------------------------- Events
+
+/// `cause` hitting Job ml/train (5 connections) and a process outside pods.
+fn hitting_services(cause: &OpenRootCause) -> Arc<ServiceImpact> {
+    let train = ImpactedService {
+        service: "Job/ml/train".into(),
+        name: ServiceName {
+            kind: "Job".into(),
+            namespace: "ml".into(),
+            name: "train".into(),
+        },
+        flows: 5,
+        pods: 2,
+        workload: Some(WorkloadRef {
+            api_version: "batch/v1".into(),
+            kind: "Job".into(),
+            name: "train".into(),
+            uid: "uid-train".into(),
+        }),
+        paths: vec!["n1/udp0 -> n3/udp0".into()],
+        hit_by: Vec::new(),
+    };
+    let process = ImpactedService {
+        service: "Process/ib_write_bw".into(),
+        name: ServiceName {
+            kind: "Process".into(),
+            namespace: String::new(),
+            name: "ib_write_bw".into(),
+        },
+        workload: None,
+        ..train.clone()
+    };
+    Arc::new(ServiceImpact {
+        root_causes: vec![CauseImpact {
+            kind: cause.cause.kind,
+            signal: cause.cause.signal,
+            component: cause.cause.component.clone(),
+            services: vec![train, process],
+            service_count: 2,
+        }],
+        ..ServiceImpact::default()
+    })
+}
+
+#[tokio::test]
+async fn a_root_cause_hitting_a_service_puts_one_event_on_its_workload_while_it_lasts() {
+    let mut h = Harness::start();
+    let cause = root_cause(CauseKind::Host, "n3", &[]);
+    let hit = FindingsView {
+        service_impact: hitting_services(&cause),
+        ..with_causes(vec![], vec![cause.clone()])
+    };
+    let seen = h.sync(&hit, &settings(false)).await;
+    let on_workloads: Vec<_> = events(&seen)
+        .into_iter()
+        .filter(|e| e.2 == SERVICE_HIT_REASON)
+        .collect();
+    assert_eq!(
+        on_workloads,
+        [event(
+            "/apis/events.k8s.io/v1/namespaces/ml/events",
+            "Warning",
+            SERVICE_HIT_REASON,
+            "train",
+            "default"
+        )],
+        "one Event, on the Job in its namespace; none for the process outside pods"
+    );
+    let stored = h.stored_events();
+    let body = stored
+        .iter()
+        .find(|e| e["reason"] == SERVICE_HIT_REASON)
+        .unwrap();
+    assert_eq!(body["regarding"]["kind"], "Job");
+    assert_eq!(body["regarding"]["uid"], "uid-train");
+    assert!(
+        body["note"].as_str().unwrap().starts_with(
+            "host n3 (loss, confidence 0.90) hits 5 connections of 2 pods of Job/ml/train"
+        ),
+        "{body}"
+    );
+    assert_eq!(h.metrics.finding_events(EventObject::Workload, true), 1);
+
+    // The same window judged again, and the next: nothing new.
+    assert!(events(&h.sync(&hit, &settings(false)).await).is_empty());
+    // The cause clears, then opens again and hits the Job again: a new Event.
+    h.sync(&view(vec![], vec![]), &settings(false)).await;
+    let again = events(&h.sync(&hit, &settings(false)).await);
+    assert_eq!(
+        again.iter().filter(|e| e.2 == SERVICE_HIT_REASON).count(),
+        1,
+        "{again:?}"
+    );
+}
 
 #[tokio::test]
 async fn a_path_finding_is_announced_once_when_it_opens_and_once_when_it_clears() {

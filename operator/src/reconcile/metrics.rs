@@ -33,6 +33,8 @@ impl Outcome {
 pub enum EventObject {
     PingMesh,
     Node,
+    /// The workload (`Job`, `StatefulSet`, ...) or bare pod of a service a root cause hits.
+    Workload,
 }
 
 impl EventObject {
@@ -40,6 +42,7 @@ impl EventObject {
         match self {
             Self::PingMesh => "pingmesh",
             Self::Node => "node",
+            Self::Workload => "workload",
         }
     }
 }
@@ -90,7 +93,7 @@ impl ReconcileMetrics {
         let finding_events = IntCounterVec::new(
             Opts::new(
                 "pingmesh_operator_finding_events_total",
-                "Events published for root causes and findings opening and clearing, by the object they are about and result.",
+                "Events published for root causes and findings opening and clearing, and on the workloads of the services root causes hit, by the object they are about and result.",
             ),
             &["object", "result"],
         )?;
@@ -114,7 +117,11 @@ impl ReconcileMetrics {
         registry.register(Box::new(faulty_nodes.clone()))?;
         // Every known label value starts at zero, so rate() and alerts see
         // the series before the first event.
-        for object in [EventObject::PingMesh, EventObject::Node] {
+        for object in [
+            EventObject::PingMesh,
+            EventObject::Node,
+            EventObject::Workload,
+        ] {
             for ok in [true, false] {
                 finding_events
                     .with_label_values(&[object.label(), result_label(ok)])

@@ -43,9 +43,10 @@ pub use configmap::{agent_config_data, config_hash, desired_configmap};
 pub use daemonset::{AGENT_CONTAINER, desired_daemonset};
 pub use error::{BuildError, ReconcileError, api_category};
 pub use findings::{
-    CauseKey, EVENT_RETRIES, FindingsPublisher, FindingsView, HOLD_WINDOWS, MAX_ANNOUNCED,
-    MAX_UNPUBLISHED, NO_ROOT_CAUSE_REASON, PAUSE_AFTER_FAILURE, ROOT_CAUSE_CLEARED_REASON,
-    ROOT_CAUSE_REASON, Wanted, faulty_nodes, reason as finding_reason, wanted_conditions,
+    CauseKey, EVENT_RETRIES, FindingsPublisher, FindingsView, HOLD_WINDOWS,
+    MANY_SERVICES_HIT_REASON, MAX_ANNOUNCED, MAX_UNPUBLISHED, NO_ROOT_CAUSE_REASON,
+    PAUSE_AFTER_FAILURE, ROOT_CAUSE_CLEARED_REASON, ROOT_CAUSE_REASON, SERVICE_HIT_REASON, Wanted,
+    faulty_nodes, reason as finding_reason, wanted_conditions,
 };
 pub use forward::forward_to_leader;
 pub use mesh_host::{MeshHost, MeshPolicy, SourceSettings};

@@ -51,6 +51,7 @@
 
 mod node_condition;
 mod root_causes;
+mod services;
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -70,6 +71,7 @@ use super::nodes::NodeMeta;
 use crate::mesh::analyzer::{ClearReason, Finding, FindingKind};
 use crate::mesh::controller::MeshController;
 use crate::mesh::localize::{OpenRootCause, RootCause};
+use crate::mesh::services::impact::ServiceImpact;
 use crate::mesh::types::MeshEndpoint;
 
 pub use node_condition::{NodeConditions, PAUSE_AFTER_FAILURE, Wanted};
@@ -77,6 +79,7 @@ pub use root_causes::{
     CLEARED_REASON as ROOT_CAUSE_CLEARED_REASON, CauseKey, LOCALIZED_REASON as ROOT_CAUSE_REASON,
     NOT_LOCALIZED_REASON as NO_ROOT_CAUSE_REASON, faulty_nodes, wanted_conditions,
 };
+pub use services::{MANY_SERVICES_HIT_REASON, SERVICE_HIT_REASON};
 
 /// Most root causes and findings opening (and, separately, clearing)
 /// announced one by one per pass.
@@ -119,6 +122,8 @@ pub struct FindingsView {
     /// then an empty `root_causes` says nothing, and Node conditions are not
     /// written.
     pub conditions_ready: bool,
+    /// The services open root causes hit, for the Events on their workloads.
+    pub service_impact: Arc<ServiceImpact>,
 }
 
 impl FindingsView {
@@ -139,6 +144,7 @@ impl FindingsView {
             endpoints: controller.known_endpoints(),
             judged_window: last.as_ref().map(|r| (r.window_start_ms, r.window_ms)),
             conditions_ready: controller.windows_with_data() >= needed,
+            service_impact: controller.service_impact(),
         }
     }
 
@@ -253,6 +259,8 @@ pub struct FindingsPublisher {
     metrics: ReconcileMetrics,
     announced: BTreeMap<FindingKey, Announced>,
     announced_causes: BTreeMap<CauseKey, AnnouncedCause>,
+    /// (service, root cause) pairs announced on the service's workload.
+    announced_services: BTreeSet<services::ServiceHitKey>,
     /// Events the API server refused, oldest first, to try again.
     unpublished: VecDeque<PendingEvent>,
     conditions: NodeConditions,
@@ -290,6 +298,7 @@ impl FindingsPublisher {
             metrics,
             announced: BTreeMap::new(),
             announced_causes: BTreeMap::new(),
+            announced_services: BTreeSet::new(),
             unpublished: VecDeque::new(),
             conditions: NodeConditions::default(),
             warming_up: false,
@@ -359,6 +368,7 @@ impl FindingsPublisher {
             .await;
         self.announce_findings(view, mesh, &mut opening, &mut clearing, cancel)
             .await;
+        self.announce_services(view, mesh, cancel).await;
         if let Some(counted) = opening.counted() {
             let note = format!(
                 "{counted} opened in this window; the PingMesh status and the mesh API (/api/v1/findings) list them"
