@@ -320,6 +320,35 @@ def overview() -> Dashboard:
     d.timeseries("Open root causes over time", "pingmesh_localized_faults by kind and signal.",
                  [target("sum by (kind, signal) (pingmesh_localized_faults)", "{{kind}} {{signal}}")],
                  width=8, height=8, stack=True)
+    d.row("Services hit by faults")
+    d.stat("Services hit", "pingmesh_services_impacted: services (workloads named after their pods' owners) whose "
+           "traced connections cross an open root cause or SLA finding. Which faults hit which service: the mesh "
+           "API (/api/v1/services), the PingMesh status (affectedServices) and RootCauseHitsService Events on the "
+           "workloads. Needs spec.tracing.enabled.",
+           "max(pingmesh_services_impacted)", steps=thresholds((None, "green"), (1, "red")), width=4)
+    d.table("Services hit by faults (top by affected connections)",
+            "pingmesh_service_impact_flows and pingmesh_service_impact_pods: the connections (TCP) or queue pairs "
+            "(RDMA) of each service that cross an open fault, and its pods with such connections; only the top "
+            "services.metricsTopServices (default 10) services have series.",
+            [target("max by (kind, namespace, service) (pingmesh_service_impact_flows) > 0",
+                    ref="A", format="table", instant=True, range=False),
+             target("max by (kind, namespace, service) (pingmesh_service_impact_pods)",
+                    ref="B", format="table", instant=True, range=False)],
+            width=10, height=8,
+            transformations=[{"id": "merge", "options": {}},
+                             {"id": "organize", "options": {"excludeByName": {"Time": True},
+                                                            "renameByName": {"Value #A": "connections",
+                                                                             "Value #B": "pods"}}},
+                             {"id": "filterByValue", "options": {
+                                 "filters": [{"fieldName": "connections",
+                                              "config": {"id": "isNull", "options": {}}}],
+                                 "match": "any", "type": "exclude"}},
+                             {"id": "sortBy", "options": {"sort": [{"field": "connections", "desc": True}]}}])
+    d.timeseries("Connections of the services hit",
+                 "pingmesh_service_impact_flows of each top service over time, and pingmesh_services_impacted.",
+                 [target("max by (service) (pingmesh_service_impact_flows) > 0", "{{service}}"),
+                  target("max(pingmesh_services_impacted)", "services hit", ref="B")],
+                 width=10, height=8)
     d.row("ToR x ToR (last judged window)")
     d.matrix("Loss ratio matrix (rows: source ToR, columns: destination ToR)",
              "pingmesh_tor_pair_loss_ratio. Empty cells: the pair was not probed in the last window.",
