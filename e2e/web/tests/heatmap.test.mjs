@@ -172,6 +172,18 @@ test('a fault turns exactly its cells to the failing colour within two windows, 
   assert.equal(p99.metric, 'p99');
   assert.equal(p99.count, 9);
   assert.ok(Object.values(p99.cells).every((c) => c.state === 'ok'), JSON.stringify(p99.cells));
+  // The keyboard reaches every cell: from the first, down and right is
+  // tor-2 -> tor-2; Enter opens it, Escape closes it.
+  await page.locator('#drill [data-close]').click();
+  await page.locator('#heatmap').focus();
+  await page.keyboard.press('ArrowDown');
+  await page.keyboard.press('ArrowRight');
+  assert.match(await page.locator('#cell-status').innerText(), /tor-2 → tor-2/);
+  await page.keyboard.press('Enter');
+  await waitFor('the drill-down of tor-2 -> tor-2', 10_000, async () =>
+    (await page.locator('#drill h3').innerText()).startsWith('tor-2 → tor-2'));
+  await page.keyboard.press('Escape');
+  assert.equal(await page.locator('#drill').isHidden(), true);
   assert.deepEqual(errors, [], 'no script errors');
   assert.deepEqual(failed.filter((f) => f !== '404 /api/v1/services'), [], 'no failed request');
 });

@@ -17,6 +17,7 @@ const state = {
   shown: null, // the matrix on screen
   grid: null,
   zoom: null, // {rows, cols, label}: the ToRs of one aggregated cell
+  cursor: 0, // the cell the keyboard is on
   selected: null, // {source, target}: the pair drilled into
   pollFailures: 0,
   panelsShown: false,
@@ -73,6 +74,8 @@ function draw() {
       ? `${matrix.tors.length} ToRs in groups of ${state.grid.rows[0].members.length}: click a cell to zoom in`
       : '';
   markSelected();
+  state.cursor = Math.min(state.cursor, state.grid.cells.length - 1);
+  markCursor(false);
   const end = matrix.startMs + matrix.windowMs;
   $('window-label').textContent = `window ${formatTime(matrix.startMs)}–${formatTime(end)} (${matrix.windowMs / 1000} s)`;
   heatmap.dataset.window = String(matrix.startMs);
@@ -104,6 +107,53 @@ function markSelected() {
   const { source, target } = state.selected;
   for (const el of heatmap.querySelectorAll('.c')) {
     if (el.dataset.src === source && el.dataset.dst === target) el.classList.add('sel');
+  }
+}
+
+// The keyboard's cell: outlined while the heatmap has focus; `announce`
+// also shows its tooltip and reads it out.
+function markCursor(announce) {
+  const heatmap = $('heatmap');
+  heatmap.querySelector('.c.kb')?.classList.remove('kb');
+  const el = heatmap.querySelector(`.c[data-i="${state.cursor}"]`);
+  if (!el || !state.grid) return;
+  el.classList.add('kb');
+  if (!announce) return;
+  const html = cellTooltip(state.grid, state.grid.cells[state.cursor]);
+  const tooltip = $('tooltip');
+  tooltip.innerHTML = html;
+  tooltip.hidden = false;
+  const box = el.getBoundingClientRect();
+  tooltip.style.left = `${Math.min(box.right + 8, window.innerWidth - tooltip.offsetWidth - 8)}px`;
+  tooltip.style.top = `${box.bottom + 8}px`;
+  $('cell-status').textContent = tooltip.innerText;
+}
+
+function openCell(el) {
+  if (!el || !state.grid) return;
+  const cell = state.grid.cells[Number(el.dataset.i)];
+  if (state.grid.aggregated) {
+    const rows = state.grid.rows[cell.row];
+    const cols = state.grid.cols[cell.col];
+    const names = (g) => g.members.map((t) => state.shown.tors[t]);
+    state.zoom = { rows: names(rows), cols: names(cols), label: `${rows.label} → ${cols.label}` };
+    state.cursor = 0;
+    draw();
+    return;
+  }
+  state.selected = { source: el.dataset.src, target: el.dataset.dst };
+  markSelected();
+  refreshDrill().catch((err) => setConnection(false, err.message));
+}
+
+function goBack() {
+  if (state.selected) {
+    state.selected = null;
+    markSelected();
+    $('drill').hidden = true;
+  } else if (state.zoom) {
+    state.zoom = null;
+    draw();
   }
 }
 
@@ -275,22 +325,29 @@ function wire() {
     if (newest) showWindow(newest.startMs).catch((err) => setConnection(false, err.message));
   });
   const heatmap = $('heatmap');
-  heatmap.addEventListener('click', (e) => {
-    const el = e.target.closest('.c');
-    if (!el || !state.grid) return;
-    const cell = state.grid.cells[Number(el.dataset.i)];
-    if (state.grid.aggregated) {
-      const rows = state.grid.rows[cell.row];
-      const cols = state.grid.cols[cell.col];
-      const names = (g) => g.members.map((t) => state.shown.tors[t]);
-      state.zoom = { rows: names(rows), cols: names(cols), label: `${rows.label} → ${cols.label}` };
-      draw();
+  heatmap.addEventListener('click', (e) => openCell(e.target.closest('.c')));
+  heatmap.addEventListener('keydown', (e) => {
+    if (!state.grid) return;
+    const width = state.grid.cols.length;
+    const steps = { ArrowRight: 1, ArrowLeft: -1, ArrowDown: width, ArrowUp: -width };
+    if (e.key in steps) {
+      const next = state.cursor + steps[e.key];
+      const sameRow = Math.floor(next / width) === Math.floor(state.cursor / width);
+      if (next >= 0 && next < state.grid.cells.length && (Math.abs(steps[e.key]) > 1 || sameRow)) {
+        state.cursor = next;
+      }
+      markCursor(true);
+    } else if (e.key === 'Enter' || e.key === ' ') {
+      openCell(heatmap.querySelector(`.c[data-i="${state.cursor}"]`));
+    } else if (e.key === 'Escape') {
+      goBack();
+    } else {
       return;
     }
-    state.selected = { source: el.dataset.src, target: el.dataset.dst };
-    markSelected();
-    refreshDrill().catch((err) => setConnection(false, err.message));
+    e.preventDefault();
   });
+  heatmap.addEventListener('focus', () => markCursor(true));
+  heatmap.addEventListener('blur', () => { $('tooltip').hidden = true; });
   const tooltip = $('tooltip');
   heatmap.addEventListener('mouseover', (e) => {
     const el = e.target.closest('.c');
@@ -309,10 +366,7 @@ function wire() {
     draw();
   });
   $('drill').addEventListener('click', (e) => {
-    if (!e.target.closest('[data-close]')) return;
-    state.selected = null;
-    markSelected();
-    $('drill').hidden = true;
+    if (e.target.closest('[data-close]')) goBack();
   });
   // Hovering a root cause outlines the cells of its ToR (or of the group
   // holding it), tying the list to the map.
