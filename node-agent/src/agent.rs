@@ -152,6 +152,7 @@ pub async fn start(
             start_rdma(&config, devices, reason, &wiring, &mut tasks);
             let tuples = FlowTuples::Rdma {
                 max_flows: config.max_flows,
+                pinglists: wiring.pinglists.clone(),
             };
             ("rdma", None, tuples)
         }

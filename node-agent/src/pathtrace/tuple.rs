@@ -4,13 +4,16 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use pingmesh_proto::v1::{Endpoint, Transport};
+use std::sync::Arc;
+
+use pingmesh_proto::v1::{Endpoint, Pinglist, Transport};
 use pingmesh_proto::window::unix_now_ms;
+use tokio::sync::watch;
 
 use super::roce::{ROCE_V2_PORT, roce_udp_source_port};
 use crate::probe::flows::{FLOW_LABEL_ROTATION, UdpFlowSources, rotating_label};
 use crate::transport::rdma::Gid;
-use crate::transport::rdma::flow_label::ack_flow_label;
+use crate::transport::rdma::flow_label::{FLOW_LABEL_MASK, ack_flow_label};
 
 /// A UDP 5-tuple (the protocol is always UDP) and, for RDMA, the flow label it
 /// was derived from.
@@ -53,8 +56,13 @@ pub enum FlowTuples {
     /// responder socket (the endpoint's address) to the prober's port.
     Udp(UdpFlowSources),
     /// Every flow leaves the RNIC's GID address towards the target's, to port
-    /// 4791, from the port the driver derives from the flow label.
-    Rdma { max_flows: u16 },
+    /// 4791, from the port the driver derives from the flow label: the
+    /// prober's rotating label of the flow, or the label a SERVICE target of
+    /// the pinglist in force pins (its probes all carry it).
+    Rdma {
+        max_flows: u16,
+        pinglists: watch::Receiver<Option<Arc<Pinglist>>>,
+    },
 }
 
 impl FlowTuples {
@@ -76,12 +84,18 @@ impl FlowTuples {
                     flow_label: 0,
                 })
             }
-            Self::Rdma { max_flows } => {
+            Self::Rdma {
+                max_flows,
+                pinglists,
+            } => {
                 let from = rdma_ipv4(source)?;
                 let to = rdma_ipv4(target)?;
-                let rotation = u64::try_from(FLOW_LABEL_ROTATION.as_millis()).unwrap_or(u64::MAX);
-                let flow = u16::try_from(flow % u32::from((*max_flows).max(1))).unwrap_or(0);
-                let label = rotating_label(flow, *max_flows, rotation, unix_now_ms());
+                let label = pinned_label(pinglists, &source.id, &target.id).unwrap_or_else(|| {
+                    let rotation =
+                        u64::try_from(FLOW_LABEL_ROTATION.as_millis()).unwrap_or(u64::MAX);
+                    let flow = u16::try_from(flow % u32::from((*max_flows).max(1))).unwrap_or(0);
+                    rotating_label(flow, *max_flows, rotation, unix_now_ms())
+                });
                 Ok(roce_tuple(from, to, label))
             }
         }
@@ -120,6 +134,25 @@ impl FlowTuples {
             }
         }
     }
+}
+
+/// The flow label the pinglist in force pins for probes from `source` to
+/// `target` (a SERVICE target with the service's own label), if any.
+fn pinned_label(
+    pinglists: &watch::Receiver<Option<Arc<Pinglist>>>,
+    source: &str,
+    target: &str,
+) -> Option<u32> {
+    let list = pinglists.borrow();
+    list.as_ref()?
+        .targets
+        .iter()
+        .find(|t| {
+            t.source_endpoint == source
+                && t.flow_label & FLOW_LABEL_MASK != 0
+                && t.target.as_ref().is_some_and(|e| e.id == target)
+        })
+        .map(|t| t.flow_label & FLOW_LABEL_MASK)
 }
 
 fn roce_tuple(from: Ipv4Addr, to: Ipv4Addr, label: u32) -> FlowTuple {
@@ -190,7 +223,10 @@ mod tests {
 
     #[test]
     fn rdma_flows_use_the_roce_port_and_the_label_derived_source_port() {
-        let tuples = FlowTuples::Rdma { max_flows: 8 };
+        let tuples = FlowTuples::Rdma {
+            max_flows: 8,
+            pinglists: watch::channel(None).1,
+        };
         let me = endpoint(Transport::Rdma, "::ffff:10.0.0.1", 0x11);
         let peer = endpoint(Transport::Rdma, "::ffff:10.0.0.2", 0x22);
         let t = tuples.forward(&me, &peer, 2).unwrap();
@@ -207,9 +243,41 @@ mod tests {
     }
 
     #[test]
+    fn a_service_target_traces_with_the_services_own_flow_label() {
+        let me = endpoint(Transport::Rdma, "::ffff:10.0.0.1", 0x11);
+        let mut peer = endpoint(Transport::Rdma, "::ffff:10.0.0.2", 0x22);
+        peer.id = "n2/mlx5_0".into();
+        let service = pingmesh_proto::v1::PingTarget {
+            source_endpoint: me.id.clone(),
+            target: Some(peer.clone()),
+            flow_label: 0xA_BCDE,
+            ..pingmesh_proto::v1::PingTarget::default()
+        };
+        let (tx, rx) = watch::channel(None);
+        let tuples = FlowTuples::Rdma {
+            max_flows: 8,
+            pinglists: rx,
+        };
+        let rotating = tuples.forward(&me, &peer, 3).unwrap();
+        assert_ne!(rotating.flow_label, 0xA_BCDE);
+        tx.send_replace(Some(Arc::new(Pinglist {
+            targets: vec![service],
+            ..Pinglist::default()
+        })));
+        for flow in [0, 3] {
+            let t = tuples.forward(&me, &peer, flow).unwrap();
+            assert_eq!(t.flow_label, 0xA_BCDE);
+            assert_eq!(t.source.port(), roce_udp_source_port(0xA_BCDE));
+        }
+    }
+
+    #[test]
     fn wrong_transports_bad_addresses_and_ipv6_gids_are_refused() {
         let udp = FlowTuples::Udp(UdpFlowSources::default());
-        let rdma = FlowTuples::Rdma { max_flows: 4 };
+        let rdma = FlowTuples::Rdma {
+            max_flows: 4,
+            pinglists: watch::channel(None).1,
+        };
         let u = endpoint(Transport::Udp, "10.0.0.1:1", 0);
         let r = endpoint(Transport::Rdma, "::ffff:10.0.0.2", 3);
         assert_eq!(udp.forward(&u, &r, 0), Err(TupleError::WrongTransport));
