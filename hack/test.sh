@@ -75,6 +75,9 @@ not_run+=("RDMA e2e mesh (e2e/tests/rdma_mesh.rs) and the RDMA transport on a de
 not_run+=("UDP TX-timestamp keys across a firewall drop (node-agent/src/transport/udp.rs, a_firewall_drop_keeps_keys_matched*): need root and nft (Debian nftables) in a private network namespace; the command is in the doc comment of firewall_drop_keeps_keys_matched")
 env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked --test mesh -- --include-ignored --test-threads=1
 
+step "web view in a real browser (Debian chromium, playwright-core)"
+hack/web-test.sh
+
 step "end-to-end: fault localization on a leaf-spine fabric of network namespaces"
 if [[ "$(id -u)" == 0 ]] && command -v iptables >/dev/null && ip netns list >/dev/null 2>&1; then
   # Same-5-tuple path traces through a real Linux router (raw sockets, ICMP).
