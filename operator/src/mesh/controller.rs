@@ -618,8 +618,9 @@ impl MeshController {
         };
         let mut outcome = ReportOutcome::default();
         let now = unix_now_ms();
-        let ingest_began = std::time::Instant::now();
         let mut analyzer = lock(&self.analyzer);
+        // Time under the lock only: concurrent reports' waits would count twice.
+        let ingest_began = std::time::Instant::now();
         for (summary, owned) in windows.into_iter().zip(owned) {
             if !owned {
                 outcome.rejected += 1;
