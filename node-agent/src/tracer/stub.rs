@@ -8,7 +8,7 @@ use super::{Hook, IbCoreState, KernelPaths, TraceEvent, TracerError, TracerOptio
 /// Stands in for the eBPF tracer; it can never be constructed.
 #[derive(Debug)]
 pub struct Tracer {
-    _never: std::convert::Infallible,
+    never: std::convert::Infallible,
 }
 
 impl Tracer {
@@ -21,15 +21,15 @@ impl Tracer {
     }
 
     pub fn attach_ib_core(&mut self) -> &IbCoreState {
-        match self._never {}
+        match self.never {}
     }
 
     pub fn attach_ib_core_at(&mut self, _paths: &KernelPaths) -> &IbCoreState {
-        match self._never {}
+        match self.never {}
     }
 
     pub fn ib_core_state(&self) -> &IbCoreState {
-        match self._never {}
+        match self.never {}
     }
 
     pub fn ib_core_present(&self) -> bool {
