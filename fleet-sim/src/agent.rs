@@ -244,7 +244,12 @@ async fn session(
                 lists.send_replace(Some(Arc::new(list)));
             }
             Ok(None) => break Ok(()),
-            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Unknown) => {
+            Err(s)
+                if matches!(
+                    s.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                ) =>
+            {
                 break Ok(());
             }
             Err(s) => break Err(s),
@@ -310,10 +315,15 @@ async fn report_loop(
                 }
                 Err(s) => {
                     fleet.report_failures.fetch_add(1, Ordering::Relaxed);
-                    // A connection cut by a controller restart is expected here.
+                    // A connection cut by a controller restart, or a session it
+                    // no longer knows (the real agent registers again), is expected.
                     if !matches!(
                         s.code(),
-                        tonic::Code::Unavailable | tonic::Code::Cancelled | tonic::Code::Unknown
+                        tonic::Code::Unavailable
+                            | tonic::Code::Cancelled
+                            | tonic::Code::Unknown
+                            | tonic::Code::NotFound
+                            | tonic::Code::FailedPrecondition
                     ) {
                         fleet.error(format!("{node}: report: {s}"));
                     }

@@ -104,6 +104,10 @@ pub fn table(shape: &FleetShape, options: &Options, out: &Outcome, budget: &Budg
         pct(out.steady_cpu),
     );
     row(
+        "simulator CPU over the same windows (one core)",
+        pct(out.simulator_cpu),
+    );
+    row(
         "controller RSS / peak (MiB)",
         format!("{} / {}", mib(out.rss_bytes), mib(out.peak_rss_bytes)),
     );
@@ -194,7 +198,7 @@ fn change_rows(shape: &FleetShape, out: &Outcome, budget: &Budget) -> String {
     );
     row("path traces answered", format!("{}", out.traces_run));
     row(
-        "agent errors / failed reports",
+        "agent errors / failed reports (failures include the restart's)",
         format!("{} / {}", out.agent_error_count, out.report_failures),
     );
     row(

@@ -47,6 +47,8 @@ pub struct Propagation {
 pub struct Outcome {
     pub join: Option<Duration>,
     pub steady_cpu: Option<f64>,
+    /// The simulator's own CPU over the same windows (it shares the machine).
+    pub simulator_cpu: Option<f64>,
     pub rss_bytes: Option<u64>,
     pub peak_rss_bytes: Option<u64>,
     pub before: Scrape,
@@ -225,6 +227,7 @@ async fn steady(
     sleep_until_unix(first + window / 2).await;
     let s0 = scrape(ctl.http).await?;
     let p0 = ctl.sample();
+    let me0 = proc_sample(std::process::id());
     fleet.take_report_latencies();
     let accepted0 = fleet.summaries_accepted.load(Ordering::Relaxed);
     sleep_until_unix(first + window / 2 + u64::from(options.windows) * window).await;
@@ -238,6 +241,11 @@ async fn steady(
         s1 = scrape(ctl.http).await?;
     }
     let p1 = ctl.sample();
+    let me1 = proc_sample(std::process::id());
+    out.simulator_cpu = me0
+        .as_ref()
+        .zip(me1.as_ref())
+        .and_then(|(a, b)| cpu_share(a, b));
     out.steady_cpu = p0
         .as_ref()
         .zip(p1.as_ref())
