@@ -109,6 +109,11 @@ fn udp_agents_without_path_traces_get_no_capability_and_run_as_non_root() {
     }));
     assert!(capabilities(&pm).is_empty());
     assert!(host_paths(&pm).is_empty());
+    assert_eq!(
+        pod(&pm).host_pid,
+        None,
+        "no host PID namespace without tracing"
+    );
     let security = agent(&pm).security_context.unwrap();
     assert_eq!(security.run_as_non_root, Some(true));
     assert_eq!(
@@ -165,8 +170,19 @@ fn tracing_adds_bpf_perfmon_and_read_only_kernel_mounts() {
         s.transport = TransportMode::Udp;
         s.tracing.enabled = true;
     }));
-    assert_eq!(capabilities(&pm), ["BPF", "PERFMON", "NET_RAW"]);
-    assert_eq!(host_paths(&pm), ["/sys/kernel/btf", "/sys/kernel/tracing"]);
+    assert_eq!(
+        capabilities(&pm),
+        ["BPF", "PERFMON", "SYS_PTRACE", "NET_RAW"]
+    );
+    assert_eq!(
+        host_paths(&pm),
+        ["/sys/kernel/btf", "/sys/kernel/tracing", "/sys/fs/cgroup"]
+    );
+    assert_eq!(
+        pod(&pm).host_pid,
+        Some(true),
+        "services' processes in /proc"
+    );
     let mounts = agent(&pm).volume_mounts.unwrap();
     assert!(mounts.iter().all(|m| m.read_only == Some(true)));
     assert_eq!(agent(&pm).security_context.unwrap().run_as_user, Some(0));

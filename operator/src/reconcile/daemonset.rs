@@ -130,6 +130,9 @@ fn pod_spec(pm: &PingMesh, settings: &OperatorSettings, configmap: &str) -> PodS
     };
     PodSpec {
         host_network: Some(true),
+        // The tracer finds services' processes (their libibverbs, their
+        // cgroups) in the host's /proc.
+        host_pid: privileges.tracing.then_some(true),
         // Host network pods would otherwise resolve with the node's resolver only.
         dns_policy: Some("ClusterFirstWithHostNet".to_owned()),
         node_selector: Some(node_selector(pm)),
@@ -249,6 +252,9 @@ impl Privileges {
         if self.tracing {
             caps.push("BPF".to_owned());
             caps.push("PERFMON".to_owned());
+            // Reading the memory maps and root of other containers' processes
+            // (to find their libibverbs) passes the kernel's ptrace access check.
+            caps.push("SYS_PTRACE".to_owned());
         }
         if self.path_traces {
             // Raw sockets: trace datagrams with a flow's own source port, and
@@ -267,6 +273,8 @@ impl Privileges {
         if self.tracing {
             paths.push(("sys-kernel-btf", "/sys/kernel/btf"));
             paths.push(("sys-kernel-tracing", "/sys/kernel/tracing"));
+            // Pod attribution of processes that exited: cgroup id -> directory.
+            paths.push(("sys-fs-cgroup", "/sys/fs/cgroup"));
         }
         paths
     }
