@@ -75,6 +75,9 @@ not_run+=("RDMA e2e mesh (e2e/tests/rdma_mesh.rs) and the RDMA transport on a de
 not_run+=("UDP TX-timestamp keys across a firewall drop (node-agent/src/transport/udp.rs, a_firewall_drop_keeps_keys_matched*): need root and nft (Debian nftables) in a private network namespace; the command is in the doc comment of firewall_drop_keeps_keys_matched")
 env "${e2e_env[@]}" cargo test -p pingmesh-e2e --locked --test mesh -- --include-ignored --test-threads=1
 
+step "fleet simulator smoke run: 50 nodes, 3 windows against a real controller"
+target/debug/pingmesh-fleet-sim --endpoints 400 --window-ms 1000 --windows 3 --check
+
 step "web view in a real browser (Debian chromium, playwright-core)"
 hack/web-test.sh
 
