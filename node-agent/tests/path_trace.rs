@@ -19,20 +19,14 @@ use pingmesh_agent::pathtrace::{FlowTuple, TRACE_MAGIC, Tracer};
 
 const NS: [&str; 3] = ["pmt-a", "pmt-r", "pmt-b"];
 
-/// Whether the root-only tests were asked for. Without it a test is skipped
-/// loudly: a failure under CI (`CI` set, not `false` or `0`), a banner elsewhere.
+mod common;
+
+/// Whether the root-only tests were asked for (see `common::gate`).
 fn enabled() -> bool {
-    if std::env::var_os("PINGMESH_NETNS_TESTS").is_some_and(|v| !v.is_empty()) {
-        return true;
-    }
-    let how = "set PINGMESH_NETNS_TESTS=1 and run as root to build network namespaces";
-    let in_ci = std::env::var("CI").is_ok_and(|v| {
-        let v = v.trim();
-        !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
-    });
-    assert!(!in_ci, "SKIPPED under CI, which must run this test: {how}");
-    eprintln!("\n*** SKIPPED, nothing was tested: {how} ***\n");
-    false
+    common::gate(
+        "PINGMESH_NETNS_TESTS",
+        "set PINGMESH_NETNS_TESTS=1 and run as root to build network namespaces",
+    )
 }
 
 fn sh(args: &[&str]) {

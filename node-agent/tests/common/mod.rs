@@ -1,4 +1,5 @@
-//! Helpers of the root-only BPF tests (`tracer_bpf.rs`, `service_flows_bpf.rs`).
+//! Helpers of the root-only tests (`tracer_bpf.rs`, `service_flows_bpf.rs`,
+//! `path_trace.rs`, ...).
 #![allow(dead_code, clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 
 use std::net::Ipv4Addr;
@@ -7,14 +8,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Whether the root-only tests were asked for (`PINGMESH_BPF_TESTS=1`).
-/// Without it a test is skipped loudly: under CI (`CI` set, not `false` or
-/// `0`) that fails, since CI must run what it asks for; elsewhere a banner
-/// says that nothing was tested.
 pub fn enabled() -> bool {
-    if std::env::var_os("PINGMESH_BPF_TESTS").is_some_and(|v| !v.is_empty()) {
+    gate(
+        "PINGMESH_BPF_TESTS",
+        "set PINGMESH_BPF_TESTS=1 (and run as root) to load the BPF programs",
+    )
+}
+
+/// Whether `variable` is set (non-empty). Without it a test is skipped
+/// loudly: under CI (`CI` set, not `false` or `0`) that fails, since CI must
+/// run what it asks for; elsewhere a banner says that nothing was tested.
+pub fn gate(variable: &str, how: &str) -> bool {
+    if std::env::var_os(variable).is_some_and(|v| !v.is_empty()) {
         return true;
     }
-    let how = "set PINGMESH_BPF_TESTS=1 (and run as root) to load the BPF programs";
     let in_ci = std::env::var("CI").is_ok_and(|v| {
         let v = v.trim();
         !(v.is_empty() || v == "0" || v.eq_ignore_ascii_case("false"))
