@@ -11,20 +11,31 @@
 //! (`kind: service` in `GET /api/v1/paths`, `probed` in `GET /api/v1/services`),
 //! then black-holes h31 (`hack/fabric.sh inject host h31 100`): the root cause
 //! `host h31` lists `Process/train` among its impacted services and not
-//! `Process/store`, `/api/v1/services` ranks train (impacted) above store (not),
+//! `Process/store`, every impact ranking starts with train and never names store
+//! (which `/api/v1/services` lists as impacted by nothing),
 //! and the top-N impact metric names train only. After the fault is cleared,
 //! train is impacted by nothing any more.
 //!
-//! Flows come from the test itself, acting as each agent's tracer: it reads
-//! the agent's session from `GET /api/v1/agents` and sends snapshots once a
-//! second over gRPC, from inside `pmf-mgmt`. The agents run without
-//! `--tracing`, so their own (empty) reports do not replace these. The
-//! tracer-driven variant is the same test with [`FlowSource::Traced`]: agents
-//! started with `--tracing` and real TCP connections between the host
-//! namespaces; it needs the BPF tracer to attach in every agent (root,
-//! tracefs) and is not wired here yet.
+//! Flows come from one of two sources ([`FlowSource`]):
 //!
-//! Needs root (namespaces, iptables) and the built binaries (`cargo build
+//! - Injected (`a_fault_on_a_services_path_...`): the test acts as each
+//!   agent's tracer: it reads the agent's session from `GET /api/v1/agents`
+//!   and sends snapshots once a second over gRPC, from inside `pmf-mgmt`. The
+//!   agents run without `--tracing`, so their own (empty) reports do not
+//!   replace these.
+//! - Traced (`services_seen_by_the_agents_tracers_...`): the agents run with
+//!   `--tracing true` and their own eBPF tracers see real TCP connections:
+//!   copies of `pingmesh-e2e-tcp` named `train` and `store` (the tracer names
+//!   processes outside pods `Process/<comm>`, and comm is the executable's
+//!   file name) listen on h31 and h22 and connect from h11, h12 and h21 in the
+//!   host namespaces, holding their connections open. Both ends are reported
+//!   (the connecting process, and the listener owning each accepted socket),
+//!   so train has 10 connections and store 16. `ip netns exec` gives each
+//!   agent a fresh /sys without tracefs, so the agent is started through a
+//!   shell that mounts tracefs in that private mount namespace first.
+//!
+//! Needs root (namespaces, iptables; the traced test also kernel BTF and
+//! tracefs) and the built binaries (`cargo build
 //! --workspace --bins`); gated by `PINGMESH_E2E_FABRIC` like the fabric tests.
 //!
 //! ```sh
@@ -66,12 +77,10 @@ const CLEAR_WINDOWS: u64 = 10;
 enum FlowSource {
     /// This test reports them with each agent's session.
     Injected,
-    /// The agents' own tracers (`--tracing`) see real connections. Not wired yet.
-    #[allow(dead_code)]
+    /// The agents' own tracers (`--tracing true`) see real TCP connections
+    /// between processes in the host namespaces.
     Traced,
 }
-
-const SOURCE: FlowSource = FlowSource::Injected;
 
 // ---------------------------------------------------------------------------
 // Namespaces and the fabric (as in fabric.rs)
@@ -202,16 +211,31 @@ fn start_controller(dir: &Path) -> Proc {
     proc
 }
 
-fn start_agent(dir: &Path, netns: &str, host: &str, tor: &str, ip: &str) -> Proc {
+/// Mounts tracefs at /sys/kernel/tracing unless it is there, then runs its
+/// arguments in its place.
+const TRACEFS_THEN_EXEC: &str = "mountpoint -q /sys/kernel/tracing || \
+     mount -t tracefs nodev /sys/kernel/tracing || exit 1; exec \"$@\"";
+
+fn start_agent(
+    dir: &Path,
+    source: FlowSource,
+    (netns, host, tor, ip): &(String, String, String, String),
+) -> Proc {
     let mut cmd = Command::new("ip");
-    cmd.args(["netns", "exec", netns])
-        .arg(binary("pingmesh-agent"))
+    cmd.args(["netns", "exec", netns]);
+    if source == FlowSource::Traced {
+        // `ip netns exec` runs the command in a mount namespace of its own
+        // with a fresh /sys, without the host's tracefs; the tracer reads the
+        // tracepoint's id from it. Mounted there, so the host's is untouched.
+        cmd.args(["sh", "-c", TRACEFS_THEN_EXEC, "sh"]);
+    }
+    cmd.arg(binary("pingmesh-agent"))
         .args(["--node", host, "--tor", tor, "--transport", "udp"])
         .args(["--udp-bind", &format!("{ip}:{RESPONDER_PORT}")])
         .args(["--metrics-addr", "127.0.0.1:9402"])
         .args(["--controller", &format!("http://{GRPC_ADDR}")]);
-    if SOURCE == FlowSource::Traced {
-        cmd.arg("--tracing");
+    if source == FlowSource::Traced {
+        cmd.args(["--tracing", "true"]);
     }
     let child = cmd
         .env("PINGMESH_LOG_LEVEL", "info")
@@ -221,7 +245,7 @@ fn start_agent(dir: &Path, netns: &str, host: &str, tor: &str, ip: &str) -> Proc
         .spawn()
         .expect("start an agent");
     Proc {
-        name: host.to_owned(),
+        name: host.clone(),
         child,
     }
 }
@@ -411,8 +435,10 @@ fn services() -> Vec<(String, u64, Vec<String>)> {
         .collect()
 }
 
-/// Whether every service pair is probed as a service target and answered.
-fn service_pairs_probed() -> bool {
+/// Whether every service pair is probed as a service target and answered:
+/// from the connecting side, and with traced flows from the listening side
+/// too (its agent reports the accepted connections).
+fn service_pairs_probed(source: FlowSource) -> bool {
     let paths = api_json("/api/v1/paths").unwrap_or_default();
     let probed: Vec<(String, String)> = paths
         .as_array()
@@ -426,7 +452,11 @@ fn service_pairs_probed() -> bool {
             )
         })
         .collect();
-    [("h11", "h31"), ("h12", "h31"), ("h21", "h22")]
+    let mut pairs = vec![("h11", "h31"), ("h12", "h31"), ("h21", "h22")];
+    if source == FlowSource::Traced {
+        pairs.extend([("h31", "h11"), ("h31", "h12"), ("h22", "h21")]);
+    }
+    pairs
         .iter()
         .all(|(s, t)| probed.contains(&(format!("{s}/udp0"), format!("{t}/udp0"))))
 }
@@ -477,12 +507,139 @@ fn wait_until_nothing_impacted(cleared: u64) -> (u64, u64) {
     );
 }
 
+// ---------------------------------------------------------------------------
+// Traced services: real connections, seen by the agents' own tracers
+
+/// The agent's metrics in its host namespace (`--metrics-addr 127.0.0.1:9402`).
+fn agent_metrics(netns: &str) -> Option<String> {
+    let addr: SocketAddr = "127.0.0.1:9402".parse().unwrap();
+    in_netns(netns, || get_text(addr, "/metrics")).flatten()
+}
+
+/// Waits until every agent's tracer is on (`pingmesh_tracer_state{reason="on"} 1`)
+/// with the TCP tracepoint attached; a tracer that stays off fails with its reason.
+fn wait_tracers_on(hosts: &[(String, String, String, String)]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (ns, host, _, _) in hosts {
+        loop {
+            let text = agent_metrics(ns).unwrap_or_default();
+            let is_one = |prefix: &str| {
+                text.lines()
+                    .any(|l| l.starts_with(prefix) && l.ends_with(" 1"))
+            };
+            if is_one("pingmesh_tracer_state{reason=\"on\"")
+                && is_one("pingmesh_tracer_hooks{hook=\"tracepoint_inet_sock_set_state\"")
+            {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let state: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.starts_with("pingmesh_tracer_"))
+                    .collect();
+                panic!(
+                    "the tracer of {host} is not on with the TCP tracepoint (needs root, \
+                     /sys/kernel/btf/vmlinux, tracefs at /sys/kernel/tracing): {state:?}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// The services as processes in the host namespaces, killed when dropped:
+/// `train` listens on h31 and holds 3 connections from h11 and 2 from h12;
+/// `store` listens on h22 and holds 8 connections from h21. The command
+/// names come from the file names of two copies of `pingmesh-e2e-tcp`.
+fn start_services(dir: &Path, hosts: &[(String, String, String, String)]) -> Vec<Proc> {
+    let ns = |h: &str| hosts.iter().find(|x| x.1 == h).unwrap().0.clone();
+    let ip = |h: &str| hosts.iter().find(|x| x.1 == h).unwrap().3.clone();
+    let helper = binary("pingmesh-e2e-tcp");
+    for name in ["train", "store"] {
+        std::fs::copy(&helper, dir.join(name)).expect("copy pingmesh-e2e-tcp");
+    }
+    let spawn = |host: &str, service: &str, args: &[String]| {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns(host)])
+            .arg(dir.join(service))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log_to(dir, &format!("{service}-{host}")))
+            .spawn()
+            .expect("start a service process");
+        let mut proc = Proc {
+            name: format!("{service} on {host}"),
+            child,
+        };
+        // Each one says when it is listening or holds its connections.
+        let mut line = String::new();
+        let stdout = proc.child.stdout.take().unwrap();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line).unwrap();
+        assert!(
+            line.starts_with("listening") || line.starts_with("connected"),
+            "{} did not start: {line:?} (see {service}-{host}.log)",
+            proc.name
+        );
+        proc
+    };
+    let train = format!("{}:7000", ip("h31"));
+    let store = format!("{}:7001", ip("h22"));
+    vec![
+        spawn("h31", "train", &["listen".into(), train.clone()]),
+        spawn("h22", "store", &["listen".into(), store.clone()]),
+        spawn(
+            "h11",
+            "train",
+            &["connect".into(), train.clone(), "3".into()],
+        ),
+        spawn("h12", "train", &["connect".into(), train, "2".into()]),
+        spawn("h21", "store", &["connect".into(), store, "8".into()]),
+    ]
+}
+
+// ---------------------------------------------------------------------------
+// The tests
+
 #[test]
 #[ignore = "needs root and network namespaces; set PINGMESH_E2E_FABRIC=1"]
 fn a_fault_on_a_services_path_ranks_it_as_impacted_until_the_fault_clears() {
     if !common::enabled(GATE, "needs root; builds hack/fabric.sh's fabric") {
         return;
     }
+    run(FlowSource::Injected);
+}
+
+/// The same with the agents' own tracers: agents with `--tracing true`, and
+/// `train` and `store` as real processes holding TCP connections between
+/// the host namespaces. Both ends of every connection are reported (the
+/// connecting process, and the listener that owns the accepted socket), so
+/// train has 10 connections (5 on h11 and h12, 5 accepted on h31) and store
+/// 16 (8 on h21, 8 on h22). The whole run stays far below the flow table's
+/// 60 s idle check, which would keep these flows anyway: their processes are
+/// alive and hold the connections.
+#[test]
+#[ignore = "needs root, network namespaces and the BPF tracer; set PINGMESH_E2E_FABRIC=1"]
+fn services_seen_by_the_agents_tracers_are_ranked_by_the_fault_they_cross() {
+    if !common::enabled(
+        GATE,
+        "needs root, tracefs and kernel BTF; builds hack/fabric.sh's fabric",
+    ) {
+        return;
+    }
+    run(FlowSource::Traced);
+}
+
+/// Connections of each service as reported: (train, store).
+fn expected_flows(source: FlowSource) -> (u64, u64) {
+    match source {
+        FlowSource::Injected => (5, 8),
+        FlowSource::Traced => (10, 16),
+    }
+}
+
+#[allow(clippy::too_many_lines)]
+fn run(source: FlowSource) {
     let started = Instant::now();
     let fabric = Fabric::up();
     let hosts = fabric.hosts();
@@ -491,7 +648,7 @@ fn a_fault_on_a_services_path_ranks_it_as_impacted_until_the_fault_clears() {
     let _controller = start_controller(dir.path());
     let _agents: Vec<Proc> = hosts
         .iter()
-        .map(|(ns, host, tor, ip)| start_agent(dir.path(), ns, host, tor, ip))
+        .map(|h| start_agent(dir.path(), source, h))
         .collect();
     wait_for(Duration::from_secs(30), "all agents connected", || {
         api_json("/api/v1/agents").and_then(|v| {
@@ -503,17 +660,51 @@ fn a_fault_on_a_services_path_ranks_it_as_impacted_until_the_fault_clears() {
         .iter()
         .map(|(_, host, _, ip)| (host.clone(), ip.clone()))
         .collect();
-    let _reporter = Reporter::start(service_flows(&ips));
+    let (train_flows, store_flows) = expected_flows(source);
+    let mut notes = Vec::new();
+    let (_reporter, _services) = match source {
+        FlowSource::Injected => (Some(Reporter::start(service_flows(&ips))), Vec::new()),
+        FlowSource::Traced => {
+            // Listeners must start after the tracers, which learn each
+            // listener's owner from its listen().
+            wait_tracers_on(&hosts);
+            let processes = start_services(dir.path(), &hosts);
+            let opened = Instant::now();
+            wait_for(
+                Duration::from_secs(30),
+                "both services in /api/v1/services from the agents' reports",
+                || {
+                    let s = services();
+                    s.iter()
+                        .any(|x| x.0 == "Process/train" && x.1 == train_flows)
+                        && s.iter()
+                            .any(|x| x.0 == "Process/store" && x.1 == store_flows)
+                },
+            );
+            notes.push(format!(
+                "both services listed {:.1} s after their connections opened",
+                opened.elapsed().as_secs_f64()
+            ));
+            (None, processes)
+        }
+    };
 
     // Service pairs probed as service targets, and nothing impacted on a clean fabric.
     wait_for(
         Duration::from_secs(30),
         "service pairs probed as service targets",
-        service_pairs_probed,
+        || service_pairs_probed(source),
     );
     let before = services();
-    let keys: Vec<&str> = before.iter().map(|s| s.0.as_str()).collect();
-    assert_eq!(keys, ["Process/store", "Process/train"], "{before:?}");
+    let keys: Vec<(&str, u64)> = before.iter().map(|s| (s.0.as_str(), s.1)).collect();
+    assert_eq!(
+        keys,
+        [
+            ("Process/store", store_flows),
+            ("Process/train", train_flows)
+        ],
+        "{before:?}"
+    );
     assert!(
         before.iter().all(|s| s.2.is_empty()),
         "impacted on a clean fabric: {before:?}"
@@ -523,32 +714,49 @@ fn a_fault_on_a_services_path_ranks_it_as_impacted_until_the_fault_clears() {
     fabric.run(&["inject", "host", "h31", "100"]);
     let injected = judged_window().unwrap_or(0);
     let (impacted_after, last) = wait_until_train_impacted(injected);
-    // Ranked: train (impacted, 5 flows) above store (8 flows, not impacted).
+    // Ranked: train (impacted, fewer flows) above store (more flows, not
+    // impacted). `/api/v1/services` lists busiest first (store, then train)
+    // and says which causes each one crosses; the impact ranking of every
+    // open root cause and finding starts with train and never names store.
     let ranked = services();
-    let train = ranked.iter().position(|s| s.0 == "Process/train").unwrap();
-    let store = ranked.iter().position(|s| s.0 == "Process/store").unwrap();
-    assert!(!ranked[train].2.is_empty(), "{ranked:?}");
-    assert!(ranked[store].2.is_empty(), "{ranked:?}");
-    let impact_ranking: Vec<String> =
-        api_json("/api/v1/findings").unwrap_or_default()["rootCauses"]
+    let train = ranked.iter().find(|s| s.0 == "Process/train").unwrap();
+    let store = ranked.iter().find(|s| s.0 == "Process/store").unwrap();
+    assert!(train.2.iter().any(|c| c == "host h31"), "{ranked:?}");
+    assert!(store.2.is_empty(), "{ranked:?}");
+    let findings = api_json("/api/v1/findings").unwrap_or_default();
+    for list in ["rootCauses", "findings"] {
+        let impact_ranking: Vec<Vec<String>> = findings[list]
             .as_array()
             .into_iter()
             .flatten()
-            .flat_map(|c| {
+            .map(|c| {
                 c["impactedServices"]
                     .as_array()
-                    .cloned()
-                    .unwrap_or_default()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["service"].as_str().map(str::to_owned))
+                    .collect()
             })
-            .filter_map(|s| s["service"].as_str().map(str::to_owned))
             .collect();
-    assert!(
-        impact_ranking.first().is_some_and(|s| s == "Process/train"),
-        "{impact_ranking:?}"
-    );
+        assert!(
+            impact_ranking
+                .iter()
+                .all(|r| r.first().is_none_or(|s| s == "Process/train")
+                    && !r.iter().any(|s| s == "Process/store")),
+            "{list}: {impact_ranking:?}"
+        );
+        if list == "rootCauses" {
+            assert!(
+                impact_ranking.iter().any(|r| !r.is_empty()),
+                "no root cause impacts a service: {findings}"
+            );
+        }
+    }
     let metrics = api_text("/metrics").unwrap_or_default();
     assert!(
-        metrics.contains("pingmesh_service_impact_flows{kind=\"Process\",namespace=\"\",service=\"Process/train\"} 5"),
+        metrics.contains(&format!(
+            "pingmesh_service_impact_flows{{kind=\"Process\",namespace=\"\",service=\"Process/train\"}} {train_flows}"
+        )),
         "top-N impact series for train missing"
     );
     assert!(
@@ -564,9 +772,10 @@ fn a_fault_on_a_services_path_ranks_it_as_impacted_until_the_fault_clears() {
         !metrics.contains("service=\"Process/train\""),
         "impact series left after clearing"
     );
-    report(&[format!(
-        "service targets probed {:.1} s after start; train impacted {impacted_after} windows after the fault went in (window {injected}); not impacted {cleared_after} windows after it cleared (window {cleared}); total {:.1} s",
+    notes.push(format!(
+        "{source:?}: service targets probed {:.1} s after start; train impacted {impacted_after} windows after the fault went in (window {injected}); not impacted {cleared_after} windows after it cleared (window {cleared}); total {:.1} s",
         probed_ready.as_secs_f64(),
         started.elapsed().as_secs_f64()
-    )]);
+    ));
+    report(&notes);
 }
