@@ -715,10 +715,11 @@ fn run(source: FlowSource) {
     let injected = judged_window().unwrap_or(0);
     let (impacted_after, last) = wait_until_train_impacted(injected);
     // Ranked: train (impacted, fewer flows) above store (more flows, not
-    // impacted). `/api/v1/services` lists busiest first (store, then train)
-    // and says which causes each one crosses; the impact ranking of every
-    // open root cause and finding starts with train and never names store.
+    // impacted). `/api/v1/services` lists services a fault hits first and
+    // says which causes each one crosses; the impact ranking of every open
+    // root cause and finding starts with train and never names store.
     let ranked = services();
+    assert_eq!(ranked[0].0, "Process/train", "{ranked:?}");
     let train = ranked.iter().find(|s| s.0 == "Process/train").unwrap();
     let store = ranked.iter().find(|s| s.0 == "Process/store").unwrap();
     assert!(train.2.iter().any(|c| c == "host h31"), "{ranked:?}");

@@ -160,9 +160,13 @@ pub fn services_view(
             }
         })
         .collect();
+    // Services a fault hits come first (the person paged wants those), then
+    // the busiest.
     services.sort_by(|a, b| {
-        b.flows
-            .cmp(&a.flows)
+        a.impacted_by
+            .is_empty()
+            .cmp(&b.impacted_by.is_empty())
+            .then_with(|| b.flows.cmp(&a.flows))
             .then_with(|| a.service.cmp(&b.service))
     });
     ServicesView {

@@ -209,6 +209,14 @@ async fn a_traced_link_hits_only_the_services_whose_traced_routes_cross_it() {
     assert_eq!(impact.window_start_ms, Some(2_000));
     assert_eq!(impact.root_causes[0].services[0].flows, 2);
     let views = c.services_view();
-    let train = views.services.iter().find(|s| s.service == train).unwrap();
-    assert_eq!(train.impacted_by, ["link sp2 -> tor3"]);
+    let train_view = views.services.iter().find(|s| s.service == train).unwrap();
+    assert_eq!(train_view.impacted_by, ["link sp2 -> tor3"]);
+
+    // Only the sp2 link still faulty: the service it hits leads the services
+    // view although the other has more connections.
+    c.set_service_impact(3_000, &links[..1], &[]);
+    let views = c.services_view();
+    let order: Vec<&str> = views.services.iter().map(|s| s.service.as_str()).collect();
+    assert_eq!(order, [train.as_str(), format!("PodUID/{STORE}").as_str()]);
+    assert!(views.services[1].impacted_by.is_empty());
 }
