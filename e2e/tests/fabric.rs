@@ -42,6 +42,7 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use common::netns::in_netns;
 use common::{Proc, WINDOW_MS, binary, get_json, get_text, wait_for};
 use serde_json::Value;
 
@@ -79,30 +80,6 @@ fn gate() -> bool {
 
 // ---------------------------------------------------------------------------
 // Network namespaces
-
-const CLONE_NEWNET: i32 = 0x4000_0000;
-
-unsafe extern "C" {
-    fn setns(fd: i32, nstype: i32) -> i32;
-}
-
-/// Runs `f` on a thread that has joined network namespace `ns` (a network
-/// namespace belongs to a thread, so the rest of the test stays where it is).
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(format!("/run/netns/{ns}")).ok()?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns(2) with an open namespace file and CLONE_NEWNET moves
-            // only the calling thread, which ends with this closure.
-            let rc = unsafe { setns(file.as_raw_fd(), CLONE_NEWNET) };
-            (rc == 0).then(f)
-        })
-        .join()
-        .ok()
-        .flatten()
-    })
-}
 
 fn http() -> SocketAddr {
     HTTP_ADDR.parse().unwrap()

@@ -56,6 +56,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::netns::in_netns;
 use common::{Proc, WINDOW_MS, binary, get_json, get_text, wait_for};
 use pingmesh_proto::v1::mesh_controller_client::MeshControllerClient;
 use pingmesh_proto::v1::{ReportServiceFlowsRequest, ServiceFlow, ServiceFlowKind};
@@ -84,29 +85,6 @@ enum FlowSource {
 
 // ---------------------------------------------------------------------------
 // Namespaces and the fabric (as in fabric.rs)
-
-const CLONE_NEWNET: i32 = 0x4000_0000;
-
-unsafe extern "C" {
-    fn setns(fd: i32, nstype: i32) -> i32;
-}
-
-/// Runs `f` on a thread that joined network namespace `ns`.
-fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> Option<T> {
-    use std::os::fd::AsRawFd;
-    let file = std::fs::File::open(format!("/run/netns/{ns}")).ok()?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // SAFETY: setns(2) with an open namespace file and CLONE_NEWNET
-            // moves only the calling thread, which ends with this closure.
-            let rc = unsafe { setns(file.as_raw_fd(), CLONE_NEWNET) };
-            (rc == 0).then(f)
-        })
-        .join()
-        .ok()
-        .flatten()
-    })
-}
 
 fn http() -> SocketAddr {
     HTTP_ADDR.parse().unwrap()

@@ -3,6 +3,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)]
 #![allow(dead_code)]
 
+pub mod netns;
 pub mod promql;
 
 use std::net::{SocketAddr, TcpListener};
