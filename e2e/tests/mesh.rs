@@ -96,8 +96,7 @@ fn check_chart_metric_names(agent: &str, controller: &str) {
             // them live, here they are checked against the source.
             let sparse = SPARSE_CONTROLLER_METRICS.contains(&base);
             let known = exported.contains(&name)
-                || ((operator_only || sparse)
-                    && operator_source.contains(&format!("\"{base}\"")));
+                || ((operator_only || sparse) && operator_source.contains(&format!("\"{base}\"")));
             if !known {
                 unknown.insert(format!("{name} ({})", file.display()));
             }
