@@ -171,6 +171,13 @@ new_router() {
   new_ns "$1"
   sysctl_ns "$1" net.ipv4.ip_forward=1 net.ipv4.fib_multipath_hash_policy=1 \
     net.ipv4.icmp_ratelimit=0
+  # A hash seed of its own per router, as real fabrics have: Linux's L4 hash is
+  # symmetric, so with one seed everywhere a probe and its ACK take the same
+  # spine both ways and a one-way link fault looks exactly like its reverse.
+  # Kernels before 6.11 have no seed: paths stay symmetric there.
+  if in_ns "$1" test -e /proc/sys/net/ipv4/fib_multipath_hash_seed; then
+    sysctl_ns "$1" "net.ipv4.fib_multipath_hash_seed=$(cksum <<<"$1" | cut -d' ' -f1)"
+  fi
 }
 
 # veth pair: <ns1> <if1> <ns2> <if2>, both ends up.

@@ -514,13 +514,14 @@ fn start_agent(dir: &Path, host: &Host) -> Proc {
 }
 
 /// Waits up to 20 s for the controller to know the hops of `wanted` flows
-/// (`pingmesh_traced_flows`); returns how many it knows.
+/// both ways, the probes' and the ACKs' (`pingmesh_traced_flows_both_ways`);
+/// returns how many it knows.
 fn wait_for_traces(wanted: usize) -> usize {
     let traced = || {
         api_text("/metrics")
             .and_then(|m| {
                 m.lines()
-                    .find_map(|l| l.strip_prefix("pingmesh_traced_flows "))
+                    .find_map(|l| l.strip_prefix("pingmesh_traced_flows_both_ways "))
                     .and_then(|v| v.trim().parse::<usize>().ok())
             })
             .unwrap_or(0)
@@ -596,7 +597,9 @@ impl Mesh {
                 // Healthy flows' traces exonerate links; faults start once most are in.
                 let probed = (pairs - SAME_TOR_PAIRS) * FLOWS + SAME_TOR_PAIRS;
                 let traced = wait_for_traces(probed);
-                eprintln!("traced flows before the first fault: {traced} (of {probed} probed)");
+                eprintln!(
+                    "flows traced both ways before the first fault: {traced} (of {probed} probed)"
+                );
                 mesh.healthy_window = last;
                 mesh.routes = routes(&mesh.fabric, &mesh.hosts);
                 mesh.startup = mesh.started.elapsed();

@@ -102,6 +102,7 @@ pub struct TraceBook {
     components: Vec<Hop>,
     component_ids: Map<Hop, u32>,
     len: usize,
+    both_ways: usize,
 }
 
 impl TraceBook {
@@ -166,9 +167,13 @@ impl TraceBook {
             .cloned();
         let is_new = known.is_none();
         let known = known.unwrap_or_default();
+        let was_both = known.there.is_some() && known.back.is_some();
         let there = there.map(|h| self.intern(h)).or(known.there);
         let back = back.map(|h| self.intern(h)).or(known.back);
         let components = self.components_of(there.as_deref(), back.as_deref());
+        if !was_both && there.is_some() && back.is_some() {
+            self.both_ways += 1;
+        }
         self.paths
             .entry(source.into())
             .or_default()
@@ -217,6 +222,11 @@ impl TraceBook {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Traced flows whose way back is traced too.
+    pub fn both_ways(&self) -> usize {
+        self.both_ways
     }
 }
 

@@ -91,6 +91,10 @@ struct FlowRecord {
     traced_back: u64,
     /// When a trace of it was asked for (0: nothing outstanding).
     asked: u64,
+    /// The source port and flow label its forward trace reported, which the
+    /// trace of the way back needs.
+    source_port: u16,
+    flow_label: u32,
 }
 
 #[derive(Debug)]
@@ -106,6 +110,7 @@ struct Asked {
 struct TraceMetrics {
     results: IntCounterVec,
     traced_flows: IntGauge,
+    traced_both_ways: IntGauge,
 }
 
 impl TraceMetrics {
@@ -121,13 +126,19 @@ impl TraceMetrics {
             "pingmesh_traced_flows",
             "Flows whose hops the controller knows from path traces.",
         )?;
+        let traced_both_ways = IntGauge::new(
+            "pingmesh_traced_flows_both_ways",
+            "Flows whose hops the controller knows both ways (the probes' and the ACKs').",
+        )?;
         if let Some(r) = registry {
             r.register(Box::new(results.clone()))?;
             r.register(Box::new(traced_flows.clone()))?;
+            r.register(Box::new(traced_both_ways.clone()))?;
         }
         Ok(Self {
             results,
             traced_flows,
+            traced_both_ways,
         })
     }
 
@@ -225,6 +236,7 @@ impl TracePlanner {
         let healthy_refresh = self.settings.healthy_refresh_secs.saturating_mul(1_000);
         let mut failing_budget = self.settings.failing_per_window;
         let mut healthy = Vec::new();
+        let mut backs = Vec::new();
         for p in paths {
             let (Some(source), Some(target)) = (endpoints.get(p.source), endpoints.get(p.target))
             else {
@@ -248,26 +260,45 @@ impl TracePlanner {
                     continue; // a trace of it is on its way
                 }
                 let failing = p.lost_flows & (1 << bit) != 0;
+                // Traced there, but the way back is missing or older (its
+                // trace was lost or cut short): ask for it again.
+                let needs_back = record.traced_there != 0
+                    && record.traced_back < record.traced_there
+                    && record.source_port != 0;
                 if failing {
                     let stale = record.traced_there == 0
                         || now_ms.saturating_sub(record.traced_there) >= failing_refresh;
-                    if stale && failing_budget > 0 {
+                    if (stale || needs_back) && failing_budget > 0 {
                         failing_budget -= 1;
-                        self.ask_forward(source, target, key, now_ms);
+                        if stale {
+                            self.ask_forward(source, target, key, now_ms);
+                        } else {
+                            self.ask_return(&key, record, endpoints, now_ms);
+                        }
                     }
                 } else if record.traced_there == 0
                     || now_ms.saturating_sub(record.traced_there) >= healthy_refresh
                 {
                     healthy.push((key, record.traced_there == 0));
+                } else if needs_back {
+                    backs.push(key);
                 }
             }
         }
-        self.sample_healthy(healthy, endpoints, now_ms);
+        // Healthy flows' missing ways back share the healthy budget, first.
+        let budget = usize::try_from(self.settings.healthy_per_window).unwrap_or(usize::MAX);
+        let backs_asked = backs.len().min(budget);
+        for key in backs.into_iter().take(budget) {
+            let record = self.flows.get(&key).copied().unwrap_or_default();
+            self.ask_return(&key, record, endpoints, now_ms);
+        }
+        self.sample_healthy(healthy, budget - backs_asked, endpoints, now_ms);
     }
 
     fn sample_healthy(
         &mut self,
         mut candidates: Vec<(FlowKey, bool)>,
+        take: usize,
         endpoints: &HashMap<String, MeshEndpoint>,
         now_ms: u64,
     ) {
@@ -277,7 +308,6 @@ impl TracePlanner {
         // Paths come in a stable order; rotating the start gives every flow a turn.
         let start = self.healthy_cursor % candidates.len();
         candidates.rotate_left(start);
-        let take = usize::try_from(self.settings.healthy_per_window).unwrap_or(usize::MAX);
         self.healthy_cursor = self.healthy_cursor.wrapping_add(take);
         let room = usize::try_from(self.settings.max_traced_flows).unwrap_or(usize::MAX);
         for (key, new) in candidates.into_iter().take(take) {
@@ -349,6 +379,9 @@ impl TracePlanner {
         self.metrics
             .traced_flows
             .set(i64::try_from(self.book.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .traced_both_ways
+            .set(i64::try_from(self.book.both_ways()).unwrap_or(i64::MAX));
         let Some(queue) = self.queues.get_mut(node) else {
             return Vec::new();
         };
@@ -406,10 +439,14 @@ impl TracePlanner {
         match asked.way {
             Way::Forward => {
                 book.insert(source, target, *flow, hops);
+                let mut record = FlowRecord::default();
                 if let Some(r) = self.flows.get_mut(&asked.key) {
                     r.traced_there = now_ms;
+                    r.source_port = u16::try_from(result.source_port).unwrap_or(0);
+                    r.flow_label = result.flow_label;
+                    record = *r;
                 }
-                self.ask_return(&asked.key, result, endpoints, now_ms);
+                self.ask_return(&asked.key, record, endpoints, now_ms);
             }
             Way::Return => {
                 book.insert_return(source, target, *flow, hops);
@@ -424,14 +461,14 @@ impl TracePlanner {
     fn ask_return(
         &mut self,
         key: &FlowKey,
-        forward: &TraceResult,
+        forward: FlowRecord,
         endpoints: &HashMap<String, MeshEndpoint>,
         now_ms: u64,
     ) {
         let (Some(source), Some(target)) = (endpoints.get(&key.0), endpoints.get(&key.1)) else {
             return;
         };
-        if forward.source_port == 0 || forward.source_port > u32::from(u16::MAX) {
+        if forward.source_port == 0 {
             return;
         }
         if self
@@ -444,7 +481,7 @@ impl TracePlanner {
         let request = TraceRequest {
             source_endpoint: target.id.clone(),
             prober: Some(source.to_proto()),
-            prober_port: forward.source_port,
+            prober_port: u32::from(forward.source_port),
             prober_flow_label: forward.flow_label,
             max_hops: self.settings.max_hops,
             ..TraceRequest::default()

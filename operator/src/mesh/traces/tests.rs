@@ -215,3 +215,34 @@ fn unanswered_requests_expire_and_are_asked_again() {
     p.plan([path(0b1, 0b1)], &mesh, 40_000);
     assert_eq!(p.exchange("h11", Vec::new(), &mesh, 40_000).len(), 1);
 }
+
+#[test]
+fn a_lost_way_back_is_asked_again_without_tracing_the_way_there_again() {
+    let mesh = mesh();
+    let mut p = planner(switch_map());
+    p.plan([path(0b1, 0b1)], &mesh, 1_000);
+    let asked = p.exchange("h11", Vec::new(), &mesh, 1_000);
+    let there = answer(&asked[0], 40_000, &["10.0.1.1", "10.0.13.1", "10.0.13.2"]);
+    p.exchange("h11", vec![there], &mesh, 1_100);
+    let back = p.exchange("h31", Vec::new(), &mesh, 1_200);
+    assert_eq!(back.len(), 1);
+    // The way back comes in cut short (a lost ICMP answer): not kept.
+    let short = answer(&back[0], 9403, &["10.0.3.1", "10.0.13.1"]);
+    p.exchange("h31", vec![short], &mesh, 1_300);
+    assert_eq!((p.book().len(), p.book().both_ways()), (1, 0));
+
+    // The flow still fails: the next window asks the responder again, to the
+    // port the forward trace reported, and not the prober.
+    p.plan([path(0b1, 0b1)], &mesh, 6_000);
+    assert!(p.exchange("h11", Vec::new(), &mesh, 6_000).is_empty());
+    let again = p.exchange("h31", Vec::new(), &mesh, 6_000);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].prober_port, 40_000);
+    let full = answer(&again[0], 9403, &["10.0.3.1", "10.0.13.1", "10.0.11.2"]);
+    p.exchange("h31", vec![full], &mesh, 6_100);
+    assert_eq!(p.book().both_ways(), 1);
+    // Complete both ways and fresh: nothing more to ask.
+    p.plan([path(0b1, 0b1)], &mesh, 11_000);
+    assert!(p.exchange("h11", Vec::new(), &mesh, 11_000).is_empty());
+    assert!(p.exchange("h31", Vec::new(), &mesh, 11_000).is_empty());
+}
