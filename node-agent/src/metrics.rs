@@ -282,6 +282,23 @@ impl AgentMetrics {
         ] {
             self.windows_dropped.with_label_values(&[reason]).inc_by(0);
         }
+        for result in ["accepted", "duplicate", "rejected", "failed"] {
+            self.reports.with_label_values(&[result]).inc_by(0);
+        }
+        for reason in [
+            "tx_timestamp_mismatch",
+            "ack1_send_failed",
+            "send_completion_failed",
+            "pending_ack2_overflow",
+            "tx_timestamp_timeout",
+            "ack2_send_failed",
+            "receive_failed",
+            "path_trace",
+        ] {
+            self.responder_dropped
+                .with_label_values(&[reason])
+                .inc_by(0);
+        }
     }
 
     pub fn registry(&self) -> &Registry {
@@ -531,6 +548,19 @@ mod tests {
 
     fn text(m: &AgentMetrics) -> String {
         String::from_utf8(m.encode()).unwrap()
+    }
+
+    #[test]
+    fn report_results_and_responder_drop_reasons_start_at_zero() {
+        let t = text(&AgentMetrics::new("node-1", false).unwrap());
+        for series in [
+            r#"pingmesh_window_reports_total{result="duplicate",node="node-1"} 0"#,
+            r#"pingmesh_window_reports_total{result="rejected",node="node-1"} 0"#,
+            r#"pingmesh_responder_dropped_total{reason="receive_failed",node="node-1"} 0"#,
+            r#"pingmesh_responder_dropped_total{reason="path_trace",node="node-1"} 0"#,
+        ] {
+            assert!(t.lines().any(|l| l == series), "missing {series}");
+        }
     }
 
     #[test]
