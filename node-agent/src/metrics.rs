@@ -473,7 +473,7 @@ fn ns_to_seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
-fn counter_vec(
+pub(crate) fn counter_vec(
     r: &Registry,
     name: &str,
     help: &str,
@@ -484,13 +484,13 @@ fn counter_vec(
     Ok(m)
 }
 
-fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+pub(crate) fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
     let m = IntCounter::with_opts(Opts::new(name, help))?;
     r.register(Box::new(m.clone()))?;
     Ok(m)
 }
 
-fn gauge_vec(
+pub(crate) fn gauge_vec(
     r: &Registry,
     name: &str,
     help: &str,
@@ -501,7 +501,7 @@ fn gauge_vec(
     Ok(m)
 }
 
-fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+pub(crate) fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
     let m = IntGauge::with_opts(Opts::new(name, help))?;
     r.register(Box::new(m.clone()))?;
     Ok(m)

@@ -1,10 +1,10 @@
 //! What the tracer and the flow table export, on the agent's registry (so
 //! every series carries the agent's `node` label). Bounded: hooks, states,
 //! event kinds and outcomes are fixed sets; nothing per flow, pod or library.
-use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry};
 
 use super::table::Outcome;
-use crate::metrics::MetricsError;
+use crate::metrics::{MetricsError, counter, counter_vec, gauge, gauge_vec};
 
 /// Every hook the tracer may attach, as a `hook` label.
 pub const HOOKS: [&str; 7] = [
@@ -218,40 +218,6 @@ impl TracerMetrics {
     pub fn report(&self, result: &'static str) {
         self.reports.with_label_values(&[result]).inc();
     }
-}
-
-fn counter_vec(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntCounterVec, MetricsError> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
-}
-
-fn counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
-    let c = IntCounter::new(name, help)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
-}
-
-fn gauge_vec(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntGaugeVec, MetricsError> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
-    let g = IntGauge::new(name, help)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
 }
 
 #[cfg(test)]
