@@ -18,7 +18,9 @@ use pingmesh_proto::window::{unix_now_ms, window_start};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use super::analyzer::{Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, WindowReport};
+use super::analyzer::{
+    Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, Intake, WindowReport,
+};
 use super::history::WindowHistory;
 use super::localize::{CauseKind, OpenRootCause, Signal};
 use super::metrics::{ControllerMetrics, WINDOW_PHASES};
@@ -33,6 +35,8 @@ use crate::config::MeshConfig;
 
 mod presence;
 mod services;
+#[cfg(test)]
+mod tests;
 
 use presence::Presence;
 
@@ -40,6 +44,12 @@ pub use services::FlowsOutcome;
 
 /// How often presence is written to the registry (`last_seen`) for connected agents.
 const PERSIST_PRESENCE_EVERY: Duration = Duration::from_secs(15);
+
+/// Once the background task runs, membership changes are published at most
+/// this often: a fleet reconnecting after a restart then rebuilds the
+/// affected ToRs and wakes the pinglist streams a few times a second, not
+/// once per agent (which made a fleet-wide reconnect quadratic).
+const PUBLISH_EVERY: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum MeshError {
@@ -76,7 +86,7 @@ impl MeshError {
 pub struct Snapshot {
     pub version: u64,
     pub rotation_epoch: u64,
-    pub view: MeshView,
+    pub view: Arc<MeshView>,
     /// Each node's service targets (see `mesh::services`).
     pub services: Arc<ServiceTargets>,
 }
@@ -85,9 +95,28 @@ pub struct Snapshot {
 struct State {
     presence: HashMap<String, Presence>,
     /// Every registered endpoint (present or not): the analyzer's topology.
-    endpoints: HashMap<String, MeshEndpoint>,
+    /// Shared with the window being judged, copied on write meanwhile.
+    endpoints: Arc<HashMap<String, MeshEndpoint>>,
+    /// Nodes whose endpoints or presence changed since the last publish.
+    dirty: HashSet<String>,
     version: u64,
     rotation_epoch: u64,
+}
+
+impl State {
+    /// Endpoints for a change of membership; marks the node for the next publish.
+    fn endpoints_mut(&mut self, node: &str) -> &mut HashMap<String, MeshEndpoint> {
+        self.dirty.insert(node.to_owned());
+        Arc::make_mut(&mut self.endpoints)
+    }
+}
+
+/// What the last judged window left open, readable while the next is judged.
+#[derive(Debug, Default)]
+struct Verdicts {
+    findings: Vec<Finding>,
+    root_causes: Vec<OpenRootCause>,
+    last_report: Option<Arc<WindowReport>>,
 }
 
 #[derive(Debug)]
@@ -98,7 +127,18 @@ pub struct MeshController {
     tor_resolver: Option<Arc<dyn TorResolver>>,
     state: Mutex<State>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// The view last published; held while publishing, so publishes apply
+    /// their changes in the order they took them.
+    view: Mutex<Arc<MeshView>>,
+    /// Set once the background task paces publishes (see [`PUBLISH_EVERY`]);
+    /// until then every change publishes at once.
+    paced: std::sync::atomic::AtomicBool,
+    publish_wanted: tokio::sync::Notify,
+    /// Summaries of windows not closed yet: reports take only this lock.
+    intake: Mutex<Intake>,
+    /// Judges closed windows, on a blocking thread, without `intake` or `state`.
     analyzer: Mutex<Analyzer>,
+    verdicts: Mutex<Verdicts>,
     /// Which flows agents should trace, and the hops they found.
     traces: Mutex<TracePlanner>,
     /// Cancelled on shutdown: ends every pinglist stream so the server can stop.
@@ -157,27 +197,33 @@ impl MeshController {
             .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
         let endpoints = registry.endpoints().await?;
         let state = State {
-            endpoints: endpoints.into_iter().map(|e| (e.id.clone(), e)).collect(),
+            endpoints: Arc::new(endpoints.into_iter().map(|e| (e.id.clone(), e)).collect()),
             rotation_epoch: config.pinglist.rotation_epoch(unix_now_ms()),
             ..State::default()
         };
         let (snapshot, _) = watch::channel(Arc::new(Snapshot {
             version: 0,
             rotation_epoch: state.rotation_epoch,
-            view: MeshView::new(Vec::new()),
+            view: Arc::default(),
             services: Arc::default(),
         }));
         let traces = TracePlanner::new(config.traces.clone(), Some(metrics.registry()))
             .map_err(|e| MeshError::InvalidRequest(e.to_string()))?;
         let analyzer = Analyzer::new(config.sla.clone(), config.pinglist.window_ms)
             .map_err(|e| MeshError::InvalidRequest(format!("SLA policy: {e}")))?;
+        let intake = Intake::new(config.pinglist.window_ms);
         let controller = Arc::new(Self {
             config,
             registry,
             tor_resolver,
             state: Mutex::new(state),
             snapshot,
+            view: Mutex::default(),
+            paced: std::sync::atomic::AtomicBool::new(false),
+            publish_wanted: tokio::sync::Notify::new(),
+            intake: Mutex::new(intake),
             analyzer: Mutex::new(analyzer),
+            verdicts: Mutex::default(),
             traces: Mutex::new(traces),
             stopping: CancellationToken::new(),
             windows_with_data: AtomicU64::new(0),
@@ -241,9 +287,10 @@ impl MeshController {
         self.metrics.registrations.with_label_values(&["ok"]).inc();
         {
             let mut state = lock(&self.state);
-            state.endpoints.retain(|_, e| e.node != node);
+            let endpoints = state.endpoints_mut(node);
+            endpoints.retain(|_, e| e.node != node);
             for e in &resolved {
-                state.endpoints.insert(e.id.clone(), e.clone());
+                endpoints.insert(e.id.clone(), e.clone());
             }
             let p = state.presence.entry(node.to_owned()).or_default();
             p.registered(session, now);
@@ -420,12 +467,16 @@ impl MeshController {
             let mut state = lock(&self.state);
             for (m, (before, _)) in moves.iter().zip(&wanted) {
                 // Registered again meanwhile: the registration resolved its own ToR.
-                let Some(current) = state.endpoints.get_mut(&m.endpoint) else {
+                let Some(current) = state.endpoints.get(&m.endpoint) else {
                     continue;
                 };
                 if current.tor_from_agent || current.tor != before.tor || current.tor == m.tor {
                     continue;
                 }
+                let node = current.node.clone();
+                let Some(current) = state.endpoints_mut(&node).get_mut(&m.endpoint) else {
+                    continue;
+                };
                 tracing::info!(endpoint = %m.endpoint, from = %current.tor, to = %m.tor, "endpoint moved to another ToR");
                 current.tor.clone_from(&m.tor);
                 changed += 1;
@@ -481,6 +532,7 @@ impl MeshController {
     pub fn connect(self: &Arc<Self>, node: &str, session: u64) -> PresenceGuard {
         {
             let mut state = lock(&self.state);
+            state.dirty.insert(node.to_owned());
             let p = state.presence.entry(node.to_owned()).or_default();
             p.connect(session, unix_now_ms());
         }
@@ -496,6 +548,7 @@ impl MeshController {
     fn disconnect(&self, node: &str, session: u64) {
         {
             let mut state = lock(&self.state);
+            state.dirty.insert(node.to_owned());
             if let Some(p) = state.presence.get_mut(node) {
                 p.disconnect(session, unix_now_ms());
             }
@@ -545,35 +598,73 @@ impl MeshController {
         list
     }
 
-    /// Rebuilds the view from the endpoints of present nodes and wakes every stream.
+    /// Publishes the changes made so far: at once until the background task
+    /// paces publishes, then within [`PUBLISH_EVERY`] together with any other
+    /// changes made meanwhile.
     fn publish(&self) {
-        let (version, epoch, present, registered, connected) = {
+        if self.paced.load(Ordering::Relaxed) {
+            self.publish_wanted.notify_one();
+        } else {
+            self.publish_now();
+        }
+    }
+
+    /// Publishes waiting changes, at most once per [`PUBLISH_EVERY`]; the
+    /// first change after a quiet spell goes out at once.
+    async fn run_publisher(self: Arc<Self>, cancel: CancellationToken) {
+        self.paced.store(true, Ordering::Relaxed);
+        // Changes made before pacing began were published at once.
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = self.publish_wanted.notified() => {}
+            }
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep_until(last + PUBLISH_EVERY) => {}
+            }
+            last = tokio::time::Instant::now();
+            self.publish_now();
+        }
+        self.paced.store(false, Ordering::Relaxed);
+        self.publish_now();
+    }
+
+    /// Updates the view for the nodes changed since the last publish (only
+    /// their ToRs are rebuilt) and wakes every stream.
+    fn publish_now(&self) {
+        let mut view = lock(&self.view);
+        let (version, epoch, changed, registered, connected) = {
             let mut state = lock(&self.state);
             state.version += 1;
-            let present: Vec<MeshEndpoint> = state
-                .endpoints
-                .values()
-                .filter(|e| state.presence.get(&e.node).is_some_and(Presence::connected))
-                .cloned()
-                .collect();
+            let dirty = std::mem::take(&mut state.dirty);
+            let mut changed: HashMap<String, Vec<MeshEndpoint>> =
+                dirty.into_iter().map(|node| (node, Vec::new())).collect();
+            let mut registered = HashSet::new();
+            for e in state.endpoints.values() {
+                registered.insert(e.node.as_str());
+                if let Some(list) = changed.get_mut(&e.node)
+                    && state.presence.get(&e.node).is_some_and(Presence::connected)
+                {
+                    list.push(e.clone());
+                }
+            }
             let connected = state.presence.values().filter(|p| p.connected()).count();
-            let registered = state
-                .endpoints
-                .values()
-                .map(|e| &e.node)
-                .collect::<std::collections::HashSet<_>>()
-                .len();
             (
                 state.version,
                 state.rotation_epoch,
-                present,
-                registered,
+                changed,
+                registered.len(),
                 connected,
             )
         };
+        if !changed.is_empty() {
+            *view = Arc::new(view.updated(changed));
+        }
         self.metrics
             .endpoints
-            .set(i64::try_from(present.len()).unwrap_or(i64::MAX));
+            .set(i64::try_from(view.endpoint_count() + view.unplaced_count()).unwrap_or(i64::MAX));
         self.metrics
             .agents
             .with_label_values(&["registered"])
@@ -582,12 +673,11 @@ impl MeshController {
             .agents
             .with_label_values(&["connected"])
             .set(i64::try_from(connected).unwrap_or(i64::MAX));
-        let view = MeshView::new(present);
         let services = lock(&self.services).targets();
         self.snapshot.send_replace(Arc::new(Snapshot {
             version,
             rotation_epoch: epoch,
-            view,
+            view: Arc::clone(&view),
             services,
         }));
     }
@@ -618,7 +708,7 @@ impl MeshController {
         };
         let mut outcome = ReportOutcome::default();
         let now = unix_now_ms();
-        let mut analyzer = lock(&self.analyzer);
+        let mut intake = lock(&self.intake);
         // Time under the lock only: concurrent reports' waits would count twice.
         let ingest_began = std::time::Instant::now();
         for (summary, owned) in windows.into_iter().zip(owned) {
@@ -630,7 +720,7 @@ impl MeshController {
                     .inc();
                 continue;
             }
-            match analyzer.ingest(summary, now) {
+            match intake.ingest(summary, now) {
                 Ok(Ingested::Accepted) => outcome.accepted += 1,
                 Ok(Ingested::Duplicate) => outcome.duplicates += 1,
                 Err(e) => {
@@ -643,7 +733,7 @@ impl MeshController {
                 }
             }
         }
-        drop(analyzer);
+        drop(intake);
         self.ingest_ns.fetch_add(
             u64::try_from(ingest_began.elapsed().as_nanos()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
@@ -661,69 +751,76 @@ impl MeshController {
 
     /// Judges one window: called once every agent had time to report it.
     /// `None` when the window was judged already.
+    ///
+    /// Blocking (a large window takes a good part of a second): the
+    /// background task runs it with `spawn_blocking`. The window's summaries
+    /// are moved out of the intake under a short lock and the topology is an
+    /// `Arc` taken under a short state lock, so reports, registrations and
+    /// pinglist pushes go on while the window is judged.
     pub fn evaluate(&self, window_start_ms: u64) -> Option<Arc<WindowReport>> {
+        let closed = match lock(&self.intake).close(window_start_ms) {
+            Ok(closed) => closed,
+            Err(e) => {
+                tracing::debug!(error = %e, "window not judged");
+                return None;
+            }
+        };
+        let ingested = Duration::from_nanos(self.ingest_ns.swap(0, Ordering::Relaxed));
         let window_ms = u64::from(self.config.pinglist.window_ms);
         let timeout_ms = u64::from(self.config.pinglist.probe_timeout_ms);
-        let state = lock(&self.state);
+        // Present for the whole window: one session connected before it
+        // began, and still connected, or gone (disconnected, or registered
+        // again) only after its last probe timed out.
+        let (endpoints, present_nodes) = {
+            let state = lock(&self.state);
+            let until = window_start_ms + window_ms + timeout_ms;
+            let present: HashSet<String> = state
+                .presence
+                .iter()
+                .filter(|(_, p)| p.present(window_start_ms, until))
+                .map(|(node, _)| node.clone())
+                .collect();
+            (Arc::clone(&state.endpoints), present)
+        };
         let topology = |endpoint: &str| {
-            state.endpoints.get(endpoint).map(|e| EndpointPlacement {
+            endpoints.get(endpoint).map(|e| EndpointPlacement {
                 node: e.node.clone(),
                 tor: e.tor.clone(),
             })
         };
-        // Present for the whole window: one session connected before it
-        // began, and still connected, or gone (disconnected, or registered
-        // again) only after its last probe timed out.
-        let present = |endpoint: &str, window: u64| {
-            let Some(node) = state.endpoints.get(endpoint).map(|e| &e.node) else {
-                return false;
-            };
-            state
-                .presence
-                .get(node)
-                .is_some_and(|p| p.present(window, window + window_ms + timeout_ms))
+        let present = |endpoint: &str, _window: u64| {
+            endpoints
+                .get(endpoint)
+                .is_some_and(|e| present_nodes.contains(&e.node))
         };
-        let (judged, evaluated, publish_began) = {
+        let (report, evaluated, publish_began) = {
             let mut analyzer = lock(&self.analyzer);
-            analyzer.set_traces(lock(&self.traces).book());
+            let book = lock(&self.traces).book();
+            analyzer.set_traces(book);
             let began = std::time::Instant::now();
-            let judged = analyzer.evaluate(window_start_ms, &topology, &present);
+            let report = analyzer.judge(closed, &topology, &present);
             let publish_began = std::time::Instant::now();
-            let evaluated = publish_began.duration_since(began);
-            if let Ok(report) = &judged {
-                lock(&self.traces).plan(
-                    report.paths.iter().map(ProbedPath::from),
-                    &state.endpoints,
-                    unix_now_ms(),
-                );
-            }
-            if let Ok(report) = &judged {
-                let tors = state.endpoints.values().map(|e| e.tor.as_str());
-                self.history.record(report, analyzer.sla(), tors);
-            }
-            (judged, evaluated, publish_began)
+            lock(&self.traces).plan(
+                report.paths.iter().map(ProbedPath::from),
+                &endpoints,
+                unix_now_ms(),
+            );
+            let tors = endpoints.values().map(|e| e.tor.as_str());
+            self.history.record(&report, analyzer.sla(), tors);
+            *lock(&self.verdicts) = Verdicts {
+                findings: analyzer.open_findings().into_iter().cloned().collect(),
+                root_causes: analyzer.open_root_causes(),
+                last_report: analyzer.last_report(),
+            };
+            (report, publish_began.duration_since(began), publish_began)
         };
-        drop(state);
-        match judged {
-            Ok(report) => {
-                if !report.paths.is_empty() {
-                    self.windows_with_data.fetch_add(1, Ordering::Relaxed);
-                }
-                self.publish_report_metrics(&report);
-                self.refresh_service_impact(report.window_start_ms);
-                let ingested = self.ingest_ns.swap(0, Ordering::Relaxed);
-                self.observe_window_phases([
-                    Duration::from_nanos(ingested),
-                    evaluated,
-                    publish_began.elapsed(),
-                ]);
-                Some(report)
-            }
-            Err(e) => {
-                tracing::debug!(error = %e, "window not judged");
-                None
-            }
+        if !report.paths.is_empty() {
+            self.windows_with_data.fetch_add(1, Ordering::Relaxed);
         }
+        self.publish_report_metrics(&report);
+        self.refresh_service_impact(report.window_start_ms);
+        self.observe_window_phases([ingested, evaluated, publish_began.elapsed()]);
+        Some(report)
     }
 
     /// One judged window's cost, in the order of [`WINDOW_PHASES`].
@@ -852,19 +949,15 @@ impl MeshController {
 
     /// Open root causes (localized faults), most confident first.
     pub fn open_root_causes(&self) -> Vec<OpenRootCause> {
-        lock(&self.analyzer).open_root_causes()
+        lock(&self.verdicts).root_causes.clone()
     }
 
     pub fn open_findings(&self) -> Vec<Finding> {
-        lock(&self.analyzer)
-            .open_findings()
-            .into_iter()
-            .cloned()
-            .collect()
+        lock(&self.verdicts).findings.clone()
     }
 
     pub fn last_report(&self) -> Option<Arc<WindowReport>> {
-        lock(&self.analyzer).last_report()
+        lock(&self.verdicts).last_report.clone()
     }
 
     /// How many windows this controller judged since it started in which at
@@ -917,14 +1010,20 @@ impl MeshController {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_housekeeping = unix_now_ms();
+        let publisher = tokio::spawn(Arc::clone(&self).run_publisher(cancel.clone()));
         loop {
             tokio::select! {
-                () = cancel.cancelled() => return,
+                () = cancel.cancelled() => break,
                 _ = tick.tick() => {}
             }
             let now = unix_now_ms();
             while now >= next_window + delay {
-                self.evaluate(next_window);
+                // Off the async workers: streams and reports go on meanwhile.
+                let this = Arc::clone(&self);
+                let window = next_window;
+                if let Err(e) = tokio::task::spawn_blocking(move || this.evaluate(window)).await {
+                    tracing::error!(error = %e, window, "judging a window failed");
+                }
                 next_window += u64::from(window_ms);
             }
             let epoch = self.config.pinglist.rotation_epoch(now);
@@ -942,6 +1041,8 @@ impl MeshController {
                 self.housekeeping(now).await;
             }
         }
+        // Stopped: the last changes go out unpaced.
+        let _ = publisher.await;
     }
 
     /// Persists presence of connected agents and expires agents gone too long.
@@ -988,7 +1089,7 @@ impl MeshController {
                             continue;
                         }
                         state.presence.remove(node);
-                        state.endpoints.retain(|_, e| &e.node != node);
+                        state.endpoints_mut(node).retain(|_, e| &e.node != node);
                     }
                 }
                 tracing::info!(nodes = ?removed, "expired stale agents");

@@ -11,7 +11,7 @@
 //! node's pinglist costs only the size of that pinglist, not the size of the mesh.
 
 use std::collections::HashMap;
-use std::ops::Range;
+use std::sync::Arc;
 
 use pingmesh_proto::{ecmp, limits, v1};
 use serde::{Deserialize, Serialize};
@@ -234,11 +234,41 @@ impl PinglistPolicy {
     }
 }
 
-/// One ToR's endpoints: a contiguous range of [`MeshView`]'s endpoint table.
-#[derive(Debug, Clone)]
+/// One ToR's endpoints, sorted by id; shared between views while unchanged.
+#[derive(Debug)]
 struct TorGroup {
     name: String,
-    members: Range<usize>,
+    members: Vec<MeshEndpoint>,
+    /// The same endpoints in wire form, ready to clone into targets.
+    wire: Vec<v1::Endpoint>,
+}
+
+impl TorGroup {
+    fn new(name: String, mut members: Vec<MeshEndpoint>) -> Self {
+        members.sort_by(|a, b| a.id.cmp(&b.id));
+        let wire = members.iter().map(MeshEndpoint::to_proto).collect();
+        Self {
+            name,
+            members,
+            wire,
+        }
+    }
+}
+
+/// Where an endpoint sits in a view: its ToR (index in name order) and its
+/// rank under that ToR (in id order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pos {
+    tor: usize,
+    rank: usize,
+}
+
+/// A node's endpoints in a view, by id: the (ToR, id) of each placed one.
+#[derive(Debug, Default)]
+struct NodeEntry {
+    placed: Vec<(String, String)>,
+    /// Endpoints left out because their ToR was empty.
+    unplaced: usize,
 }
 
 /// An index of the mesh for answering pinglist requests cheaply.
@@ -246,69 +276,143 @@ struct TorGroup {
 /// Endpoints with an empty ToR (not resolved yet) are left out: without a ToR
 /// they have neither ToR-mesh peers nor a place in the inter-ToR rotation.
 /// When two endpoints share an id, the first one given wins.
+///
+/// Built once from scratch ([`MeshView::new`], O(N log N)), then kept up to
+/// date with [`MeshView::updated`], which rebuilds only the ToRs whose
+/// membership changed and shares the others with the view before.
 #[derive(Debug, Clone, Default)]
 pub struct MeshView {
-    /// Sorted by (ToR, id), so each ToR is a contiguous run.
-    endpoints: Vec<MeshEndpoint>,
-    /// The same endpoints in wire form, ready to clone into targets.
-    wire: Vec<v1::Endpoint>,
-    /// Index into `tors` of each endpoint.
-    tor_of: Vec<usize>,
-    /// Position of each endpoint within its ToR.
-    rank_in_tor: Vec<usize>,
     /// Sorted by name.
-    tors: Vec<TorGroup>,
-    /// Endpoint indexes of each node, in id order.
-    by_node: HashMap<String, Vec<usize>>,
+    tors: Vec<Arc<TorGroup>>,
+    tor_index: Arc<HashMap<String, usize>>,
+    by_node: HashMap<String, Arc<NodeEntry>>,
+    endpoints: usize,
     unplaced: usize,
 }
 
 impl MeshView {
     /// Indexes `endpoints` by ToR and by node. O(N log N).
-    pub fn new(mut endpoints: Vec<MeshEndpoint>) -> Self {
-        let before = endpoints.len();
-        endpoints.retain(|e| !e.tor.is_empty());
-        let unplaced = before - endpoints.len();
+    pub fn new(endpoints: Vec<MeshEndpoint>) -> Self {
+        let (mut placed, unplaced): (Vec<_>, Vec<_>) =
+            endpoints.into_iter().partition(|e| !e.tor.is_empty());
         // Stable sort then dedup keeps the first endpoint given for an id.
-        endpoints.sort_by(|a, b| a.id.cmp(&b.id));
-        endpoints.dedup_by(|later, earlier| later.id == earlier.id);
-        endpoints.sort_by(|a, b| a.tor.cmp(&b.tor).then_with(|| a.id.cmp(&b.id)));
+        placed.sort_by(|a, b| a.id.cmp(&b.id));
+        placed.dedup_by(|later, earlier| later.id == earlier.id);
+        let mut by_node: HashMap<String, Vec<MeshEndpoint>> = HashMap::new();
+        for e in placed.into_iter().chain(unplaced) {
+            by_node.entry(e.node.clone()).or_default().push(e);
+        }
+        Self::default().updated(by_node)
+    }
 
-        let mut tors: Vec<TorGroup> = Vec::new();
-        let mut tor_of = Vec::with_capacity(endpoints.len());
-        let mut rank_in_tor = Vec::with_capacity(endpoints.len());
-        let mut by_node: HashMap<String, Vec<usize>> = HashMap::new();
-        for (i, e) in endpoints.iter().enumerate() {
-            match tors.last_mut() {
-                Some(group) if group.name == e.tor => group.members.end = i + 1,
-                _ => tors.push(TorGroup {
-                    name: e.tor.clone(),
-                    members: i..i + 1,
-                }),
+    /// The view after the nodes in `changed` got the endpoints given there
+    /// (all of a node's endpoints in the mesh now; none: the node left).
+    /// Nodes not named keep theirs. Only the ToRs that a changed node's
+    /// endpoints left or joined are rebuilt: O(changed endpoints + members of
+    /// the ToRs touched + nodes + ToRs), the last two for copying handles.
+    ///
+    /// Endpoint ids must be unique across nodes (the controller makes every id
+    /// "<node>/<name>"); within a node the first endpoint given for an id wins.
+    #[must_use]
+    pub fn updated(&self, changed: HashMap<String, Vec<MeshEndpoint>>) -> Self {
+        let mut by_node = self.by_node.clone();
+        let mut unplaced = self.unplaced;
+        // Per ToR touched: endpoint ids leaving it, endpoints joining it.
+        let mut leaving: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+        let mut joining: HashMap<String, Vec<MeshEndpoint>> = HashMap::new();
+        let old = &self.by_node;
+        for (node, mut endpoints) in changed {
+            if let Some(entry) = old.get(&node) {
+                unplaced -= entry.unplaced;
+                for (tor, id) in &entry.placed {
+                    leaving.entry(tor).or_default().insert(id);
+                }
             }
-            let group = tors.len() - 1;
-            tor_of.push(group);
-            rank_in_tor.push(i - tors[group].members.start);
-            by_node.entry(e.node.clone()).or_default().push(i);
+            let before = endpoints.len();
+            endpoints.retain(|e| !e.tor.is_empty());
+            let mut entry = NodeEntry {
+                placed: Vec::with_capacity(endpoints.len()),
+                unplaced: before - endpoints.len(),
+            };
+            endpoints.sort_by(|a, b| a.id.cmp(&b.id));
+            endpoints.dedup_by(|later, earlier| later.id == earlier.id);
+            for e in endpoints {
+                entry.placed.push((e.tor.clone(), e.id.clone()));
+                joining.entry(e.tor.clone()).or_default().push(e);
+            }
+            unplaced += entry.unplaced;
+            if entry.placed.is_empty() && entry.unplaced == 0 {
+                by_node.remove(&node);
+            } else {
+                by_node.insert(node, Arc::new(entry));
+            }
         }
-        for indexes in by_node.values_mut() {
-            indexes.sort_by(|&a, &b| endpoints[a].id.cmp(&endpoints[b].id));
+        let mut touched: Vec<&str> = leaving.keys().copied().collect();
+        touched.extend(joining.keys().map(String::as_str));
+        touched.sort_unstable();
+        touched.dedup();
+        let mut rebuilt: HashMap<&str, Option<Arc<TorGroup>>> = HashMap::new();
+        for &tor in &touched {
+            let gone = leaving.get(tor);
+            let mut members: Vec<MeshEndpoint> = self
+                .group(tor)
+                .map(|g| {
+                    g.members
+                        .iter()
+                        .filter(|e| gone.is_none_or(|gone| !gone.contains(e.id.as_str())))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default();
+            members.extend(joining.get(tor).into_iter().flatten().cloned());
+            let group =
+                (!members.is_empty()).then(|| Arc::new(TorGroup::new(tor.to_owned(), members)));
+            rebuilt.insert(tor, group);
         }
-        let wire = endpoints.iter().map(MeshEndpoint::to_proto).collect();
+        let same_tor_set = rebuilt
+            .iter()
+            .all(|(tor, group)| group.is_some() == self.tor_index.contains_key(*tor));
+        let (tors, tor_index) = if same_tor_set {
+            let mut tors = self.tors.clone();
+            for (tor, group) in rebuilt {
+                if let (Some(&i), Some(group)) = (self.tor_index.get(tor), group) {
+                    tors[i] = group;
+                }
+            }
+            (tors, Arc::clone(&self.tor_index))
+        } else {
+            let mut tors: Vec<Arc<TorGroup>> = self
+                .tors
+                .iter()
+                .filter(|g| !rebuilt.contains_key(g.name.as_str()))
+                .cloned()
+                .collect();
+            tors.extend(rebuilt.into_values().flatten());
+            tors.sort_by(|a, b| a.name.cmp(&b.name));
+            let index = tors
+                .iter()
+                .enumerate()
+                .map(|(i, g)| (g.name.clone(), i))
+                .collect();
+            (tors, Arc::new(index))
+        };
+        let endpoints = tors.iter().map(|g| g.members.len()).sum();
         Self {
-            endpoints,
-            wire,
-            tor_of,
-            rank_in_tor,
             tors,
+            tor_index,
             by_node,
+            endpoints,
             unplaced,
         }
     }
 
+    fn group(&self, tor: &str) -> Option<&TorGroup> {
+        self.tor_index.get(tor).map(|&i| self.tors[i].as_ref())
+    }
+
     /// Endpoints in the view (placed under a ToR).
     pub fn endpoint_count(&self) -> usize {
-        self.endpoints.len()
+        self.endpoints
     }
 
     /// Distinct ToRs in the view.
@@ -319,6 +423,41 @@ impl MeshView {
     /// Endpoints left out because their ToR was empty.
     pub fn unplaced_count(&self) -> usize {
         self.unplaced
+    }
+
+    /// Nodes with at least one endpoint in the view (placed or not).
+    pub fn node_count(&self) -> usize {
+        self.by_node.len()
+    }
+
+    /// Names of the ToRs in the view, in name order.
+    pub fn tor_names(&self) -> impl Iterator<Item = &str> {
+        self.tors.iter().map(|g| g.name.as_str())
+    }
+
+    /// Positions of `node`'s placed endpoints, in id order.
+    fn positions_of(&self, node: &str) -> Vec<Pos> {
+        let Some(entry) = self.by_node.get(node) else {
+            return Vec::new();
+        };
+        entry
+            .placed
+            .iter()
+            .filter_map(|(tor, id)| self.position(tor, id))
+            .collect()
+    }
+
+    fn position(&self, tor: &str, id: &str) -> Option<Pos> {
+        let t = *self.tor_index.get(tor)?;
+        let rank = self.tors[t]
+            .members
+            .binary_search_by(|e| e.id.as_str().cmp(id))
+            .ok()?;
+        Some(Pos { tor: t, rank })
+    }
+
+    fn endpoint(&self, at: Pos) -> &MeshEndpoint {
+        &self.tors[at.tor].members[at.rank]
     }
 
     /// The pinglist of `node` for one rotation epoch, or an empty list for an
@@ -333,18 +472,11 @@ impl MeshView {
         policy: &PinglistPolicy,
         rotation_epoch: u64,
     ) -> Vec<v1::PingTarget> {
-        let Some(own) = self.by_node.get(node) else {
-            return Vec::new();
-        };
         let mut targets = Vec::new();
-        for &source in own {
+        for source in self.positions_of(node) {
             self.push_tor_mesh_targets(source, policy, &mut targets);
             let inter_start = targets.len();
-            for tor in self.sampled_tors(
-                self.tor_of[source],
-                policy.inter_tor_sample_tors,
-                rotation_epoch,
-            ) {
+            for tor in self.sampled_tors(source.tor, policy.inter_tor_sample_tors, rotation_epoch) {
                 self.push_inter_tor_targets(source, tor, policy, rotation_epoch, &mut targets);
             }
             targets[inter_start..].sort_by(|a, b| target_id(a).cmp(target_id(b)));
@@ -370,12 +502,15 @@ impl MeshView {
 
     fn push_tor_mesh_targets(
         &self,
-        source: usize,
+        source: Pos,
         policy: &PinglistPolicy,
         out: &mut Vec<v1::PingTarget>,
     ) {
-        let group = &self.tors[self.tor_of[source]];
-        for target in group.members.clone() {
+        for rank in 0..self.tors[source.tor].members.len() {
+            let target = Pos {
+                tor: source.tor,
+                rank,
+            };
             if self.pairable(source, target) {
                 out.push(self.target(
                     source,
@@ -393,23 +528,25 @@ impl MeshView {
     /// and with the epoch (so every endpoint gets its turn).
     fn push_inter_tor_targets(
         &self,
-        source: usize,
+        source: Pos,
         tor: usize,
         policy: &PinglistPolicy,
         rotation_epoch: u64,
         out: &mut Vec<v1::PingTarget>,
     ) {
-        let members = &self.tors[tor].members;
-        let size = members.len();
+        let size = self.tors[tor].members.len();
         let wanted = policy.inter_tor_targets_per_tor.min(size);
         if wanted == 0 {
             return;
         }
-        let start = rotate(self.rank_in_tor[source], rotation_epoch, wanted, size);
+        let start = rotate(source.rank, rotation_epoch, wanted, size);
         let flows = policy.inter_tor_flows();
         let mut taken = 0;
         for step in 0..size {
-            let target = members.start + (start + step) % size;
+            let target = Pos {
+                tor,
+                rank: (start + step) % size,
+            };
             if self.pairable(source, target) {
                 out.push(self.target(
                     source,
@@ -451,24 +588,25 @@ impl MeshView {
     }
 
     /// Different nodes, same transport.
-    fn pairable(&self, source: usize, target: usize) -> bool {
-        let (s, t) = (&self.endpoints[source], &self.endpoints[target]);
+    fn pairable(&self, source: Pos, target: Pos) -> bool {
+        let (s, t) = (self.endpoint(source), self.endpoint(target));
         s.node != t.node && s.transport == t.transport
     }
 
     fn target(
         &self,
-        source: usize,
-        target: usize,
+        source: Pos,
+        target: Pos,
         kind: v1::TargetKind,
         rate_pps: f64,
         flows: u32,
     ) -> v1::PingTarget {
+        let s = self.endpoint(source);
         v1::PingTarget {
-            source_endpoint: self.endpoints[source].id.clone(),
-            target: Some(self.wire[target].clone()),
-            target_node: self.endpoints[target].node.clone(),
-            source_tor: self.endpoints[source].tor.clone(),
+            source_endpoint: s.id.clone(),
+            target: Some(self.tors[target.tor].wire[target.rank].clone()),
+            target_node: self.endpoint(target).node.clone(),
+            source_tor: s.tor.clone(),
             kind: kind.into(),
             rate_pps,
             flows,
@@ -931,5 +1069,132 @@ mod tests {
         };
         assert_eq!(policy.rotation_epoch(59_999), 0);
         assert_eq!(policy.rotation_epoch(120_000), 2);
+    }
+
+    /// One membership change for the incremental-view property test: node
+    /// `node` now has endpoints `(port, ToR, transport)` (none: it left).
+    type Change = (usize, Vec<(usize, usize, bool)>);
+
+    fn node_endpoints(node: usize, endpoints: &[(usize, usize, bool)]) -> Vec<MeshEndpoint> {
+        endpoints
+            .iter()
+            .map(|&(port, tor, rdma)| {
+                // ToR 0 stands for "not resolved yet".
+                let tor = if tor == 0 {
+                    String::new()
+                } else {
+                    format!("tor-{tor}")
+                };
+                let transport = if rdma {
+                    v1::Transport::Rdma
+                } else {
+                    v1::Transport::Udp
+                };
+                endpoint(
+                    &format!("n{node}"),
+                    &format!("p{port}"),
+                    &tor,
+                    transport as i32,
+                )
+            })
+            .collect()
+    }
+
+    fn change() -> impl Strategy<Value = Change> {
+        (
+            0..8usize,
+            prop::collection::vec((0..3usize, 0..5usize, any::<bool>()), 0..4),
+        )
+    }
+
+    /// Everything a view answers, for comparing two views.
+    fn answers(view: &MeshView, nodes: usize) -> Vec<(usize, usize, Vec<v1::PingTarget>)> {
+        let policy = PinglistPolicy {
+            inter_tor_sample_tors: 2,
+            inter_tor_targets_per_tor: 2,
+            ..PinglistPolicy::default()
+        };
+        let mut all = vec![(view.endpoint_count(), view.unplaced_count(), Vec::new())];
+        for node in 0..nodes {
+            for epoch in 0..3 {
+                all.push((
+                    node,
+                    epoch,
+                    view.pinglist_for(&format!("n{node}"), &policy, epoch as u64),
+                ));
+            }
+        }
+        all
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn incremental_updates_equal_a_full_rebuild(
+            changes in prop::collection::vec(prop::collection::vec(change(), 1..4), 1..12)
+        ) {
+            let mut members: std::collections::BTreeMap<usize, Vec<MeshEndpoint>> =
+                std::collections::BTreeMap::new();
+            let mut view = MeshView::default();
+            for batch in changes {
+                let mut changed = HashMap::new();
+                for (node, endpoints) in batch {
+                    let endpoints = node_endpoints(node, &endpoints);
+                    members.insert(node, endpoints.clone());
+                    changed.insert(format!("n{node}"), endpoints);
+                }
+                let before = view.clone();
+                view = view.updated(changed.clone());
+                let full = MeshView::new(members.values().flatten().cloned().collect());
+                prop_assert_eq!(answers(&view, 8), answers(&full, 8));
+                // ToRs none of the changed nodes was or is under are shared, not rebuilt.
+                let touched: HashSet<String> = changed
+                    .values()
+                    .flatten()
+                    .map(|e| e.tor.clone())
+                    .chain(changed.keys().flat_map(|n| {
+                        before.by_node.get(n).into_iter().flat_map(|e| e.placed.iter().map(|(t, _)| t.clone()))
+                    }))
+                    .collect();
+                for group in &view.tors {
+                    if touched.contains(&group.name) {
+                        continue;
+                    }
+                    let old = &before.tors[before.tor_index[&group.name]];
+                    prop_assert!(Arc::ptr_eq(old, group), "{} was rebuilt", group.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_join_changes_only_the_lists_of_its_tor() {
+        let endpoints = grid(4, 3);
+        let view = MeshView::new(endpoints.clone());
+        let policy = PinglistPolicy {
+            inter_tor_sample_tors: 0,
+            ..PinglistPolicy::default()
+        };
+        let joined = view.updated(HashMap::from([(
+            "late".to_owned(),
+            vec![endpoint(
+                "late",
+                "udp0",
+                "tor-001",
+                v1::Transport::Udp as i32,
+            )],
+        )]));
+        for e in &endpoints {
+            let (before, after) = (
+                view.pinglist_for(&e.node, &policy, 0),
+                joined.pinglist_for(&e.node, &policy, 0),
+            );
+            if e.tor == "tor-001" {
+                assert_eq!(after.len(), before.len() + 1, "{}", e.node);
+            } else {
+                assert_eq!(after, before, "{}", e.node);
+            }
+        }
+        assert_eq!(joined.pinglist_for("late", &policy, 0).len(), 3);
     }
 }

@@ -98,78 +98,54 @@ impl EvaluateError {
     }
 }
 
-/// Collects summaries per window and turns complete windows into reports.
+/// Summaries collected per window until their window closes.
+///
+/// Apart from [`Analyzer`] so that a controller can keep taking summaries in
+/// (under this one's lock only) while a closed window is judged elsewhere.
 #[derive(Debug)]
-pub struct Analyzer {
-    sla: SlaPolicy,
+pub struct Intake {
     window_ms: u32,
     windows: BTreeMap<u64, WindowData>,
     evaluated_through_ms: Option<u64>,
-    /// Paths in the last evaluated window: the size new windows start with.
+    /// Paths in the last closed window: the size new windows start with.
     expected_paths: usize,
-    hysteresis: Hysteresis,
-    last_report: Option<Arc<WindowReport>>,
-    /// The last [`LOCALIZE_WINDOWS`] windows' paths and endpoint nodes, oldest first.
-    recent: VecDeque<(Arc<WindowReport>, Arc<NodeMap>)>,
-    causes: CauseTracker,
-    /// Hops of traced flows, for link and switch localization.
-    traces: Option<Arc<localize::TraceBook>>,
 }
 
-type NodeMap = HashMap<String, String, FastHash>;
+/// One window's summaries, taken out of an [`Intake`] to be judged.
+#[derive(Debug)]
+pub struct ClosedWindow {
+    window_start_ms: u64,
+    data: WindowData,
+}
 
-impl Analyzer {
-    /// An analyzer for `window_ms` windows; refuses an invalid SLA or a zero window.
-    pub fn new(sla: SlaPolicy, window_ms: u32) -> Result<Self, SlaPolicyError> {
-        sla.validate()?;
-        if window_ms == 0 {
-            return Err(SlaPolicyError::new("windowMs", &0, &"at least 1"));
-        }
-        let causes = CauseTracker::new(sla.open_after_windows, sla.clear_after_windows);
-        Ok(Self {
-            sla,
-            window_ms,
+impl ClosedWindow {
+    pub fn window_start_ms(&self) -> u64 {
+        self.window_start_ms
+    }
+
+    /// Paths reported for the window.
+    pub fn paths(&self) -> usize {
+        self.data.paths.len()
+    }
+}
+
+impl Intake {
+    /// An intake for `window_ms` windows (at least 1 ms).
+    pub fn new(window_ms: u32) -> Self {
+        Self {
+            window_ms: window_ms.max(1),
             windows: BTreeMap::new(),
             evaluated_through_ms: None,
             expected_paths: 0,
-            hysteresis: Hysteresis::default(),
-            last_report: None,
-            recent: VecDeque::new(),
-            causes,
-            traces: None,
-        })
-    }
-
-    pub fn sla(&self) -> &SlaPolicy {
-        &self.sla
-    }
-
-    /// Replaces the SLA; open findings and streaks carry over.
-    pub fn set_sla(&mut self, sla: SlaPolicy) -> Result<(), SlaPolicyError> {
-        sla.validate()?;
-        self.causes
-            .set_windows(sla.open_after_windows, sla.clear_after_windows);
-        self.sla = sla;
-        Ok(())
-    }
-
-    fn localize_settings(&self) -> LocalizeSettings {
-        LocalizeSettings {
-            max_loss_ratio: self.sla.max_loss_ratio,
-            host_delay: HostDelayRules::default(),
         }
     }
 
-    pub fn window_ms(&self) -> u32 {
-        self.window_ms
-    }
-
-    /// Summaries held for windows not evaluated yet.
+    /// Summaries held for windows not closed yet.
     pub fn buffered_summaries(&self) -> usize {
         self.windows.values().map(|w| w.paths.len()).sum()
     }
 
-    /// The newest window evaluated so far.
+    /// The newest window closed so far.
     pub fn evaluated_through_ms(&self) -> Option<u64> {
         self.evaluated_through_ms
     }
@@ -177,7 +153,7 @@ impl Analyzer {
     /// Checks and stores one summary. `now_ms` (Unix ms, the controller's clock)
     /// bounds which windows are accepted: from [`MAX_PAST_WINDOWS`] before the
     /// current one to [`MAX_FUTURE_WINDOWS`] after it, and never one already
-    /// evaluated.
+    /// closed.
     pub fn ingest(
         &mut self,
         summary: v1::WindowSummary,
@@ -210,17 +186,10 @@ impl Analyzer {
             .insert(summary)
     }
 
-    /// Evaluates one complete window and drops its data (and any older window's).
-    ///
-    /// `topology` maps an endpoint id to its node and ToR; `target_present` says
-    /// whether the endpoint's agent was present for the whole window starting at
-    /// the given time. Each is asked once per endpoint per window.
-    pub fn evaluate(
-        &mut self,
-        window_start_ms: u64,
-        topology: &dyn Fn(&str) -> Option<EndpointPlacement>,
-        target_present: &dyn Fn(&str, u64) -> bool,
-    ) -> Result<Arc<WindowReport>, EvaluateError> {
+    /// Takes one complete window's data out (and drops any older window's):
+    /// summaries for it and older windows are refused from now on. A move, so
+    /// it costs the same however many paths the window holds.
+    pub fn close(&mut self, window_start_ms: u64) -> Result<ClosedWindow, EvaluateError> {
         if !window_start_ms.is_multiple_of(u64::from(self.window_ms)) {
             return Err(EvaluateError::MisalignedWindow {
                 window_start_ms,
@@ -245,7 +214,127 @@ impl Analyzer {
             .unwrap_or_default();
         self.evaluated_through_ms = Some(window_start_ms);
         self.expected_paths = data.paths.len().min(MAX_PATHS_PER_WINDOW);
+        Ok(ClosedWindow {
+            window_start_ms,
+            data,
+        })
+    }
+}
 
+/// Judges closed windows into reports, with findings and root causes kept
+/// across windows. Holds its own [`Intake`] for callers that do both in one
+/// place ([`Analyzer::ingest`], [`Analyzer::evaluate`]); a controller that
+/// takes summaries in while judging keeps a separate one and calls
+/// [`Analyzer::judge`].
+#[derive(Debug)]
+pub struct Analyzer {
+    sla: SlaPolicy,
+    window_ms: u32,
+    intake: Intake,
+    hysteresis: Hysteresis,
+    last_report: Option<Arc<WindowReport>>,
+    /// The last [`LOCALIZE_WINDOWS`] windows' paths and endpoint nodes, oldest first.
+    recent: VecDeque<(Arc<WindowReport>, Arc<NodeMap>)>,
+    causes: CauseTracker,
+    /// Hops of traced flows, for link and switch localization.
+    traces: Option<Arc<localize::TraceBook>>,
+    /// Traced flows of the last windows, for weak link and switch faults.
+    horizon: localize::NetworkHorizon,
+}
+
+type NodeMap = HashMap<String, String, FastHash>;
+
+impl Analyzer {
+    /// An analyzer for `window_ms` windows; refuses an invalid SLA or a zero window.
+    pub fn new(sla: SlaPolicy, window_ms: u32) -> Result<Self, SlaPolicyError> {
+        sla.validate()?;
+        if window_ms == 0 {
+            return Err(SlaPolicyError::new("windowMs", &0, &"at least 1"));
+        }
+        let causes = CauseTracker::new(sla.open_after_windows, sla.clear_after_windows);
+        Ok(Self {
+            sla,
+            window_ms,
+            intake: Intake::new(window_ms),
+            hysteresis: Hysteresis::default(),
+            last_report: None,
+            recent: VecDeque::new(),
+            causes,
+            traces: None,
+            horizon: localize::NetworkHorizon::new(),
+        })
+    }
+
+    pub fn sla(&self) -> &SlaPolicy {
+        &self.sla
+    }
+
+    /// Replaces the SLA; open findings and streaks carry over.
+    pub fn set_sla(&mut self, sla: SlaPolicy) -> Result<(), SlaPolicyError> {
+        sla.validate()?;
+        self.causes
+            .set_windows(sla.open_after_windows, sla.clear_after_windows);
+        self.sla = sla;
+        Ok(())
+    }
+
+    fn localize_settings(&self) -> LocalizeSettings {
+        LocalizeSettings {
+            max_loss_ratio: self.sla.max_loss_ratio,
+            host_delay: HostDelayRules::default(),
+        }
+    }
+
+    pub fn window_ms(&self) -> u32 {
+        self.window_ms
+    }
+
+    /// Summaries held for windows not evaluated yet.
+    pub fn buffered_summaries(&self) -> usize {
+        self.intake.buffered_summaries()
+    }
+
+    /// The newest window evaluated so far.
+    pub fn evaluated_through_ms(&self) -> Option<u64> {
+        self.intake.evaluated_through_ms()
+    }
+
+    /// Checks and stores one summary (see [`Intake::ingest`]).
+    pub fn ingest(
+        &mut self,
+        summary: v1::WindowSummary,
+        now_ms: u64,
+    ) -> Result<Ingested, IngestError> {
+        self.intake.ingest(summary, now_ms)
+    }
+
+    /// Evaluates one complete window and drops its data (and any older window's).
+    ///
+    /// `topology` maps an endpoint id to its node and ToR; `target_present` says
+    /// whether the endpoint's agent was present for the whole window starting at
+    /// the given time. Each is asked once per endpoint per window.
+    pub fn evaluate(
+        &mut self,
+        window_start_ms: u64,
+        topology: &dyn Fn(&str) -> Option<EndpointPlacement>,
+        target_present: &dyn Fn(&str, u64) -> bool,
+    ) -> Result<Arc<WindowReport>, EvaluateError> {
+        let closed = self.intake.close(window_start_ms)?;
+        Ok(self.judge(closed, topology, target_present))
+    }
+
+    /// Judges a window closed by an [`Intake`] of the same window length.
+    /// Windows must come in increasing order, as one intake closes them.
+    pub fn judge(
+        &mut self,
+        closed: ClosedWindow,
+        topology: &dyn Fn(&str) -> Option<EndpointPlacement>,
+        target_present: &dyn Fn(&str, u64) -> bool,
+    ) -> Arc<WindowReport> {
+        let ClosedWindow {
+            window_start_ms,
+            data,
+        } = closed;
         let stats = stats::collect(data, window_start_ms, &self.sla, topology, target_present);
         let transitions =
             self.hysteresis
@@ -281,7 +370,7 @@ impl Analyzer {
             }
         }
         self.last_report = Some(Arc::clone(&report));
-        Ok(report)
+        report
     }
 
     /// Root causes of `report`'s window together with the ones before it.
@@ -308,6 +397,7 @@ impl Analyzer {
                     .as_deref()
                     .map(|t| t as &dyn localize::PathTraces),
                 findings: &findings,
+                horizon: Some(&self.horizon),
             },
             &self.localize_settings(),
         )

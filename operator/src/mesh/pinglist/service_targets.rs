@@ -19,14 +19,16 @@ use crate::mesh::services::ServiceTarget;
 
 impl MeshView {
     /// Index of endpoint `id` in the view (present, placed under a ToR).
-    fn index_of(&self, id: &str) -> Option<usize> {
+    fn index_of(&self, id: &str) -> Option<super::Pos> {
         // Registration makes every endpoint id "<node>/<name>".
         let node = id.split_once('/').map(|(n, _)| n)?;
-        self.by_node
+        let (tor, _) = self
+            .by_node
             .get(node)?
+            .placed
             .iter()
-            .copied()
-            .find(|&i| self.endpoints[i].id == id)
+            .find(|(_, i)| i == id)?;
+        self.position(tor, id)
     }
 
     /// Adds `node`'s service targets to `out` (its pinglist), turning pairs
@@ -45,11 +47,11 @@ impl MeshView {
             else {
                 continue;
             };
-            if self.endpoints[source].node != node || !self.pairable(source, target) {
+            if self.endpoint(source).node != node || !self.pairable(source, target) {
                 continue;
             }
             let labelled =
-                t.flow_label != 0 && self.endpoints[source].transport == v1::Transport::Rdma as i32;
+                t.flow_label != 0 && self.endpoint(source).transport == v1::Transport::Rdma as i32;
             let listed = out.iter_mut().find(|p| {
                 p.source_endpoint == t.source && p.target.as_ref().is_some_and(|e| e.id == t.target)
             });
@@ -64,7 +66,7 @@ impl MeshView {
             }
             let flows = if labelled {
                 1
-            } else if self.tor_of[source] == self.tor_of[target] {
+            } else if source.tor == target.tor {
                 policy.tor_mesh_flows()
             } else {
                 policy.inter_tor_flows()
