@@ -465,6 +465,8 @@ fn start_controller(dir: &Path, switches: &str) -> Proc {
         .args(["standalone", "--config"])
         .arg(&config)
         .args(["--grpc-addr", GRPC_ADDR, "--http-addr", HTTP_ADDR])
+        // Agents reach it across namespaces; the test fabric is trusted.
+        .arg("--insecure-plaintext")
         .arg("--registry")
         .arg(format!("sqlite://{}", dir.join("r.db").display()))
         .env("PINGMESH_LOG_LEVEL", "info")
@@ -501,6 +503,7 @@ fn start_agent(dir: &Path, host: &Host) -> Proc {
         .args(["--udp-bind", &format!("{}:{RESPONDER_PORT}", host.ip)])
         .args(["--metrics-addr", "127.0.0.1:9402"])
         .args(["--controller", &format!("http://{GRPC_ADDR}")])
+        .arg("--insecure-plaintext")
         .env("PINGMESH_LOG_LEVEL", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())

@@ -171,6 +171,8 @@ fn start_controller(dir: &Path) -> Proc {
         .args(["standalone", "--config"])
         .arg(&config)
         .args(["--grpc-addr", GRPC_ADDR, "--http-addr", HTTP_ADDR])
+        // Agents reach it across namespaces; the test fabric is trusted.
+        .arg("--insecure-plaintext")
         .arg("--registry")
         .arg(format!("sqlite://{}", dir.join("r.db").display()))
         .env("PINGMESH_LOG_LEVEL", "info")
@@ -211,7 +213,8 @@ fn start_agent(
         .args(["--node", host, "--tor", tor, "--transport", "udp"])
         .args(["--udp-bind", &format!("{ip}:{RESPONDER_PORT}")])
         .args(["--metrics-addr", "127.0.0.1:9402"])
-        .args(["--controller", &format!("http://{GRPC_ADDR}")]);
+        .args(["--controller", &format!("http://{GRPC_ADDR}")])
+        .arg("--insecure-plaintext");
     if source == FlowSource::Traced {
         cmd.args(["--tracing", "true"]);
     }

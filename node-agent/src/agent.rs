@@ -119,6 +119,8 @@ pub async fn start(
             config.node
         )));
     }
+    crate::control::security::check(&config.controller, &config.control_security)
+        .map_err(|e| AgentError::Config(e.to_string()))?;
     if !config.tor.is_empty() && !pingmesh_proto::limits::is_valid_id(&config.tor) {
         return Err(AgentError::Config(format!(
             "ToR {:?} is not a valid identifier",
@@ -181,6 +183,7 @@ pub async fn start(
 
     let identity = Identity {
         controller_url: config.controller.clone(),
+        security: config.control_security.clone(),
         node: config.node.clone(),
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         endpoints: wiring.endpoints.clone(),

@@ -47,13 +47,16 @@ pub struct AgentConfig {
     /// Which transport probes run over.
     #[arg(long, env = "PINGMESH_TRANSPORT", value_enum, default_value_t = TransportChoice::Auto)]
     pub transport: TransportChoice,
-    /// Mesh controller gRPC URL.
+    /// Mesh controller gRPC URL: `https://` for TLS (see the `--controller-ca`
+    /// family below), `http://` for plain text.
     #[arg(
         long,
         env = "PINGMESH_CONTROLLER",
         default_value = "http://127.0.0.1:9400"
     )]
     pub controller: String,
+    #[command(flatten)]
+    pub control_security: ControlSecurity,
     /// This node's name (in Kubernetes: from the downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node: String,
@@ -101,6 +104,33 @@ pub struct AgentConfig {
     /// Trace RDMA service connections with eBPF.
     #[arg(long, env = "PINGMESH_TRACING", default_value_t = false, action = ArgAction::Set)]
     pub tracing: bool,
+}
+
+/// How the control channel is secured (docs/security.md). Every file is read
+/// again at each (re)connect, and the token file at every call, so rotated
+/// certificates and tokens are picked up without a restart.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ControlSecurity {
+    /// PEM CA bundle the controller's certificate must chain to (needed for `https://`).
+    #[arg(long, env = "PINGMESH_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
+    /// Name the controller's certificate must carry. Default: the URL's host.
+    #[arg(long, env = "PINGMESH_CONTROLLER_SERVER_NAME")]
+    pub controller_server_name: Option<String>,
+    /// PEM client certificate for mutual TLS; its subject CN must be this node's name.
+    #[arg(long, env = "PINGMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "PINGMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// File holding a bearer token sent with every call (in Kubernetes, the
+    /// projected `ServiceAccount` token with the `pingmesh` audience).
+    #[arg(long, env = "PINGMESH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Allow an `http://` (plain-text) controller URL whose host is not
+    /// loopback. Plain text across hosts is never the default.
+    #[arg(long, env = "PINGMESH_INSECURE_PLAINTEXT", num_args = 0..=1, default_missing_value = "true", default_value_t = false, action = ArgAction::Set)]
+    pub insecure_plaintext: bool,
 }
 
 /// RDMA transport settings (used when the transport is RDMA).
@@ -166,6 +196,7 @@ impl AgentConfig {
             emulated_fabric: None,
             transport: TransportChoice::Udp,
             controller: controller.to_owned(),
+            control_security: ControlSecurity::default(),
             node: node.to_owned(),
             tor: tor.to_owned(),
             udp_bind: SocketAddr::new(ip, 0),
@@ -288,6 +319,39 @@ mod tests {
             argv.extend(args);
             assert!(Cli::try_parse_from(&argv).is_err(), "{args:?} accepted");
         }
+    }
+
+    #[test]
+    fn control_channel_security_flags_are_read() {
+        let a = Cli::try_parse_from([
+            "agent",
+            "--node",
+            "n1",
+            "--controller",
+            "https://ctl:9400",
+            "--controller-ca",
+            "/ca.crt",
+            "--tls-cert",
+            "/tls.crt",
+            "--tls-key",
+            "/tls.key",
+            "--token-file",
+            "/token",
+            "--insecure-plaintext",
+        ])
+        .unwrap()
+        .agent;
+        let s = a.control_security;
+        assert_eq!(s.controller_ca, Some(PathBuf::from("/ca.crt")));
+        assert_eq!(s.tls_key, Some(PathBuf::from("/tls.key")));
+        assert_eq!(s.token_file, Some(PathBuf::from("/token")));
+        assert!(s.insecure_plaintext);
+        // A certificate without its key is refused at once.
+        assert!(Cli::try_parse_from(["agent", "--node", "n1", "--tls-cert", "/c"]).is_err());
+        let defaults = Cli::try_parse_from(["agent", "--node", "n1"])
+            .unwrap()
+            .agent;
+        assert!(!defaults.control_security.insecure_plaintext);
     }
 
     #[test]

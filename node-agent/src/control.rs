@@ -6,6 +6,8 @@
 //! counted), and every reconnect starts with a fresh registration so a restarted
 //! controller learns the agent again at once.
 
+pub mod security;
+
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,7 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::config::Backoff;
+pub use self::security::{BearerToken, ControlClient};
+use crate::config::{Backoff, ControlSecurity};
 use crate::endpoints::{EndpointMap, EndpointSet};
 use crate::metrics::AgentMetrics;
 use crate::probe::prober::publish_pinglist_metrics;
@@ -37,6 +40,8 @@ const FLUSH_EVERY: Duration = Duration::from_secs(1);
 pub enum ControlError {
     #[error("controller URL {url:?} is invalid: {detail}")]
     InvalidUrl { url: String, detail: String },
+    #[error("securing the channel to the controller: {0}")]
+    Security(#[from] security::SecurityError),
     #[error("connecting to controller {url}: {source}")]
     Connect {
         url: String,
@@ -50,6 +55,7 @@ impl ControlError {
     pub fn category(&self) -> &'static str {
         match self {
             Self::InvalidUrl { .. } => "invalid_url",
+            Self::Security(_) => "security",
             Self::Connect { .. } => "connect",
             Self::Rpc { status, .. } if status.code() == Code::InvalidArgument => {
                 "invalid_argument"
@@ -63,6 +69,8 @@ impl ControlError {
 #[derive(Debug, Clone)]
 pub struct Identity {
     pub controller_url: String,
+    /// TLS files and token the channel is secured with.
+    pub security: ControlSecurity,
     pub node: String,
     pub agent_version: String,
     /// Registered again whenever it changes (an RNIC re-opened with a new QPN).
@@ -76,7 +84,7 @@ pub struct Identity {
 /// shares the control channel's connection.
 #[derive(Debug, Clone)]
 pub struct ControlSession {
-    pub client: MeshControllerClient<Channel>,
+    pub client: ControlClient,
     pub node: String,
     pub session: u64,
 }
@@ -175,12 +183,16 @@ pub async fn run_control(
 async fn connect_and_register(
     identity: &Identity,
     metrics: &AgentMetrics,
-) -> Result<(MeshControllerClient<Channel>, u64), ControlError> {
-    let endpoint = Channel::from_shared(identity.controller_url.clone())
-        .map_err(|e| ControlError::InvalidUrl {
+) -> Result<(ControlClient, u64), ControlError> {
+    let endpoint = Channel::from_shared(identity.controller_url.clone()).map_err(|e| {
+        ControlError::InvalidUrl {
             url: identity.controller_url.clone(),
             detail: e.to_string(),
-        })?
+        }
+    })?;
+    // The certificate files as they are now: rotated ones apply from this connect on.
+    let endpoint = security::with_tls(endpoint, &identity.controller_url, &identity.security)
+        .inspect_err(|_| metrics.registration("unreachable"))?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5))
@@ -192,7 +204,8 @@ async fn connect_and_register(
             source,
         }
     })?;
-    let mut client = MeshControllerClient::new(channel)
+    let token = BearerToken::from_file(identity.security.token_file.as_deref());
+    let mut client = MeshControllerClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let reply = client
@@ -222,7 +235,7 @@ async fn connect_and_register(
 /// Serves one registered session; returns why it ended.
 #[allow(clippy::too_many_arguments)]
 async fn serve_session(
-    mut client: MeshControllerClient<Channel>,
+    mut client: ControlClient,
     session: u64,
     identity: &Identity,
     metrics: &AgentMetrics,
@@ -343,7 +356,7 @@ impl Outbox {
     /// answered for it (accepted, duplicate or rejected: see [`ReportCounts`]).
     async fn flush(
         &mut self,
-        client: &mut MeshControllerClient<Channel>,
+        client: &mut ControlClient,
         node: &str,
         session: u64,
     ) -> Result<(), ControlError> {
@@ -492,7 +505,7 @@ mod tests {
         }
     }
 
-    async fn client_of(answer: ReportWindowsResponse) -> MeshControllerClient<Channel> {
+    async fn client_of(answer: ReportWindowsResponse) -> ControlClient {
         let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
             .await
             .unwrap();
@@ -501,9 +514,12 @@ mod tests {
             .add_service(MeshControllerServer::new(Answers(answer)))
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
         tokio::spawn(server);
-        MeshControllerClient::connect(format!("http://{addr}"))
-            .await
+        let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        MeshControllerClient::with_interceptor(channel, BearerToken::default())
     }
 
     fn series(metrics: &AgentMetrics, name: &str, label: &str) -> u64 {

@@ -52,13 +52,38 @@ pub struct MeshConfig {
     pub services: ServicePolicy,
     /// Path traces for link and switch localization (docs/localization.md).
     pub traces: TraceSettings,
+    /// TLS on the agent-facing gRPC port, and with a client CA, agents'
+    /// node identity from their certificates (docs/security.md).
+    pub grpc_tls: Option<GrpcTlsConfig>,
+    /// Serve agents in plain text on an address other hosts can reach. Off:
+    /// without `grpcTls` the gRPC port must be on loopback, so that nothing
+    /// unencrypted and unauthenticated is ever reachable by accident.
+    pub insecure_plaintext: bool,
+}
+
+/// Certificate files of the gRPC port; re-read when they change, so
+/// certificates rotate without a restart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GrpcTlsConfig {
+    /// PEM certificate chain of the controller, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+    /// PEM CA bundle that agents' client certificates must chain to. Set:
+    /// every agent needs a certificate whose subject common name is its node
+    /// name, and may act for that node only. Unset: no client certificates.
+    #[serde(default)]
+    pub client_ca_file: Option<PathBuf>,
 }
 
 impl Default for MeshConfig {
     fn default() -> Self {
         Self {
-            grpc_addr: SocketAddr::from(([0, 0, 0, 0], 9400)),
-            http_addr: SocketAddr::from(([0, 0, 0, 0], 9401)),
+            // Loopback unless told otherwise: the standalone JSON API has no
+            // authentication, and the gRPC port none without TLS.
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 9400)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 9401)),
             registry: "sqlite://pingmesh-registry.db".into(),
             default_tor: "default".into(),
             stale_after_secs: 300,
@@ -67,6 +92,8 @@ impl Default for MeshConfig {
             sla: SlaPolicy::default(),
             services: ServicePolicy::default(),
             traces: TraceSettings::default(),
+            grpc_tls: None,
+            insecure_plaintext: false,
         }
     }
 }
@@ -92,6 +119,20 @@ pub struct MeshArgs {
     /// Probe timeout in milliseconds.
     #[arg(long, env = "PINGMESH_PROBE_TIMEOUT_MS")]
     pub probe_timeout_ms: Option<u32>,
+    /// PEM certificate chain of the gRPC port (with `--grpc-tls-key`).
+    #[arg(long, env = "PINGMESH_GRPC_TLS_CERT", requires = "grpc_tls_key")]
+    pub grpc_tls_cert: Option<PathBuf>,
+    /// PEM private key of the gRPC port (with `--grpc-tls-cert`).
+    #[arg(long, env = "PINGMESH_GRPC_TLS_KEY", requires = "grpc_tls_cert")]
+    pub grpc_tls_key: Option<PathBuf>,
+    /// PEM CA bundle agents' client certificates must chain to (their
+    /// subject CN is their node name; see docs/security.md).
+    #[arg(long, env = "PINGMESH_GRPC_CLIENT_CA", requires = "grpc_tls_cert")]
+    pub grpc_client_ca: Option<PathBuf>,
+    /// Serve agents in plain text on a non-loopback address (trusted networks,
+    /// tests). Plain text is never the default.
+    #[arg(long, env = "PINGMESH_INSECURE_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
+    pub insecure_plaintext: Option<bool>,
 }
 
 impl MeshArgs {
@@ -118,6 +159,16 @@ impl MeshArgs {
         }
         if let Some(t) = self.probe_timeout_ms {
             config.pinglist.probe_timeout_ms = t;
+        }
+        if let (Some(cert_file), Some(key_file)) = (&self.grpc_tls_cert, &self.grpc_tls_key) {
+            config.grpc_tls = Some(GrpcTlsConfig {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+                client_ca_file: self.grpc_client_ca.clone(),
+            });
+        }
+        if let Some(insecure) = self.insecure_plaintext {
+            config.insecure_plaintext = insecure;
         }
         config.validate()?;
         Ok(config)
@@ -161,6 +212,15 @@ impl MeshConfig {
             return Err(ConfigError::Invalid(
                 "traces.maxHops must be between 1 and 64".into(),
             ));
+        }
+        if self.grpc_tls.is_none() && !self.insecure_plaintext && !self.grpc_addr.ip().is_loopback()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "the gRPC address {} is reachable from other hosts but has no TLS: set grpcTls \
+                 (--grpc-tls-cert, --grpc-tls-key, --grpc-client-ca), or insecurePlaintext: true \
+                 (--insecure-plaintext) to serve agents in plain text (docs/security.md)",
+                self.grpc_addr
+            )));
         }
         Ok(())
     }
@@ -215,5 +275,38 @@ mod tests {
             ..MeshArgs::default()
         };
         assert!(matches!(args.resolve(), Err(ConfigError::Invalid(_))));
+    }
+
+    #[test]
+    fn plain_text_on_a_reachable_address_needs_the_explicit_setting() {
+        let reachable = Some("0.0.0.0:9400".parse().unwrap());
+        let err = MeshArgs {
+            grpc_addr: reachable,
+            ..MeshArgs::default()
+        }
+        .resolve()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("insecurePlaintext"), "{err}");
+        let plain = MeshArgs {
+            grpc_addr: reachable,
+            insecure_plaintext: Some(true),
+            ..MeshArgs::default()
+        };
+        assert!(plain.resolve().unwrap().insecure_plaintext);
+        let tls = MeshArgs {
+            grpc_addr: reachable,
+            grpc_tls_cert: Some("tls.crt".into()),
+            grpc_tls_key: Some("tls.key".into()),
+            grpc_client_ca: Some("ca.crt".into()),
+            ..MeshArgs::default()
+        }
+        .resolve()
+        .unwrap();
+        let files = tls.grpc_tls.unwrap();
+        assert_eq!(files.client_ca_file, Some(PathBuf::from("ca.crt")));
+        // The default binds loopback, where plain text is allowed.
+        let defaults = MeshArgs::default().resolve().unwrap();
+        assert!(defaults.grpc_addr.ip().is_loopback() && defaults.http_addr.ip().is_loopback());
     }
 }

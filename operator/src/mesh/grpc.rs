@@ -1,5 +1,6 @@
 //! The agent-facing gRPC service. Validation and state live in the controller;
-//! this maps requests and errors and enforces message-size bounds.
+//! this maps requests and errors, enforces message-size bounds, and lets an
+//! agent act only for the node it proved (see `identity`).
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -19,20 +20,58 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::controller::{MeshController, MeshError};
+use super::identity::{AgentAuthenticator, AuthError, Credentials, may_act_for};
 
 #[derive(Debug, Clone)]
 pub struct GrpcService {
     controller: Arc<MeshController>,
+    auth: Arc<dyn AgentAuthenticator>,
 }
 
-/// The tonic server for `controller`, with decoding bounded.
-pub fn server(controller: Arc<MeshController>) -> MeshControllerServer<GrpcService> {
-    MeshControllerServer::new(GrpcService { controller })
+/// The tonic server for `controller`, with decoding bounded and every
+/// request's node checked against what `auth` says the caller is.
+pub fn server(
+    controller: Arc<MeshController>,
+    auth: Arc<dyn AgentAuthenticator>,
+) -> MeshControllerServer<GrpcService> {
+    MeshControllerServer::new(GrpcService { controller, auth })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES)
 }
 
 impl GrpcService {
+    /// Refuses a request whose caller is unknown or may not act for `node`;
+    /// counted as `pingmesh_controller_rejected_requests_total{reason="identity"}`.
+    async fn authorize<T>(
+        &self,
+        rpc: &'static str,
+        request: &Request<T>,
+        node: &str,
+    ) -> Result<(), Status> {
+        let certs = request.peer_certs();
+        let credentials = Credentials {
+            metadata: request.metadata(),
+            peer_certs: certs.as_deref().map(Vec::as_slice),
+        };
+        let verdict = match self.auth.authenticate(credentials).await {
+            Ok(caller) => may_act_for(&caller, node),
+            Err(e) => Err(e),
+        };
+        verdict.map_err(|e| {
+            self.controller
+                .metrics
+                .rejected_requests
+                .with_label_values(&[rpc, "identity"])
+                .inc();
+            tracing::debug!(rpc, node, error = %e, "request refused");
+            match e {
+                AuthError::Unauthenticated(m) => Status::unauthenticated(m),
+                AuthError::Denied(m) => Status::permission_denied(m),
+                AuthError::Unavailable(m) => Status::unavailable(m),
+            }
+        })
+    }
+
     fn refuse(&self, rpc: &'static str, e: &MeshError) -> Status {
         self.controller
             .metrics
@@ -68,6 +107,8 @@ impl MeshService for GrpcService {
         &self,
         request: Request<RegisterRequest>,
     ) -> Result<Response<RegisterResponse>, Status> {
+        self.authorize("register", &request, &request.get_ref().node)
+            .await?;
         let r = request.into_inner();
         let (session, endpoints) = self
             .controller
@@ -89,6 +130,8 @@ impl MeshService for GrpcService {
         &self,
         request: Request<WatchPinglistRequest>,
     ) -> Result<Response<Self::WatchPinglistStream>, Status> {
+        self.authorize("watch_pinglist", &request, &request.get_ref().node)
+            .await?;
         let r = request.into_inner();
         self.check_node("watch_pinglist", &r.node)?;
         self.controller
@@ -141,6 +184,8 @@ impl MeshService for GrpcService {
         &self,
         request: Request<ReportWindowsRequest>,
     ) -> Result<Response<ReportWindowsResponse>, Status> {
+        self.authorize("report_windows", &request, &request.get_ref().node)
+            .await?;
         let r = request.into_inner();
         self.check_node("report_windows", &r.node)?;
         self.controller
@@ -162,6 +207,8 @@ impl MeshService for GrpcService {
         &self,
         request: Request<ExchangeTracesRequest>,
     ) -> Result<Response<ExchangeTracesResponse>, Status> {
+        self.authorize("exchange_traces", &request, &request.get_ref().node)
+            .await?;
         let r = request.into_inner();
         self.check_node("exchange_traces", &r.node)?;
         let (requests, next_exchange_ms) = self
@@ -180,6 +227,8 @@ impl MeshService for GrpcService {
         request: Request<ReportServiceFlowsRequest>,
     ) -> Result<Response<ReportServiceFlowsResponse>, Status> {
         const RPC: &str = "report_service_flows";
+        self.authorize(RPC, &request, &request.get_ref().node)
+            .await?;
         let r = request.into_inner();
         self.check_node(RPC, &r.node)?;
         self.controller

@@ -10,9 +10,11 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use super::controller::{MeshController, MeshError};
+use super::identity::{AgentAuthenticator, ClientCertificates, Unverified};
 use super::registry::{RegistryError, open_registry};
+use super::tls::{ReloadingServerConfig, TlsError};
 use super::topology::TorResolver;
-use super::{grpc, http};
+use super::{grpc, http, tls};
 use crate::config::MeshConfig;
 
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +31,8 @@ pub enum ServeError {
     },
     #[error("gRPC server: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("gRPC TLS: {0}")]
+    Tls(#[from] TlsError),
     #[error("HTTP server: {0}")]
     Http(std::io::Error),
 }
@@ -84,8 +88,30 @@ pub async fn start_with(
     cancel: CancellationToken,
     tor_resolver: Option<Arc<dyn TorResolver>>,
 ) -> Result<RunningController, ServeError> {
+    start_with_auth(config, cancel, tor_resolver, None).await
+}
+
+/// Like [`start_with`], with agents authenticated by `auth` (the operator's
+/// `TokenReview` check). `None`: by their client certificates when the config
+/// names a client CA, else not at all (plain text on loopback, or explicitly).
+pub async fn start_with_auth(
+    config: MeshConfig,
+    cancel: CancellationToken,
+    tor_resolver: Option<Arc<dyn TorResolver>>,
+    auth: Option<Arc<dyn AgentAuthenticator>>,
+) -> Result<RunningController, ServeError> {
+    // TLS files first: a controller with broken certificates must not start
+    // (and must not open a registry it cannot serve).
+    let tls = config
+        .grpc_tls
+        .clone()
+        .map(ReloadingServerConfig::load)
+        .transpose()?
+        .map(Arc::new);
+    let auth = auth.unwrap_or_else(|| default_authenticator(tls.as_deref()));
     let registry = open_registry(&config.registry).await?;
     let (grpc_listener, grpc_addr) = bind("gRPC", config.grpc_addr).await?;
+    let config_tls = tls.is_some();
     let (http_listener, http_addr) = bind("HTTP", config.http_addr).await?;
     let controller = MeshController::with_tor_resolver(config, registry, tor_resolver).await?;
     let mut tasks = JoinSet::new();
@@ -102,15 +128,28 @@ pub async fn start_with(
     tasks.spawn({
         let (c, cancel) = (controller.clone(), cancel.clone());
         async move {
-            tonic::transport::Server::builder()
+            let router = tonic::transport::Server::builder()
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
-                .add_service(grpc::server(c))
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(grpc_listener),
-                    cancel.cancelled_owned(),
-                )
-                .await?;
+                .add_service(grpc::server(c, auth));
+            match tls {
+                Some(tls) => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            tls::incoming(grpc_listener, tls),
+                            cancel.cancelled_owned(),
+                        )
+                        .await?;
+                }
+                None => {
+                    router
+                        .serve_with_incoming_shutdown(
+                            TcpListenerStream::new(grpc_listener),
+                            cancel.cancelled_owned(),
+                        )
+                        .await?;
+                }
+            }
             Ok(())
         }
     });
@@ -123,11 +162,27 @@ pub async fn start_with(
                 .map_err(ServeError::Http)
         }
     });
-    tracing::info!(%grpc_addr, %http_addr, "mesh controller serving");
+    tracing::info!(%grpc_addr, %http_addr, tls = config_tls, "mesh controller serving");
     Ok(RunningController {
         controller,
         grpc_addr,
         http_addr,
         tasks,
     })
+}
+
+/// Client certificates when TLS asks for them; otherwise nobody is checked
+/// (the config allowed that: loopback or `insecurePlaintext`, or TLS without
+/// a client CA, which encrypts but leaves identity to the network).
+fn default_authenticator(tls: Option<&ReloadingServerConfig>) -> Arc<dyn AgentAuthenticator> {
+    match tls {
+        Some(tls) if tls.requires_client_certificates() => Arc::new(ClientCertificates),
+        Some(_) => {
+            tracing::warn!(
+                "gRPC TLS without a client CA: agents are not authenticated and may act for any node"
+            );
+            Arc::new(Unverified)
+        }
+        None => Arc::new(Unverified),
+    }
 }
