@@ -191,6 +191,8 @@ pub async fn start(
     };
     let (m, r, c) = (metrics.clone(), registered.clone(), cancel.clone());
     let buffer = config.report_buffer;
+    // The outbox keeps at least one summary, whatever the setting.
+    metrics.set_report_buffer_limit(buffer.max(1));
     tasks.spawn(async move {
         run_control(identity, m, pinglist_tx, summary_rx, r, buffer, c).await;
         Ok(())

@@ -61,6 +61,7 @@ pub struct AgentMetrics {
     pinglist_version: IntGauge,
     pending: IntGauge,
     controller_connected: IntGauge,
+    report_buffer_limit: IntGauge,
     registrations: IntCounterVec,
     reports: IntCounterVec,
     windows_dropped: IntCounterVec,
@@ -184,6 +185,11 @@ impl AgentMetrics {
                 &registry,
                 "pingmesh_controller_connected",
                 "1 while the pinglist stream from the mesh controller is open.",
+            )?,
+            report_buffer_limit: gauge(
+                &registry,
+                "pingmesh_report_buffer_limit",
+                "Most window summaries kept for the controller while it is unreachable (--report-buffer); beyond it the oldest are dropped as buffer_full.",
             )?,
             registrations: counter_vec(
                 &registry,
@@ -391,6 +397,13 @@ impl AgentMetrics {
         self.controller_connected.set(i64::from(up));
     }
 
+    /// The report buffer's size: how long a controller outage loses nothing
+    /// is this over the summaries a window produces.
+    pub fn set_report_buffer_limit(&self, summaries: usize) {
+        self.report_buffer_limit
+            .set(i64::try_from(summaries).unwrap_or(i64::MAX));
+    }
+
     pub fn registration(&self, result: &'static str) {
         self.registrations.with_label_values(&[result]).inc();
     }
@@ -561,6 +574,14 @@ mod tests {
         ] {
             assert!(t.lines().any(|l| l == series), "missing {series}");
         }
+    }
+
+    #[test]
+    fn the_report_buffer_limit_is_exported() {
+        let m = AgentMetrics::new("node-1", false).unwrap();
+        m.set_report_buffer_limit(40);
+        let series = r#"pingmesh_report_buffer_limit{node="node-1"} 40"#;
+        assert!(text(&m).lines().any(|l| l == series), "missing {series}");
     }
 
     #[test]
