@@ -114,6 +114,10 @@ pub struct ControlSecurity {
     /// PEM CA bundle the controller's certificate must chain to (needed for `https://`).
     #[arg(long, env = "PINGMESH_CONTROLLER_CA")]
     pub controller_ca: Option<PathBuf>,
+    /// The same CA bundle inline, as PEM text (what the operator puts in an
+    /// agent pod's environment); used when `--controller-ca` is not set.
+    #[arg(long, env = "PINGMESH_CONTROLLER_CA_PEM", hide_env_values = true)]
+    pub controller_ca_pem: Option<String>,
     /// Name the controller's certificate must carry. Default: the URL's host.
     #[arg(long, env = "PINGMESH_CONTROLLER_SERVER_NAME")]
     pub controller_server_name: Option<String>,

@@ -75,8 +75,52 @@ fn host_paths(pm: &PingMesh) -> Vec<String> {
         .volumes
         .unwrap_or_default()
         .into_iter()
-        .map(|v| v.host_path.unwrap().path)
+        .filter_map(|v| v.host_path.map(|h| h.path))
         .collect()
+}
+
+#[test]
+fn agents_get_a_pingmesh_token_and_the_controller_ca() {
+    let pm = mesh(PingMeshSpec::default());
+    let spec = pod(&pm);
+    let projected = spec
+        .volumes
+        .unwrap()
+        .into_iter()
+        .find_map(|v| v.projected)
+        .expect("a projected token volume");
+    let token = projected.sources.unwrap()[0]
+        .service_account_token
+        .clone()
+        .unwrap();
+    assert_eq!(token.audience.as_deref(), Some("pingmesh"));
+    let env = |settings: &OperatorSettings| -> Vec<(String, String)> {
+        desired_daemonset(&pm, settings)
+            .unwrap()
+            .spec
+            .unwrap()
+            .template
+            .spec
+            .unwrap()
+            .containers[0]
+            .env
+            .clone()
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| Some((e.name, e.value?)))
+            .collect()
+    };
+    let plain = env(&settings());
+    assert!(plain.contains(&(
+        "PINGMESH_TOKEN_FILE".into(),
+        "/var/run/secrets/pingmesh.io/token".into()
+    )));
+    assert!(!plain.iter().any(|(k, _)| k == "PINGMESH_CONTROLLER_CA_PEM"));
+    let tls = env(&OperatorSettings {
+        agent_ca_pem: Some("CA PEM".into()),
+        ..settings()
+    });
+    assert!(tls.contains(&("PINGMESH_CONTROLLER_CA_PEM".into(), "CA PEM".into())));
 }
 
 fn template_hash(ds: &DaemonSet) -> String {

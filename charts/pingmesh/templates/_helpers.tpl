@@ -166,6 +166,20 @@ Fail early on combinations that would run but misbehave.
 {{- if ge (int $election.retryPeriodSeconds) (int $election.renewDeadlineSeconds) }}
 {{- fail "operator.leaderElection.retryPeriodSeconds must be below renewDeadlineSeconds" }}
 {{- end }}
+{{- if and (eq .Values.operator.grpcTls.mode "secret") (not .Values.operator.grpcTls.existingSecret) }}
+{{- fail "operator.grpcTls.mode=secret needs operator.grpcTls.existingSecret (tls.crt, tls.key, ca.crt)" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Secret holding the gRPC port's certificate (tls.crt, tls.key, ca.crt); empty
+when TLS is disabled.
+*/}}
+{{- define "pingmesh.operator.grpcTlsSecret" -}}
+{{- $tls := .Values.operator.grpcTls }}
+{{- if eq $tls.mode "secret" }}{{ $tls.existingSecret }}
+{{- else if eq $tls.mode "generate" }}{{ include "pingmesh.operator.fullname" . }}-grpc-tls
+{{- end }}
 {{- end }}
 
 {{/*

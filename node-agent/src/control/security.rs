@@ -92,7 +92,9 @@ pub fn check(url: &str, security: &ControlSecurity) -> Result<(), SecurityError>
         url: url.to_owned(),
     })?;
     match uri.scheme_str() {
-        Some("https") if security.controller_ca.is_none() => {
+        Some("https")
+            if security.controller_ca.is_none() && security.controller_ca_pem.is_none() =>
+        {
             Err(SecurityError::NoCa(url.to_owned()))
         }
         Some("https") => Ok(()),
@@ -120,11 +122,12 @@ pub fn with_tls(
     if !url.starts_with("https://") {
         return Ok(endpoint);
     }
-    let ca = security
-        .controller_ca
-        .as_deref()
-        .ok_or_else(|| SecurityError::NoCa(url.to_owned()))?;
-    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+    let ca = match (&security.controller_ca, &security.controller_ca_pem) {
+        (Some(file), _) => read(file)?,
+        (None, Some(pem)) => pem.clone().into_bytes(),
+        (None, None) => return Err(SecurityError::NoCa(url.to_owned())),
+    };
+    let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
     if let Some(name) = &security.controller_server_name {
         tls = tls.domain_name(name.clone());
     }
@@ -183,6 +186,11 @@ mod tests {
             ..ControlSecurity::default()
         };
         assert!(allowed("https://ctl:9400", &with_ca));
+        let inline = ControlSecurity {
+            controller_ca_pem: Some("-----BEGIN CERTIFICATE-----".into()),
+            ..ControlSecurity::default()
+        };
+        assert!(allowed("https://ctl:9400", &inline));
         assert!(matches!(
             check("ftp://ctl:9400", &with_ca),
             Err(SecurityError::Scheme { .. })

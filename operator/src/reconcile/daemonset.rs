@@ -9,7 +9,8 @@ use k8s_openapi::api::apps::v1::{
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapEnvSource, Container, ContainerPort, EnvFromSource, EnvVar,
     EnvVarSource, HTTPGetAction, HostPathVolumeSource, ObjectFieldSelector, PodSpec,
-    PodTemplateSpec, Probe, ResourceRequirements, SecurityContext, Volume, VolumeMount,
+    PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -73,11 +74,44 @@ pub fn desired_daemonset(
     })
 }
 
+/// Where agents find their `pingmesh`-audience token (docs/security.md).
+const TOKEN_DIR: &str = "/var/run/secrets/pingmesh.io";
+/// Lifetime asked for the agent token; kubelet renews it at 80 %.
+const TOKEN_SECONDS: i64 = 3_600;
+
+/// The projected `ServiceAccount` token agents prove their pod (and so their
+/// node) with: audience `pingmesh`, so it is good for nothing else.
+fn agent_token() -> (Volume, VolumeMount) {
+    let volume = Volume {
+        name: "pingmesh-token".to_owned(),
+        projected: Some(ProjectedVolumeSource {
+            sources: Some(vec![VolumeProjection {
+                service_account_token: Some(ServiceAccountTokenProjection {
+                    audience: Some(crate::mesh::identity::token::AGENT_AUDIENCE.to_owned()),
+                    expiration_seconds: Some(TOKEN_SECONDS),
+                    path: "token".to_owned(),
+                }),
+                ..VolumeProjection::default()
+            }]),
+            ..ProjectedVolumeSource::default()
+        }),
+        ..Volume::default()
+    };
+    let mount = VolumeMount {
+        name: "pingmesh-token".to_owned(),
+        mount_path: TOKEN_DIR.to_owned(),
+        read_only: Some(true),
+        ..VolumeMount::default()
+    };
+    (volume, mount)
+}
+
 fn pod_spec(pm: &PingMesh, settings: &OperatorSettings, configmap: &str) -> PodSpec {
     let spec = &pm.spec;
     let privileges = Privileges::of(pm);
-    let mut volumes = Vec::new();
-    let mut mounts = Vec::new();
+    let (token_volume, token_mount) = agent_token();
+    let mut volumes = vec![token_volume];
+    let mut mounts = vec![token_mount];
     for (name, path) in privileges.host_paths() {
         volumes.push(Volume {
             name: name.to_owned(),
@@ -157,7 +191,7 @@ fn env(pm: &PingMesh, settings: &OperatorSettings) -> Vec<EnvVar> {
         value: Some(value),
         ..EnvVar::default()
     };
-    vec![
+    let mut vars = vec![
         EnvVar {
             name: "NODE_NAME".to_owned(),
             value_from: Some(EnvVarSource {
@@ -170,13 +204,21 @@ fn env(pm: &PingMesh, settings: &OperatorSettings) -> Vec<EnvVar> {
             ..EnvVar::default()
         },
         plain("PINGMESH_CONTROLLER", settings.controller_url.clone()),
+        plain("PINGMESH_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
         plain("PINGMESH_UDP_BIND", format!("0.0.0.0:{}", agent.udp_port)),
         plain(
             "PINGMESH_METRICS_ADDR",
             format!("0.0.0.0:{}", agent.metrics_port),
         ),
         plain("PINGMESH_LOG_LEVEL", agent.log_level.as_str().to_owned()),
-    ]
+    ];
+    if let Some(ca) = &settings.agent_ca_pem {
+        vars.push(plain("PINGMESH_CONTROLLER_CA_PEM", ca.clone()));
+    }
+    if settings.insecure_plaintext {
+        vars.push(plain("PINGMESH_INSECURE_PLAINTEXT", "true".to_owned()));
+    }
+    vars
 }
 
 fn http_probe(path: &str, port: u16, period_seconds: i32) -> Probe {

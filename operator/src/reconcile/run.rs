@@ -53,6 +53,8 @@ use super::{
 };
 use crate::config::{ConfigError, MeshArgs, MeshConfig};
 use crate::crd::PingMesh;
+use crate::mesh::identity::AgentAuthenticator;
+use crate::mesh::identity::token::TokenReviewAuthenticator;
 use crate::mesh::server::{self, RunningController, ServeError};
 use crate::mesh::services::PodResolver;
 use crate::mesh::topology::TorResolver;
@@ -74,8 +76,13 @@ pub struct RunArgs {
     #[arg(long, env = "PINGMESH_AGENT_CONTROLLER_URL")]
     pub agent_controller_url: Option<String>,
     /// Service account of agent pods (default: the namespace's default).
+    /// Agents prove their node with a token of this account (docs/security.md).
     #[arg(long, env = "PINGMESH_AGENT_SERVICE_ACCOUNT")]
     pub agent_service_account: Option<String>,
+    /// PEM CA bundle agents check the controller's gRPC certificate against
+    /// (the `ca.crt` of the controller's TLS Secret). Set: agents dial https://.
+    #[arg(long, env = "PINGMESH_AGENT_CA_FILE")]
+    pub agent_ca_file: Option<std::path::PathBuf>,
     /// Only watch `PingMeshes` in this namespace (default: all namespaces).
     #[arg(long, env = "PINGMESH_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
@@ -139,14 +146,26 @@ pub struct RunArgs {
 impl RunArgs {
     /// Reconciler settings; `grpc_port` is the port the mesh controller serves agents on.
     pub fn settings(&self, grpc_port: u16) -> OperatorSettings {
+        let agent_ca_pem = self.agent_ca_file.as_ref().and_then(|path| {
+            std::fs::read_to_string(path)
+                .inspect_err(|e| tracing::error!(path = %path.display(), error = %e, "cannot read the agents' CA file"))
+                .ok()
+        });
+        let scheme = if agent_ca_pem.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         OperatorSettings {
             controller_url: self.agent_controller_url.clone().unwrap_or_else(|| {
                 format!(
-                    "http://pingmesh-operator.{}.svc:{grpc_port}",
+                    "{scheme}://pingmesh-operator.{}.svc:{grpc_port}",
                     self.pod_namespace
                 )
             }),
             agent_service_account: self.agent_service_account.clone(),
+            agent_ca_pem,
+            insecure_plaintext: self.mesh.insecure_plaintext.unwrap_or(false),
             resync: Duration::from_secs(self.resync_secs.max(1)),
         }
     }
@@ -343,6 +362,9 @@ struct Led {
     running: Option<RunningController>,
     mesh_cancel: CancellationToken,
     tor_resolver: Arc<dyn TorResolver>,
+    /// Checks agents' tokens; `None` where the config authenticates them
+    /// otherwise (client certificates).
+    agent_auth: Option<Arc<dyn AgentAuthenticator>>,
     /// Names services after their pods' owners; set on every controller started.
     pod_resolver: Arc<dyn PodResolver>,
     /// Policies the source asks for, subscribed before the reconciler starts
@@ -402,6 +424,7 @@ async fn lead(
 /// agents registering at once get their ToR), the mesh controller with the
 /// policy source's settings, the Node label follower, the findings publisher
 /// and the reconciler.
+#[allow(clippy::too_many_lines)] // wiring, step by step
 async fn start_leading(
     args: &RunArgs,
     mut config: MeshConfig,
@@ -435,10 +458,12 @@ async fn start_leading(
     }
     let resolver = NodeTorResolver::new(nodes.clone(), source_settings.topology.clone());
     let tor_resolver: Arc<dyn TorResolver> = Arc::new(resolver.clone());
-    let running = server::start_with(
+    let agent_auth = agent_authenticator(&config, &client, args);
+    let running = server::start_with_auth(
         config.clone(),
         mesh_cancel.clone(),
         Some(tor_resolver.clone()),
+        agent_auth.clone(),
     )
     .await?;
     let (pod_resolver, pod_caches) = start_pod_caches(&client, &work);
@@ -501,6 +526,7 @@ async fn start_leading(
         running: Some(running),
         mesh_cancel,
         tor_resolver,
+        agent_auth,
         pod_resolver,
         policies,
         tasks: vec![
@@ -644,10 +670,11 @@ impl Led {
         }
         with_policy(&mut self.config, policy);
         self.mesh_cancel = CancellationToken::new();
-        let running = server::start_with(
+        let running = server::start_with_auth(
             self.config.clone(),
             self.mesh_cancel.clone(),
             Some(self.tor_resolver.clone()),
+            self.agent_auth.clone(),
         )
         .await?;
         running
@@ -690,6 +717,24 @@ async fn serve_http(
             .with_graceful_shutdown(stop.cancelled_owned())
             .into_future(),
     ))
+}
+
+/// In a cluster agents prove their node with a projected token checked by
+/// `TokenReview`, unless the config asks for client certificates instead.
+fn agent_authenticator(
+    config: &MeshConfig,
+    client: &Client,
+    args: &RunArgs,
+) -> Option<Arc<dyn AgentAuthenticator>> {
+    let certificates = config
+        .grpc_tls
+        .as_ref()
+        .is_some_and(|t| t.client_ca_file.is_some());
+    (!certificates).then(|| {
+        let account = args.agent_service_account.as_deref().unwrap_or("default");
+        Arc::new(TokenReviewAuthenticator::new(client.clone(), account))
+            as Arc<dyn AgentAuthenticator>
+    })
 }
 
 /// Forwards agents arriving on `grpc_addr` to the leader until this replica
@@ -821,6 +866,7 @@ mod tests {
             running: None,
             mesh_cancel: CancellationToken::new(),
             tor_resolver: Arc::new(NodeTorResolver::new(nodes, TopologySpec::default())),
+            agent_auth: None,
             pod_resolver: Arc::new(NoPods),
             tasks: Vec::new(),
             metrics: ReconcileMetrics::new().unwrap(),

@@ -16,6 +16,9 @@ use std::fmt::Debug;
 use tokio_rustls::rustls::pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
 
+#[cfg(feature = "kubernetes")]
+pub mod token;
+
 /// What a caller proved.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Caller {
