@@ -21,6 +21,8 @@ declare -A probes=(
   # End-to-end tests: iptables fault injection, network namespaces.
   [iptables]=iptables
   [iproute2]=ip
+  # The chaos suite checks the SQLite registry file with the sqlite3 shell.
+  [sqlite3]=sqlite3
   # promtool: metric exposition, alert rules and their unit tests.
   [prometheus]=promtool
   # Manifest checks: shellcheck of hack/, Python tools in a venv.
