@@ -27,6 +27,8 @@ use tonic::metadata::MetadataMap;
 struct Cluster {
     reviews: Vec<(&'static str, Value)>,
     pods: Vec<Value>,
+    /// Users a `SubjectAccessReview` allows to get pingmeshes in "mesh".
+    readers: Vec<&'static str>,
     seen: Vec<(String, String, Value)>,
     down: bool,
 }
@@ -55,6 +57,17 @@ fn fake_api(cluster: Arc<Mutex<Cluster>>) -> Client {
                 );
                 let mut review = body.clone();
                 review["status"] = status;
+                (201, review)
+            } else if path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
+                let spec = &body["spec"];
+                let attributes = &spec["resourceAttributes"];
+                let allowed = c.readers.iter().any(|r| spec["user"].as_str() == Some(*r))
+                    && attributes["group"] == "pingmesh.io"
+                    && attributes["resource"] == "pingmeshes"
+                    && attributes["verb"] == "get"
+                    && attributes["namespace"] == "mesh";
+                let mut review = body.clone();
+                review["status"] = json!({ "allowed": allowed });
                 (201, review)
             } else if let Some(pod) = c.pods.iter().find(|p| {
                 path == format!(
@@ -291,4 +304,61 @@ async fn the_controller_refuses_an_agent_acting_for_another_node() {
     assert_eq!(anonymous.code(), Code::Unauthenticated);
     cancel.cancel();
     running.wait().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_json_api_answers_readers_of_pingmeshes_and_metrics_stay_open() {
+    use axum::Router;
+    use axum::body::Body as AxumBody;
+    use axum::routing::get;
+    use pingmesh_operator::mesh::identity::api_access::{ApiAccess, require_reader};
+    use tower::ServiceExt as _;
+
+    let cluster = Arc::new(Mutex::new(Cluster::default()));
+    {
+        let mut c = cluster.lock().unwrap();
+        let person = |name: &str| {
+            json!({"authenticated": true, "audiences": ["https://kubernetes.default.svc"],
+                   "user": {"username": name, "groups": ["system:authenticated"]}})
+        };
+        c.reviews = vec![
+            ("alice-token", person("alice")),
+            ("bob-token", person("bob")),
+        ];
+        c.readers = vec!["alice"];
+    }
+    let access = Arc::new(ApiAccess::new(fake_api(cluster.clone()), "mesh"));
+    let router = Router::new()
+        .route("/api/v1/summary", get(|| async { "summary" }))
+        .route("/metrics", get(|| async { "metrics" }))
+        .layer(axum::middleware::from_fn_with_state(access, require_reader));
+    let status = |path: &'static str, token: Option<&'static str>| {
+        let router = router.clone();
+        async move {
+            let mut request = http::Request::get(path);
+            if let Some(t) = token {
+                request = request.header("authorization", format!("Bearer {t}"));
+            }
+            let response = router
+                .oneshot(request.body(AxumBody::empty()).unwrap())
+                .await
+                .unwrap();
+            let challenge = response.headers().get("www-authenticate").cloned();
+            (response.status().as_u16(), challenge)
+        }
+    };
+    let (code, challenge) = status("/api/v1/summary", None).await;
+    assert_eq!(code, 401);
+    assert_eq!(challenge.unwrap(), "Bearer");
+    assert_eq!(status("/api/v1/summary", Some("forged")).await.0, 401);
+    assert_eq!(status("/api/v1/summary", Some("bob-token")).await.0, 403);
+    assert_eq!(status("/api/v1/summary", Some("alice-token")).await.0, 200);
+    assert_eq!(status("/metrics", None).await.0, 200);
+    // The user's own token is reviewed for the API server's audiences.
+    let seen = cluster.lock().unwrap().seen.clone();
+    let review = seen
+        .iter()
+        .find(|(_, p, b)| p.ends_with("/tokenreviews") && b["spec"]["token"] == "alice-token")
+        .unwrap();
+    assert!(review.2["spec"]["audiences"].is_null());
 }

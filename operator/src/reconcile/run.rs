@@ -53,8 +53,9 @@ use super::{
 };
 use crate::config::{ConfigError, MeshArgs, MeshConfig};
 use crate::crd::PingMesh;
-use crate::mesh::identity::AgentAuthenticator;
+use crate::mesh::identity::api_access::{ApiAccess, require_reader};
 use crate::mesh::identity::token::TokenReviewAuthenticator;
+use crate::mesh::identity::{AgentAuthenticator, Unverified};
 use crate::mesh::server::{self, RunningController, ServeError};
 use crate::mesh::services::PodResolver;
 use crate::mesh::topology::TorResolver;
@@ -83,6 +84,16 @@ pub struct RunArgs {
     /// (the `ca.crt` of the controller's TLS Secret). Set: agents dial https://.
     #[arg(long, env = "PINGMESH_AGENT_CA_FILE")]
     pub agent_ca_file: Option<std::path::PathBuf>,
+    /// The JSON API (`/api/`) answers only bearer tokens of users who may
+    /// get `PingMeshes` (`TokenReview` + `SubjectAccessReview`); `/metrics`,
+    /// `/livez`, `/readyz` stay open.
+    #[arg(long, env = "PINGMESH_API_AUTH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub api_auth: bool,
+    /// Agents prove their node with a `pingmesh`-audience token (`TokenReview`).
+    /// Off: any caller may act for any node (test clusters, agents outside
+    /// the cluster without client certificates).
+    #[arg(long, env = "PINGMESH_AGENT_AUTH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub agent_auth: bool,
     /// Only watch `PingMeshes` in this namespace (default: all namespaces).
     #[arg(long, env = "PINGMESH_WATCH_NAMESPACE")]
     pub watch_namespace: Option<String>,
@@ -285,7 +296,8 @@ pub async fn run(args: RunArgs) -> Result<(), RunError> {
         role: roles.clone(),
     };
     let http_stop = CancellationToken::new();
-    let http = serve_http(public_addr, http_state.clone(), http_stop.clone()).await?;
+    let access = api_access(&args, &client);
+    let http = serve_http(public_addr, http_state.clone(), access, http_stop.clone()).await?;
     let shutdown = pingmesh_proto::signals::shutdown_signal();
     tokio::pin!(shutdown);
 
@@ -703,8 +715,13 @@ async fn lost(roles: &mut watch::Receiver<Role>) -> String {
 async fn serve_http(
     addr: SocketAddr,
     state: OperatorHttp,
+    access: Option<Arc<ApiAccess>>,
     stop: CancellationToken,
 ) -> Result<JoinHandle<Result<(), std::io::Error>>, RunError> {
+    let mut router = operator_router(state);
+    if let Some(access) = access {
+        router = router.layer(axum::middleware::from_fn_with_state(access, require_reader));
+    }
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| RunError::Bind {
@@ -713,10 +730,19 @@ async fn serve_http(
             source,
         })?;
     Ok(tokio::spawn(
-        axum::serve(listener, operator_router(state))
+        axum::serve(listener, router)
             .with_graceful_shutdown(stop.cancelled_owned())
             .into_future(),
     ))
+}
+
+/// The JSON API's check: readers of the mesh's `PingMesh`, unless
+/// `--api-auth=false` (docs/security.md).
+fn api_access(args: &RunArgs, client: &Client) -> Option<Arc<ApiAccess>> {
+    args.api_auth.then(|| {
+        let (namespace, _) = args.policy_source();
+        Arc::new(ApiAccess::new(client.clone(), namespace))
+    })
 }
 
 /// In a cluster agents prove their node with a projected token checked by
@@ -730,6 +756,10 @@ fn agent_authenticator(
         .grpc_tls
         .as_ref()
         .is_some_and(|t| t.client_ca_file.is_some());
+    if !args.agent_auth {
+        tracing::warn!("--agent-auth=false: agents are not authenticated and may act for any node");
+        return Some(Arc::new(Unverified));
+    }
     (!certificates).then(|| {
         let account = args.agent_service_account.as_deref().unwrap_or("default");
         Arc::new(TokenReviewAuthenticator::new(client.clone(), account))

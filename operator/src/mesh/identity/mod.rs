@@ -17,6 +17,8 @@ use tokio_rustls::rustls::pki_types::CertificateDer;
 use tonic::metadata::MetadataMap;
 
 #[cfg(feature = "kubernetes")]
+pub mod api_access;
+#[cfg(feature = "kubernetes")]
 pub mod token;
 
 /// What a caller proved.

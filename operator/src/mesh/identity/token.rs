@@ -91,7 +91,7 @@ impl TokenReviewAuthenticator {
     }
 
     async fn review(&self, token: &str) -> Result<Caller, AuthError> {
-        let user = review_token(&self.client, token, AGENT_AUDIENCE).await?;
+        let user = review_token(&self.client, token, Some(AGENT_AUDIENCE)).await?;
         let username = user.username.unwrap_or_default();
         let Some((namespace, account)) = username
             .strip_prefix("system:serviceaccount:")
@@ -151,16 +151,17 @@ impl AgentAuthenticator for TokenReviewAuthenticator {
 }
 
 /// The user behind `token` if the API server authenticates it for
-/// `audience`; shared with the HTTP API's check.
+/// `audience` (`None`: the API server's own audiences, as for a user's
+/// token); shared with the HTTP API's check.
 pub async fn review_token(
     client: &Client,
     token: &str,
-    audience: &str,
+    audience: Option<&str>,
 ) -> Result<UserInfo, AuthError> {
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: Some(token.to_owned()),
-            audiences: Some(vec![audience.to_owned()]),
+            audiences: audience.map(|a| vec![a.to_owned()]),
         },
         ..TokenReview::default()
     };
@@ -173,11 +174,12 @@ pub async fn review_token(
         let why = status.error.unwrap_or_else(|| "token not accepted".into());
         return Err(AuthError::Unauthenticated(why));
     }
-    if !status
-        .audiences
-        .unwrap_or_default()
-        .iter()
-        .any(|a| a == audience)
+    if let Some(audience) = audience
+        && !status
+            .audiences
+            .unwrap_or_default()
+            .iter()
+            .any(|a| a == audience)
     {
         return Err(AuthError::Unauthenticated(format!(
             "the token is not for the {audience:?} audience"
