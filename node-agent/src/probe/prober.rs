@@ -230,7 +230,10 @@ pub async fn run_prober<T: FlowTransport>(
                 schedule = Schedule::new(targets);
             }
             () = sleep_until(next_due) => {
-                if let Some(target_index) = schedule.pop_due() {
+                // Every probe already due goes out on this wake-up, so targets
+                // due within the same timer tick cost one wake-up, not one each.
+                let now = Instant::now();
+                while let Some(target_index) = schedule.pop_due_by(now) {
                     if config.paused.load(Ordering::Relaxed) {
                         metrics.sent_nothing("port_down");
                         continue;
@@ -374,14 +377,18 @@ impl<P> Schedule<P> {
         self.due.peek().map(|Reverse((at, _))| *at)
     }
 
-    /// Takes the most overdue target and schedules its next probe one jittered
-    /// period after this one was due (not after now, so pacing does not drift).
-    fn pop_due(&mut self) -> Option<usize> {
+    /// Takes the most overdue target if it is due by `now`, and schedules its
+    /// next probe one jittered period after this one was due (not after now,
+    /// so pacing does not drift).
+    fn pop_due_by(&mut self, now: Instant) -> Option<usize> {
+        if self.next_due()? > now {
+            return None;
+        }
         let Reverse((at, i)) = self.due.pop()?;
         let period = self.targets[i]
             .interval
             .mul_f64(rand::random_range(0.9..1.1));
-        let next = (at + period).max(Instant::now());
+        let next = (at + period).max(now);
         self.due.push(Reverse((next, i)));
         Some(i)
     }
@@ -468,9 +475,13 @@ async fn receive<S: ProbeSocket>(
 ) -> Result<(), TransportError> {
     let mut buf = [0u8; 256];
     let mut failures = 0u32;
+    // Made once: a fresh one per event would join and leave the token's
+    // waiter list every time.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
     loop {
         let event = tokio::select! {
-            () = cancel.cancelled() => return Ok(()),
+            () = &mut cancelled => return Ok(()),
             e = flow.socket.next_event(&mut buf) => e,
         };
         if event.is_ok() {

@@ -68,12 +68,28 @@ pub async fn run_responder<S: ProbeSocket>(
     let mut buf = [0u8; RECEIVE_BUFFER_LEN];
     let mut failures = 0u32;
     tracing::debug!(support = ?socket.timestamp_support(), "responder running");
+    // The cancellation future and the expiry timer are made once and the
+    // timer is moved only when the earliest deadline changes (about once per
+    // TX_TIMESTAMP_WAIT): made afresh per event, each would register and
+    // deregister itself (the timer in the runtime's timer wheel) every time.
+    let cancelled = cancel.cancelled();
+    tokio::pin!(cancelled);
+    let timer = tokio::time::sleep_until(Instant::now());
+    tokio::pin!(timer);
+    let mut armed: Option<Instant> = None;
     loop {
         let deadline = responder.pending.next_deadline();
+        if deadline != armed {
+            if let Some(at) = deadline {
+                timer.as_mut().reset(at);
+            }
+            armed = deadline;
+        }
         tokio::select! {
             biased;
-            () = cancel.cancelled() => return Ok(()),
-            () = sleep_until(deadline) => {
+            () = &mut cancelled => return Ok(()),
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
                 responder.expire(Instant::now()).await;
             }
             event = socket.next_event(&mut buf) => match event {
@@ -93,13 +109,6 @@ pub async fn run_responder<S: ProbeSocket>(
                 }
             },
         }
-    }
-}
-
-async fn sleep_until(deadline: Option<Instant>) {
-    match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -234,7 +243,9 @@ impl<S: ProbeSocket> Responder<S> {
         software_timed: bool,
     ) {
         let ack2 = Message::ack2(probe, t3_ns, t4_ns, software_timed).encode();
-        match self.socket.send_to(&ack2, peer).await {
+        // No one reads ACK2's own TX stamp: not asking for it saves an
+        // error-queue entry, a wake-up and a read per probe answered.
+        match self.socket.send_unstamped(&ack2, peer).await {
             Ok(_) => self.observer.answered(software_timed),
             Err(error) => {
                 tracing::debug!(?peer, %error, "ACK2 send failed");
@@ -543,6 +554,56 @@ mod tests {
         .into();
         assert_eq!(counts.malformed, expected);
         assert_eq!(counts.answered_kernel + counts.answered_software, 1);
+    }
+
+    #[tokio::test]
+    async fn malformed_datagrams_read_in_one_batch_are_counted_and_the_probe_among_them_answered() {
+        let socket = Arc::new(
+            UdpProbeSocket::bind(([127, 0, 0, 1], 0).into(), TimestampMode::Software).unwrap(),
+        );
+        let prober = prober();
+        let probe = Message::probe(5, 1);
+        // Queued before the responder runs, so its first read takes them all.
+        let queued: [&[u8]; 4] = [
+            b"junk",
+            &probe.encode(),
+            &[0u8; 200],
+            &Message::ack1(&probe).encode(),
+        ];
+        for datagram in queued {
+            prober.send_to(datagram, socket.local_addr()).await.unwrap();
+        }
+        let observer = Arc::new(CountingObserver::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_responder(
+            Arc::clone(&socket),
+            Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            cancel.clone(),
+        ));
+        let (ack1, ack2) = (next_message(&prober).await, next_message(&prober).await);
+        assert_eq!(
+            (ack1.kind, ack2.kind),
+            (MessageType::Ack1, MessageType::Ack2)
+        );
+        assert_eq!(ack2.seq, 1);
+        cancel.cancel();
+        assert!(
+            tokio::time::timeout(GUARD, task)
+                .await
+                .unwrap()
+                .unwrap()
+                .is_ok()
+        );
+        let counts = observer.counts();
+        let expected: BTreeMap<&str, usize> = [("wrong_length", 2), ("not_a_probe", 1)].into();
+        assert_eq!(counts.malformed, expected);
+        assert_eq!(counts.answered_kernel + counts.answered_software, 1);
+        #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
+        assert_eq!(
+            socket.batch_reads().map(|(receive, _)| receive),
+            Some(1),
+            "all four datagrams came in one read"
+        );
     }
 
     #[tokio::test]

@@ -17,6 +17,8 @@ pub mod udp;
 // Feature `portable-timestamps` compiles the non-Linux code on Linux too, so
 // that CI builds and runs exactly what a Mac runs (hack/test.sh does).
 #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
+mod recv_batch_linux;
+#[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
 mod timestamping_linux;
 #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
 use timestamping_linux as timestamping;

@@ -64,6 +64,18 @@ pub trait ProbeSocket: Send + Sync + 'static {
         peer: Self::Peer,
     ) -> impl Future<Output = Result<SendReceipt, TransportError>> + Send;
 
+    /// Sends one datagram whose transmit time nobody needs (an ACK2). Where
+    /// a TX stamp costs something per send (UDP's error queue) it is not
+    /// taken and the receipt has no key; transports that complete every send
+    /// anyway (RDMA) send as [`Self::send_to`] does.
+    fn send_unstamped(
+        &self,
+        payload: &[u8],
+        peer: Self::Peer,
+    ) -> impl Future<Output = Result<SendReceipt, TransportError>> + Send {
+        self.send_to(payload, peer)
+    }
+
     /// Waits for the next event. Cancel-safe: dropping the future loses nothing.
     fn next_event(
         &self,

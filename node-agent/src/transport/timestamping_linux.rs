@@ -2,24 +2,25 @@
 //! timestamps on request), sending under a known TX timestamp key, reading RX
 //! stamps from control messages and TX stamps from the error queue.
 //!
+//! RX stamps are on for the whole socket; TX stamps are asked for per send
+//! (an `SO_TIMESTAMPING` control message), so only the sends whose stamp the
+//! protocol uses (probes, ACK1s) put an entry on the error queue. Both queues
+//! are read in batches ([`super::recv_batch_linux`]).
+//!
 //! Software stamps are `CLOCK_REALTIME` and NIC stamps come from the NIC's own
 //! clock. A socket reports stamps of exactly one of the two kinds, so any two
 //! stamps of one socket can be subtracted; none may be compared with a host
 //! monotonic reading.
 
-use std::io::{self, IoSlice, IoSliceMut};
-use std::net::{SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::AsRawFd;
+use std::io::{self, IoSlice};
+use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use nix::sys::socket::{
-    ControlMessageOwned, MsgFlags, SockaddrStorage, TimestampingFlag, Timestamps, recvmsg,
-    setsockopt, sockopt,
-};
-use nix::sys::time::TimeSpec;
+use nix::sys::socket::{TimestampingFlag, setsockopt, sockopt};
 use socket2::{MsgHdr, SockAddr, Socket};
 
-use super::udp::SocketEvent;
+use super::recv_batch_linux::{BATCH, Control, Received, RecvBatch};
+use super::udp::{Queue, SocketEvent};
 use super::{TimestampMode, TimestampSupport, TransportError};
 use crate::probe::clock::host_now_ns;
 
@@ -48,13 +49,6 @@ const SCM_TS_OPT_ID: Option<libc::c_int> = Some(81);
 )))]
 const SCM_TS_OPT_ID: Option<libc::c_int> = None;
 
-/// Room for one `SCM_TIMESTAMPING` and one `IP_RECVERR` message with slack.
-const CONTROL_LEN: usize = 256;
-
-/// Control-message buffer, aligned for the `cmsghdr`s the kernel writes into it.
-#[repr(C, align(8))]
-struct ControlBuffer([u8; CONTROL_LEN]);
-
 /// How the key of the next TX timestamp is known.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum KeySource {
@@ -79,6 +73,22 @@ pub(super) struct KernelTimestamps {
     hardware: bool,
     /// Held across "pick key, send" so concurrent senders cannot swap keys.
     tx_keys: Mutex<TxKeys>,
+    /// Events read in the last batch and not yet handed out. Only the task
+    /// waiting for events takes this lock, so it is never contended.
+    inbox: Mutex<Inbox>,
+}
+
+/// The last batch read from one of the socket's queues, handed out one event
+/// at a time.
+#[derive(Debug, Default)]
+struct Inbox {
+    batch: RecvBatch,
+    /// Events of the batch, in the order read; entry `i` is message `i`.
+    events: Vec<SocketEvent>,
+    next: usize,
+    /// `recvmmsg` calls that returned something, per queue (receive, error),
+    /// for tests.
+    reads: [u64; 2],
 }
 
 /// Turns on the timestamps `mode` asks for; `None` for [`TimestampMode::Off`].
@@ -131,9 +141,15 @@ pub(super) fn enable(
     Ok(Some(KernelTimestamps {
         hardware,
         tx_keys: Mutex::new(TxKeys { next: 0, source }),
+        inbox: Mutex::new(Inbox {
+            events: Vec::with_capacity(BATCH),
+            ..Inbox::default()
+        }),
     }))
 }
 
+/// Socket-wide flags: RX stamps of the chosen kind and how TX stamps are
+/// reported, but no TX stamps themselves (those are asked for per send).
 fn set_flags(socket: &Socket, hardware: bool, with_keys: bool) -> io::Result<()> {
     // TSONLY: the error queue returns the stamp alone, not a copy of the packet.
     let mut flags = TimestampingFlag::SOF_TIMESTAMPING_OPT_TSONLY;
@@ -142,14 +158,21 @@ fn set_flags(socket: &Socket, hardware: bool, with_keys: bool) -> io::Result<()>
     }
     if hardware {
         flags |= TimestampingFlag::SOF_TIMESTAMPING_RX_HARDWARE
-            | TimestampingFlag::SOF_TIMESTAMPING_TX_HARDWARE
             | TimestampingFlag::SOF_TIMESTAMPING_RAW_HARDWARE;
     } else {
         flags |= TimestampingFlag::SOF_TIMESTAMPING_RX_SOFTWARE
-            | TimestampingFlag::SOF_TIMESTAMPING_TX_SOFTWARE
             | TimestampingFlag::SOF_TIMESTAMPING_SOFTWARE;
     }
     setsockopt(socket, sockopt::Timestamping, &flags).map_err(io::Error::from)
+}
+
+/// The per-send flag that asks for this socket's kind of TX stamp.
+fn tx_record_flag(hardware: bool) -> u32 {
+    if hardware {
+        libc::SOF_TIMESTAMPING_TX_HARDWARE
+    } else {
+        libc::SOF_TIMESTAMPING_TX_SOFTWARE
+    }
 }
 
 impl KernelTimestamps {
@@ -166,24 +189,26 @@ impl KernelTimestamps {
         self.tx_keys.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends one datagram and returns the key its TX timestamp will carry.
-    /// The key advances only when the send succeeds.
+    /// Sends one datagram with a TX stamp and returns the key the stamp will
+    /// carry. The key advances only when the send succeeds.
     pub(super) fn send(&self, socket: &Socket, payload: &[u8], dst: &SockAddr) -> io::Result<u32> {
+        let tx_flag = tx_record_flag(self.hardware);
         let mut keys = self.keys();
         let key = keys.next;
         let (result, via_counter) = match (keys.source, SCM_TS_OPT_ID) {
-            (KeySource::PerSend, Some(cmsg_type)) => {
-                (send_with_key(socket, payload, dst, cmsg_type, key), false)
-            }
+            (KeySource::PerSend, Some(cmsg_type)) => (
+                send_stamped(socket, payload, dst, tx_flag, Some((cmsg_type, key))),
+                false,
+            ),
             (KeySource::Probing, Some(cmsg_type)) => {
-                match send_with_key(socket, payload, dst, cmsg_type, key) {
+                match send_stamped(socket, payload, dst, tx_flag, Some((cmsg_type, key))) {
                     Ok(n) => {
                         keys.source = KeySource::PerSend;
                         (Ok(n), false)
                     }
                     // Kernels before 6.13 reject the unknown control message.
                     Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-                        let result = socket.send_to(payload, dst);
+                        let result = send_stamped(socket, payload, dst, tx_flag, None);
                         if result.is_ok() {
                             tracing::debug!(
                                 "kernel has no per-send timestamp keys, mirroring its counter"
@@ -195,7 +220,9 @@ impl KernelTimestamps {
                     Err(e) => (Err(e), false),
                 }
             }
-            _ => (socket.send_to(payload, dst), true),
+            // The kernel's counter moves only for sends that ask for a stamp,
+            // so unstamped sends in between do not shift the keys.
+            _ => (send_stamped(socket, payload, dst, tx_flag, None), true),
         };
         match result {
             Ok(_) => {
@@ -211,37 +238,99 @@ impl KernelTimestamps {
         }
     }
 
-    /// Reads one error-queue entry: a TX timestamp or something to skip.
-    pub(super) fn recv_error_queue(&self, socket: &Socket) -> io::Result<SocketEvent> {
-        // TSONLY entries carry no payload; anything else is only looked at, not kept.
-        let mut scratch = [0u8; 64];
-        let mut iov = [IoSliceMut::new(&mut scratch)];
-        let mut control = ControlBuffer([0; CONTROL_LEN]);
-        let msg = recvmsg::<SockaddrStorage>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut control.0),
-            MsgFlags::MSG_ERRQUEUE | MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
+    /// Hands out the next event of the last batch, its datagram (if any)
+    /// copied into `buf` and cut to it (then flagged `truncated`).
+    pub(super) fn take_buffered(&self, buf: &mut [u8]) -> Option<SocketEvent> {
+        let mut inbox = self.inbox();
+        let i = inbox.next;
+        let mut event = *inbox.events.get(i)?;
+        inbox.next += 1;
+        if let SocketEvent::Datagram { len, truncated, .. } = &mut event
+            && let Some(message) = inbox.batch.get(i)
+        {
+            let kept = message.data.len().min(buf.len());
+            buf[..kept].copy_from_slice(&message.data[..kept]);
+            *truncated |= kept < message.data.len();
+            *len = kept;
+        }
+        Some(event)
+    }
+
+    /// Reads a batch from `queue` into the inbox (whose events must all have
+    /// been handed out); returns whether that emptied the queue (fewer than a
+    /// full batch came). `WouldBlock` when the queue was empty already.
+    pub(super) fn fill(&self, socket: &Socket, queue: Queue) -> io::Result<bool> {
+        let mut inbox = self.inbox();
+        let Inbox {
+            batch,
+            events,
+            next,
+            reads,
+        } = &mut *inbox;
+        events.clear();
+        *next = 0;
+        let got = batch.recv(socket, queue)?;
+        reads[usize::from(queue == Queue::Error)] += 1;
+        let host_ns = host_now_ns();
+        for i in 0..got {
+            let Some(message) = batch.get(i) else { break };
+            events.push(match queue {
+                Queue::Receive => self.datagram_event(&message, host_ns),
+                Queue::Error => self.error_queue_event(&message),
+            });
+        }
+        Ok(got < BATCH)
+    }
+
+    fn inbox(&self) -> MutexGuard<'_, Inbox> {
+        // The inbox stays consistent even if a holder panicked.
+        self.inbox.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// `recvmmsg` calls that returned something so far: (receive queue,
+    /// error queue).
+    #[cfg(test)]
+    pub(super) fn batch_reads(&self) -> (u64, u64) {
+        let reads = self.inbox().reads;
+        (reads[0], reads[1])
+    }
+
+    fn datagram_event(&self, message: &Received<'_>, host_ns: u64) -> SocketEvent {
+        let Some(from) = message.from else {
+            return SocketEvent::Skipped {
+                reason: "datagram_without_source",
+            };
+        };
+        // A truncated control buffer only loses the stamp; the datagram stays good.
+        let kernel_ns = message.controls().find_map(|control| match control {
+            Control::Timestamps(ts) => self.pick(&ts),
+            Control::ExtendedError(_) => None,
+        });
+        SocketEvent::Datagram {
+            len: message.data.len(),
+            from,
+            host_ns,
+            kernel_ns,
+            truncated: message.truncated,
+        }
+    }
+
+    /// An error-queue entry: a TX timestamp or something to skip.
+    fn error_queue_event(&self, message: &Received<'_>) -> SocketEvent {
         let mut extended_error = None;
         let mut stamps = None;
-        if let Ok(cmsgs) = msg.cmsgs() {
-            for cmsg in cmsgs {
-                match cmsg {
-                    ControlMessageOwned::ScmTimestampsns(ts) => stamps = Some(ts),
-                    ControlMessageOwned::Ipv4RecvErr(err, _)
-                    | ControlMessageOwned::Ipv6RecvErr(err, _) => extended_error = Some(err),
-                    _ => {}
-                }
+        for control in message.controls() {
+            match control {
+                Control::Timestamps(ts) => stamps = Some(ts),
+                Control::ExtendedError(err) => extended_error = Some(err),
             }
         }
         let Some(err) = extended_error else {
-            return Ok(SocketEvent::Skipped {
+            return SocketEvent::Skipped {
                 reason: "unknown_error_queue_entry",
-            });
+            };
         };
-        Ok(match err.ee_origin {
+        match err.ee_origin {
             libc::SO_EE_ORIGIN_TIMESTAMPING if err.ee_info == SCM_TSTAMP_SND => {
                 match stamps.and_then(|ts| self.pick(&ts)) {
                     Some(kernel_ns) => SocketEvent::TxTimestamp {
@@ -262,49 +351,13 @@ impl KernelTimestamps {
             _ => SocketEvent::Skipped {
                 reason: "local_error",
             },
-        })
-    }
-
-    /// Reads one datagram with its kernel RX timestamp.
-    pub(super) fn recv_datagram(&self, socket: &Socket, buf: &mut [u8]) -> io::Result<SocketEvent> {
-        let mut control = ControlBuffer([0; CONTROL_LEN]);
-        let mut iov = [IoSliceMut::new(buf)];
-        let msg = recvmsg::<SockaddrStorage>(
-            socket.as_raw_fd(),
-            &mut iov,
-            Some(&mut control.0),
-            MsgFlags::MSG_DONTWAIT,
-        )
-        .map_err(io::Error::from)?;
-        let host_ns = host_now_ns();
-        let Some(from) = msg.address.as_ref().and_then(to_socket_addr) else {
-            return Ok(SocketEvent::Skipped {
-                reason: "datagram_without_source",
-            });
-        };
-        // A truncated control buffer only loses the stamp; the datagram stays good.
-        let kernel_ns = msg.cmsgs().ok().and_then(|mut cmsgs| {
-            cmsgs.find_map(|cmsg| match cmsg {
-                ControlMessageOwned::ScmTimestampsns(ts) => self.pick(&ts),
-                _ => None,
-            })
-        });
-        Ok(SocketEvent::Datagram {
-            len: msg.bytes,
-            from,
-            host_ns,
-            kernel_ns,
-            truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
-        })
+        }
     }
 
     /// The stamp of this socket's kind; never the other kind, so clocks don't mix.
-    fn pick(&self, ts: &Timestamps) -> Option<u64> {
-        timespec_ns(if self.hardware {
-            &ts.hw_raw
-        } else {
-            &ts.system
-        })
+    fn pick(&self, ts: &[libc::timespec; 3]) -> Option<u64> {
+        // [0] software, [1] deprecated, [2] raw hardware.
+        timespec_ns(if self.hardware { &ts[2] } else { &ts[0] })
     }
 
     /// Keys come from the kernel counter from now on, as if the kernel had no
@@ -327,19 +380,29 @@ impl KernelTimestamps {
     }
 }
 
-fn send_with_key(
+/// Sends `payload` asking for a TX stamp (`tx_flag`), under `key` when the
+/// kernel takes one per send (`(SCM_TS_OPT_ID, key)`).
+fn send_stamped(
     socket: &Socket,
     payload: &[u8],
     dst: &SockAddr,
-    cmsg_type: libc::c_int,
-    key: u32,
+    tx_flag: u32,
+    key: Option<(libc::c_int, u32)>,
 ) -> io::Result<usize> {
-    let control = key_control_message(cmsg_type, key);
+    let mut control = [0u8; 2 * KEY_CMSG_SPACE];
+    control[..KEY_CMSG_SPACE].copy_from_slice(&key_control_message(libc::SO_TIMESTAMPING, tx_flag));
+    let len = match key {
+        Some((cmsg_type, key)) => {
+            control[KEY_CMSG_SPACE..].copy_from_slice(&key_control_message(cmsg_type, key));
+            2 * KEY_CMSG_SPACE
+        }
+        None => KEY_CMSG_SPACE,
+    };
     let bufs = [IoSlice::new(payload)];
     let msg = MsgHdr::new()
         .with_addr(dst)
         .with_buffers(&bufs)
-        .with_control(&control);
+        .with_control(&control[..len]);
     socket.sendmsg(&msg, 0)
 }
 
@@ -353,8 +416,9 @@ const CMSG_HEADER_LEN: usize = cmsg_align(size_of::<usize>() + 2 * size_of::<lib
 const KEY_CMSG_LEN: usize = CMSG_HEADER_LEN + size_of::<u32>();
 const KEY_CMSG_SPACE: usize = cmsg_align(KEY_CMSG_LEN);
 
-/// One `SOL_SOCKET` control message carrying `key`, laid out byte by byte so no
-/// alignment of the buffer is assumed (the kernel copies it before parsing).
+/// One `SOL_SOCKET` control message carrying the `u32` `key` (a timestamp key
+/// or the TX flags), laid out byte by byte so no alignment of the buffer is
+/// assumed (the kernel copies it before parsing).
 fn key_control_message(cmsg_type: libc::c_int, key: u32) -> [u8; KEY_CMSG_SPACE] {
     let mut out = [0u8; KEY_CMSG_SPACE];
     let word = size_of::<usize>();
@@ -401,18 +465,10 @@ fn restart_counter(socket: &Socket, hardware: bool, keys: &mut TxKeys) {
     }
 }
 
-fn to_socket_addr(addr: &SockaddrStorage) -> Option<SocketAddr> {
-    if let Some(v4) = addr.as_sockaddr_in() {
-        return Some(SocketAddr::V4(SocketAddrV4::from(*v4)));
-    }
-    addr.as_sockaddr_in6()
-        .map(|v6| SocketAddr::V6(SocketAddrV6::from(*v6)))
-}
-
 /// Nanoseconds of a kernel timestamp; a zero stamp means "not taken".
-fn timespec_ns(ts: &TimeSpec) -> Option<u64> {
-    let secs = u64::try_from(ts.tv_sec()).ok()?;
-    let nanos = u64::try_from(ts.tv_nsec()).ok()?;
+fn timespec_ns(ts: &libc::timespec) -> Option<u64> {
+    let secs = u64::try_from(ts.tv_sec).ok()?;
+    let nanos = u64::try_from(ts.tv_nsec).ok()?;
     let ns = secs.checked_mul(1_000_000_000)?.checked_add(nanos)?;
     (ns != 0).then_some(ns)
 }
@@ -525,9 +581,10 @@ mod tests {
 
     #[test]
     fn zero_and_negative_stamps_mean_not_taken() {
-        assert_eq!(timespec_ns(&TimeSpec::new(0, 0)), None);
-        assert_eq!(timespec_ns(&TimeSpec::new(-1, 0)), None);
-        assert_eq!(timespec_ns(&TimeSpec::new(2, 5)), Some(2_000_000_005));
+        let ts = |tv_sec, tv_nsec| libc::timespec { tv_sec, tv_nsec };
+        assert_eq!(timespec_ns(&ts(0, 0)), None);
+        assert_eq!(timespec_ns(&ts(-1, 0)), None);
+        assert_eq!(timespec_ns(&ts(2, 5)), Some(2_000_000_005));
     }
 
     #[test]

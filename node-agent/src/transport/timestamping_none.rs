@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 
 use socket2::{SockAddr, Socket};
 
-use super::udp::SocketEvent;
+use super::udp::{Queue, SocketEvent};
 use super::{TimestampMode, TimestampSupport, TransportError};
 
 /// Uninhabited: no socket on this platform has kernel timestamps.
@@ -44,15 +44,11 @@ impl KernelTimestamps {
         match *self {}
     }
 
-    pub(super) fn recv_error_queue(&self, _socket: &Socket) -> io::Result<SocketEvent> {
+    pub(super) fn take_buffered(&self, _buf: &mut [u8]) -> Option<SocketEvent> {
         match *self {}
     }
 
-    pub(super) fn recv_datagram(
-        &self,
-        _socket: &Socket,
-        _buf: &mut [u8],
-    ) -> io::Result<SocketEvent> {
+    pub(super) fn fill(&self, _socket: &Socket, _queue: Queue) -> io::Result<bool> {
         match *self {}
     }
 }

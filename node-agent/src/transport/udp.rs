@@ -3,7 +3,15 @@
 //!
 //! One task may send while another waits for events: both take `&self`, so the
 //! socket is shared through an `Arc`. A datagram's TX timestamp arrives later as
-//! its own [`SocketEvent::TxTimestamp`], under the key its [`SendReceipt`] named.
+//! its own [`SocketEvent::TxTimestamp`], under the key its [`SendReceipt`] named;
+//! only [`UdpProbeSocket::send_to`] asks for one,
+//! [`UdpProbeSocket::send_unstamped`] does not.
+//!
+//! With kernel timestamps (Linux) both queues are read in batches of up to
+//! 16 with one `recvmmsg` each, and a batch that came back short ends the
+//! wake-up without the extra read that would only say "empty": the socket's
+//! readiness is cleared by hand, which is sound because epoll reports every
+//! later arrival as a new edge.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -24,6 +32,15 @@ pub use super::socket::SendReceipt;
 /// [`ProbeEvent::SendDone`] or [`ProbeEvent::SendFailed`]: a failed send is an
 /// error of the send call itself.
 pub type SocketEvent = ProbeEvent<SocketAddr>;
+
+/// Which queue of the socket a read is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Queue {
+    /// Datagrams from peers.
+    Receive,
+    /// TX timestamps and errors (`MSG_ERRQUEUE`).
+    Error,
+}
 
 /// A UDP socket for probe traffic.
 #[derive(Debug)]
@@ -94,10 +111,30 @@ impl UdpProbeSocket {
     }
 
     /// Sends one datagram to `dst`, waiting while the send buffer is full.
+    /// With kernel timestamps on, the receipt names the key of its coming TX stamp.
     pub async fn send_to(
         &self,
         payload: &[u8],
         dst: SocketAddr,
+    ) -> Result<SendReceipt, TransportError> {
+        self.send(payload, dst, true).await
+    }
+
+    /// Sends one datagram whose TX stamp nobody needs (an ACK2): no stamp
+    /// is taken and no key given, so it costs the error queue nothing.
+    pub async fn send_unstamped(
+        &self,
+        payload: &[u8],
+        dst: SocketAddr,
+    ) -> Result<SendReceipt, TransportError> {
+        self.send(payload, dst, false).await
+    }
+
+    async fn send(
+        &self,
+        payload: &[u8],
+        dst: SocketAddr,
+        stamped: bool,
     ) -> Result<SendReceipt, TransportError> {
         let dst_addr = SockAddr::from(dst);
         loop {
@@ -108,11 +145,12 @@ impl UdpProbeSocket {
                 .map_err(|source| TransportError::Send { dst, source })?;
             let attempt = guard.try_io(|io| {
                 let socket = io.get_ref();
-                let tx_key = if let Some(kernel) = &self.kernel {
-                    Some(kernel.send(socket, payload, &dst_addr)?)
-                } else {
-                    socket.send_to(payload, &dst_addr)?;
-                    None
+                let tx_key = match &self.kernel {
+                    Some(kernel) if stamped => Some(kernel.send(socket, payload, &dst_addr)?),
+                    _ => {
+                        socket.send_to(payload, &dst_addr)?;
+                        None
+                    }
                 };
                 Ok(SendReceipt {
                     host_ns: host_now_ns(),
@@ -141,29 +179,45 @@ impl UdpProbeSocket {
             Interest::READABLE
         };
         loop {
+            if let Some(kernel) = &self.kernel
+                && let Some(event) = kernel.take_buffered(buf)
+            {
+                return Ok(event);
+            }
             let mut guard = self
                 .io
                 .ready(interest)
                 .await
                 .map_err(|source| TransportError::Receive { source })?;
             // Read only the queue the wake-up was for: trying the other one first
-            // would cost an extra failing recvmsg per datagram.
+            // would cost an extra failing receive per wake-up.
             let ready = guard.ready();
             let (result, queue) = match &self.kernel {
-                Some(kernel) if ready.is_error() => {
-                    (kernel.recv_error_queue(self.io.get_ref()), Ready::ERROR)
-                }
+                Some(kernel) if ready.is_error() => (
+                    kernel
+                        .fill(self.io.get_ref(), Queue::Error)
+                        .map(|drained| Received::Batch { drained }),
+                    Ready::ERROR,
+                ),
                 Some(kernel) => (
-                    kernel.recv_datagram(self.io.get_ref(), buf),
+                    kernel
+                        .fill(self.io.get_ref(), Queue::Receive)
+                        .map(|drained| Received::Batch { drained }),
                     Ready::READABLE,
                 ),
                 None => (
-                    recv_without_timestamps(self.io.get_ref(), buf),
+                    recv_without_timestamps(self.io.get_ref(), buf).map(Received::One),
                     Ready::READABLE,
                 ),
             };
             match result {
-                Ok(event) => return Ok(event),
+                Ok(Received::One(event)) => return Ok(event),
+                // Handed out from the inbox at the top of the loop.
+                Ok(Received::Batch { drained }) => {
+                    if drained {
+                        guard.clear_ready_matching(queue);
+                    }
+                }
                 // This queue is drained; the edge of the other one is still recorded.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     guard.clear_ready_matching(queue);
@@ -183,6 +237,13 @@ impl UdpProbeSocket {
     fn kernel_timestamps(&self) -> Option<&KernelTimestamps> {
         self.kernel.as_ref()
     }
+
+    /// Batched reads so far, (receive queue, error queue); `None` without
+    /// kernel timestamps (no batching there).
+    #[cfg(all(test, target_os = "linux", not(feature = "portable-timestamps")))]
+    pub(crate) fn batch_reads(&self) -> Option<(u64, u64)> {
+        self.kernel.as_ref().map(KernelTimestamps::batch_reads)
+    }
 }
 
 impl ProbeSocket for UdpProbeSocket {
@@ -200,9 +261,25 @@ impl ProbeSocket for UdpProbeSocket {
         UdpProbeSocket::send_to(self, payload, peer).await
     }
 
+    async fn send_unstamped(
+        &self,
+        payload: &[u8],
+        peer: SocketAddr,
+    ) -> Result<SendReceipt, TransportError> {
+        UdpProbeSocket::send_unstamped(self, payload, peer).await
+    }
+
     async fn next_event(&self, buf: &mut [u8]) -> Result<SocketEvent, TransportError> {
         UdpProbeSocket::next_event(self, buf).await
     }
+}
+
+/// What one read got.
+enum Received {
+    /// A single event (the portable path).
+    One(SocketEvent),
+    /// A batch now in the inbox; `drained` when it emptied the queue.
+    Batch { drained: bool },
 }
 
 /// The portable receive path, used everywhere when kernel timestamps are off.
@@ -426,6 +503,181 @@ mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             panic!("none of {ATTEMPTS} datagrams carried an RX timestamp");
+        }
+
+        /// A receiver whose RX stamping is known to be on, and a sender to it.
+        async fn stamped_pair() -> (UdpProbeSocket, UdpProbeSocket) {
+            let sender = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            let receiver = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            send_until_rx_stamped(&sender, &receiver, b"warm", &mut [0u8; 64]).await;
+            (sender, receiver)
+        }
+
+        #[tokio::test]
+        async fn queued_datagrams_come_in_one_batch_each_with_its_rx_stamp() {
+            let (sender, receiver) = stamped_pair().await;
+            let (reads_before, _) = receiver.batch_reads().unwrap();
+            for i in 0..5u8 {
+                sender
+                    .send_unstamped(&[i; 3], receiver.local_addr())
+                    .await
+                    .unwrap();
+            }
+            let mut buf = [0u8; 64];
+            let mut last_stamp = 0;
+            for i in 0..5u8 {
+                let SocketEvent::Datagram {
+                    len,
+                    from,
+                    kernel_ns,
+                    truncated,
+                    ..
+                } = next(&receiver, &mut buf).await
+                else {
+                    panic!("expected datagram {i}");
+                };
+                assert_eq!(
+                    (&buf[..len], from, truncated),
+                    (&[i; 3][..], sender.local_addr(), false)
+                );
+                let stamp = kernel_ns.expect("every datagram of the batch has its RX stamp");
+                assert!(stamp >= last_stamp, "stamps in arrival order");
+                last_stamp = stamp;
+            }
+            let (reads_after, _) = receiver.batch_reads().unwrap();
+            assert_eq!(
+                reads_after - reads_before,
+                1,
+                "five queued datagrams, one recvmmsg"
+            );
+        }
+
+        #[tokio::test]
+        async fn more_than_a_batch_is_read_in_full_batches_then_the_rest() {
+            let (sender, receiver) = stamped_pair().await;
+            let (reads_before, _) = receiver.batch_reads().unwrap();
+            let count = 2 * crate::transport::recv_batch_linux::BATCH + 3;
+            for i in 0..count {
+                let i = u16::try_from(i).unwrap();
+                sender
+                    .send_unstamped(&i.to_be_bytes(), receiver.local_addr())
+                    .await
+                    .unwrap();
+            }
+            let mut buf = [0u8; 64];
+            for i in 0..count {
+                let SocketEvent::Datagram { len, .. } = next(&receiver, &mut buf).await else {
+                    panic!("expected datagram {i}");
+                };
+                assert_eq!(&buf[..len], &u16::try_from(i).unwrap().to_be_bytes());
+            }
+            let (reads_after, _) = receiver.batch_reads().unwrap();
+            assert_eq!(reads_after - reads_before, 3, "16 + 16 + 3");
+        }
+
+        #[tokio::test]
+        async fn tx_stamps_queued_together_come_in_one_batch() {
+            let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let mut keys = Vec::new();
+            for _ in 0..5 {
+                keys.push(
+                    socket
+                        .send_to(b"k", sink.local_addr())
+                        .await
+                        .unwrap()
+                        .tx_key
+                        .unwrap(),
+                );
+            }
+            let reported: Vec<u32> = tx_stamps(&socket, 5)
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(reported, keys);
+            assert_eq!(socket.batch_reads(), Some((0, 1)));
+        }
+
+        /// Stamped sends get keys 0, 1, 2, ...; unstamped ones in between get
+        /// none and leave nothing on the error queue.
+        async fn only_stamped_sends_report(socket: UdpProbeSocket) {
+            let sink = UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap();
+            let mut keys = Vec::new();
+            for i in 0..6u8 {
+                if i % 2 == 0 {
+                    let receipt = socket.send_to(&[i], sink.local_addr()).await.unwrap();
+                    keys.push(receipt.tx_key.expect("a stamped send has a key"));
+                } else {
+                    let receipt = socket
+                        .send_unstamped(&[i], sink.local_addr())
+                        .await
+                        .unwrap();
+                    assert_eq!(receipt.tx_key, None);
+                }
+            }
+            assert_eq!(keys, vec![0, 1, 2]);
+            let reported: Vec<u32> = tx_stamps(&socket, 3)
+                .await
+                .into_iter()
+                .map(|(key, _)| key)
+                .collect();
+            assert_eq!(reported, keys);
+            let mut buf = [0u8; 64];
+            let more =
+                tokio::time::timeout(Duration::from_millis(200), socket.next_event(&mut buf)).await;
+            assert!(
+                more.is_err(),
+                "an unstamped send was stamped after all: {more:?}"
+            );
+            // Every datagram still arrived.
+            for i in 0..6u8 {
+                let SocketEvent::Datagram { len, .. } = next(&sink, &mut buf).await else {
+                    unreachable!()
+                };
+                assert_eq!(&buf[..len], &[i]);
+            }
+        }
+
+        #[tokio::test]
+        async fn unstamped_sends_take_no_key_and_leave_no_stamp() {
+            only_stamped_sends_report(
+                UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap(),
+            )
+            .await;
+        }
+
+        #[tokio::test]
+        async fn unstamped_sends_take_no_key_and_leave_no_stamp_with_the_kernel_counter() {
+            let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+            socket.kernel_timestamps().unwrap().use_kernel_counter();
+            only_stamped_sends_report(socket).await;
+        }
+
+        #[tokio::test]
+        async fn a_datagram_longer_than_a_batch_slot_is_cut_and_flagged() {
+            let (sender, receiver) = stamped_pair().await;
+            let long = vec![7u8; crate::transport::recv_batch_linux::SLOT_LEN + 100];
+            sender
+                .send_unstamped(&long, receiver.local_addr())
+                .await
+                .unwrap();
+            sender
+                .send_unstamped(b"after", receiver.local_addr())
+                .await
+                .unwrap();
+            let mut buf = [0u8; 1024];
+            let SocketEvent::Datagram { len, truncated, .. } = next(&receiver, &mut buf).await
+            else {
+                unreachable!()
+            };
+            assert!(truncated);
+            assert_eq!(len, crate::transport::recv_batch_linux::SLOT_LEN);
+            let SocketEvent::Datagram { len, truncated, .. } = next(&receiver, &mut buf).await
+            else {
+                unreachable!()
+            };
+            assert_eq!((&buf[..len], truncated), (&b"after"[..], false));
         }
 
         #[tokio::test]
