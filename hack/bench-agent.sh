@@ -7,11 +7,19 @@
 #
 # Usage: hack/bench-agent.sh [RATE=1000] [SECONDS=30]   (needs a release build)
 # TRACING=true runs the agents with the eBPF service tracer on (needs root).
+# BIN=dir takes the binaries from dir instead of target/release (a build kept
+# from before a change, to measure both on the same machine and load).
+# Where `perf` can read tracepoints (root), the table also gives system calls
+# and context switches of the measured agent per probe done (sent + answered
+# counts as one). CALLGRIND=1 runs the measured agent under valgrind's callgrind
+# and gives user-space instructions per probe over the same interval instead of
+# CPU (valgrind slows the agent; the interval's profile is the newest
+# /tmp/callgrind.out.bench.*, for callgrind_annotate).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rate=${1:-1000}
 seconds=${2:-30}
-bin=target/release
+bin=${BIN:-target/release}
 [[ -x $bin/pingmesh-agent && -x $bin/pingmesh-operator ]] || cargo build --release --workspace --bins
 work=$(mktemp -d)
 pids=()
@@ -29,28 +37,61 @@ $bin/pingmesh-operator standalone --config "$work/mesh.yaml" --registry "sqlite:
 pids+=($!)
 sleep 1
 for i in 1 2 3; do
-  $bin/pingmesh-agent --node "bench-$i" --tor rack-1 --controller http://127.0.0.1:19400 \
+  cmd=("$bin/pingmesh-agent")
+  if [[ $i == 1 ]]; then
+    [[ ${CALLGRIND:-0} == 1 ]] && cmd=(valgrind --tool=callgrind --instr-atstart=no \
+      --callgrind-out-file=/tmp/callgrind.out.bench "${cmd[@]}")
+  fi
+  "${cmd[@]}" --node "bench-$i" --tor rack-1 --controller http://127.0.0.1:19400 \
     --udp-bind "127.0.0.1:0" --metrics-addr "127.0.0.1:1950$i" --log-level warn \
     --tracing "${TRACING:-false}" &
   pids+=($!)
 done
 agent=${pids[1]}
 sleep 8 # registration, pinglists, first windows
+[[ ${CALLGRIND:-0} == 1 ]] && sleep 12 # valgrind starts slowly
 
 ticks=$(getconf CLK_TCK)
 cpu() { awk '{ print $14 + $15 }' "/proc/$agent/stat"; }
 sent() { curl -s http://127.0.0.1:19501/metrics | awk '/^pingmesh_probes_total/ { s += $NF } END { print s + 0 }'; }
+perf_out=$work/perf.txt
+counting=()
+if [[ ${CALLGRIND:-0} == 1 ]]; then
+  callgrind_control -i on "$agent" >/dev/null
+elif perf stat -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; then
+  perf stat -x, -e raw_syscalls:sys_enter,context-switches -p "$agent" -o "$perf_out" &
+  counting=($!)
+fi
 c0=$(cpu); s0=$(sent); t0=$(date +%s.%N)
 sleep "$seconds"
 c1=$(cpu); s1=$(sent); t1=$(date +%s.%N)
+if [[ ${CALLGRIND:-0} == 1 ]]; then
+  callgrind_control -d "$agent" >/dev/null
+  callgrind_control -i off "$agent" >/dev/null
+  sleep 1
+  instructions=$(ls -t /tmp/callgrind.out.bench.* | head -1 | xargs awk '/^summary:/ { print $2 }')
+  awk -v i="$instructions" -v s0="$s0" -v s1="$s1" -v t0="$t0" -v t1="$t1" 'BEGIN {
+    printf "| probes done/s (under callgrind) | user instructions per probe |\n|---|---|\n"
+    printf "| %.0f | %.0f |\n", (s1 - s0) / (t1 - t0), i / (s1 - s0)
+  }'
+  exit 0
+fi
+syscalls=-; switches=-
+if [[ ${#counting[@]} -gt 0 ]]; then
+  kill -INT "${counting[0]}"; wait "${counting[0]}" 2>/dev/null || true
+  syscalls=$(awk -F, '/raw_syscalls:sys_enter/ { print $1 }' "$perf_out")
+  switches=$(awk -F, '/context-switches/ { print $1 }' "$perf_out")
+fi
 rss_kb=$(awk '/^VmRSS/ { print $2 }' "/proc/$agent/status")
 hwm_kb=$(awk '/^VmHWM/ { print $2 }' "/proc/$agent/status")
 
 awk -v c0="$c0" -v c1="$c1" -v t0="$t0" -v t1="$t1" -v hz="$ticks" -v s0="$s0" -v s1="$s1" \
-    -v rss="$rss_kb" -v hwm="$hwm_kb" -v rate="$rate" 'BEGIN {
-  wall = t1 - t0
-  printf "| target rate | probes done/s | CPU (one core) | RSS | peak RSS |\n"
-  printf "|---|---|---|---|---|\n"
-  printf "| %d/s sent + %d/s answered | %.0f | %.2f %% | %.1f MB | %.1f MB |\n",
-    rate, rate, (s1 - s0) / wall, 100 * (c1 - c0) / hz / wall, rss / 1024, hwm / 1024
+    -v rss="$rss_kb" -v hwm="$hwm_kb" -v rate="$rate" -v sc="$syscalls" -v cs="$switches" 'BEGIN {
+  wall = t1 - t0; done = s1 - s0
+  printf "| target rate | probes done/s | CPU (one core) | syscalls/probe | switches/probe | RSS | peak RSS |\n"
+  printf "|---|---|---|---|---|---|---|\n"
+  printf "| %d/s sent + %d/s answered | %.0f | %.2f %% | %s | %s | %.1f MB | %.1f MB |\n",
+    rate, rate, done / wall, 100 * (c1 - c0) / hz / wall,
+    sc == "-" ? "-" : sprintf("%.2f", sc / done), cs == "-" ? "-" : sprintf("%.2f", cs / done),
+    rss / 1024, hwm / 1024
 }'
