@@ -149,48 +149,76 @@ pub(super) struct WindowStats {
     pub excluded_unplaced: u64,
 }
 
-/// Looks endpoints up once per window, however many paths they are on.
+/// What one window knows of an endpoint, looked up once however many paths
+/// it is on.
+#[derive(Debug)]
+struct EndpointInfo {
+    /// Index into `tors`; `None`: the topology does not know the endpoint.
+    tor: Option<u32>,
+    node: String,
+    /// Its agent was present for the whole window.
+    present: bool,
+    /// On a path whose target was present: localization needs its node.
+    used: bool,
+}
+
+/// Endpoints and ToRs of one window, interned: each endpoint id is hashed
+/// once per path end, and everything after works on small integers.
 struct PlacementCache<'a> {
     topology: &'a dyn Fn(&str) -> Option<EndpointPlacement>,
     target_present: &'a dyn Fn(&str, u64) -> bool,
     window_start_ms: u64,
-    /// Endpoint id -> index into `tors`.
-    tor_of: HashMap<String, Option<usize>, FastHash>,
-    nodes: HashMap<String, String, FastHash>,
-    present: HashMap<String, bool, FastHash>,
+    index: HashMap<String, u32, FastHash>,
+    ids: Vec<String>,
+    info: Vec<EndpointInfo>,
     tors: Vec<String>,
-    tor_index: HashMap<String, usize, FastHash>,
+    tor_index: HashMap<String, u32, FastHash>,
 }
 
 impl PlacementCache<'_> {
-    fn tor_of(&mut self, endpoint: &str) -> Option<usize> {
-        if let Some(&tor) = self.tor_of.get(endpoint) {
-            return tor;
+    /// The endpoint's number in this window, looking it up on first sight.
+    fn intern(&mut self, endpoint: &str) -> u32 {
+        if let Some(&i) = self.index.get(endpoint) {
+            return i;
         }
-        let tor = (self.topology)(endpoint).map(|placement| {
-            self.nodes.insert(endpoint.to_owned(), placement.node);
-            self.intern_tor(placement.tor)
+        let placement = (self.topology)(endpoint);
+        let present = (self.target_present)(endpoint, self.window_start_ms);
+        let (tor, node) = match placement {
+            Some(p) => (Some(self.intern_tor(p.tor)), p.node),
+            None => (None, String::new()),
+        };
+        let i = u32::try_from(self.ids.len()).unwrap_or(u32::MAX);
+        self.ids.push(endpoint.to_owned());
+        self.index.insert(endpoint.to_owned(), i);
+        self.info.push(EndpointInfo {
+            tor,
+            node,
+            present,
+            used: false,
         });
-        self.tor_of.insert(endpoint.to_owned(), tor);
-        tor
+        i
     }
 
-    fn intern_tor(&mut self, tor: String) -> usize {
+    fn intern_tor(&mut self, tor: String) -> u32 {
         if let Some(&i) = self.tor_index.get(&tor) {
             return i;
         }
+        let i = u32::try_from(self.tors.len()).unwrap_or(u32::MAX);
         self.tors.push(tor.clone());
-        self.tor_index.insert(tor, self.tors.len() - 1);
-        self.tors.len() - 1
+        self.tor_index.insert(tor, i);
+        i
     }
 
-    fn present(&mut self, endpoint: &str) -> bool {
-        if let Some(&present) = self.present.get(endpoint) {
-            return present;
+    /// Each endpoint's position in id order: paths sort by these two
+    /// integers instead of comparing their id strings.
+    fn ranks(&self) -> Vec<u32> {
+        let mut by_id: Vec<u32> = (0..u32::try_from(self.ids.len()).unwrap_or(u32::MAX)).collect();
+        by_id.sort_unstable_by(|&a, &b| self.ids[a as usize].cmp(&self.ids[b as usize]));
+        let mut rank = vec![0u32; by_id.len()];
+        for (r, &i) in by_id.iter().enumerate() {
+            rank[i as usize] = u32::try_from(r).unwrap_or(u32::MAX);
         }
-        let present = (self.target_present)(endpoint, self.window_start_ms);
-        self.present.insert(endpoint.to_owned(), present);
-        present
+        rank
     }
 }
 
@@ -218,21 +246,27 @@ pub(super) fn collect(
         topology,
         target_present,
         window_start_ms,
-        tor_of: HashMap::default(),
-        nodes: HashMap::default(),
-        present: HashMap::default(),
+        index: HashMap::default(),
+        ids: Vec::new(),
+        info: Vec::new(),
         tors: Vec::new(),
         tor_index: HashMap::default(),
     };
     let mut stats = WindowStats::default();
-    let mut pairs: HashMap<(usize, usize), PairAccumulator, FastHash> = HashMap::default();
-    stats.paths.reserve(data.paths.len());
+    let mut pairs: HashMap<(u32, u32), PairAccumulator, FastHash> = HashMap::default();
+    // Each kept path with its ends' numbers, for sorting.
+    let mut kept: Vec<((u32, u32), PathStats)> = Vec::with_capacity(data.paths.len());
     for ((source, target), record) in data.paths {
-        if !cache.present(&target) {
+        let t = cache.intern(&target);
+        if !cache.info[t as usize].present {
             stats.excluded_target_gone += 1;
             continue;
         }
-        let (Some(source_tor), Some(target_tor)) = (cache.tor_of(&source), cache.tor_of(&target))
+        let s = cache.intern(&source);
+        cache.info[s as usize].used = true;
+        cache.info[t as usize].used = true;
+        let (Some(source_tor), Some(target_tor)) =
+            (cache.info[s as usize].tor, cache.info[t as usize].tor)
         else {
             stats.excluded_unplaced += 1;
             continue;
@@ -251,21 +285,40 @@ pub(super) fn collect(
             tracing::debug!(%source, %target, "skipping a histogram that no longer merges");
         }
         let names = (
-            cache.tors[source_tor].clone(),
-            cache.tors[target_tor].clone(),
+            cache.tors[source_tor as usize].clone(),
+            cache.tors[target_tor as usize].clone(),
         );
-        stats
-            .paths
-            .push(path_stats((source, target), names, &record, sla));
+        kept.push(((s, t), path_stats((source, target), names, &record, sla)));
     }
     stats.tor_pairs = pairs
         .into_iter()
-        .map(|((s, t), acc)| pair_stats(cache.tors[s].clone(), cache.tors[t].clone(), &acc, sla))
+        .map(|((s, t), acc)| {
+            let name = |i: u32| cache.tors[i as usize].clone();
+            pair_stats(name(s), name(t), &acc, sla)
+        })
         .collect();
-    stats.nodes = cache.nodes;
-    stats.paths.sort_unstable_by(|a, b| {
-        (&a.source_endpoint, &a.target_endpoint).cmp(&(&b.source_endpoint, &b.target_endpoint))
-    });
+    let rank = cache.ranks();
+    // (source, target) is unique per window, so ranks order paths exactly as
+    // their ids would. Sorting small (key, index) pairs and moving each path
+    // once is far cheaper than sorting the paths themselves.
+    let mut order: Vec<(u64, usize)> = kept
+        .iter()
+        .enumerate()
+        .map(|(i, &((s, t), _))| {
+            let key = (u64::from(rank[s as usize]) << 32) | u64::from(rank[t as usize]);
+            (key, i)
+        })
+        .collect();
+    order.sort_unstable_by_key(|&(key, _)| key);
+    let mut slots: Vec<Option<PathStats>> = kept.into_iter().map(|(_, p)| Some(p)).collect();
+    stats.paths = order.iter().filter_map(|&(_, i)| slots[i].take()).collect();
+    stats.nodes = cache
+        .ids
+        .into_iter()
+        .zip(cache.info)
+        .filter(|(_, info)| info.used && info.tor.is_some())
+        .map(|(id, info)| (id, info.node))
+        .collect();
     stats.tor_pairs.sort_unstable_by(|a, b| {
         (&a.source_tor, &a.target_tor).cmp(&(&b.source_tor, &b.target_tor))
     });
@@ -284,13 +337,7 @@ fn path_stats(
         (r.p50_ns, r.p99_ns)
     } else {
         // No exact stats sent: fall back to the histogram's bucket bounds.
-        let mut h = ladder::Histogram::default();
-        if h.merge_sparse(&r.histogram_buckets, &r.histogram_counts)
-            .is_err()
-        {
-            h = ladder::Histogram::default();
-        }
-        (h.quantile_upper_ns(0.5), h.quantile_upper_ns(0.99))
+        sparse_quantiles(&r.histogram_buckets, &r.histogram_counts)
     };
     PathStats {
         source_endpoint,
@@ -312,6 +359,36 @@ fn path_stats(
         loss: judge_loss(sla, r.ok, r.lost),
         latency: judge_latency(sla, r.ok, p99),
     }
+}
+
+/// p50 and p99 upper bounds of a sparse ladder histogram (checked at
+/// ingest), as `ladder::Histogram::quantile_upper_ns` gives them, without
+/// expanding it into a dense one per path.
+fn sparse_quantiles(buckets: &[u32], counts: &[u64]) -> (Option<u64>, Option<u64>) {
+    let mut sorted: Vec<(u32, u64)> = buckets
+        .iter()
+        .copied()
+        .zip(counts.iter().copied())
+        .collect();
+    sorted.sort_unstable_by_key(|&(b, _)| b);
+    let total = sorted
+        .iter()
+        .try_fold(0u64, |sum, &(_, c)| sum.checked_add(c));
+    let Some(total) = total.filter(|&t| t > 0) else {
+        return (None, None);
+    };
+    let quantile = |q: f64| {
+        let rank = ladder::nearest_rank(total, q);
+        let mut seen = 0u64;
+        sorted
+            .iter()
+            .find(|&&(_, c)| {
+                seen += c;
+                seen >= rank
+            })
+            .map(|&(b, _)| ladder::upper_bound_ns(b as usize))
+    };
+    (quantile(0.5), quantile(0.99))
 }
 
 fn pair_stats(
@@ -372,6 +449,26 @@ mod tests {
             Judgement::Met
         );
         assert_eq!(judge_latency(&sla, 10, None), Judgement::NotJudged);
+    }
+
+    #[test]
+    fn sparse_quantiles_agree_with_the_dense_histogram() {
+        let cases: [(&[u32], &[u64]); 5] = [
+            (&[40, 3, 17], &[1, 98, 1]),
+            (&[5, 5, 2], &[10, 10, 1]),
+            (&[9], &[0]),
+            (&[], &[]),
+            (&[100, 1], &[1, 1]),
+        ];
+        for (buckets, counts) in cases {
+            let mut dense = ladder::Histogram::default();
+            assert!(dense.merge_sparse(buckets, counts).is_ok());
+            assert_eq!(
+                sparse_quantiles(buckets, counts),
+                (dense.quantile_upper_ns(0.5), dense.quantile_upper_ns(0.99)),
+                "{buckets:?} {counts:?}"
+            );
+        }
     }
 
     #[test]
