@@ -54,7 +54,8 @@ pub enum TimestampMode {
 pub struct TimestampSupport {
     /// Received datagrams carry a kernel timestamp.
     pub rx: bool,
-    /// Every send reports a kernel timestamp under the key in its receipt.
+    /// Every stamped send (`send_to`, not `send_unstamped`) reports a kernel
+    /// timestamp under the key in its receipt.
     pub tx: bool,
     /// The timestamps come from the NIC's clock rather than the kernel's.
     pub hardware: bool,
