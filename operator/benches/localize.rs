@@ -22,16 +22,21 @@ use pingmesh_operator::mesh::localize::sim::{
     Fabric, FabricSpec, Fault, host_name, spine_name, tor_name,
 };
 use pingmesh_operator::mesh::localize::{
-    CauseKind, HostDelayRules, LocalizeSettings, PathTraces, RootCause, TraceBook, WindowEvidence,
-    localize,
+    CauseKind, HORIZON_WINDOWS, HostDelayRules, LocalizeSettings, NetworkHorizon, PathTraces,
+    RootCause, TraceBook, WindowEvidence, localize,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 /// Windows localization looks at together (the analyzer's `LOCALIZE_WINDOWS`).
 const WINDOWS_TOGETHER: usize = 3;
-/// A fault not localized within this many windows counts as missed.
+/// A fault not localized within this many windows counts as missed...
 const MAX_WINDOWS: usize = 5;
+/// ...or this many for link and switch faults below 10 % loss, which the
+/// horizon of traced flows names only once enough of their flows failed.
+const MAX_WINDOWS_WEAK_NETWORK: usize = 30;
+/// Windows of the clean-fabric check per trial.
+const CLEAN_WINDOWS: usize = 20;
 const LOSS_RATES: [f64; 6] = [0.001, 0.01, 0.03, 0.1, 0.3, 1.0];
 
 fn settings() -> LocalizeSettings {
@@ -162,25 +167,49 @@ struct Trial {
     false_causes: usize,
 }
 
-fn run_trial(fabric: &Fabric, faults: &[Fault], traced: bool, seed: u64) -> Trial {
-    let mut history: Vec<(Vec<PathStats>, TraceBook)> = Vec::new();
+/// Windows a trial gets before its faults count as missed.
+fn allowance(faults: &[Fault]) -> usize {
+    let weak_network = faults.iter().any(|f| match *f {
+        Fault::Downlink { loss, .. } | Fault::Uplink { loss, .. } | Fault::Spine { loss, .. } => {
+            (0.01..0.1).contains(&loss)
+        }
+        _ => false,
+    });
+    if weak_network {
+        MAX_WINDOWS_WEAK_NETWORK
+    } else {
+        MAX_WINDOWS
+    }
+}
+
+/// One trial of `windows` windows (0: the fault's [`allowance`]).
+fn run_trial(fabric: &Fabric, faults: &[Fault], traced: bool, seed: u64, windows: usize) -> Trial {
+    let windows = if windows == 0 {
+        allowance(faults)
+    } else {
+        windows
+    };
+    let mut history: Vec<Vec<PathStats>> = Vec::new();
     let mut trial = Trial {
         faults: faults.len(),
         ..Trial::default()
     };
     let mut named = vec![false; faults.len()];
-    for w in 0..MAX_WINDOWS {
-        history.push(fabric.window(faults, seed.wrapping_mul(31).wrapping_add(w as u64), 0.01));
+    // As the controller does: traces are kept once taken, and the analyzer
+    // keeps one horizon.
+    let mut book = TraceBook::default();
+    let horizon = NetworkHorizon::new();
+    for w in 0..windows {
+        let (paths, window_traces) =
+            fabric.window(faults, seed.wrapping_mul(31).wrapping_add(w as u64), 0.01);
+        history.push(paths);
         if history.len() > WINDOWS_TOGETHER {
             history.remove(0);
         }
-        let mut book = TraceBook::default();
         if traced {
-            for (_, t) in &history {
-                book.merge(t.clone());
-            }
+            book.merge(window_traces);
         }
-        let windows: Vec<&[PathStats]> = history.iter().map(|(p, _)| p.as_slice()).collect();
+        let windows: Vec<&[PathStats]> = history.iter().map(Vec::as_slice).collect();
         let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
         let causes = localize(
             &WindowEvidence {
@@ -188,6 +217,7 @@ fn run_trial(fabric: &Fabric, faults: &[Fault], traced: bool, seed: u64) -> Tria
                 node_of: &node_of,
                 traces: traced.then_some(&book as &dyn PathTraces),
                 findings: &[],
+                horizon: Some(&horizon),
             },
             &settings(),
         );
@@ -305,7 +335,8 @@ fn main() {
     println!(
         "fabric: {} spines, {} ToRs, {} hosts x {} RNICs = {} endpoints (rail-optimized), {} paths per window; \
          {} probes per ToR-mesh path and {} per inter-ToR path a window over {} flows; background loss {:.2}% per probe; \
-         localization over {WINDOWS_TOGETHER} windows, a fault missed after {MAX_WINDOWS}",
+         localization over {WINDOWS_TOGETHER} windows with a horizon of {HORIZON_WINDOWS} for traced flows, \
+         a fault missed after {MAX_WINDOWS} windows ({MAX_WINDOWS_WEAK_NETWORK} for links and spines at 1-9 % loss)",
         spec.spines,
         spec.tors(),
         spec.hosts(),
@@ -327,17 +358,7 @@ fn main() {
         return;
     }
 
-    println!("\nClean fabric ({} windows):", trials * MAX_WINDOWS);
-    let mut clean = Cell::default();
-    for t in 0..trials {
-        clean.add(run_trial(&fabric, &[], true, rng.random()));
-        let _ = t;
-    }
-    println!(
-        "  root causes blamed on a clean fabric: {} in {} windows",
-        clean.false_causes,
-        trials * MAX_WINDOWS
-    );
+    clean_check(&fabric, trials, &mut rng);
 
     println!("\nSingle faults, flows traced:");
     header();
@@ -346,7 +367,7 @@ fn main() {
             let mut cell = Cell::default();
             for _ in 0..trials {
                 let fault = kind.random(&spec, loss, &mut rng);
-                cell.add(run_trial(&fabric, &[fault], true, rng.random()));
+                cell.add(run_trial(&fabric, &[fault], true, rng.random(), 0));
             }
             println!("{}", cell.row(kind.label(), &pct(loss)));
         }
@@ -359,7 +380,7 @@ fn main() {
             let mut cell = Cell::default();
             for _ in 0..trials {
                 let fault = kind.random(&spec, loss, &mut rng);
-                cell.add(run_trial(&fabric, &[fault], false, rng.random()));
+                cell.add(run_trial(&fabric, &[fault], false, rng.random(), 0));
             }
             println!("{}", cell.row(kind.label(), &pct(loss)));
         }
@@ -377,7 +398,7 @@ fn main() {
                         kind.random(&spec, loss, &mut rng)
                     })
                     .collect();
-                cell.add(run_trial(&fabric, &faults, true, rng.random()));
+                cell.add(run_trial(&fabric, &faults, true, rng.random(), 0));
             }
             println!("{}", cell.row(&format!("{n} at once"), &pct(loss)));
         }
@@ -387,6 +408,20 @@ fn main() {
     if benching {
         time_large_window(seed);
     }
+}
+
+/// Root causes blamed on a clean fabric over `trials` runs of `CLEAN_WINDOWS`.
+fn clean_check(fabric: &Fabric, trials: usize, rng: &mut StdRng) {
+    println!("\nClean fabric ({} windows):", trials * CLEAN_WINDOWS);
+    let mut clean = Cell::default();
+    for _ in 0..trials {
+        clean.add(run_trial(fabric, &[], true, rng.random(), CLEAN_WINDOWS));
+    }
+    println!(
+        "  root causes blamed on a clean fabric: {} in {} windows",
+        clean.false_causes,
+        trials * CLEAN_WINDOWS
+    );
 }
 
 /// Time to localize one window of about 100,000 endpoints (median of 3);
@@ -434,32 +469,56 @@ fn time_large_window(seed: u64) {
     );
     println!("| windows together | traces | causes | median time |");
     println!("|-----------------:|:------:|-------:|------------:|");
-    for (together, traced) in [(1, false), (1, true), (3, false), (3, true)] {
-        // The newest `together` windows.
-        let slices: Vec<&[PathStats]> = windows[3 - together..]
-            .iter()
-            .map(|(p, _)| p.as_slice())
-            .collect();
-        let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
-        let mut times: Vec<Duration> = Vec::new();
-        let mut found = 0;
-        for _ in 0..3 {
-            let started = Instant::now();
-            let causes = localize(
+    // The last configuration is the analyzer's: three windows, traces, and
+    // the horizon taking in the newest window's flows (the two before it
+    // went in first, untimed).
+    for (together, traced, with_horizon) in [
+        (1, false, false),
+        (1, true, false),
+        (3, false, false),
+        (3, true, false),
+        (3, true, true),
+    ] {
+        let run = |newest: usize, together: usize, horizon: Option<&NetworkHorizon>| {
+            let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
+            let first = (newest + 1).saturating_sub(together);
+            let slices: Vec<&[PathStats]> = windows[first..=newest]
+                .iter()
+                .map(|(p, _)| p.as_slice())
+                .collect();
+            localize(
                 &WindowEvidence {
                     windows: &slices,
                     node_of: &node_of,
                     traces: traced.then_some(&book as &dyn PathTraces),
                     findings: &[],
+                    horizon,
                 },
                 &settings(),
-            );
+            )
+        };
+        let mut times: Vec<Duration> = Vec::new();
+        let mut found = 0;
+        for _ in 0..3 {
+            let horizon = NetworkHorizon::new();
+            let horizon = with_horizon.then_some(&horizon);
+            if horizon.is_some() {
+                run(0, together, horizon);
+                run(1, together, horizon);
+            }
+            let started = Instant::now();
+            let causes = run(2, together, horizon);
             times.push(started.elapsed());
             found = causes.len();
         }
         times.sort_unstable();
         println!(
-            "| {together:>16} | {:^6} | {found:>6} | {:>9.0} ms |",
+            "| {:>16} | {:^6} | {found:>6} | {:>9.0} ms |",
+            if with_horizon {
+                format!("{together} + horizon")
+            } else {
+                together.to_string()
+            },
             if traced { "yes" } else { "no" },
             times[1].as_secs_f64() * 1e3
         );

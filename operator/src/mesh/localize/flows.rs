@@ -335,6 +335,17 @@ impl FlowEvidence {
     pub fn row_of(&self, flow: u32) -> u32 {
         self.flows[flow as usize].3
     }
+
+    pub fn flow_count(&self) -> u32 {
+        self.flows.len() as u32
+    }
+
+    /// Whether a flow failed, its components (indices into `components`)
+    /// and its path row.
+    pub fn flow(&self, flow: u32) -> (bool, &[u32], u32) {
+        let (lost, a, b, row) = self.flows[flow as usize];
+        (lost, &self.members[a as usize..b as usize], row)
+    }
 }
 
 impl Evidence for FlowEvidence {

@@ -28,6 +28,7 @@
 
 mod engine;
 mod flows;
+mod horizon;
 mod host_delay;
 mod paths;
 pub mod sim;
@@ -39,11 +40,13 @@ mod tests;
 use serde::{Deserialize, Serialize};
 
 pub use flows::{Hop, PathTraces, SourceTraces, TraceBook};
+pub use horizon::{HORIZON_WINDOWS, NetworkHorizon};
 pub use host_delay::HostDelayRules;
 pub use tracker::{CauseTracker, CauseTransitions, OpenRootCause};
 
 use engine::{Pick, Rules, explain};
 use flows::FlowEvidence;
+use horizon::HorizonPick;
 use paths::{Component, PathEvidence, PathSignal};
 
 use super::analyzer::{Finding, FindingKind, PathStats};
@@ -237,6 +240,10 @@ pub struct WindowEvidence<'a> {
     pub traces: Option<&'a dyn PathTraces>,
     /// Open SLA findings, to say which ones each cause explains.
     pub findings: &'a [Finding],
+    /// Traced flows of earlier windows, for links and switches losing too
+    /// little for three windows to show (see [`NetworkHorizon`]). Given, it
+    /// takes in the newest window's flows: hand each window in once.
+    pub horizon: Option<&'a NetworkHorizon>,
 }
 
 impl std::fmt::Debug for WindowEvidence<'_> {
@@ -254,7 +261,7 @@ pub fn localize(input: &WindowEvidence<'_>, settings: &LocalizeSettings) -> Vec<
     for signal in [PathSignal::Loss, PathSignal::Latency] {
         let evidence = PathEvidence::new(input.windows, input.node_of, signal);
         let picks = explain(&evidence, &settings.path_rules(signal));
-        causes.extend(path_causes(&evidence, &picks, input, signal));
+        causes.extend(path_causes(&evidence, &picks, input, settings, signal));
         if signal == PathSignal::Loss {
             causes.extend(host_delay_causes(&evidence, settings));
         }
@@ -272,6 +279,7 @@ fn path_causes(
     evidence: &PathEvidence<'_>,
     picks: &[Pick],
     input: &WindowEvidence<'_>,
+    settings: &LocalizeSettings,
     signal: PathSignal,
 ) -> Vec<RootCause> {
     let cause_signal = match signal {
@@ -298,23 +306,31 @@ fn path_causes(
     // bits, not latencies.
     let refined = match (signal, input.traces) {
         (PathSignal::Loss, Some(traces)) => {
+            // With a horizon, only the newest window's flows are new to it.
+            let newest = evidence.window_count().saturating_sub(1);
             let rows: Vec<u32> = (0..evidence.rows())
                 .filter(|&r| {
                     let (s, t) = evidence.ends(r);
-                    !explained[r as usize] && evidence.tor_of(s) != evidence.tor_of(t)
+                    !explained[r as usize]
+                        && evidence.tor_of(s) != evidence.tor_of(t)
+                        && (input.horizon.is_none() || evidence.window_of(r) == newest)
                 })
                 .collect();
-            flow_causes(evidence, &rows, traces, input)
+            match input.horizon {
+                Some(horizon) => horizon_causes(evidence, &rows, traces, horizon, input, settings),
+                None => Some(flow_causes(evidence, &rows, traces, input)).filter(|c| !c.is_empty()),
+            }
         }
-        _ => Vec::new(),
+        _ => None,
     };
-    if refined.is_empty() {
+    // Named as coarsely as paths allow only where no traced flow had a say.
+    if let Some(refined) = refined {
+        causes.extend(refined);
+    } else {
         for pick in network_picks {
             let component = evidence.component(pick.component);
             causes.push(path_cause(evidence, pick, component, input, cause_signal));
         }
-    } else {
-        causes.extend(refined);
     }
     causes
 }
@@ -598,26 +614,8 @@ fn flow_causes(
             if !candidates.is_empty() {
                 confidence *= 0.5;
             }
-            let mut explains: Vec<String> = Vec::new();
-            let mut seen_rows: Vec<u32> = pick.explained.iter().map(|&f| flows.row_of(f)).collect();
-            seen_rows.sort_unstable();
-            seen_rows.dedup();
-            for f in input.findings {
-                let hit = match f.kind {
-                    FindingKind::PathLoss => seen_rows.iter().any(|&r| {
-                        let p = paths.path(r);
-                        f.location == format!("{} -> {}", p.source_endpoint, p.target_endpoint)
-                    }),
-                    FindingKind::TorPairLoss => seen_rows.iter().any(|&r| {
-                        let p = paths.path(r);
-                        f.location == format!("{} -> {}", p.source_tor, p.target_tor)
-                    }),
-                    _ => false,
-                };
-                if hit {
-                    explains.push(format!("{} {}", finding_label(f.kind), f.location));
-                }
-            }
+            let rows = pick.explained.iter().map(|&f| flows.row_of(f)).collect();
+            let explains = findings_on_rows(paths, rows, input.findings);
             let mut cause = RootCause {
                 kind,
                 component,
@@ -635,6 +633,127 @@ fn flow_causes(
             cause
         })
         .collect()
+}
+
+/// Loss findings of the paths of `rows`.
+fn findings_on_rows(
+    paths: &PathEvidence<'_>,
+    mut rows: Vec<u32>,
+    findings: &[Finding],
+) -> Vec<String> {
+    rows.sort_unstable();
+    rows.dedup();
+    let mut explains = Vec::new();
+    for f in findings {
+        let hit = match f.kind {
+            FindingKind::PathLoss => rows.iter().any(|&r| {
+                let p = paths.path(r);
+                f.location == format!("{} -> {}", p.source_endpoint, p.target_endpoint)
+            }),
+            FindingKind::TorPairLoss => rows.iter().any(|&r| {
+                let p = paths.path(r);
+                f.location == format!("{} -> {}", p.source_tor, p.target_tor)
+            }),
+            _ => false,
+        };
+        if hit {
+            explains.push(format!("{} {}", finding_label(f.kind), f.location));
+        }
+    }
+    explains
+}
+
+fn hop_words(hop: &Hop) -> (CauseKind, String) {
+    match hop {
+        Hop::Link(a, b) => (CauseKind::Link, format!("{a} -> {b}")),
+        Hop::Switch(s) => (CauseKind::Switch, s.to_string()),
+    }
+}
+
+/// Links and switches from the horizon, after it takes in the traced flows
+/// of `rows` (the newest window's paths no endpoint, host or ToR explains);
+/// `None` when the horizon holds no traced flow at all.
+fn horizon_causes(
+    paths: &PathEvidence<'_>,
+    rows: &[u32],
+    traces: &dyn PathTraces,
+    horizon: &NetworkHorizon,
+    input: &WindowEvidence<'_>,
+    settings: &LocalizeSettings,
+) -> Option<Vec<RootCause>> {
+    let flows = FlowEvidence::new(paths, rows, traces);
+    horizon.record(flows.as_ref());
+    if horizon.flows() == 0 {
+        return None;
+    }
+    let picks = horizon.decide(settings.max_loss_ratio * 0.5);
+    Some(
+        picks
+            .iter()
+            .map(|pick| horizon_cause(paths, flows.as_ref(), pick, input))
+            .collect(),
+    )
+}
+
+fn horizon_cause(
+    paths: &PathEvidence<'_>,
+    flows: Option<&FlowEvidence>,
+    pick: &HorizonPick,
+    input: &WindowEvidence<'_>,
+) -> RootCause {
+    let (kind, component) = hop_words(&pick.hop);
+    let candidates: Vec<String> = pick
+        .ties
+        .iter()
+        .map(|hop| {
+            let (kind, name) = hop_words(hop);
+            format!("{} {name}", kind.label())
+        })
+        .collect();
+    // The newest window's failing flows through it: the findings it explains.
+    let mut rows = Vec::new();
+    if let Some(flows) = flows
+        && let Some(local) = flows.components.iter().position(|h| *h == pick.hop)
+    {
+        for f in 0..flows.flow_count() {
+            let (lost, members, row) = flows.flow(f);
+            if lost && members.contains(&(local as u32)) {
+                rows.push(row);
+            }
+        }
+    }
+    let explains = findings_on_rows(paths, rows, input.findings);
+    let rate = pick.failing as f64 / pick.flows.max(1) as f64;
+    let purity = (1.0 - pick.background / rate).clamp(0.0, 1.0);
+    let support = pick.failing as f64 / (pick.failing as f64 + 1.0);
+    let mut confidence = (purity * support * 1000.0).round() / 1000.0;
+    if !candidates.is_empty() {
+        confidence *= 0.5;
+    }
+    let mut cause = RootCause {
+        kind,
+        component,
+        side: None,
+        signal: Signal::Loss,
+        node: None,
+        tor: None,
+        confidence,
+        evidence: CauseEvidence {
+            failing: pick.failing,
+            healthy: pick.flows - pick.failing,
+            unit: "flows".to_owned(),
+            probes: pick.flows,
+            lost: pick.failing,
+            loss_ratio: round4(rate),
+            elsewhere_loss_ratio: round4(pick.background),
+            score: (pick.significance * 10.0).round() / 10.0,
+        },
+        candidates,
+        explains,
+        summary: String::new(),
+    };
+    cause.summary = summarize(&cause);
+    cause
 }
 
 fn host_delay_causes(evidence: &PathEvidence<'_>, settings: &LocalizeSettings) -> Vec<RootCause> {

@@ -276,6 +276,16 @@ impl<'a> PathEvidence<'a> {
         &self.windows[w as usize][i as usize]
     }
 
+    /// The window (index into the windows given, oldest first) of a row.
+    pub fn window_of(&self, row: u32) -> u32 {
+        self.row_path[row as usize].0
+    }
+
+    /// Windows given.
+    pub fn window_count(&self) -> u32 {
+        self.windows.len() as u32
+    }
+
     /// Rows (observations) there are.
     pub fn rows(&self) -> u32 {
         self.rows.len() as u32

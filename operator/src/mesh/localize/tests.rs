@@ -49,6 +49,7 @@ fn causes_over(
         node_of: &node_of,
         traces: use_traces.then_some(&book as &dyn PathTraces),
         findings: &[],
+        horizon: None,
     };
     localize(&input, &settings())
 }
@@ -236,6 +237,7 @@ fn causes_say_which_open_findings_they_explain() {
             node_of: &node_of,
             traces: None,
             findings: std::slice::from_ref(&finding),
+            horizon: None,
         },
         &settings(),
     );
@@ -265,6 +267,7 @@ fn a_slow_responder_host_is_a_host_delay_cause_not_a_network_one() {
             node_of: &node_of,
             traces: None,
             findings: &[],
+            horizon: None,
         },
         &settings(),
     );
@@ -297,4 +300,202 @@ fn a_cause_opens_after_two_windows_and_clears_after_three() {
     assert_eq!(cleared.len(), 1);
     assert_eq!(cleared[0].cleared_at_window_ms, Some(6));
     assert!(tracker.open().is_empty());
+}
+
+/// Windows of `fabric` under `faults` (`fault_in` says, per window, whether the
+/// faults are in), each localized once with its two predecessors and `horizon`,
+/// as the analyzer does: the causes of each window.
+fn causes_with_horizon(
+    fabric: &Fabric,
+    faults: &[Fault],
+    fault_in: impl Fn(usize) -> bool,
+    windows: usize,
+    seed: u64,
+) -> Vec<Vec<RootCause>> {
+    let horizon = NetworkHorizon::new();
+    let mut book = TraceBook::default();
+    let mut recent: Vec<Vec<PathStats>> = Vec::new();
+    (0..windows)
+        .map(|w| {
+            let now: &[Fault] = if fault_in(w) { faults } else { &[] };
+            let (paths, t) = fabric.window(now, seed * 1000 + w as u64, 0.01);
+            book.merge(t);
+            recent.push(paths);
+            if recent.len() > 3 {
+                recent.remove(0);
+            }
+            let slices: Vec<&[PathStats]> = recent.iter().map(Vec::as_slice).collect();
+            let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
+            localize(
+                &WindowEvidence {
+                    windows: &slices,
+                    node_of: &node_of,
+                    traces: Some(&book as &dyn PathTraces),
+                    findings: &[],
+                    horizon: Some(&horizon),
+                },
+                &settings(),
+            )
+        })
+        .collect()
+}
+
+/// A fabric where one link carries about 50 probed flows a window, as one
+/// uplink of 32 does at the default rates.
+fn wide_spec() -> FabricSpec {
+    FabricSpec {
+        spines: 8,
+        groups: 8,
+        hosts_per_group: 10,
+        rnics_per_host: 1,
+        rail_optimized: false,
+        tor_mesh_probes: 50,
+        inter_tor_probes: 5,
+        inter_tor_sample_tors: 10,
+        inter_tor_flows: 64,
+        background_loss: 1e-4,
+    }
+}
+
+fn link_named(causes: &[RootCause], spine: u32, tor: u32) -> bool {
+    causes.iter().any(|c| {
+        c.kind == CauseKind::Link
+            && c.component == format!("{} -> {}", spine_name(spine), tor_name(tor))
+    })
+}
+
+#[test]
+fn weak_persistent_loss_on_one_link_is_named_over_the_horizon_not_in_one_window() {
+    let fabric = Fabric::new(wide_spec(), 11);
+    let fault = Fault::Downlink {
+        spine: 3,
+        tor: 5,
+        loss: 0.02,
+    };
+    let per_window = causes_with_horizon(
+        &fabric,
+        std::slice::from_ref(&fault),
+        |_| true,
+        HORIZON_WINDOWS,
+        11,
+    );
+    // Nothing else is ever blamed.
+    for (w, causes) in per_window.iter().enumerate() {
+        for c in causes {
+            assert!(
+                link_named(std::slice::from_ref(c), 3, 5),
+                "window {w}: {}",
+                c.summary
+            );
+        }
+    }
+    // One window of it is not enough (a few lost flows at most)...
+    assert!(per_window[0].is_empty(), "{:?}", named(&per_window[0]));
+    // ...the horizon is.
+    let first = per_window.iter().position(|c| link_named(c, 3, 5));
+    assert!(first.is_some_and(|w| w >= 1), "{first:?}");
+    assert!(link_named(per_window.last().unwrap(), 3, 5));
+}
+
+#[test]
+fn the_same_loss_for_one_window_on_a_clean_fabric_is_not_named() {
+    let fabric = Fabric::new(wide_spec(), 12);
+    let fault = Fault::Downlink {
+        spine: 2,
+        tor: 1,
+        loss: 0.02,
+    };
+    // One faulty window amid clean ones: 1-2 failing flows, never enough.
+    let per_window = causes_with_horizon(&fabric, &[fault], |w| w == 4, 12, 12);
+    for (w, causes) in per_window.iter().enumerate() {
+        assert!(causes.is_empty(), "window {w}: {:?}", named(causes));
+    }
+}
+
+#[test]
+fn a_clean_fabric_blames_nothing_with_the_horizon() {
+    let fabric = Fabric::new(wide_spec(), 13);
+    for (w, causes) in causes_with_horizon(&fabric, &[], |_| true, 2 * HORIZON_WINDOWS, 13)
+        .iter()
+        .enumerate()
+    {
+        assert!(causes.is_empty(), "window {w}: {:?}", named(causes));
+    }
+}
+
+#[test]
+fn horizon_causes_clear_after_the_fault_is_gone() {
+    let fabric = Fabric::new(wide_spec(), 14);
+    // A strong fault: named in its first window, gone one clean window after.
+    let strong = Fault::Downlink {
+        spine: 1,
+        tor: 6,
+        loss: 0.3,
+    };
+    let per_window = causes_with_horizon(&fabric, &[strong], |w| w < 4, 10, 14);
+    assert!(
+        link_named(&per_window[0], 1, 6),
+        "{:?}",
+        named(&per_window[0])
+    );
+    assert!(link_named(&per_window[3], 1, 6));
+    for (w, causes) in per_window.iter().enumerate().skip(5) {
+        assert!(causes.is_empty(), "window {w}: {:?}", named(causes));
+    }
+    // A weak one takes longer to be believed gone, but is gone within the horizon.
+    let weak = Fault::Uplink {
+        tor: 2,
+        spine: 4,
+        loss: 0.03,
+    };
+    let faulty = HORIZON_WINDOWS;
+    let per_window = causes_with_horizon(
+        &fabric,
+        &[weak],
+        |w| w < faulty,
+        faulty + HORIZON_WINDOWS,
+        15,
+    );
+    let named_up = |c: &[RootCause]| {
+        c.iter()
+            .any(|c| c.component == format!("{} -> {}", tor_name(2), spine_name(4)))
+    };
+    assert!(per_window[..faulty].iter().any(|c| named_up(c)));
+    let last = per_window.iter().rposition(|c| named_up(c)).unwrap_or(0);
+    assert!(
+        last < faulty + HORIZON_WINDOWS - 1,
+        "still named at window {last}"
+    );
+    for (w, causes) in per_window.iter().enumerate().skip(faulty) {
+        for c in causes {
+            assert!(
+                named_up(std::slice::from_ref(c)),
+                "window {w}: {}",
+                c.summary
+            );
+        }
+    }
+}
+
+#[test]
+fn a_weak_spine_is_the_switch_not_its_links() {
+    let fabric = Fabric::new(wide_spec(), 16);
+    let fault = Fault::Spine {
+        spine: 5,
+        loss: 0.01,
+    };
+    let per_window = causes_with_horizon(&fabric, &[fault], |_| true, 8, 16);
+    let mut switch_named = false;
+    for (w, causes) in per_window.iter().enumerate() {
+        for c in causes {
+            assert_eq!(
+                (c.kind, c.component.as_str()),
+                (CauseKind::Switch, spine_name(5).as_str()),
+                "window {w}: {}",
+                c.summary
+            );
+            switch_named = true;
+        }
+    }
+    assert!(switch_named);
 }
