@@ -797,10 +797,11 @@ fn churn_of_hundreds_of_agents_leaves_no_session_behind_and_memory_stops_growing
     }
     let churn = churn();
     // The first waves grow the heap to what a wave needs; from the third on
-    // it must stay there (5 % + 4 MiB for the allocator's slack): growth with
-    // every wave would be a leak per agent.
+    // it must stay there within 15 % + 4 MiB (runs here drift by 0.5-3 MiB
+    // per wave, docs/chaos.md): over two more waves of 200 that catches a
+    // leak of some 35 KiB per agent, not a slower one.
     let warmed = churn.waves[churn.waves.len().min(3) - 1].1;
-    let limit = warmed + warmed / 20 + 4 * 1024;
+    let limit = warmed + warmed * 15 / 100 + 4 * 1024;
     assert!(
         churn.settled() <= limit,
         "controller RSS grew wave after wave: {churn:?} (limit {limit} KiB)"

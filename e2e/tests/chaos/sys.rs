@@ -37,7 +37,9 @@ impl ControllerNetns {
 
     pub fn create() -> Self {
         // A namespace left by an aborted run goes first (its veth with it).
-        let _ = run(&["ip", "netns", "del", Self::NAME]);
+        if Path::new("/run/netns").join(Self::NAME).exists() {
+            let _ = run(&["ip", "netns", "del", Self::NAME]);
+        }
         must(&["ip", "netns", "add", Self::NAME]);
         let this = Self {
             cut: std::cell::Cell::new(false),
