@@ -19,6 +19,8 @@ use super::localize::OpenRootCause;
 use super::services::ImpactedService;
 use super::services::view::ServicesView;
 
+pub mod openapi;
+
 type Shared = State<Arc<MeshController>>;
 
 pub fn router(controller: Arc<MeshController>) -> Router {
@@ -34,6 +36,7 @@ pub fn router(controller: Arc<MeshController>) -> Router {
         .route("/readyz", get(|| async { "ready" }))
         // The web view at `/` and the history it reads.
         .merge(super::web::routes())
+        .merge(openapi::routes())
         .with_state(controller)
 }
 
