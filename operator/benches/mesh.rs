@@ -1,6 +1,7 @@
 //! Mesh controller hot paths at fleet scale.
 //!
-//! Targets: one pinglist request at 100,000 endpoints under 1 ms; analyzer ingest
+//! Targets: one pinglist request at 100,000 endpoints under 1 ms; one node's
+//! join applied to the view of 100,000 endpoints far below a full build; analyzer ingest
 //! at least 1,000,000 summaries per second on one core; evaluating a window of
 //! 10,000 paths well inside a 5 s window. Analyzer windows are built from real
 //! pinglists, so paths share ToR pairs as they would in a fleet.
@@ -55,6 +56,18 @@ fn bench_pinglist(c: &mut Criterion) {
     let mut group = c.benchmark_group("pinglist");
     group.bench_function("mesh_view_new_100k_endpoints", |b| {
         b.iter_batched(|| endpoints.clone(), MeshView::new, BatchSize::LargeInput);
+    });
+    // One node (re)joining: only its ToR is rebuilt (the reconnect storm's
+    // cost per change, against the full build above).
+    let base = MeshView::new(endpoints.clone());
+    let mut joins = 0usize;
+    group.bench_function("mesh_view_updated_one_node_100k_endpoints", |b| {
+        b.iter(|| {
+            joins = (joins + 1) % ENDPOINTS;
+            let e = endpoints[joins].clone();
+            let changed = HashMap::from([(e.node.clone(), vec![e])]);
+            black_box(base.updated(changed))
+        });
     });
     let view = MeshView::new(endpoints);
     let policy = PinglistPolicy::default();
