@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::Stream;
-use pingmesh_agent::control::ControlSession;
+use pingmesh_agent::control::{BearerToken, ControlSession};
 use pingmesh_agent::service_flows::cgroup::PodRef;
 use pingmesh_agent::service_flows::metrics::TracerMetrics;
 use pingmesh_agent::service_flows::report::run_reporter;
@@ -131,9 +131,12 @@ async fn the_table_is_reported_under_the_live_session_through_unimplemented_answ
         .add_service(MeshControllerServer::new(Controller(recorder.clone())))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener));
     tokio::spawn(server);
-    let client = MeshControllerClient::connect(format!("http://{addr}"))
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
         .await
         .unwrap();
+    let client = MeshControllerClient::with_interceptor(channel, BearerToken::default());
 
     let mut table = FlowTable::new(TableLimits::default());
     let event = TraceEvent::Tcp(TcpEvent {
@@ -189,7 +192,12 @@ async fn the_table_is_reported_under_the_live_session_through_unimplemented_answ
         2,
         "refused twice, then taken"
     );
-    assert!(counter(&registry, "accepted") >= 1);
+    // The server records a report before it answers; the reporter counts it
+    // accepted only once the answer is back, so wait for that too.
+    while counter(&registry, "accepted") < 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no report accepted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let first = recorder.received.lock().unwrap()[0].clone();
     assert_eq!(
         (first.node.as_str(), first.session, first.dropped),
