@@ -60,12 +60,12 @@ const REGISTRY_DOWN: (u16, &str) = (503, "the registry is unavailable");
 fn window_param() -> Value {
     json!({"oneOf": [
         {"type": "string", "const": "latest"},
-        {"type": "string", "pattern": "^[0-9]+$", "description": "a window start, Unix ms"}
+        {"type": "string", "pattern": "^[0-9]{1,19}$", "description": "a window start, Unix ms (at most 19 digits)"}
     ]})
 }
 
 fn unix_ms() -> Value {
-    json!({"type": "integer", "format": "int64", "minimum": 0})
+    json!({"type": "integer", "minimum": 0, "maximum": u64::MAX})
 }
 
 fn tor_name() -> Value {
