@@ -90,6 +90,12 @@ target/debug/pingmesh-fleet-sim --endpoints 400 --window-ms 1000 --windows 3 --c
 step "web view in a real browser (Debian chromium, playwright-core)"
 hack/web-test.sh
 
+step "fuzzing: every fuzz target 20 s from its committed corpus, regressions replayed first (hack/fuzz.sh)"
+FUZZ_SECONDS=20 hack/fuzz.sh
+
+step "HTTP API fuzzing: schemathesis from /api/v1/openapi.json against a live demo (hack/api-fuzz.sh)"
+hack/api-fuzz.sh
+
 step "end-to-end: fault localization on a leaf-spine fabric of network namespaces"
 if [[ "$(id -u)" == 0 ]] && command -v iptables >/dev/null && ip netns list >/dev/null 2>&1; then
   # Same-5-tuple path traces through a real Linux router (raw sockets, ICMP).
