@@ -19,7 +19,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the mesh controller on its own, without Kubernetes (systemd, a shell, the demo).
-    Standalone(MeshArgs),
+    Standalone(Box<MeshArgs>),
     /// Run in a cluster: reconcile PingMesh resources and host the mesh controller.
     #[cfg(feature = "kubernetes")]
     Run(Box<pingmesh_operator::reconcile::run::RunArgs>),

@@ -6,8 +6,8 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::transport::server::TcpIncoming;
 
 use super::controller::{MeshController, MeshError};
 use super::identity::{AgentAuthenticator, ClientCertificates, Unverified};
@@ -132,23 +132,20 @@ pub async fn start_with_auth(
                 .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
                 .http2_keepalive_timeout(Some(std::time::Duration::from_secs(5)))
                 .add_service(grpc::server(c, auth));
-            match tls {
-                Some(tls) => {
-                    router
-                        .serve_with_incoming_shutdown(
-                            tls::incoming(grpc_listener, tls),
-                            cancel.cancelled_owned(),
-                        )
-                        .await?;
-                }
-                None => {
-                    router
-                        .serve_with_incoming_shutdown(
-                            TcpListenerStream::new(grpc_listener),
-                            cancel.cancelled_owned(),
-                        )
-                        .await?;
-                }
+            if let Some(tls) = tls {
+                router
+                    .serve_with_incoming_shutdown(
+                        tls::incoming(grpc_listener, tls),
+                        cancel.cancelled_owned(),
+                    )
+                    .await?;
+            } else {
+                // TCP_NODELAY as on the TLS path: without it, small
+                // replies wait on Nagle and delayed ACKs (tens of ms).
+                let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+                router
+                    .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+                    .await?;
             }
             Ok(())
         }
