@@ -82,7 +82,7 @@ if [[ "$(id -u)" == 0 ]] && command -v iptables >/dev/null && command -v sqlite3
 else
   skipped+=("chaos suite (needs root, iptables, sqlite3 and network namespaces): sudo hack/chaos.sh")
 fi
-not_run+=("chaos tests that fail until gaps outside the suite are fixed (controller memory back to its baseline after an agent churn; a log line for a registration refused on a full disk): sudo hack/chaos.sh --known-failures (docs/chaos.md)")
+not_run+=("the chaos test that fails until a gap outside the suite is fixed (controller memory back to its baseline after an agent churn): sudo hack/chaos.sh --known-failures (docs/chaos.md)")
 
 step "fleet simulator smoke run: 50 nodes, 3 windows against a real controller"
 target/debug/pingmesh-fleet-sim --endpoints 400 --window-ms 1000 --windows 3 --check

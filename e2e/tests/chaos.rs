@@ -941,7 +941,6 @@ fn sqlite_registry_disk_full_is_a_clear_error_without_corruption_and_recovers() 
 }
 
 #[test]
-#[ignore = "fails: a registration refused because the registry's disk is full is counted (registry_errors, registrations{result=error}) and answered Unavailable, but the controller writes no log line at info level or above (register error path in operator/src/mesh/controller.rs, refusal in grpc.rs logs nothing). Run: sudo PINGMESH_E2E_CHAOS=1 cargo test -p pingmesh-e2e --test chaos -- --ignored disk_full_registration_failure_is_logged"]
 fn disk_full_registration_failure_is_logged() {
     if !gate(true) {
         return;

@@ -72,12 +72,18 @@ impl GrpcService {
         })
     }
 
-    fn refuse(&self, rpc: &'static str, e: &MeshError) -> Status {
+    fn refuse(&self, rpc: &'static str, node: &str, e: &MeshError) -> Status {
         self.controller
             .metrics
             .rejected_requests
             .with_label_values(&[rpc, e.category()])
             .inc();
+        // The caller's mistakes are counted only; a registry that cannot
+        // write (disk full, rqlite without a leader) is the operator's to fix,
+        // so it is also logged with what was lost.
+        if let MeshError::Registry(_) = e {
+            tracing::warn!(rpc, node, error = %e, "request refused: the registry failed");
+        }
         match e {
             MeshError::InvalidRequest(m) => Status::invalid_argument(m.clone()),
             MeshError::UnknownNode(_) => Status::not_found(e.to_string()),
@@ -93,6 +99,7 @@ impl GrpcService {
         } else {
             Err(self.refuse(
                 rpc,
+                node,
                 &MeshError::InvalidRequest(format!("node name {node:?} is not a valid identifier")),
             ))
         }
@@ -114,7 +121,7 @@ impl MeshService for GrpcService {
             .controller
             .register(&r.node, &r.agent_version, &r.endpoints)
             .await
-            .map_err(|e| self.refuse("register", &e))?;
+            .map_err(|e| self.refuse("register", &r.node, &e))?;
         Ok(Response::new(RegisterResponse {
             session,
             endpoints: endpoints
@@ -137,7 +144,7 @@ impl MeshService for GrpcService {
         self.controller
             .check_session(&r.node, r.session)
             .await
-            .map_err(|e| self.refuse("watch_pinglist", &e))?;
+            .map_err(|e| self.refuse("watch_pinglist", &r.node, &e))?;
         let controller = self.controller.clone();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
@@ -191,11 +198,11 @@ impl MeshService for GrpcService {
         self.controller
             .check_session(&r.node, r.session)
             .await
-            .map_err(|e| self.refuse("report_windows", &e))?;
+            .map_err(|e| self.refuse("report_windows", &r.node, &e))?;
         let outcome = self
             .controller
             .report(&r.node, r.windows)
-            .map_err(|e| self.refuse("report_windows", &e))?;
+            .map_err(|e| self.refuse("report_windows", &r.node, &e))?;
         Ok(Response::new(ReportWindowsResponse {
             accepted: outcome.accepted,
             duplicates: outcome.duplicates,
@@ -215,7 +222,7 @@ impl MeshService for GrpcService {
             .controller
             .exchange_traces(&r.node, r.session, r.results)
             .await
-            .map_err(|e| self.refuse("exchange_traces", &e))?;
+            .map_err(|e| self.refuse("exchange_traces", &r.node, &e))?;
         Ok(Response::new(ExchangeTracesResponse {
             requests,
             next_exchange_ms,
@@ -234,11 +241,11 @@ impl MeshService for GrpcService {
         self.controller
             .check_session(&r.node, r.session)
             .await
-            .map_err(|e| self.refuse(RPC, &e))?;
+            .map_err(|e| self.refuse(RPC, &r.node, &e))?;
         let outcome = self
             .controller
             .report_service_flows(&r.node, r.session, &r.flows, r.dropped)
-            .map_err(|e| self.refuse(RPC, &e))?;
+            .map_err(|e| self.refuse(RPC, &r.node, &e))?;
         Ok(Response::new(ReportServiceFlowsResponse {
             accepted: outcome.accepted,
             rejected: outcome.rejected,
