@@ -32,7 +32,7 @@ pinglist:
   torMeshRatePps: $per_target
   interTorSampleTors: 0
 YAML
-$bin/pingmesh-operator standalone --config "$work/mesh.yaml" --registry "sqlite://$work/reg.db" \
+"$bin"/pingmesh-operator standalone --config "$work/mesh.yaml" --registry "sqlite://$work/reg.db" \
   --grpc-addr 127.0.0.1:19400 --http-addr 127.0.0.1:19401 --log-level warn &
 pids+=($!)
 sleep 1
@@ -69,7 +69,9 @@ if [[ ${CALLGRIND:-0} == 1 ]]; then
   callgrind_control -d "$agent" >/dev/null
   callgrind_control -i off "$agent" >/dev/null
   sleep 1
-  instructions=$(ls -t /tmp/callgrind.out.bench.* | head -1 | xargs awk '/^summary:/ { print $2 }')
+  # The newest dump of this run's agent (callgrind_control -d writes a new file each time).
+  newest=$(find /tmp -maxdepth 1 -name 'callgrind.out.bench.*' -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
+  instructions=$(awk '/^summary:/ { print $2 }' "$newest")
   awk -v i="$instructions" -v s0="$s0" -v s1="$s1" -v t0="$t0" -v t1="$t1" 'BEGIN {
     printf "| probes done/s (under callgrind) | user instructions per probe |\n|---|---|\n"
     printf "| %.0f | %.0f |\n", (s1 - s0) / (t1 - t0), i / (s1 - s0)
