@@ -941,6 +941,7 @@ fn sqlite_registry_disk_full_is_a_clear_error_without_corruption_and_recovers() 
 }
 
 #[test]
+#[ignore = "chaos suite, needs root (mount): PINGMESH_E2E_CHAOS=1 (hack/chaos.sh)"]
 fn disk_full_registration_failure_is_logged() {
     if !gate(true) {
         return;
