@@ -315,6 +315,88 @@ pub struct Operator {
 /// Deployment as the API server stores it (the downward API filled in as a
 /// kubelet would: `POD_NAME` = `name`, `POD_IP` = 127.0.0.1), on free
 /// loopback ports, a SQLite registry in `dir`, and `kubeconfig`.
+/// The pod's Secret volumes written out as the kubelet would mount them:
+/// (mount path in the pod, folder here) for each, from the Secrets the
+/// chart created in the API server.
+fn mount_secret_volumes(
+    api: &ApiServer,
+    root: &Path,
+    deployment: &Value,
+) -> Vec<(String, PathBuf)> {
+    let pod = &deployment["spec"]["template"]["spec"];
+    let mut mounted = Vec::new();
+    for mount in pod["containers"][0]["volumeMounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let volume_name = mount["name"].as_str().expect("volumeMount name");
+        let Some(secret_name) = pod["volumes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"].as_str() == Some(volume_name))
+            .and_then(|v| v["secret"]["secretName"].as_str())
+        else {
+            continue;
+        };
+        let secret = api
+            .get(&["secret", "-n", NAMESPACE, secret_name])
+            .unwrap_or_else(|| panic!("Secret {secret_name} of volume {volume_name}"));
+        let folder = root.join(volume_name);
+        std::fs::create_dir_all(&folder).expect("volume folder");
+        for (key, encoded) in secret["data"].as_object().into_iter().flatten() {
+            let bytes = base64_decode(encoded.as_str().expect("secret data is a string"));
+            std::fs::write(folder.join(key), bytes).expect("secret file");
+        }
+        let path = mount["mountPath"].as_str().expect("mountPath").to_owned();
+        mounted.push((path, folder));
+    }
+    mounted
+}
+
+/// `value` with a pod mount path replaced by where that volume lies here.
+fn local_path(mounts: &[(String, PathBuf)], value: &str) -> String {
+    for (in_pod, here) in mounts {
+        if let Some(rest) = value.strip_prefix(in_pod.as_str())
+            && (rest.is_empty() || rest.starts_with('/'))
+        {
+            return format!("{}{rest}", here.display());
+        }
+    }
+    value.to_owned()
+}
+
+/// Secret data as the API server returns it (standard base64), through
+/// coreutils' `base64 -d`.
+fn base64_decode(encoded: &str) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut child = Command::new("base64")
+        .arg("-d")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("base64 (coreutils)");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(encoded.as_bytes())
+        .expect("write to base64");
+    let out = child.wait_with_output().expect("base64 -d");
+    assert!(out.status.success(), "base64 -d refused the Secret's data");
+    out.stdout
+}
+
+/// Chart values for tests whose agents and API clients run outside any pod
+/// and so have no projected token: plain text on the agent port (loopback
+/// here), no agent or API authentication.
+pub const AGENTS_OUTSIDE_PODS: &[&str] = &[
+    "operator.grpcTls.mode=disabled",
+    "operator.agentAuth.enabled=false",
+    "operator.apiAuth.enabled=false",
+];
+
 pub fn start_operator(
     api: &ApiServer,
     dir: &Path,
@@ -342,6 +424,7 @@ pub fn start_operator(
     if let Some(i) = args.iter().position(|a| a == "--registry") {
         args[i + 1] = format!("sqlite://{}", dir.join(format!("{name}.db")).display());
     }
+    let mounts = mount_secret_volumes(api, &dir.join(format!("{name}-volumes")), &deployment);
     let mut command = Command::new(binary("pingmesh-operator"));
     command.args(&args).env_clear();
     for keep in ["PATH", "HOME", "TMPDIR"] {
@@ -355,7 +438,7 @@ pub fn start_operator(
             env["value"].as_str(),
             env["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
         ) {
-            (Some(v), _) => v.to_owned(),
+            (Some(v), _) => local_path(&mounts, v),
             (None, Some("metadata.name")) => name.to_owned(),
             (None, Some("metadata.namespace")) => NAMESPACE.to_owned(),
             (None, Some("status.podIP")) => "127.0.0.1".to_owned(),

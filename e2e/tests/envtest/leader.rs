@@ -8,7 +8,8 @@
 use std::time::{Duration, Instant, SystemTime};
 
 use crate::cluster::{
-    ApiServer, NAMESPACE, OPERATOR_SA, Operator, eventually, parse_time, serial, start_operator,
+    AGENTS_OUTSIDE_PODS, ApiServer, NAMESPACE, OPERATOR_SA, Operator, eventually, parse_time,
+    serial, start_operator,
 };
 use crate::common::{get_json, start_agent_with};
 use crate::proxy::Proxy;
@@ -22,6 +23,10 @@ fn install(api: &ApiServer) {
         &format!("operator.leaderElection.leaseDurationSeconds={LEASE_S}"),
         &format!("operator.leaderElection.renewDeadlineSeconds={RENEW_S}"),
         &format!("operator.leaderElection.retryPeriodSeconds={RETRY_S}"),
+        // Agents run outside pods here (see AGENTS_OUTSIDE_PODS).
+        AGENTS_OUTSIDE_PODS[0],
+        AGENTS_OUTSIDE_PODS[1],
+        AGENTS_OUTSIDE_PODS[2],
     ]);
 }
 

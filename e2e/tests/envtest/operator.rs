@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::cluster::{
-    ApiServer, NAMESPACE, OPERATOR_SA, Operator, eventually, ok, serial, start_operator, warnings,
+    AGENTS_OUTSIDE_PODS, ApiServer, NAMESPACE, OPERATOR_SA, Operator, eventually, ok, serial,
+    start_operator, warnings,
 };
 use crate::common::{Agent, get_json, start_agent_with};
 
@@ -136,8 +137,12 @@ fn the_operator_under_the_charts_rbac_turns_ready_reconciles_and_reports_a_fault
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    // helm install with default values; the CRD comes with it.
-    api.install_chart(&[]);
+    // helm install with default values except agent and API security: this
+    // harness runs agents and reads the JSON API from outside any pod, with
+    // no projected token to present (docs/security.md; the TLS and token
+    // checks are tested in operator/tests/tls.rs and identity.rs). The CRD
+    // comes with it.
+    api.install_chart(AGENTS_OUTSIDE_PODS);
     for (node, tor) in [
         ("node-1", "tor-a"),
         ("node-2", "tor-a"),
