@@ -369,7 +369,7 @@ fn local_path(mounts: &[(String, PathBuf)], value: &str) -> String {
 
 /// Secret data as the API server returns it (standard base64), through
 /// coreutils' `base64 -d`.
-fn base64_decode(encoded: &str) -> Vec<u8> {
+pub fn base64_decode(encoded: &str) -> Vec<u8> {
     use std::io::Write as _;
     let mut child = Command::new("base64")
         .arg("-d")
@@ -503,12 +503,20 @@ impl Operator {
 
 /// Plain HTTP GET on a loopback address: status code and body.
 pub fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    http_get_as(addr, path, None)
+}
+
+/// [`http_get`] with `Authorization: Bearer <token>` when a token is given.
+pub fn http_get_as(addr: SocketAddr, path: &str, token: Option<&str>) -> Option<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    let authorization = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     write!(
         s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\n{authorization}Connection: close\r\n\r\n"
     )
     .ok()?;
     let mut raw = Vec::new();

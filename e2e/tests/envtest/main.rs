@@ -20,6 +20,7 @@ mod common;
 
 mod cluster;
 mod crd;
+mod identity;
 mod leader;
 mod operator;
 mod proxy;

@@ -21,7 +21,7 @@ const CONDITION: &str = "RdmaNetworkHealthy";
 /// The policy source: 1 s windows and rates that make a stopped agent's
 /// paths fail at once; an RTT budget a debug build on a busy machine meets.
 /// `traffic_class` is an agent setting that goes through the `ConfigMap`.
-fn test_mesh(traffic_class: u8) -> String {
+pub fn test_mesh(traffic_class: u8) -> String {
     format!(
         "apiVersion: pingmesh.io/v1alpha1
 kind: PingMesh
@@ -140,8 +140,8 @@ fn the_operator_under_the_charts_rbac_turns_ready_reconciles_and_reports_a_fault
     // helm install with default values except agent and API security: this
     // harness runs agents and reads the JSON API from outside any pod, with
     // no projected token to present (docs/security.md; the TLS and token
-    // checks are tested in operator/tests/tls.rs and identity.rs). The CRD
-    // comes with it.
+    // checks are tested in operator/tests/tls.rs and identity.rs, and
+    // against this API server in identity.rs here). The CRD comes with it.
     api.install_chart(AGENTS_OUTSIDE_PODS);
     for (node, tor) in [
         ("node-1", "tor-a"),
