@@ -7,6 +7,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Probe keys are secrets: their Debug (probe_auth.rs) prints the id only,
+        // so a logged pinglist never carries them.
+        .skip_debug(["pingmesh.v1.ProbeKey"])
         .compile_fds(descriptors)?;
     Ok(())
 }

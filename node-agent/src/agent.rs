@@ -19,6 +19,7 @@ use crate::control::{Identity, run_control};
 use crate::endpoints::EndpointSet;
 use crate::metrics::{AgentMetrics, MetricsError};
 use crate::pathtrace::{FlowTuples, PathTraceMetrics, TraceSettings, run_path_traces};
+use crate::probe::auth::ProbeKeyRing;
 use crate::probe::flows::{UdpFlowSources, UdpFlows};
 use crate::probe::prober::{ProberConfig, run_prober};
 use crate::probe::responder::{ResponderObserver, run_responder};
@@ -105,6 +106,9 @@ struct Wiring {
     pinglists: watch::Receiver<Option<Arc<Pinglist>>>,
     summaries: mpsc::Sender<Vec<WindowSummary>>,
     endpoints: EndpointSet,
+    /// Probe keys: every prober installs those of each pinglist, every
+    /// responder signs and verifies with them.
+    probe_keys: Arc<ProbeKeyRing>,
     cancel: CancellationToken,
 }
 
@@ -142,6 +146,7 @@ pub async fn start(
         pinglists: pinglist_rx,
         summaries: summary_tx,
         endpoints: EndpointSet::new(),
+        probe_keys: ProbeKeyRing::off(),
         cancel: cancel.clone(),
     };
 
@@ -275,14 +280,16 @@ async fn start_udp(
     };
     let observer = wiring.observer.clone();
     let responder_cancel = wiring.cancel.clone();
+    let responder_keys = wiring.probe_keys.clone();
     spawn_essential(tasks, &wiring.cancel, "UDP responder", async move {
-        run_responder(responder_socket, observer, responder_cancel)
+        run_responder(responder_socket, observer, responder_keys, responder_cancel)
             .await
             .map_err(AgentError::from)
     });
 
     let prober = ProberConfig {
         emulated: config.emulated_fabric.clone(),
+        probe_keys: wiring.probe_keys.clone(),
         ..ProberConfig::new(&endpoint.id, config.max_pending)
     };
     let flows = UdpFlows::new(advertised.ip(), config.timestamps.into(), config.max_flows);
@@ -341,6 +348,7 @@ fn start_rdma(
         pinglists: wiring.pinglists.clone(),
         summaries: wiring.summaries.clone(),
         endpoints: wiring.endpoints.clone(),
+        probe_keys: wiring.probe_keys.clone(),
     };
     for device in devices {
         // Registered now, so the first registration names every RNIC that opened.
@@ -593,6 +601,9 @@ impl ResponderObserver for MetricsObserver {
     }
     fn dropped(&self, reason: &'static str) {
         self.0.responder_dropped(reason);
+    }
+    fn auth_failed(&self, reason: &'static str) {
+        self.0.probe_auth_failed("probe", reason);
     }
 }
 

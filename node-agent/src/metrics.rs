@@ -54,6 +54,7 @@ pub struct AgentMetrics {
     invalid: IntCounterVec,
     malformed: IntCounterVec,
     unmatched: IntCounterVec,
+    probe_auth_failures: IntCounterVec,
     probes_not_sent: IntCounterVec,
     responder_answered: IntCounterVec,
     responder_dropped: IntCounterVec,
@@ -146,6 +147,12 @@ impl AgentMetrics {
                 "pingmesh_unmatched_acks_total",
                 "ACKs that matched no pending probe (late after timeout, duplicate, or another prober's).",
                 &["reason"],
+            )?,
+            probe_auth_failures: counter_vec(
+                &registry,
+                "pingmesh_probe_auth_failures_total",
+                "Probes and ACKs dropped because their tag was missing, named an unknown key or was wrong (forged or corrupted), by message kind and reason.",
+                &["kind", "reason"],
             )?,
             probes_not_sent: counter_vec(
                 &registry,
@@ -256,11 +263,19 @@ impl AgentMetrics {
             DecodeError::UnsupportedVersion(0),
             DecodeError::UnknownType(0),
             DecodeError::ReservedBitsSet,
+            DecodeError::AuthFraming,
         ];
         for role in ["prober", "responder"] {
             for e in &decode {
                 self.malformed
                     .with_label_values(&[role, e.category()])
+                    .inc_by(0);
+            }
+        }
+        for kind in ["probe", "ack1", "ack2"] {
+            for reason in ["missing_tag", "unknown_key", "bad_tag"] {
+                self.probe_auth_failures
+                    .with_label_values(&[kind, reason])
                     .inc_by(0);
             }
         }
@@ -374,6 +389,12 @@ impl AgentMetrics {
 
     pub fn malformed(&self, role: &'static str, reason: &'static str) {
         self.malformed.with_label_values(&[role, reason]).inc();
+    }
+
+    pub fn probe_auth_failed(&self, kind: &'static str, reason: &'static str) {
+        self.probe_auth_failures
+            .with_label_values(&[kind, reason])
+            .inc();
     }
 
     pub fn unmatched(&self, reason: &'static str) {

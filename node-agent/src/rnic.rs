@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Backoff;
 use crate::endpoints::EndpointSet;
 use crate::metrics::AgentMetrics;
+use crate::probe::auth::ProbeKeyRing;
 use crate::probe::flows::RdmaFlows;
 use crate::probe::prober::{ProberConfig, run_prober};
 use crate::probe::responder::{ResponderObserver, run_responder};
@@ -43,6 +44,8 @@ pub struct RnicContext {
     pub pinglists: watch::Receiver<Option<Arc<Pinglist>>>,
     pub summaries: mpsc::Sender<Vec<WindowSummary>>,
     pub endpoints: EndpointSet,
+    /// Probe keys, shared by every RNIC's prober and responder.
+    pub probe_keys: Arc<ProbeKeyRing>,
 }
 
 /// How a device's service ended.
@@ -130,6 +133,7 @@ async fn serve_device<D: RdmaDevice>(
     tasks.spawn(run_responder(
         responder,
         ctx.observer.clone(),
+        ctx.probe_keys.clone(),
         child.clone(),
     ));
     let flows = RdmaFlows::new(
@@ -138,6 +142,7 @@ async fn serve_device<D: RdmaDevice>(
     );
     let config = ProberConfig {
         paused: paused.clone(),
+        probe_keys: ctx.probe_keys.clone(),
         ..ProberConfig::new(id, ctx.max_pending)
     };
     let mut pinglists = ctx.pinglists.clone();

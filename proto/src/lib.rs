@@ -6,6 +6,7 @@ pub mod ecmp;
 pub mod ladder;
 pub mod limits;
 pub mod logging;
+pub mod probe_auth;
 pub mod signals;
 pub mod window;
 

@@ -1,5 +1,6 @@
 //! The six-timestamp probe protocol: wire format, timing math, the pending
 //! table, and the prober and responder loops.
+pub mod auth;
 pub mod clock;
 pub mod emulate;
 pub mod flows;

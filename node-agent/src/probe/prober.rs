@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::auth::{self, ProbeKeyRing, seal, verify};
 use super::clock::host_now_ns;
 use super::emulate::EmulatedFabric;
 use super::flows::FlowTransport;
@@ -59,6 +60,9 @@ pub struct ProberConfig {
     pub paused: Arc<AtomicBool>,
     /// Faults to emulate (the local demo); `None` in production.
     pub emulated: Option<Arc<dyn EmulatedFabric>>,
+    /// The probe keys, shared with the endpoint's responder; this prober
+    /// installs the keys each pinglist brings.
+    pub probe_keys: Arc<ProbeKeyRing>,
 }
 
 impl ProberConfig {
@@ -68,6 +72,7 @@ impl ProberConfig {
             max_pending,
             paused: Arc::new(AtomicBool::new(false)),
             emulated: None,
+            probe_keys: ProbeKeyRing::off(),
         }
     }
 }
@@ -104,6 +109,7 @@ struct Shared<P> {
     timeout_ms: AtomicU64,
     metrics: Arc<AgentMetrics>,
     emulated: Option<Arc<dyn EmulatedFabric>>,
+    probe_keys: Arc<ProbeKeyRing>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -178,6 +184,7 @@ pub async fn run_prober<T: FlowTransport>(
         timeout_ms: AtomicU64::new(u64::from(DEFAULT_TIMEOUT_MS)),
         metrics: metrics.clone(),
         emulated: config.emulated.clone(),
+        probe_keys: config.probe_keys.clone(),
     });
     // Stops this prober's own tasks, whatever ends it.
     let local = cancel.child_token();
@@ -205,6 +212,10 @@ pub async fn run_prober<T: FlowTransport>(
                     break; // the control task is gone: the agent is stopping
                 }
                 let Some(list) = pinglists.borrow_and_update().clone() else { continue };
+                // Before any probe of this list goes out, so none leaves unsigned.
+                if let Err(e) = config.probe_keys.update(list.probe_keys.as_ref()) {
+                    tracing::error!(error = %e, "the pinglist's probe keys are unusable; keeping the keys held");
+                }
                 if list.window_ms != window_ms && list.window_ms > 0 {
                     window_ms = list.window_ms;
                     *lock(&shared.aggregator) = WindowAggregator::new(window_ms, MAX_EXACT_SAMPLES);
@@ -426,7 +437,10 @@ async fn send_probe<S: ProbeSocket>(
         shared.metrics.sent_nothing(e.category());
         return;
     }
-    let payload = Message::probe(shared.prober_id, seq).encode();
+    let payload = seal(
+        shared.probe_keys.keys().as_deref(),
+        &Message::probe(shared.prober_id, seq),
+    );
     if let Some(fabric) = &shared.emulated
         && fabric.drops(&target.path.source_endpoint, &target.path.target_endpoint)
     {
@@ -438,7 +452,7 @@ async fn send_probe<S: ProbeSocket>(
         }
         return;
     }
-    match flow_socket.socket.send_to(&payload, peer).await {
+    match flow_socket.socket.send_to(payload.as_bytes(), peer).await {
         Ok(receipt) => {
             lock(&shared.aggregator).on_sent(window, &target.path, flow);
             let early_stamp = receipt
@@ -517,17 +531,9 @@ async fn receive<S: ProbeSocket>(
                     shared.metrics.malformed("prober", "truncated");
                     continue;
                 }
-                let message = match Message::decode(&buf[..len]) {
-                    Ok(m) => m,
-                    Err(e) => {
-                        shared.metrics.malformed("prober", e.category());
-                        continue;
-                    }
-                };
-                if message.prober_id != shared.prober_id {
-                    shared.metrics.unmatched("other_prober");
+                let Some(message) = authentic_ack(&shared, &buf[..len]) else {
                     continue;
-                }
+                };
                 let mut pending = lock(&shared.pending);
                 if let Some(fabric) = &shared.emulated
                     && let Some(ctx) = pending.context(message.seq)
@@ -571,6 +577,31 @@ async fn receive<S: ProbeSocket>(
             Err(unmatched) => shared.metrics.unmatched(unmatched.category()),
         }
     }
+}
+
+/// The message in `bytes` if it decodes, carries a valid tag (when probe
+/// keys are in force) and is meant for this prober; else counts why not.
+fn authentic_ack<P>(shared: &Shared<P>, bytes: &[u8]) -> Option<Message> {
+    let message = match Message::decode(bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            shared.metrics.malformed("prober", e.category());
+            return None;
+        }
+    };
+    // Unauthenticated ACKs never reach the pending table: a forged ACK
+    // cannot complete a probe, which then times out as lost.
+    if let Err(failure) = verify(shared.probe_keys.keys().as_deref(), bytes) {
+        shared
+            .metrics
+            .probe_auth_failed(auth::kind_label(message.kind), failure.category());
+        return None;
+    }
+    if message.prober_id != shared.prober_id {
+        shared.metrics.unmatched("other_prober");
+        return None;
+    }
+    Some(message)
 }
 
 /// Expires probes past their deadline and hands finished windows to the reporter.
@@ -722,6 +753,7 @@ mod tests {
             window_ms: 1_000,
             probe_timeout_ms: 100,
             targets: vec![target(1_000), target(64), target(0), target(u32::MAX)],
+            probe_keys: None,
         };
         let transport = OneSocket(Arc::new(BrokenReceive::default()), false);
         let flows: Vec<u16> = resolve_targets(&list, "n1/e0", &transport, &metrics)
@@ -729,6 +761,161 @@ mod tests {
             .map(|t| t.flows)
             .collect();
         assert_eq!(flows, [64, 64, 1, 64]);
+    }
+
+    mod authentication {
+        use pingmesh_proto::probe_auth::keys_around;
+        use pingmesh_proto::v1::Transport;
+
+        use super::*;
+        use crate::probe::auth::ProbeKeyRing;
+        use crate::probe::flows::UdpFlows;
+        use crate::probe::responder::{ResponderObserver, run_responder};
+        use crate::probe::wire::{AUTHENTICATED_LEN, TAG_LEN};
+        use crate::transport::TimestampMode;
+
+        const MASTER: &[u8] = b"0123456789abcdef0123456789abcdef";
+
+        struct Quiet;
+        impl ResponderObserver for Quiet {
+            fn answered(&self, _: bool) {}
+            fn malformed(&self, _: &'static str) {}
+            fn dropped(&self, _: &'static str) {}
+            fn auth_failed(&self, _: &'static str) {}
+        }
+
+        /// A pinglist probing `target` at 50 pps, with the mesh's keys of epoch 40.
+        fn pinglist_to(target: std::net::SocketAddr) -> Arc<Pinglist> {
+            Arc::new(Pinglist {
+                version: 1,
+                window_ms: 1_000,
+                probe_timeout_ms: 200,
+                targets: vec![PingTarget {
+                    source_endpoint: "n1/udp0".into(),
+                    target: Some(Endpoint {
+                        id: "n2/udp0".into(),
+                        transport: Transport::Udp as i32,
+                        address: target.to_string(),
+                        ..Endpoint::default()
+                    }),
+                    target_node: "n2".into(),
+                    kind: TargetKind::TorMesh as i32,
+                    rate_pps: 50.0,
+                    flows: 1,
+                    source_tor: String::new(),
+                    flow_label: 0,
+                }],
+                probe_keys: Some(keys_around(MASTER, 40)),
+            })
+        }
+
+        /// Runs a prober at `target` until it reports a window with probes
+        /// sent; returns that window and the prober's metrics text.
+        async fn probe_one_window(target: std::net::SocketAddr) -> (WindowSummary, String) {
+            let metrics = Arc::new(AgentMetrics::new("n1", false).unwrap());
+            let (pinglist_tx, pinglists) = watch::channel(None);
+            let (summaries_tx, mut summaries) = mpsc::channel(8);
+            pinglist_tx.send_replace(Some(pinglist_to(target)));
+            let cancel = CancellationToken::new();
+            let prober = tokio::spawn(run_prober(
+                ProberConfig::new("n1/udp0", 1_024),
+                UdpFlows::new([127, 0, 0, 1].into(), TimestampMode::Off, 1),
+                metrics.clone(),
+                pinglists,
+                summaries_tx,
+                cancel.clone(),
+            ));
+            let window = tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let batch = summaries.recv().await.expect("prober gone");
+                    // The first window may have begun before the first probe.
+                    if let Some(w) = batch.into_iter().find(|w| w.sent >= 10) {
+                        return w;
+                    }
+                }
+            })
+            .await
+            .expect("a full window in time");
+            cancel.cancel();
+            prober.await.unwrap().unwrap();
+            let text = String::from_utf8(metrics.encode()).unwrap();
+            (window, text)
+        }
+
+        /// The value of the auth-failure series of `kind` and `reason`.
+        fn auth_failures(text: &str, kind: &str, reason: &str) -> u64 {
+            let (kind, reason) = (format!("kind=\"{kind}\""), format!("reason=\"{reason}\""));
+            text.lines()
+                .filter(|l| l.starts_with("pingmesh_probe_auth_failures_total{"))
+                .filter(|l| l.contains(&kind) && l.contains(&reason))
+                .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+                .unwrap_or(0)
+        }
+
+        #[tokio::test]
+        async fn forged_acks_do_not_complete_probes_and_are_counted() {
+            // The forger sees every probe (it is the target) and answers with
+            // the right prober id and seq: ACK1 plain, ACK2 with a made-up tag
+            // under a key id the prober holds.
+            let forger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let target = forger.local_addr().unwrap();
+            let forging = tokio::spawn(async move {
+                let mut buf = [0u8; 128];
+                loop {
+                    let Ok((len, from)) = forger.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    let Ok(probe) = Message::decode(&buf[..len]) else {
+                        continue;
+                    };
+                    assert_eq!(len, AUTHENTICATED_LEN, "probes go out signed");
+                    let key_id = buf[7];
+                    let ack1 = Message::ack1(&probe).encode();
+                    let ack2 = Message::ack2(&probe, 1_000, 2_000, true)
+                        .encode_authenticated(key_id, |_| [0x5A; TAG_LEN]);
+                    let _ = forger.send_to(&ack1, from).await;
+                    let _ = forger.send_to(&ack2, from).await;
+                }
+            });
+            let (window, text) = probe_one_window(target).await;
+            forging.abort();
+            assert_eq!(window.ok, 0, "a forged ACK completed a probe: {window:?}");
+            assert_eq!(window.lost, window.sent);
+            let missing = auth_failures(&text, "ack1", "missing_tag");
+            let bad = auth_failures(&text, "ack2", "bad_tag");
+            assert!(
+                missing >= 10 && bad >= 10,
+                "ack1 missing_tag {missing}, ack2 bad_tag {bad}"
+            );
+        }
+
+        #[tokio::test]
+        async fn a_responder_with_the_meshs_keys_completes_every_probe() {
+            let ring = ProbeKeyRing::off();
+            ring.update(Some(&keys_around(MASTER, 41))).unwrap();
+            let socket = Arc::new(
+                crate::transport::udp::UdpProbeSocket::bind(
+                    ([127, 0, 0, 1], 0).into(),
+                    TimestampMode::Off,
+                )
+                .unwrap(),
+            );
+            let target = socket.local_addr();
+            let cancel = CancellationToken::new();
+            // An epoch ahead of the prober: it signs with a key the prober
+            // holds as "next", as a peer whose pinglist came first would.
+            let responder =
+                tokio::spawn(run_responder(socket, Arc::new(Quiet), ring, cancel.clone()));
+            let (window, text) = probe_one_window(target).await;
+            cancel.cancel();
+            responder.await.unwrap().unwrap();
+            assert_eq!((window.ok, window.lost), (window.sent, 0), "{window:?}");
+            for kind in ["ack1", "ack2"] {
+                for reason in ["missing_tag", "unknown_key", "bad_tag"] {
+                    assert_eq!(auth_failures(&text, kind, reason), 0, "{kind} {reason}");
+                }
+            }
+        }
     }
 
     #[tokio::test]
@@ -751,6 +938,7 @@ mod tests {
                 source_tor: String::new(),
                 flow_label: 0,
             }],
+            probe_keys: None,
         })));
         let cancel = CancellationToken::new();
         let ended = tokio::time::timeout(

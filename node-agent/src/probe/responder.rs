@@ -17,8 +17,9 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::probe::auth::{ProbeKeyRing, seal, verify};
 use crate::probe::prober::{MAX_RECEIVE_FAILURES, RECEIVE_RETRY};
-use crate::probe::wire::{DecodeError, MESSAGE_LEN, Message, MessageType};
+use crate::probe::wire::{AUTHENTICATED_LEN, DecodeError, Message, MessageType};
 use crate::transport::TransportError;
 use crate::transport::socket::{ProbeEvent, ProbeSocket};
 
@@ -29,7 +30,7 @@ pub const TX_TIMESTAMP_WAIT: Duration = Duration::from_millis(20);
 pub const MAX_PENDING_ACK2: usize = 4096;
 
 /// Room for any valid message plus enough to tell "too long" from "cut".
-const RECEIVE_BUFFER_LEN: usize = MESSAGE_LEN + 24;
+const RECEIVE_BUFFER_LEN: usize = AUTHENTICATED_LEN + 24;
 
 /// Counts what the responder did; implementations feed metrics.
 pub trait ResponderObserver: Send + Sync {
@@ -38,6 +39,9 @@ pub trait ResponderObserver: Send + Sync {
     /// A datagram was not a probe: a [`DecodeError::category`], or
     /// `"not_a_probe"` for a well-formed message of another type.
     fn malformed(&self, reason: &'static str);
+    /// A well-formed probe was dropped for its tag (probe keys are in
+    /// force): an [`crate::probe::auth::AuthFailure::category`].
+    fn auth_failed(&self, reason: &'static str);
     /// Something was let go:
     /// - `"ack1_send_failed"`, `"ack2_send_failed"`: that probe got no full answer;
     /// - `"tx_timestamp_timeout"`, `"pending_ack2_overflow"`,
@@ -51,18 +55,21 @@ pub trait ResponderObserver: Send + Sync {
     fn dropped(&self, reason: &'static str);
 }
 
-/// Answers probes on `socket` until `cancel` fires (then returns `Ok`). Only a
+/// Answers probes on `socket` until `cancel` fires (then returns `Ok`); with
+/// probe keys in `probe_keys`, only authenticated probes, with signed ACKs. Only a
 /// persistent failure to receive ([`MAX_RECEIVE_FAILURES`] in a row, as the
 /// prober) ends it early, with the error; a transient one, bad input and
 /// failed sends are counted and skipped.
 pub async fn run_responder<S: ProbeSocket>(
     socket: Arc<S>,
     observer: Arc<dyn ResponderObserver>,
+    probe_keys: Arc<ProbeKeyRing>,
     cancel: CancellationToken,
 ) -> Result<(), TransportError> {
     let mut responder = Responder {
         socket: Arc::clone(&socket),
         observer,
+        probe_keys,
         pending: PendingAck2s::default(),
     };
     let mut buf = [0u8; RECEIVE_BUFFER_LEN];
@@ -115,6 +122,7 @@ pub async fn run_responder<S: ProbeSocket>(
 struct Responder<S: ProbeSocket> {
     socket: Arc<S>,
     observer: Arc<dyn ResponderObserver>,
+    probe_keys: Arc<ProbeKeyRing>,
     pending: PendingAck2s<S::Peer>,
 }
 
@@ -141,7 +149,11 @@ impl<S: ProbeSocket> Responder<S> {
                 }
                 match Message::decode(&buf[..len]) {
                     Ok(probe) if probe.kind == MessageType::Probe => {
-                        self.answer(probe, from, host_ns, kernel_ns).await;
+                        // A forged probe gets no answer: counted and dropped.
+                        match verify(self.probe_keys.keys().as_deref(), &buf[..len]) {
+                            Ok(()) => self.answer(probe, from, host_ns, kernel_ns).await,
+                            Err(failure) => self.observer.auth_failed(failure.category()),
+                        }
                     }
                     Ok(_) => self.observer.malformed("not_a_probe"),
                     Err(error) => self.observer.malformed(error.category()),
@@ -183,11 +195,8 @@ impl<S: ProbeSocket> Responder<S> {
         t3_host_ns: u64,
         t3_kernel_ns: Option<u64>,
     ) {
-        let receipt = match self
-            .socket
-            .send_to(&Message::ack1(&probe).encode(), peer)
-            .await
-        {
+        let ack1 = seal(self.probe_keys.keys().as_deref(), &Message::ack1(&probe));
+        let receipt = match self.socket.send_to(ack1.as_bytes(), peer).await {
             Ok(receipt) => receipt,
             Err(error) => {
                 tracing::debug!(?peer, %error, "ACK1 send failed");
@@ -242,10 +251,13 @@ impl<S: ProbeSocket> Responder<S> {
         t4_ns: u64,
         software_timed: bool,
     ) {
-        let ack2 = Message::ack2(probe, t3_ns, t4_ns, software_timed).encode();
+        let ack2 = seal(
+            self.probe_keys.keys().as_deref(),
+            &Message::ack2(probe, t3_ns, t4_ns, software_timed),
+        );
         // No one reads ACK2's own TX stamp: not asking for it saves an
         // error-queue entry, a wake-up and a read per probe answered.
-        match self.socket.send_unstamped(&ack2, peer).await {
+        match self.socket.send_unstamped(ack2.as_bytes(), peer).await {
             Ok(_) => self.observer.answered(software_timed),
             Err(error) => {
                 tracing::debug!(?peer, %error, "ACK2 send failed");
@@ -361,6 +373,7 @@ mod tests {
     use std::net::SocketAddr;
 
     use super::*;
+    use crate::probe::wire::MESSAGE_LEN;
     use crate::transport::TimestampMode;
     use crate::transport::udp::{SocketEvent, UdpProbeSocket};
 
@@ -372,6 +385,7 @@ mod tests {
         answered_software: usize,
         malformed: BTreeMap<&'static str, usize>,
         dropped: BTreeMap<&'static str, usize>,
+        auth_failed: BTreeMap<&'static str, usize>,
     }
 
     #[derive(Debug, Default)]
@@ -398,6 +412,9 @@ mod tests {
         fn dropped(&self, reason: &'static str) {
             *self.counts().dropped.entry(reason).or_default() += 1;
         }
+        fn auth_failed(&self, reason: &'static str) {
+            *self.counts().auth_failed.entry(reason).or_default() += 1;
+        }
     }
 
     struct Running {
@@ -408,12 +425,17 @@ mod tests {
     }
 
     fn start(mode: TimestampMode) -> Running {
+        start_with_keys(mode, ProbeKeyRing::off())
+    }
+
+    fn start_with_keys(mode: TimestampMode, probe_keys: Arc<ProbeKeyRing>) -> Running {
         let socket = Arc::new(UdpProbeSocket::bind(([127, 0, 0, 1], 0).into(), mode).unwrap());
         let observer = Arc::new(CountingObserver::default());
         let cancel = CancellationToken::new();
         let task = tokio::spawn(run_responder(
             Arc::clone(&socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            probe_keys,
             cancel.clone(),
         ));
         Running {
@@ -451,6 +473,44 @@ mod tests {
             panic!("expected a datagram, got {event:?}")
         };
         Message::decode(&buf[..len]).unwrap()
+    }
+
+    #[tokio::test]
+    async fn with_keys_only_authentic_probes_are_answered_and_the_acks_are_signed() {
+        use pingmesh_proto::probe_auth::{key_id, keys_around};
+        let ring = ProbeKeyRing::off();
+        ring.update(Some(&keys_around(b"0123456789abcdef0123456789abcdef", 3)))
+            .unwrap();
+        let keys = ring.keys().unwrap();
+        let running = start_with_keys(TimestampMode::Off, ring);
+        let prober = prober();
+        // Unsigned, then signed with the right key id but a made-up tag.
+        let unsigned = Message::probe(5, 1).encode();
+        let forged = Message::probe(5, 2).encode_authenticated(key_id(3), |_| [7; 16]);
+        let signed = seal(Some(&keys), &Message::probe(5, 3));
+        for datagram in [&unsigned[..], &forged[..], signed.as_bytes()] {
+            prober.send_to(datagram, running.addr).await.unwrap();
+        }
+        // Loopback keeps order: the first answers are the signed probe's.
+        for kind in [MessageType::Ack1, MessageType::Ack2] {
+            let mut buf = [0u8; 128];
+            let event = tokio::time::timeout(GUARD, prober.next_event(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            let SocketEvent::Datagram { len, .. } = event else {
+                panic!("expected a datagram, got {event:?}")
+            };
+            assert_eq!(len, AUTHENTICATED_LEN);
+            assert_eq!(verify(Some(&keys), &buf[..len]), Ok(()));
+            let ack = Message::decode(&buf[..len]).unwrap();
+            assert_eq!((ack.kind, ack.seq), (kind, 3));
+        }
+        let counts = running.stop().await;
+        let counts = counts.counts();
+        assert_eq!(counts.auth_failed.get("missing_tag"), Some(&1));
+        assert_eq!(counts.auth_failed.get("bad_tag"), Some(&1));
+        assert_eq!(counts.answered_software, 1);
     }
 
     /// Sends `probe` and returns (ACK1, ACK2), checking both answer this probe.
@@ -578,6 +638,7 @@ mod tests {
         let task = tokio::spawn(run_responder(
             Arc::clone(&socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            ProbeKeyRing::off(),
             cancel.clone(),
         ));
         let (ack1, ack2) = (next_message(&prober).await, next_message(&prober).await);
@@ -644,6 +705,7 @@ mod tests {
         let responder = Responder {
             socket: Arc::new(socket),
             observer: Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            probe_keys: ProbeKeyRing::off(),
             pending: PendingAck2s::default(),
         };
         (responder, observer, prober())
@@ -873,6 +935,7 @@ mod tests {
         let task = tokio::spawn(run_responder(
             Arc::clone(socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            ProbeKeyRing::off(),
             CancellationToken::new(),
         ));
         (observer, task)

@@ -22,6 +22,7 @@ impl ResponderObserver for NullObserver {
     fn answered(&self, _software_timed: bool) {}
     fn malformed(&self, _reason: &'static str) {}
     fn dropped(&self, _reason: &'static str) {}
+    fn auth_failed(&self, _reason: &'static str) {}
 }
 
 struct Harness {
@@ -43,6 +44,7 @@ fn harness() -> Harness {
             pinglists,
             summaries: summary_tx,
             endpoints: EndpointSet::new(),
+            probe_keys: crate::probe::auth::ProbeKeyRing::off(),
         },
         pinglist_tx,
         summaries,
@@ -69,6 +71,7 @@ fn self_probe(endpoint: &Endpoint, version: u64) -> Arc<Pinglist> {
             source_tor: "tor-a".into(),
             flow_label: 0,
         }],
+        probe_keys: None,
     })
 }
 
@@ -173,6 +176,33 @@ async fn an_rnic_probes_its_own_responder_with_nic_timestamps() {
         h.ctx.endpoints.current().is_empty(),
         "stopped endpoint leaves"
     );
+}
+
+#[tokio::test]
+async fn with_probe_keys_the_rnic_signs_and_verifies_56_byte_messages() {
+    let mut h = harness();
+    let (device, _events) = LoopbackDevice::open(spec(), [0x100, 0x200], true).unwrap();
+    let (cancel, task) = start(&h, device);
+    let endpoint = wait_for_endpoint(&h.ctx.endpoints, 0x200).await;
+    let mut list = Arc::unwrap_or_clone(self_probe(&endpoint, 1));
+    list.probe_keys = Some(pingmesh_proto::probe_auth::keys_around(
+        b"0123456789abcdef0123456789abcdef",
+        9,
+    ));
+    h.pinglist_tx.send_replace(Some(Arc::new(list)));
+    let window = answered_window(&mut h.summaries).await;
+    assert_eq!(window.invalid, 0, "{window:?}");
+    assert!(
+        h.ctx.probe_keys.keys().is_some(),
+        "the prober installed the keys"
+    );
+    let text = String::from_utf8(h.ctx.metrics.encode()).unwrap();
+    let failures: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("pingmesh_probe_auth_failures_total{") && !l.ends_with(" 0"))
+        .collect();
+    assert!(failures.is_empty(), "{failures:?}");
+    stop(cancel, task).await;
 }
 
 #[tokio::test]

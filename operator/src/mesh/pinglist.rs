@@ -497,6 +497,7 @@ impl MeshView {
             window_ms: policy.window_ms,
             probe_timeout_ms: policy.probe_timeout_ms,
             targets: self.pinglist_for(node, policy, rotation_epoch),
+            probe_keys: None,
         }
     }
 

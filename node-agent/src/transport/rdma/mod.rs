@@ -15,7 +15,8 @@
 //! - `stub` (everywhere else): the same public API, every operation answering
 //!   [`RdmaError::Unsupported`].
 //!
-//! The wire message is the same 40-byte message the UDP transport carries.
+//! The wire message is the same 40-byte (56 authenticated) message the UDP
+//! transport carries.
 
 use std::io;
 use std::path::PathBuf;
@@ -61,8 +62,10 @@ pub const QUEUE_DEPTH: u16 = 32;
 /// over IPv4, 20 undefined bytes and the IPv4 header).
 pub const GRH_LEN: usize = 40;
 
-/// Largest payload the transport carries (the probe message is 40 bytes).
+/// Largest payload the transport carries (the probe message is 40 bytes, 56
+/// when authenticated).
 pub const MAX_PAYLOAD: usize = 64;
+const _: () = assert!(crate::probe::wire::AUTHENTICATED_LEN <= MAX_PAYLOAD);
 
 /// Which of an RNIC's two queue pairs an operation is on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
