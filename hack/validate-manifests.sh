@@ -205,6 +205,19 @@ bad_cr() {
   "${VENV}/bin/check-jsonschema" --schemafile "${WORK}/pingmesh-cr.schema.json" "${file}"
 }
 
+# The probe-key master secret: generated and mounted by default, neither when
+# probeAuth is off (docs/security.md, "Probe authentication").
+probe_auth_rendered() {
+  grep -qE '^  master-key: [A-Za-z0-9+/=]{80,}$' "$1" &&
+    grep -q 'value: /etc/pingmesh/probe-auth/master-key' "$1" &&
+    grep -q 'secretName: pingmesh-operator-probe-auth' "$1"
+}
+
+probe_auth_off() {
+  render "${WORK}/probe-auth-off.yaml" --set operator.probeAuth.enabled=false &&
+    ! grep -qE 'master-key|probe-auth' "${WORK}/probe-auth-off.yaml"
+}
+
 shell_scripts() {
   find "${ROOT}/hack" -maxdepth 1 -name '*.sh' -print | sort
 }
@@ -255,6 +268,9 @@ main() {
     ServiceMonitor PodMonitor PrometheusRule StatefulSet PodDisruptionBudget
   check "CRD, PVC and dashboards rendered (default)" has_kinds "${WORK}/default/rendered.yaml" \
     CustomResourceDefinition PersistentVolumeClaim ConfigMap
+  check "probe-auth Secret generated and mounted (default)" probe_auth_rendered "${WORK}/default/rendered.yaml"
+  check "no probe-auth Secret with operator.probeAuth.enabled=false" probe_auth_off
+  check_fails "values: probe key rotation under a minute" render /dev/null --set operator.probeAuth.rotationSeconds=10
   check_fails "values: unknown key" render /dev/null --set operator.replicaCount=2
   check_fails "values: 2 operator replicas on SQLite" render /dev/null --set operator.replicas=2
   check_fails "values: loss SLA above 1" render /dev/null --set monitoring.prometheusRule.maxLossRatio=2

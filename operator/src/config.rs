@@ -59,6 +59,29 @@ pub struct MeshConfig {
     /// without `grpcTls` the gRPC port must be on loopback, so that nothing
     /// unencrypted and unauthenticated is ever reachable by accident.
     pub insecure_plaintext: bool,
+    /// Probe authentication: agents sign probes and ACKs with keys derived
+    /// from this master secret and drop what is not signed (docs/security.md,
+    /// "Probe authentication"). Unset: probes are not authenticated.
+    pub probe_auth: Option<ProbeAuthConfig>,
+}
+
+/// Where the mesh's probe-key master secret is, and how often keys rotate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProbeAuthConfig {
+    /// File holding the master secret (at least 32 bytes; surrounding
+    /// whitespace is ignored). Every replica must read the same secret.
+    pub key_file: PathBuf,
+    /// Key rotation period in seconds (at least 60). Agents hold the previous,
+    /// current and next keys, so clocks may differ by up to one period.
+    #[serde(default = "default_probe_key_rotation_secs")]
+    pub rotation_secs: u64,
+}
+
+pub const DEFAULT_PROBE_KEY_ROTATION_SECS: u64 = 3_600;
+
+fn default_probe_key_rotation_secs() -> u64 {
+    DEFAULT_PROBE_KEY_ROTATION_SECS
 }
 
 /// Certificate files of the gRPC port; re-read when they change, so
@@ -94,6 +117,7 @@ impl Default for MeshConfig {
             traces: TraceSettings::default(),
             grpc_tls: None,
             insecure_plaintext: false,
+            probe_auth: None,
         }
     }
 }
@@ -133,6 +157,17 @@ pub struct MeshArgs {
     /// tests). Plain text is never the default.
     #[arg(long, env = "PINGMESH_INSECURE_PLAINTEXT", num_args = 0..=1, default_missing_value = "true")]
     pub insecure_plaintext: Option<bool>,
+    /// File with the mesh's probe-key master secret: turns probe
+    /// authentication on (docs/security.md).
+    #[arg(long, env = "PINGMESH_PROBE_KEY_FILE")]
+    pub probe_key_file: Option<PathBuf>,
+    /// Probe key rotation period in seconds (with `--probe-key-file`; default 3600).
+    #[arg(
+        long,
+        env = "PINGMESH_PROBE_KEY_ROTATION_SECS",
+        requires = "probe_key_file"
+    )]
+    pub probe_key_rotation_secs: Option<u64>,
 }
 
 impl MeshArgs {
@@ -169,6 +204,16 @@ impl MeshArgs {
         }
         if let Some(insecure) = self.insecure_plaintext {
             config.insecure_plaintext = insecure;
+        }
+        if let Some(key_file) = &self.probe_key_file {
+            let rotation_secs = self.probe_key_rotation_secs.unwrap_or_else(|| {
+                (config.probe_auth.as_ref())
+                    .map_or(DEFAULT_PROBE_KEY_ROTATION_SECS, |p| p.rotation_secs)
+            });
+            config.probe_auth = Some(ProbeAuthConfig {
+                key_file: key_file.clone(),
+                rotation_secs,
+            });
         }
         config.validate()?;
         Ok(config)
@@ -213,6 +258,14 @@ impl MeshConfig {
                 "traces.maxHops must be between 1 and 64".into(),
             ));
         }
+        if let Some(auth) = &self.probe_auth
+            && auth.rotation_secs < 60
+        {
+            return Err(ConfigError::Invalid(format!(
+                "probeAuth.rotationSecs must be at least 60, got {}",
+                auth.rotation_secs
+            )));
+        }
         if self.grpc_tls.is_none() && !self.insecure_plaintext && !self.grpc_addr.ip().is_loopback()
         {
             return Err(ConfigError::Invalid(format!(
@@ -248,6 +301,37 @@ mod tests {
         assert_eq!(config.registry, "rqlite://10.0.0.1:4001");
         assert_eq!(config.pinglist.window_ms, 10_000);
         assert_eq!(config.default_tor, "default");
+    }
+
+    #[test]
+    fn probe_auth_comes_from_the_file_or_the_flag() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mesh.yaml");
+        std::fs::write(
+            &path,
+            "probeAuth:\n  keyFile: /etc/a\n  rotationSecs: 600\n",
+        )
+        .unwrap();
+        let from_file = MeshArgs {
+            config: Some(path.clone()),
+            ..MeshArgs::default()
+        };
+        let auth = from_file.resolve().unwrap().probe_auth.unwrap();
+        assert_eq!((auth.key_file, auth.rotation_secs), ("/etc/a".into(), 600));
+        let flag = MeshArgs {
+            config: Some(path),
+            probe_key_file: Some("/etc/b".into()),
+            ..MeshArgs::default()
+        };
+        let auth = flag.resolve().unwrap().probe_auth.unwrap();
+        assert_eq!((auth.key_file, auth.rotation_secs), ("/etc/b".into(), 600));
+        let only_flag = MeshArgs {
+            probe_key_file: Some("/etc/c".into()),
+            ..MeshArgs::default()
+        };
+        let auth = only_flag.resolve().unwrap().probe_auth.unwrap();
+        assert_eq!(auth.rotation_secs, DEFAULT_PROBE_KEY_ROTATION_SECS);
+        assert_eq!(MeshArgs::default().resolve().unwrap().probe_auth, None);
     }
 
     #[test]

@@ -169,6 +169,19 @@ Fail early on combinations that would run but misbehave.
 {{- if and (eq .Values.operator.grpcTls.mode "secret") (not .Values.operator.grpcTls.existingSecret) }}
 {{- fail "operator.grpcTls.mode=secret needs operator.grpcTls.existingSecret (tls.crt, tls.key, ca.crt)" }}
 {{- end }}
+{{- if and .Values.operator.probeAuth.enabled (lt (int .Values.operator.probeAuth.rotationSeconds) 60) }}
+{{- fail "operator.probeAuth.rotationSeconds must be at least 60" }}
+{{- end }}
+{{- end }}
+
+{{/*
+Secret holding the probe-key master secret (key master-key); empty when probe
+authentication is off.
+*/}}
+{{- define "pingmesh.operator.probeAuthSecret" -}}
+{{- $auth := .Values.operator.probeAuth }}
+{{- if $auth.enabled }}{{ default (printf "%s-probe-auth" (include "pingmesh.operator.fullname" .)) $auth.existingSecret }}
+{{- end }}
 {{- end }}
 
 {{/*

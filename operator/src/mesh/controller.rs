@@ -86,6 +86,9 @@ impl MeshError {
 pub struct Snapshot {
     pub version: u64,
     pub rotation_epoch: u64,
+    /// The probe keys every pinglist carries (`None` without probe
+    /// authentication), derived once per publish, not once per stream.
+    pub probe_keys: Option<v1::ProbeKeys>,
     pub view: Arc<MeshView>,
     /// Each node's service targets (see `mesh::services`).
     pub services: Arc<ServiceTargets>,
@@ -101,6 +104,7 @@ struct State {
     dirty: HashSet<String>,
     version: u64,
     rotation_epoch: u64,
+    key_epoch: u64,
 }
 
 impl State {
@@ -127,6 +131,9 @@ pub struct MeshController {
     tor_resolver: Option<Arc<dyn TorResolver>>,
     state: Mutex<State>,
     snapshot: watch::Sender<Arc<Snapshot>>,
+    /// Derives the probe keys handed out with pinglists; `None`: probes are
+    /// not authenticated (docs/security.md).
+    probe_keys: Option<super::probe_keys::ProbeKeySchedule>,
     /// The view last published; held while publishing, so publishes apply
     /// their changes in the order they took them.
     view: Mutex<Arc<MeshView>>,
@@ -195,15 +202,21 @@ impl MeshController {
         initialize_series(&metrics);
         let service_metrics = ServiceMetrics::new(metrics.registry())
             .map_err(|e| MeshError::InvalidRequest(format!("metrics setup: {e}")))?;
+        let probe_keys = (config.probe_auth.as_ref())
+            .map(super::probe_keys::ProbeKeySchedule::load)
+            .transpose()
+            .map_err(|e| MeshError::InvalidRequest(e.to_string()))?;
         let endpoints = registry.endpoints().await?;
         let state = State {
             endpoints: Arc::new(endpoints.into_iter().map(|e| (e.id.clone(), e)).collect()),
             rotation_epoch: config.pinglist.rotation_epoch(unix_now_ms()),
+            key_epoch: probe_keys.as_ref().map_or(0, |k| k.epoch(unix_now_ms())),
             ..State::default()
         };
         let (snapshot, _) = watch::channel(Arc::new(Snapshot {
             version: 0,
             rotation_epoch: state.rotation_epoch,
+            probe_keys: (probe_keys.as_ref()).map(|k| k.keys(state.key_epoch)),
             view: Arc::default(),
             services: Arc::default(),
         }));
@@ -218,6 +231,7 @@ impl MeshController {
             tor_resolver,
             state: Mutex::new(state),
             snapshot,
+            probe_keys,
             view: Mutex::default(),
             paced: std::sync::atomic::AtomicBool::new(false),
             publish_wanted: tokio::sync::Notify::new(),
@@ -595,6 +609,7 @@ impl MeshController {
                 &mut list.targets,
             );
         }
+        list.probe_keys.clone_from(&snapshot.probe_keys);
         list
     }
 
@@ -674,9 +689,11 @@ impl MeshController {
             .with_label_values(&["connected"])
             .set(i64::try_from(connected).unwrap_or(i64::MAX));
         let services = lock(&self.services).targets();
+        let key_epoch = lock(&self.state).key_epoch;
         self.snapshot.send_replace(Arc::new(Snapshot {
             version,
             rotation_epoch: epoch,
+            probe_keys: (self.probe_keys.as_ref()).map(|k| k.keys(key_epoch)),
             view: Arc::clone(&view),
             services,
         }));
@@ -1036,6 +1053,9 @@ impl MeshController {
             if rotated {
                 self.publish();
             }
+            if self.roll_probe_keys(now) {
+                self.publish();
+            }
             if now.saturating_sub(last_housekeeping) >= 5_000 {
                 last_housekeeping = now;
                 self.housekeeping(now).await;
@@ -1043,6 +1063,16 @@ impl MeshController {
         }
         // Stopped: the last changes go out unpaced.
         let _ = publisher.await;
+    }
+
+    /// Moves to the probe-key epoch of `now`; true when it changed (every
+    /// agent's pinglist then carries the next key set). Public for tests.
+    pub fn roll_probe_keys(&self, now: u64) -> bool {
+        let Some(keys) = &self.probe_keys else {
+            return false;
+        };
+        let epoch = keys.epoch(now);
+        std::mem::replace(&mut lock(&self.state).key_epoch, epoch) != epoch
     }
 
     /// Persists presence of connected agents and expires agents gone too long.

@@ -8,6 +8,7 @@ pub mod identity;
 pub mod localize;
 pub mod metrics;
 pub mod pinglist;
+pub mod probe_keys;
 pub mod registry;
 pub mod server;
 pub mod services;
