@@ -49,13 +49,12 @@ fn median(values: &mut [u64]) -> Option<u64> {
 pub(super) fn slow_hosts(evidence: &PathEvidence<'_>, rules: &HostDelayRules) -> Vec<SlowHost> {
     let nodes = evidence.nodes.len();
     let (mut prober, mut responder) = (vec![Vec::new(); nodes], vec![Vec::new(); nodes]);
-    for row in 0..evidence.rows() {
-        let p = evidence.path(row);
+    for &(row, prober_p99, responder_p99) in evidence.host_delays() {
         let (s, t) = evidence.ends(row);
-        if let Some(d) = p.prober_p99_ns {
+        if let Some(d) = prober_p99 {
             prober[evidence.node_of(s) as usize].push(d);
         }
-        if let Some(d) = p.responder_p99_ns {
+        if let Some(d) = responder_p99 {
             responder[evidence.node_of(t) as usize].push(d);
         }
     }

@@ -530,7 +530,6 @@ fn explained_findings(
     findings: &[Finding],
 ) -> Vec<String> {
     let mut out = Vec::new();
-    let mut crossed = Vec::new();
     let target = evidence.index(component);
     for f in findings {
         let Some((a, b)) = f.location.split_once(" -> ") else {
@@ -539,11 +538,10 @@ fn explained_findings(
         let hit = match f.kind {
             FindingKind::PathLoss | FindingKind::PathLatency => {
                 match (evidence.endpoint_index(a), evidence.endpoint_index(b)) {
-                    (Some(s), Some(t)) => {
-                        crossed.clear();
-                        evidence.components_between(s, t, &mut crossed);
-                        crossed.contains(&target)
-                    }
+                    (Some(s), Some(t)) => evidence
+                        .components_between(s, t)
+                        .as_slice()
+                        .contains(&target),
                     _ => false,
                 }
             }

@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 
-use super::engine::Evidence;
+use super::engine::{Evidence, Tally};
 use crate::mesh::analyzer::{Judgement, PathStats};
 
 /// Which kind of component an index stands for, and which entity.
@@ -62,6 +62,9 @@ pub(super) struct PathEvidence<'a> {
     /// Which window and path each row came from.
     row_path: Vec<(u32, u32)>,
     windows: &'a [&'a [PathStats]],
+    /// (row, prober p99, responder p99) of the rows with host delays, so
+    /// that host-delay checks need not read every path again.
+    host_delays: Vec<(u32, Option<u64>, Option<u64>)>,
     endpoint_index: HashMap<&'a str, u32, foldhash::fast::RandomState>,
     /// Paths by source endpoint and by target endpoint (CSR).
     out_start: Vec<u32>,
@@ -109,15 +112,18 @@ impl<'a> PathEvidence<'a> {
         let total: usize = windows.iter().map(|w| w.len()).sum();
         let mut rows = Vec::with_capacity(total);
         let mut row_path = Vec::with_capacity(total);
+        let mut host_delays = Vec::new();
+        // An endpoint's index and its ToR's.
         let mut intern = |id: &'a str, tor: &'a str| {
             let (e, new) = endpoints.get(id);
             if new {
                 node_of_ep.push(nodes.get(node_of(id).unwrap_or(id)).0);
                 tor_of_ep.push(tors.get(tor).0);
             }
-            e
+            (e, tor_of_ep.get(e as usize).copied().unwrap_or(0))
         };
         let mut last_source: Option<(&str, u32)> = None;
+        let mut targets = RecentTargets::default();
         for (w, i, p) in windows
             .iter()
             .enumerate()
@@ -141,10 +147,20 @@ impl<'a> PathEvidence<'a> {
                 {
                     e
                 }
-                _ => intern(&p.source_endpoint, &p.source_tor),
+                _ => {
+                    let (source, tor) = intern(&p.source_endpoint, &p.source_tor);
+                    targets.next_source(tor);
+                    source
+                }
             };
             last_source = Some((p.source_endpoint.as_str(), source));
-            let target = intern(&p.target_endpoint, &p.target_tor);
+            let target = targets
+                .find(&p.target_endpoint)
+                .unwrap_or_else(|| intern(&p.target_endpoint, &p.target_tor).0);
+            targets.push(&p.target_endpoint, target);
+            if p.prober_p99_ns.is_some() || p.responder_p99_ns.is_some() {
+                host_delays.push((rows.len() as u32, p.prober_p99_ns, p.responder_p99_ns));
+            }
             rows.push(PathRow {
                 source,
                 target,
@@ -161,17 +177,7 @@ impl<'a> PathEvidence<'a> {
             endpoints_of_node[node_of_ep[e] as usize].push(e as u32);
             endpoints_of_tor[tor_of_ep[e] as usize].push(e as u32);
         }
-        let mut nodes_per_tor = vec![0u32; tors.len()];
-        let mut seen = vec![u32::MAX; nodes.len()];
-        for (t, eps) in endpoints_of_tor.iter().enumerate() {
-            for &e in eps {
-                let n = node_of_ep[e as usize] as usize;
-                if seen[n] != t as u32 {
-                    seen[n] = t as u32;
-                    nodes_per_tor[t] += 1;
-                }
-            }
-        }
+        let nodes_per_tor = count_nodes(&endpoints_of_tor, &node_of_ep, nodes.len());
         let (out_start, out_rows) = csr(endpoints.len(), rows.iter().map(|r| r.source));
         let (in_start, in_rows) = csr(endpoints.len(), rows.iter().map(|r| r.target));
         Self {
@@ -186,6 +192,7 @@ impl<'a> PathEvidence<'a> {
             rows,
             row_path,
             windows,
+            host_delays,
             endpoint_index,
             out_start,
             out_rows,
@@ -281,6 +288,11 @@ impl<'a> PathEvidence<'a> {
         self.row_path[row as usize].0
     }
 
+    /// (row, prober p99, responder p99) of every row with a host delay.
+    pub fn host_delays(&self) -> &[(u32, Option<u64>, Option<u64>)] {
+        &self.host_delays
+    }
+
     /// Windows given.
     pub fn window_count(&self) -> u32 {
         self.windows.len() as u32
@@ -291,10 +303,13 @@ impl<'a> PathEvidence<'a> {
         self.rows.len() as u32
     }
 
-    /// Every component the path between two endpoints crosses.
-    pub fn components_between(&self, source: u32, target: u32, out: &mut Vec<u32>) {
+    /// Every component the path between two endpoints crosses (at most
+    /// [`MAX_CROSSED`]), in a fixed array: this runs for every path, and
+    /// pushing onto a vector one by one cost as much as the rest of it.
+    pub fn components_between(&self, source: u32, target: u32) -> Crossed {
         let (ns, nt) = (self.node_of(source), self.node_of(target));
         let (ts, tt) = (self.tor_of(source), self.tor_of(target));
+        let mut out = Crossed::default();
         out.push(self.index(Component::EndpointOut(source)));
         out.push(self.index(Component::EndpointIn(target)));
         out.push(self.index(Component::Endpoint(source)));
@@ -314,6 +329,84 @@ impl<'a> PathEvidence<'a> {
             out.push(self.index(Component::TorLinks(tt)));
             out.push(self.index(Component::Fabric));
         }
+        out
+    }
+
+    /// The tallies of every component over all rows, as adding each row
+    /// to every component it crosses ([`Self::components_between`]) gives
+    /// them, from sums by endpoint: two sums a row instead of thirteen
+    /// (this pass over every path was most of the search's time).
+    /// `failing(probes, lost)` says whether a row counts as failing.
+    fn tallies(&self, failing: &dyn Fn(u64, u64) -> bool) -> Vec<Tally> {
+        let endpoints = self.endpoints.len();
+        let mut out = vec![Tally::default(); endpoints];
+        let mut inn = vec![Tally::default(); endpoints];
+        // Rows whose two ends share the endpoint, the node or the ToR: the
+        // sums by endpoint count them twice for that component.
+        let mut same_endpoint = vec![Tally::default(); endpoints];
+        let mut same_node = vec![Tally::default(); self.nodes.len()];
+        let mut same_tor = vec![Tally::default(); self.tors.len()];
+        let mut links = vec![Tally::default(); self.tors.len()];
+        let mut fabric = Tally::default();
+        for r in &self.rows {
+            let row = Tally {
+                probes: r.probes,
+                lost: r.lost,
+                observations: 1,
+                failing: u64::from(failing(r.probes, r.lost)),
+            };
+            let (source, target) = (r.source as usize, r.target as usize);
+            out[source].add(&row);
+            inn[target].add(&row);
+            if source == target {
+                same_endpoint[source].add(&row);
+            }
+            let node = self.node_of[source];
+            if node == self.node_of[target] {
+                same_node[node as usize].add(&row);
+            }
+            let (source_tor, target_tor) = (self.tor_of[source], self.tor_of[target]);
+            if source_tor == target_tor {
+                same_tor[source_tor as usize].add(&row);
+            } else {
+                links[source_tor as usize].add(&row);
+                links[target_tor as usize].add(&row);
+                fabric.add(&row);
+            }
+        }
+        let mut tallies = vec![Tally::default(); self.component_count()];
+        let at = |c: Component| self.index(c) as usize;
+        for (endpoint, (sent, received)) in out.iter().zip(&inn).enumerate() {
+            let id = endpoint as u32;
+            tallies[at(Component::EndpointOut(id))] = *sent;
+            tallies[at(Component::EndpointIn(id))] = *received;
+            let both = &mut tallies[at(Component::Endpoint(id))];
+            both.add(sent);
+            both.add(received);
+            both.sub(&same_endpoint[endpoint]);
+            let node = self.node_of[endpoint];
+            tallies[at(Component::HostOut(node))].add(sent);
+            tallies[at(Component::HostIn(node))].add(received);
+            let tor = &mut tallies[at(Component::Tor(self.tor_of[endpoint]))];
+            tor.add(sent);
+            tor.add(received);
+        }
+        for (node, twice) in same_node.iter().enumerate() {
+            let id = node as u32;
+            let sent = tallies[at(Component::HostOut(id))];
+            let received = tallies[at(Component::HostIn(id))];
+            let host = &mut tallies[at(Component::Host(id))];
+            host.add(&sent);
+            host.add(&received);
+            host.sub(twice);
+        }
+        for (tor, (twice, crossing)) in same_tor.iter().zip(&links).enumerate() {
+            let id = tor as u32;
+            tallies[at(Component::Tor(id))].sub(twice);
+            tallies[at(Component::TorLinks(id))] = *crossing;
+        }
+        tallies[at(Component::Fabric)] = fabric;
+        tallies
     }
 
     fn out_of(&self, e: u32) -> &[u32] {
@@ -322,6 +415,99 @@ impl<'a> PathEvidence<'a> {
 
     fn into(&self, e: u32) -> &[u32] {
         &self.in_rows[self.in_start[e as usize] as usize..self.in_start[e as usize + 1] as usize]
+    }
+}
+
+/// Nodes under each ToR (a node counts once however many of its
+/// endpoints are there).
+fn count_nodes(endpoints_of_tor: &[Vec<u32>], node_of: &[u32], nodes: usize) -> Vec<u32> {
+    let mut nodes_per_tor = vec![0u32; endpoints_of_tor.len()];
+    let mut seen = vec![u32::MAX; nodes];
+    for (t, eps) in endpoints_of_tor.iter().enumerate() {
+        for &e in eps {
+            let n = node_of[e as usize] as usize;
+            if seen[n] != t as u32 {
+                seen[n] = t as u32;
+                nodes_per_tor[t] += 1;
+            }
+        }
+    }
+    nodes_per_tor
+}
+
+/// The targets of the sources under one ToR repeat (each probes the same
+/// peers of its ToR mesh, less itself), so the last such source's targets
+/// are tried in order before a name is hashed: hashing every target was a
+/// fifth of localization's work.
+#[derive(Default)]
+struct RecentTargets<'a> {
+    /// By ToR: the targets of the last source under it, in order, with
+    /// their indices, and the current source's so far.
+    by_tor: Vec<TorTargets<'a>>,
+    /// The current source's ToR.
+    tor: usize,
+}
+
+#[derive(Default)]
+struct TorTargets<'a> {
+    last: Vec<(&'a str, u32)>,
+    current: Vec<(&'a str, u32)>,
+    /// Where in `last` the next target is expected.
+    cursor: usize,
+}
+
+impl<'a> RecentTargets<'a> {
+    fn next_source(&mut self, tor: u32) {
+        self.tor = tor as usize;
+        if self.by_tor.len() <= self.tor {
+            self.by_tor.resize_with(self.tor + 1, TorTargets::default);
+        }
+        let t = &mut self.by_tor[self.tor];
+        if !t.current.is_empty() {
+            std::mem::swap(&mut t.last, &mut t.current);
+            t.current.clear();
+        }
+        t.cursor = 0;
+    }
+
+    /// The index of `name` when it is the expected target or the one after
+    /// it (the last source itself, left out of its own list).
+    fn find(&mut self, name: &str) -> Option<u32> {
+        let t = self.by_tor.get_mut(self.tor)?;
+        let end = t.last.len().min(t.cursor + 2);
+        let at = (t.cursor..end).find(|&i| t.last[i].0 == name)?;
+        t.cursor = at + 1;
+        Some(t.last[at].1)
+    }
+
+    fn push(&mut self, name: &'a str, index: u32) {
+        if let Some(t) = self.by_tor.get_mut(self.tor) {
+            t.current.push((name, index));
+        }
+    }
+}
+
+/// Most components one path crosses.
+pub(super) const MAX_CROSSED: usize = 13;
+
+/// The components one path crosses.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Crossed {
+    ids: [u32; MAX_CROSSED],
+    len: u8,
+}
+
+impl Crossed {
+    fn push(&mut self, id: u32) {
+        // At most MAX_CROSSED pushes by construction (components_between).
+        if let Some(slot) = self.ids.get_mut(usize::from(self.len)) {
+            *slot = id;
+            self.len += 1;
+        }
+    }
+
+    pub fn as_slice(&self) -> &[u32] {
+        &self.ids[..usize::from(self.len)]
     }
 }
 
@@ -360,7 +546,11 @@ impl Evidence for PathEvidence<'_> {
 
     fn components_of(&self, o: u32, out: &mut Vec<u32>) {
         let (s, t) = self.ends(o);
-        self.components_between(s, t, out);
+        out.extend_from_slice(self.components_between(s, t).as_slice());
+    }
+
+    fn initial_tallies(&self, failing: &dyn Fn(u64, u64) -> bool) -> Option<Vec<Tally>> {
+        Some(self.tallies(failing))
     }
 
     fn observations_of(&self, c: u32, out: &mut Vec<u32>) {
@@ -434,6 +624,74 @@ impl Evidence for PathEvidence<'_> {
             // A ToR with one node: its host stands for it.
             Component::Tor(t) => self.nodes_per_tor[t as usize] > 1,
             _ => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::localize::sim::{Fabric, FabricSpec, Fault};
+
+    /// Every component's tally, one row at a time (what the search did
+    /// before the sums by endpoint).
+    fn tallies_row_by_row(
+        evidence: &PathEvidence<'_>,
+        failing: &dyn Fn(u64, u64) -> bool,
+    ) -> Vec<Tally> {
+        let mut tallies = vec![Tally::default(); evidence.component_count()];
+        let mut crossed = Vec::new();
+        for r in 0..evidence.rows() {
+            let (probes, lost) = evidence.counts(r);
+            let row = Tally {
+                probes,
+                lost,
+                observations: 1,
+                failing: u64::from(failing(probes, lost)),
+            };
+            crossed.clear();
+            evidence.components_of(r, &mut crossed);
+            for &c in &crossed {
+                tallies[c as usize].add(&row);
+            }
+        }
+        tallies
+    }
+
+    #[test]
+    fn sums_by_endpoint_give_the_tallies_of_adding_every_row() {
+        // Rail-optimized (a host's RNICs under different ToRs) and not, with
+        // faults so that rows fail, and a path from an endpoint to itself.
+        for rail_optimized in [true, false] {
+            let spec = FabricSpec {
+                spines: 4,
+                groups: 3,
+                hosts_per_group: 4,
+                rnics_per_host: if rail_optimized { 2 } else { 1 },
+                rail_optimized,
+                tor_mesh_probes: 20,
+                inter_tor_probes: 5,
+                inter_tor_sample_tors: 2,
+                inter_tor_flows: 8,
+                background_loss: 1e-3,
+            };
+            let fabric = Fabric::new(spec, 7);
+            let faults = [
+                Fault::Host { host: 1, loss: 0.5 },
+                Fault::Tor { tor: 2, loss: 0.1 },
+            ];
+            let (mut paths, _) = fabric.window(&faults, 3, 0.01);
+            let mut to_itself = paths[0].clone();
+            to_itself.target_endpoint = to_itself.source_endpoint.clone();
+            to_itself.target_tor = to_itself.source_tor.clone();
+            paths.insert(1, to_itself);
+            let windows = [paths.as_slice()];
+            let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
+            let evidence = PathEvidence::new(&windows, &node_of, PathSignal::Loss);
+            let failing = |probes: u64, lost: u64| lost * 10 > probes;
+            let summed = evidence.tallies(&failing);
+            assert!(summed.iter().any(|t| t.failing > 0));
+            assert_eq!(summed, tallies_row_by_row(&evidence, &failing));
         }
     }
 }
