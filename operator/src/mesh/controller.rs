@@ -593,7 +593,10 @@ impl MeshController {
         self.snapshot.subscribe()
     }
 
-    /// The pinglist of `node` in `snapshot`.
+    /// The pinglist of `node` in `snapshot`. Streams skip recomputing it when
+    /// [`MeshController::pinglist_may_differ`] says no: whatever the list
+    /// depends on must come from the snapshot (or the fixed config) and be
+    /// compared there.
     pub fn pinglist(&self, node: &str, snapshot: &Snapshot) -> v1::Pinglist {
         let mut list = snapshot.view.pinglist(
             node,
@@ -611,6 +614,33 @@ impl MeshController {
         }
         list.probe_keys.clone_from(&snapshot.probe_keys);
         list
+    }
+
+    /// Whether `node`'s pinglist in `after` can differ from the one in
+    /// `before` in more than its version: `false` lets a pinglist stream skip
+    /// recomputing its list when a publish changed only ToRs its list does
+    /// not draw on. Errs towards `true`.
+    pub fn pinglist_may_differ(&self, node: &str, before: &Snapshot, after: &Snapshot) -> bool {
+        // Exhaustive on purpose: a field added to the snapshot feeds the
+        // lists, so it must be compared here before this compiles again.
+        let Snapshot {
+            version: _,
+            rotation_epoch,
+            probe_keys,
+            view,
+            services,
+        } = after;
+        *rotation_epoch != before.rotation_epoch
+            || *probe_keys != before.probe_keys
+            // Service targets resolve to endpoints anywhere in the mesh.
+            || services.contains_key(node)
+            || before.services.contains_key(node)
+            || view.pinglist_may_differ(
+                &before.view,
+                node,
+                &self.config.pinglist,
+                *rotation_epoch,
+            )
     }
 
     /// Publishes the changes made so far: at once until the background task

@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::controller::{MeshController, MeshError};
+use super::controller::{MeshController, MeshError, Snapshot};
 use super::identity::{AgentAuthenticator, AuthError, Credentials, may_act_for};
 
 #[derive(Debug, Clone)]
@@ -106,6 +106,15 @@ impl GrpcService {
     }
 }
 
+/// Equal in everything but `version`: whatever else a pinglist carries
+/// (targets, timings, probe keys, fields added later) is compared.
+fn same_but_version(sent: &Pinglist, list: &mut Pinglist) -> bool {
+    let version = std::mem::replace(&mut list.version, sent.version);
+    let same = list == sent;
+    list.version = version;
+    same
+}
+
 type PinglistStream = Pin<Box<dyn Stream<Item = Result<Pinglist, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -150,7 +159,8 @@ impl MeshService for GrpcService {
         tokio::spawn(async move {
             let _present = controller.connect(&r.node, r.session);
             let mut snapshots = controller.subscribe();
-            let mut last_sent: Option<Pinglist> = None;
+            // The last list sent and the snapshot it was computed from.
+            let mut last_sent: Option<(Pinglist, Arc<Snapshot>)> = None;
             loop {
                 if controller.current_session(&r.node) != r.session {
                     let _ = tx
@@ -161,18 +171,28 @@ impl MeshService for GrpcService {
                     return;
                 }
                 let snapshot = snapshots.borrow_and_update().clone();
-                let list = controller.pinglist(&r.node, &snapshot);
-                // Versions change on every mesh change; only push when this node's list did.
-                let changed = last_sent.as_ref().is_none_or(|prev| {
-                    prev.targets != list.targets
-                        || prev.window_ms != list.window_ms
-                        || prev.probe_timeout_ms != list.probe_timeout_ms
-                });
-                if changed {
-                    if tx.send(Ok(list.clone())).await.is_err() {
-                        return; // the agent went away
+                match &mut last_sent {
+                    // A change elsewhere in the mesh: this node's list is the one sent.
+                    Some((_, from))
+                        if !controller.pinglist_may_differ(&r.node, from, &snapshot) =>
+                    {
+                        *from = snapshot;
                     }
-                    last_sent = Some(list);
+                    _ => {
+                        let mut list = controller.pinglist(&r.node, &snapshot);
+                        // Versions change on every publish; only push when the rest did.
+                        if last_sent
+                            .as_ref()
+                            .is_none_or(|(sent, _)| !same_but_version(sent, &mut list))
+                        {
+                            if tx.send(Ok(list.clone())).await.is_err() {
+                                return; // the agent went away
+                            }
+                            last_sent = Some((list, snapshot));
+                        } else if let Some((_, from)) = &mut last_sent {
+                            *from = snapshot;
+                        }
+                    }
                 }
                 tokio::select! {
                     () = tx.closed() => return,

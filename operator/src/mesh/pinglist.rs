@@ -588,6 +588,41 @@ impl MeshView {
         })
     }
 
+    /// Whether `node`'s list for `rotation_epoch` can differ between `before`
+    /// and this view. `false` only when both views share (the same `Arc`s)
+    /// the ToR set, the node's own entry, and every ToR its list draws from:
+    /// the ToRs of its endpoints and the ToRs they sample. So a pinglist
+    /// stream skips recomputing its list after a change elsewhere, in
+    /// O(ToRs the node's list touches) instead of O(size of the list).
+    pub fn pinglist_may_differ(
+        &self,
+        before: &MeshView,
+        node: &str,
+        policy: &PinglistPolicy,
+        rotation_epoch: u64,
+    ) -> bool {
+        // Another ToR set moves ToR positions, hence every node's sampling.
+        if !Arc::ptr_eq(&self.tor_index, &before.tor_index) || self.tors.len() != before.tors.len()
+        {
+            return true;
+        }
+        let same_entry = match (self.by_node.get(node), before.by_node.get(node)) {
+            (Some(now), Some(then)) => Arc::ptr_eq(now, then),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same_entry {
+            return true;
+        }
+        let shared = |t: usize| Arc::ptr_eq(&self.tors[t], &before.tors[t]);
+        self.positions_of(node).into_iter().any(|source| {
+            !shared(source.tor)
+                || self
+                    .sampled_tors(source.tor, policy.inter_tor_sample_tors, rotation_epoch)
+                    .any(|t| !shared(t))
+        })
+    }
+
     /// Different nodes, same transport.
     fn pairable(&self, source: Pos, target: Pos) -> bool {
         let (s, t) = (self.endpoint(source), self.endpoint(target));
@@ -1108,13 +1143,19 @@ mod tests {
         )
     }
 
-    /// Everything a view answers, for comparing two views.
-    fn answers(view: &MeshView, nodes: usize) -> Vec<(usize, usize, Vec<v1::PingTarget>)> {
-        let policy = PinglistPolicy {
+    /// Samples fewer ToRs than the property tests' views hold, so that some
+    /// lists do not draw on every ToR.
+    fn answers_policy() -> PinglistPolicy {
+        PinglistPolicy {
             inter_tor_sample_tors: 2,
             inter_tor_targets_per_tor: 2,
             ..PinglistPolicy::default()
-        };
+        }
+    }
+
+    /// Everything a view answers, for comparing two views.
+    fn answers(view: &MeshView, nodes: usize) -> Vec<(usize, usize, Vec<v1::PingTarget>)> {
+        let policy = answers_policy();
         let mut all = vec![(view.endpoint_count(), view.unplaced_count(), Vec::new())];
         for node in 0..nodes {
             for epoch in 0..3 {
@@ -1148,6 +1189,19 @@ mod tests {
                 view = view.updated(changed.clone());
                 let full = MeshView::new(members.values().flatten().cloned().collect());
                 prop_assert_eq!(answers(&view, 8), answers(&full, 8));
+                // A list said not to differ is the same list.
+                let policy = answers_policy();
+                for node in (0..8).map(|n| format!("n{n}")) {
+                    for epoch in 0..3 {
+                        if !view.pinglist_may_differ(&before, &node, &policy, epoch) {
+                            prop_assert_eq!(
+                                view.pinglist_for(&node, &policy, epoch),
+                                before.pinglist_for(&node, &policy, epoch),
+                                "{} in epoch {}", node, epoch
+                            );
+                        }
+                    }
+                }
                 // ToRs none of the changed nodes was or is under are shared, not rebuilt.
                 let touched: HashSet<String> = changed
                     .values()
@@ -1197,5 +1251,43 @@ mod tests {
             }
         }
         assert_eq!(joined.pinglist_for("late", &policy, 0).len(), 3);
+    }
+
+    #[test]
+    fn a_join_may_change_only_lists_drawing_on_its_tor() {
+        let view = MeshView::new(grid(6, 3));
+        let policy = PinglistPolicy {
+            inter_tor_sample_tors: 1,
+            ..PinglistPolicy::default()
+        };
+        let joined = view.updated(HashMap::from([(
+            "late".to_owned(),
+            vec![endpoint("late", "udp0", "tor-001", UDP)],
+        )]));
+        let mut spared = 0;
+        for e in grid(6, 3) {
+            let samples_tor_1 = joined
+                .positions_of(&e.node)
+                .into_iter()
+                .any(|p| joined.sampled_tors(p.tor, 1, 0).any(|t| t == 1));
+            let draws_on_tor_1 = e.tor == "tor-001" || samples_tor_1;
+            let may_differ = joined.pinglist_may_differ(&view, &e.node, &policy, 0);
+            assert_eq!(may_differ, draws_on_tor_1, "{}", e.node);
+            if e.tor == "tor-001" {
+                assert_ne!(
+                    joined.pinglist_for(&e.node, &policy, 0),
+                    view.pinglist_for(&e.node, &policy, 0)
+                );
+            }
+            if !may_differ {
+                spared += 1;
+                assert_eq!(
+                    joined.pinglist_for(&e.node, &policy, 0),
+                    view.pinglist_for(&e.node, &policy, 0)
+                );
+            }
+        }
+        assert!(spared > 0, "some lists do not draw on tor-001");
+        assert!(joined.pinglist_may_differ(&view, "late", &policy, 0));
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use pingmesh_proto::v1::{Endpoint, Transport, WindowSummary};
 use pingmesh_proto::window::{unix_now_ms, window_start};
 
-use super::{MeshController, lock};
+use super::{MeshController, Snapshot, lock};
 use crate::config::MeshConfig;
 use crate::mesh::registry::open_registry;
 
@@ -170,4 +170,84 @@ async fn paced_publishes_coalesce_changes_and_lose_none() {
     }
     cancel.cancel();
     publisher.await.unwrap();
+}
+
+/// Registers `node` with one UDP endpoint under `tor` and connects it.
+async fn join(
+    controller: &Arc<MeshController>,
+    node: &str,
+    tor: &str,
+    port: u16,
+) -> super::PresenceGuard {
+    let endpoint = Endpoint {
+        tor: tor.into(),
+        ..udp(node, port)
+    };
+    let (session, _) = controller
+        .register(node, "test", &[endpoint])
+        .await
+        .unwrap();
+    controller.connect(node, session)
+}
+
+#[tokio::test]
+async fn a_join_wakes_only_the_lists_that_draw_on_its_tor() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = MeshConfig {
+        registry: format!("sqlite://{}", dir.path().join("registry.db").display()),
+        ..MeshConfig::default()
+    };
+    // No inter-ToR sampling: a list draws on its own ToR only.
+    config.pinglist.inter_tor_sample_tors = 0;
+    let registry = open_registry(&config.registry).await.unwrap();
+    let controller = MeshController::new(config, registry).await.unwrap();
+    let _a1 = join(&controller, "a1", "tor-a", 1).await;
+    let _b1 = join(&controller, "b1", "tor-b", 2).await;
+    let _b2 = join(&controller, "b2", "tor-b", 3).await;
+    let before = controller.subscribe().borrow().clone();
+
+    let _a2 = join(&controller, "a2", "tor-a", 4).await;
+    let after = controller.subscribe().borrow().clone();
+    assert!(after.version > before.version);
+
+    // Under tor-b: nothing to recompute, and indeed the same list.
+    assert!(!controller.pinglist_may_differ("b1", &before, &after));
+    let (old, new) = (
+        controller.pinglist("b1", &before),
+        controller.pinglist("b1", &after),
+    );
+    assert_eq!(old.targets, new.targets);
+    // Under tor-a: recomputed, and the new peer is in it.
+    assert!(controller.pinglist_may_differ("a1", &before, &after));
+    let a1 = controller.pinglist("a1", &after);
+    assert!(
+        a1.targets
+            .iter()
+            .any(|t| t.target.as_ref().is_some_and(|e| e.id == "a2/udp0")),
+        "{a1:?}"
+    );
+    assert!(controller.pinglist_may_differ("a2", &before, &after));
+
+    // What feeds every list wakes every stream.
+    let rotated = Snapshot {
+        rotation_epoch: after.rotation_epoch + 1,
+        ..snapshot_like(&after)
+    };
+    assert!(controller.pinglist_may_differ("b1", &after, &rotated));
+    let rekeyed = Snapshot {
+        probe_keys: Some(pingmesh_proto::v1::ProbeKeys::default()),
+        ..snapshot_like(&after)
+    };
+    assert_ne!(rekeyed.probe_keys, after.probe_keys);
+    assert!(controller.pinglist_may_differ("b1", &after, &rekeyed));
+}
+
+fn snapshot_like(s: &Snapshot) -> Snapshot {
+    Snapshot {
+        version: s.version + 1,
+        rotation_epoch: s.rotation_epoch,
+        probe_keys: s.probe_keys.clone(),
+        view: Arc::clone(&s.view),
+        services: Arc::clone(&s.services),
+    }
 }
