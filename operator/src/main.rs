@@ -6,6 +6,8 @@ use pingmesh_operator::mesh::server;
 use pingmesh_proto::logging::{self, LogArgs};
 use tokio_util::sync::CancellationToken;
 
+mod heap;
+
 /// PingMesh operator.
 #[derive(Debug, Parser)]
 #[command(name = "pingmesh-operator", version)]
@@ -40,6 +42,7 @@ async fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Standalone(args) => {
             let config = args.resolve()?;
+            heap::spawn_trimmer();
             let cancel = CancellationToken::new();
             let running = server::start(config, cancel.clone()).await?;
             pingmesh_proto::signals::shutdown_signal().await;
@@ -48,7 +51,10 @@ async fn main() -> anyhow::Result<()> {
             running.wait().await?;
         }
         #[cfg(feature = "kubernetes")]
-        Command::Run(args) => pingmesh_operator::reconcile::run::run(*args).await?,
+        Command::Run(args) => {
+            heap::spawn_trimmer();
+            pingmesh_operator::reconcile::run::run(*args).await?;
+        }
         #[cfg(feature = "kubernetes")]
         Command::Crd { write: None } => {
             use std::io::Write as _;

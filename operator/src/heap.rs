@@ -1,0 +1,91 @@
+//! Giving freed heap back to the system.
+//!
+//! glibc's malloc keeps what the process frees: chunks go back to the
+//! arena's free lists, and only the very top of each arena is ever returned
+//! on its own. After a crowd of agents connects and leaves (their HTTP/2
+//! buffers, streams and sessions freed), the controller's live heap is back
+//! to a few MiB while its resident memory stays at the peak (docs/chaos.md,
+//! scenario 4: 2 MiB in use, 60+ MiB resident). `malloc_trim(0)` releases the
+//! free pages in the middle of every arena as well.
+//!
+//! A thread looks every [`INTERVAL`] at what the arenas hold free
+//! (`mallinfo2`) and trims when that exceeds both [`FLOOR`] and the heap in
+//! use: a steady controller whose free lists are in proportion to its live
+//! heap is left alone, one that shed most of its heap gives it back within
+//! one interval. Other allocators and C libraries (musl returns memory
+//! itself) need nothing here.
+
+use std::time::Duration;
+
+/// How often the arenas are looked at.
+const INTERVAL: Duration = Duration::from_secs(10);
+/// Free memory below this is not worth a trim.
+const FLOOR: usize = 16 << 20;
+
+/// Whether free memory held by the allocator calls for a trim.
+fn worth_trimming(free: usize, in_use: usize) -> bool {
+    free > FLOOR && free > in_use
+}
+
+/// Starts the trimming thread (glibc only; elsewhere nothing to do).
+pub fn spawn_trimmer() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let started = std::thread::Builder::new()
+            .name("heap-trim".into())
+            .spawn(|| {
+                loop {
+                    std::thread::sleep(INTERVAL);
+                    glibc::trim_if_worth_it();
+                }
+            });
+        if let Err(e) = started {
+            tracing::warn!(error = %e, "no heap-trim thread: freed memory stays with the allocator");
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod glibc {
+    use std::time::Instant;
+
+    /// (free, in use) bytes of the malloc arenas, mmapped chunks aside
+    /// (those go back to the system when freed).
+    fn arenas() -> (usize, usize) {
+        // SAFETY: mallinfo2 only reads the allocator's statistics (taking
+        // each arena's lock); it has no preconditions.
+        let info = unsafe { libc::mallinfo2() };
+        (info.fordblks, info.uordblks)
+    }
+
+    pub(super) fn trim_if_worth_it() {
+        let (free, in_use) = arenas();
+        if !super::worth_trimming(free, in_use) {
+            return;
+        }
+        let started = Instant::now();
+        // SAFETY: malloc_trim takes the arenas' locks itself and may be
+        // called from any thread at any time.
+        let released = unsafe { libc::malloc_trim(0) } == 1;
+        tracing::debug!(
+            free_bytes = free,
+            in_use_bytes = in_use,
+            released,
+            took_us = started.elapsed().as_micros(),
+            "trimmed the heap"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trims_only_when_free_memory_is_large_and_exceeds_what_is_in_use() {
+        assert!(!worth_trimming(FLOOR, 0));
+        assert!(worth_trimming(FLOOR + 1, 0));
+        assert!(!worth_trimming(64 << 20, 64 << 20));
+        assert!(worth_trimming(64 << 20, 2 << 20));
+    }
+}
