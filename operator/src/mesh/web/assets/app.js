@@ -31,10 +31,79 @@ class HttpError extends Error {
   }
 }
 
+// In a cluster the JSON API wants a bearer token whose user may get
+// PingMeshes (docs/security.md). The page asks for one when the API answers
+// 401 or 403 and keeps it in sessionStorage: for this tab, until it closes.
+const TOKEN_KEY = 'pingmesh.token';
+let tokenAsked = null; // the open prompt, shared by every request waiting on it
+
+function storedToken() {
+  try {
+    return sessionStorage.getItem(TOKEN_KEY) ?? '';
+  } catch {
+    return ''; // storage disabled: ask every time
+  }
+}
+
+function keepToken(token) {
+  try {
+    if (token) sessionStorage.setItem(TOKEN_KEY, token);
+    else sessionStorage.removeItem(TOKEN_KEY);
+  } catch {
+    // storage disabled: the token lives as long as the prompt's answer
+  }
+}
+
+// Shows the token form and resolves with what the user pastes.
+function askForToken(status, hadToken) {
+  if (!tokenAsked) {
+    tokenAsked = new Promise((resolve) => {
+      const form = $('token-form');
+      $('token-message').textContent = status === 403
+        ? "This token's user may not read PingMeshes here: paste another token."
+        : hadToken
+          ? 'The token was not accepted (expired?): paste a new one.'
+          : "The controller's API needs a bearer token (kubectl create token …): paste it.";
+      const connection = $('connection');
+      connection.textContent = 'waiting for a token';
+      connection.classList.add('down');
+      form.hidden = false;
+      $('token').focus();
+      form.onsubmit = (event) => {
+        event.preventDefault();
+        const token = $('token').value.trim();
+        if (!token) return;
+        $('token').value = '';
+        form.hidden = true;
+        tokenAsked = null;
+        resolve(token);
+      };
+    });
+  }
+  return tokenAsked;
+}
+
 async function getJSON(url) {
-  const response = await fetch(url, { headers: { accept: 'application/json' } });
-  if (!response.ok) throw new HttpError(response.status, await response.text());
-  return response.json();
+  let token = storedToken();
+  for (;;) {
+    const headers = { accept: 'application/json' };
+    if (token) headers.authorization = `Bearer ${token}`;
+    const response = await fetch(url, { headers });
+    if (response.status === 401 || response.status === 403) {
+      // Another request may have been given a new token meanwhile.
+      const newer = storedToken();
+      if (newer && newer !== token) {
+        token = newer;
+        continue;
+      }
+      keepToken('');
+      token = await askForToken(response.status, Boolean(token));
+      keepToken(token);
+      continue;
+    }
+    if (!response.ok) throw new HttpError(response.status, await response.text());
+    return response.json();
+  }
 }
 
 function setConnection(ok, message) {
