@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::hint::black_box;
 
-use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{BatchSize, BenchmarkId, Criterion, Throughput, criterion_group};
 use pingmesh_operator::mesh::analyzer::{Analyzer, EndpointPlacement, SlaPolicy};
 use pingmesh_operator::mesh::pinglist::{MeshView, PinglistPolicy};
 use pingmesh_operator::mesh::types::MeshEndpoint;
@@ -196,5 +196,52 @@ fn bench_evaluate(c: &mut Criterion) {
     group.finish();
 }
 
+/// Judges `windows` consecutive windows of `paths` paths each, once, outside
+/// criterion: a fixed amount of work whose instructions callgrind can count
+/// (`--toggle-collect='*Analyzer::evaluate*'` leaves the setup out). From the
+/// third window on, localization looks at three windows, as in a fleet.
+fn evaluate_once(paths: usize, windows: u64) {
+    let placements: HashMap<String, EndpointPlacement> = (0..ENDPOINTS)
+        .map(|i| {
+            let placement = EndpointPlacement {
+                node: node_name(i),
+                tor: tor_name(i),
+            };
+            (format!("{}/mlx5_0", node_name(i)), placement)
+        })
+        .collect();
+    let topology = |id: &str| placements.get(id).cloned();
+    let present = |_: &str, _: u64| true;
+    let summaries = window_of(&MeshView::new(fleet()), paths);
+    let mut analyzer = fresh_analyzer();
+    let mut judged = 0usize;
+    for w in 0..windows {
+        let start = WINDOW_START_MS + w * u64::from(WINDOW_MS);
+        for mut s in summaries.iter().cloned() {
+            s.window_start_ms = start;
+            let _ = analyzer.ingest(s, start + 6_000);
+        }
+        let report = analyzer
+            .evaluate(start, &topology, &present)
+            .expect("windows are judged in order");
+        judged += report.paths.len();
+    }
+    println!("evaluated {windows} windows of {paths} paths ({judged} paths judged)");
+}
+
 criterion_group!(benches, bench_pinglist, bench_ingest, bench_evaluate);
-criterion_main!(benches);
+
+/// `PINGMESH_EVALUATE_ONCE=<paths>[x<windows>]` runs [`evaluate_once`]
+/// instead of the benchmarks, e.g. under
+/// `valgrind --tool=callgrind --toggle-collect='*Analyzer::evaluate*'`.
+fn main() {
+    if let Ok(spec) = std::env::var("PINGMESH_EVALUATE_ONCE") {
+        let (paths, windows) = spec.split_once('x').unwrap_or((spec.as_str(), "3"));
+        let paths = paths.parse().expect("PINGMESH_EVALUATE_ONCE: paths");
+        let windows = windows.parse().expect("PINGMESH_EVALUATE_ONCE: windows");
+        evaluate_once(paths, windows);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

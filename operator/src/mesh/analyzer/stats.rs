@@ -168,8 +168,8 @@ struct PlacementCache<'a> {
     topology: &'a dyn Fn(&str) -> Option<EndpointPlacement>,
     target_present: &'a dyn Fn(&str, u64) -> bool,
     window_start_ms: u64,
+    /// Each endpoint's number: the only copy of its id this window makes.
     index: HashMap<String, u32, FastHash>,
-    ids: Vec<String>,
     info: Vec<EndpointInfo>,
     tors: Vec<String>,
     tor_index: HashMap<String, u32, FastHash>,
@@ -187,8 +187,7 @@ impl PlacementCache<'_> {
             Some(p) => (Some(self.intern_tor(p.tor)), p.node),
             None => (None, String::new()),
         };
-        let i = u32::try_from(self.ids.len()).unwrap_or(u32::MAX);
-        self.ids.push(endpoint.to_owned());
+        let i = u32::try_from(self.info.len()).unwrap_or(u32::MAX);
         self.index.insert(endpoint.to_owned(), i);
         self.info.push(EndpointInfo {
             tor,
@@ -212,10 +211,11 @@ impl PlacementCache<'_> {
     /// Each endpoint's position in id order: paths sort by these two
     /// integers instead of comparing their id strings.
     fn ranks(&self) -> Vec<u32> {
-        let mut by_id: Vec<u32> = (0..u32::try_from(self.ids.len()).unwrap_or(u32::MAX)).collect();
-        by_id.sort_unstable_by(|&a, &b| self.ids[a as usize].cmp(&self.ids[b as usize]));
-        let mut rank = vec![0u32; by_id.len()];
-        for (r, &i) in by_id.iter().enumerate() {
+        let mut by_id: Vec<(&str, u32)> =
+            self.index.iter().map(|(id, &i)| (id.as_str(), i)).collect();
+        by_id.sort_unstable_by_key(|&(id, _)| id);
+        let mut rank = vec![0u32; self.info.len()];
+        for (r, &(_, i)) in by_id.iter().enumerate() {
             rank[i as usize] = u32::try_from(r).unwrap_or(u32::MAX);
         }
         rank
@@ -246,16 +246,16 @@ pub(super) fn collect(
         topology,
         target_present,
         window_start_ms,
-        index: HashMap::default(),
-        ids: Vec::new(),
+        index: HashMap::with_capacity_and_hasher(data.paths.len() / 4, FastHash::default()),
         info: Vec::new(),
         tors: Vec::new(),
         tor_index: HashMap::default(),
     };
     let mut stats = WindowStats::default();
     let mut pairs: HashMap<(u32, u32), PairAccumulator, FastHash> = HashMap::default();
-    // Each kept path with its ends' numbers, for sorting.
-    let mut kept: Vec<((u32, u32), PathStats)> = Vec::with_capacity(data.paths.len());
+    // Each kept path, and its ends' numbers for sorting.
+    let mut kept: Vec<Option<PathStats>> = Vec::with_capacity(data.paths.len());
+    let mut ends: Vec<(u32, u32)> = Vec::with_capacity(data.paths.len());
     for ((source, target), record) in data.paths {
         let t = cache.intern(&target);
         if !cache.info[t as usize].present {
@@ -288,7 +288,8 @@ pub(super) fn collect(
             cache.tors[source_tor as usize].clone(),
             cache.tors[target_tor as usize].clone(),
         );
-        kept.push(((s, t), path_stats((source, target), names, &record, sla)));
+        ends.push((s, t));
+        kept.push(Some(path_stats((source, target), names, &record, sla)));
     }
     stats.tor_pairs = pairs
         .into_iter()
@@ -301,23 +302,24 @@ pub(super) fn collect(
     // (source, target) is unique per window, so ranks order paths exactly as
     // their ids would. Sorting small (key, index) pairs and moving each path
     // once is far cheaper than sorting the paths themselves.
-    let mut order: Vec<(u64, usize)> = kept
+    let mut order: Vec<(u64, usize)> = ends
         .iter()
         .enumerate()
-        .map(|(i, &((s, t), _))| {
+        .map(|(i, &(s, t))| {
             let key = (u64::from(rank[s as usize]) << 32) | u64::from(rank[t as usize]);
             (key, i)
         })
         .collect();
     order.sort_unstable_by_key(|&(key, _)| key);
-    let mut slots: Vec<Option<PathStats>> = kept.into_iter().map(|(_, p)| Some(p)).collect();
-    stats.paths = order.iter().filter_map(|&(_, i)| slots[i].take()).collect();
+    stats.paths = order.iter().filter_map(|&(_, i)| kept[i].take()).collect();
+    let mut info: Vec<Option<EndpointInfo>> = cache.info.into_iter().map(Some).collect();
     stats.nodes = cache
-        .ids
+        .index
         .into_iter()
-        .zip(cache.info)
-        .filter(|(_, info)| info.used && info.tor.is_some())
-        .map(|(id, info)| (id, info.node))
+        .filter_map(|(id, i)| {
+            let info = info.get_mut(i as usize)?.take()?;
+            (info.used && info.tor.is_some()).then_some((id, info.node))
+        })
         .collect();
     stats.tor_pairs.sort_unstable_by(|a, b| {
         (&a.source_tor, &a.target_tor).cmp(&(&b.source_tor, &b.target_tor))
@@ -365,15 +367,26 @@ fn path_stats(
 /// ingest), as `ladder::Histogram::quantile_upper_ns` gives them, without
 /// expanding it into a dense one per path.
 fn sparse_quantiles(buckets: &[u32], counts: &[u64]) -> (Option<u64>, Option<u64>) {
+    // Agents send buckets in ascending order: then nothing is copied or sorted.
+    if buckets.is_sorted() {
+        return sorted_quantiles(&buckets.iter().copied().zip(counts.iter().copied()));
+    }
     let mut sorted: Vec<(u32, u64)> = buckets
         .iter()
         .copied()
         .zip(counts.iter().copied())
         .collect();
     sorted.sort_unstable_by_key(|&(b, _)| b);
+    sorted_quantiles(&sorted.into_iter())
+}
+
+/// p50 and p99 upper bounds of (bucket, count) pairs in bucket order.
+fn sorted_quantiles(
+    sorted: &(impl Iterator<Item = (u32, u64)> + Clone),
+) -> (Option<u64>, Option<u64>) {
     let total = sorted
-        .iter()
-        .try_fold(0u64, |sum, &(_, c)| sum.checked_add(c));
+        .clone()
+        .try_fold(0u64, |sum, (_, c)| sum.checked_add(c));
     let Some(total) = total.filter(|&t| t > 0) else {
         return (None, None);
     };
@@ -381,12 +394,12 @@ fn sparse_quantiles(buckets: &[u32], counts: &[u64]) -> (Option<u64>, Option<u64
         let rank = ladder::nearest_rank(total, q);
         let mut seen = 0u64;
         sorted
-            .iter()
-            .find(|&&(_, c)| {
+            .clone()
+            .find(|&(_, c)| {
                 seen += c;
                 seen >= rank
             })
-            .map(|&(b, _)| ladder::upper_bound_ns(b as usize))
+            .map(|(b, _)| ladder::upper_bound_ns(b as usize))
     };
     (quantile(0.5), quantile(0.99))
 }
