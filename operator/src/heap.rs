@@ -36,7 +36,7 @@ pub fn spawn_trimmer() {
             .spawn(|| {
                 loop {
                     std::thread::sleep(INTERVAL);
-                    glibc::trim_if_worth_it();
+                    let _ = glibc::trim_if_worth_it();
                 }
             });
         if let Err(e) = started {
@@ -58,10 +58,11 @@ mod glibc {
         (info.fordblks, info.uordblks)
     }
 
-    pub(super) fn trim_if_worth_it() {
+    /// Whether a trim ran.
+    pub(super) fn trim_if_worth_it() -> bool {
         let (free, in_use) = arenas();
         if !super::worth_trimming(free, in_use) {
-            return;
+            return false;
         }
         let started = Instant::now();
         // SAFETY: malloc_trim takes the arenas' locks itself and may be
@@ -74,6 +75,7 @@ mod glibc {
             took_us = started.elapsed().as_micros(),
             "trimmed the heap"
         );
+        true
     }
 }
 
@@ -87,5 +89,52 @@ mod tests {
         assert!(worth_trimming(FLOOR + 1, 0));
         assert!(!worth_trimming(64 << 20, 64 << 20));
         assert!(worth_trimming(64 << 20, 2 << 20));
+    }
+
+    /// Resident memory of this process, KiB.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn rss_kib() -> u64 {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("VmRSS:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            })
+            .unwrap_or(0)
+    }
+
+    /// The case the controller meets after a churn: most of a large heap
+    /// freed, with live chunks scattered through it so glibc cannot return
+    /// it from the top. The trim gives the free pages back.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn a_heap_freed_between_live_chunks_is_given_back() {
+        const CHUNKS: usize = 160_000;
+        const SIZE: usize = 512; // small: from the arena, not mmapped
+        let mut chunks: Vec<Option<Box<[u8]>>> = (0..CHUNKS)
+            .map(|i| Some(vec![u8::try_from(i % 251).unwrap_or(0); SIZE].into_boxed_slice()))
+            .collect();
+        // Keep one chunk in 64 (one per 32 KiB), free the rest.
+        for (i, chunk) in chunks.iter_mut().enumerate() {
+            if i % 64 != 0 {
+                *chunk = None;
+            }
+        }
+        let before = rss_kib();
+        assert!(glibc::trim_if_worth_it(), "78 MiB freed, yet no trim");
+        let after = rss_kib();
+        assert!(
+            after + 40 * 1024 < before,
+            "RSS {before} KiB before the trim, {after} KiB after"
+        );
+        // The live chunks are untouched.
+        assert!(
+            chunks
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.as_ref().map(|c| (i, c)))
+                .all(|(i, c)| c.iter().all(|&b| usize::from(b) == i % 251))
+        );
     }
 }
