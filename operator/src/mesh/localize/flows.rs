@@ -15,7 +15,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use super::engine::Evidence;
+use super::engine::{Evidence, Tally};
 use super::paths::PathEvidence;
 
 /// The traced flows of every path, by (source endpoint, target endpoint).
@@ -275,8 +275,9 @@ impl FlowEvidence {
         // Book component id -> this evidence's component index (u32::MAX: not yet).
         let mut local = vec![u32::MAX; traces.component_count()];
         let mut components = Vec::new();
-        let mut flows = Vec::new();
-        let mut members = Vec::new();
+        // A traced inter-ToR path has a few probed flows of a few components each.
+        let mut flows = Vec::with_capacity(rows.len() * 4);
+        let mut members = Vec::with_capacity(rows.len() * 24);
         // One name lookup per source endpoint, not per path (by interned
         // index: None not looked up yet).
         let mut sources: Vec<Option<Option<&SourceTraces>>> = vec![None; paths.endpoints.len()];
@@ -387,5 +388,24 @@ impl Evidence for FlowEvidence {
 
     fn blamable(&self, _: u32) -> bool {
         true
+    }
+
+    fn initial_tallies(&self, failing: &dyn Fn(u64, u64) -> bool) -> Option<Vec<Tally>> {
+        // Every flow is one probe: one of two tallies, added to its members.
+        let one = |lost: u64| Tally {
+            probes: 1,
+            lost,
+            observations: 1,
+            failing: u64::from(failing(1, lost)),
+        };
+        let (healthy, lost) = (one(0), one(1));
+        let mut tallies = vec![Tally::default(); self.components.len()];
+        for &(failed, a, b, _) in &self.flows {
+            let flow = if failed { &lost } else { &healthy };
+            for &c in &self.members[a as usize..b as usize] {
+                tallies[c as usize].add(flow);
+            }
+        }
+        Some(tallies)
     }
 }

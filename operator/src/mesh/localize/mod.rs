@@ -306,14 +306,18 @@ fn path_causes(
     // bits, not latencies.
     let refined = match (signal, input.traces) {
         (PathSignal::Loss, Some(traces)) => {
-            // With a horizon, only the newest window's flows are new to it.
+            // With a horizon, only the newest window's flows are new to it
+            // (rows are in window order: the newest window's are the last).
             let newest = evidence.window_count().saturating_sub(1);
-            let rows: Vec<u32> = (0..evidence.rows())
+            let first = if input.horizon.is_some() {
+                evidence.first_row_of(newest)
+            } else {
+                0
+            };
+            let rows: Vec<u32> = (first..evidence.rows())
                 .filter(|&r| {
                     let (s, t) = evidence.ends(r);
-                    !explained[r as usize]
-                        && evidence.tor_of(s) != evidence.tor_of(t)
-                        && (input.horizon.is_none() || evidence.window_of(r) == newest)
+                    !explained[r as usize] && evidence.tor_of(s) != evidence.tor_of(t)
                 })
                 .collect();
             match input.horizon {

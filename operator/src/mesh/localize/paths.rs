@@ -283,14 +283,15 @@ impl<'a> PathEvidence<'a> {
         &self.windows[w as usize][i as usize]
     }
 
-    /// The window (index into the windows given, oldest first) of a row.
-    pub fn window_of(&self, row: u32) -> u32 {
-        self.row_path[row as usize].0
-    }
-
     /// (row, prober p99, responder p99) of every row with a host delay.
     pub fn host_delays(&self) -> &[(u32, Option<u64>, Option<u64>)] {
         &self.host_delays
+    }
+
+    /// The first row of window `window` or of a later one (rows are in
+    /// window order).
+    pub fn first_row_of(&self, window: u32) -> u32 {
+        self.row_path.partition_point(|&(w, _)| w < window) as u32
     }
 
     /// Windows given.
