@@ -1,11 +1,13 @@
-//! Hot-path costs of the prober: wire encode/decode, one pending-table probe
-//! life cycle, and recording one answered probe in the window aggregator.
+//! Hot-path costs of the prober: wire encode/decode (plain, and signed and
+//! verified with a probe key), one pending-table probe life cycle, and
+//! recording one answered probe in the window aggregator.
 
 use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use pingmesh_agent::aggregate::{PathInfo, WindowAggregator};
+use pingmesh_agent::probe::auth::{ProbeKeyRing, seal, verify};
 use pingmesh_agent::probe::pending::PendingTable;
 use pingmesh_agent::probe::timing::{Sample, Stamp};
 use pingmesh_agent::probe::wire::Message;
@@ -18,6 +20,45 @@ fn wire_round_trip(c: &mut Criterion) {
             let bytes = black_box(&ack2).encode();
             Message::decode(black_box(&bytes))
         });
+    });
+}
+
+/// What probe authentication adds per message: signing on the way out,
+/// verifying on the way in. The sender and the receiver each pay one side.
+fn authenticated(c: &mut Criterion) {
+    let probe = Message::probe(0xDEAD_BEEF_CAFE, 1);
+    let ack2 = Message::ack2(&probe, 1_000_000, 1_000_300, false);
+    let ring = ProbeKeyRing::off();
+    let master = b"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+    ring.update(Some(&pingmesh_proto::probe_auth::keys_around(
+        master, 490_000,
+    )))
+    .unwrap_or_else(|e| unreachable!("valid keys: {e}"));
+    let keys = ring.keys();
+    let sealed = seal(keys.as_deref(), &ack2);
+    c.bench_function("wire/encode_ack2_plain", |b| {
+        b.iter(|| seal(None, black_box(&ack2)));
+    });
+    c.bench_function("wire/encode_sign_ack2", |b| {
+        b.iter(|| seal(black_box(keys.as_deref()), black_box(&ack2)));
+    });
+    c.bench_function("wire/decode_ack2_plain", |b| {
+        let plain = ack2.encode();
+        b.iter(|| {
+            let bytes = black_box(&plain[..]);
+            Message::decode(bytes).map(|m| (m, verify(None, bytes)))
+        });
+    });
+    c.bench_function("wire/decode_verify_ack2", |b| {
+        b.iter(|| {
+            let bytes = black_box(sealed.as_bytes());
+            Message::decode(bytes).map(|m| (m, verify(black_box(keys.as_deref()), bytes)))
+        });
+    });
+    // What the prober and responder do per message: take the keys in force
+    // from the shared ring (a read lock and a reference count), then sign.
+    c.bench_function("wire/ring_keys_encode_sign_ack2", |b| {
+        b.iter(|| seal(black_box(&ring).keys().as_deref(), black_box(&ack2)));
     });
 }
 
@@ -72,5 +113,11 @@ fn aggregator_answered(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, wire_round_trip, pending_cycle, aggregator_answered);
+criterion_group!(
+    benches,
+    wire_round_trip,
+    authenticated,
+    pending_cycle,
+    aggregator_answered
+);
 criterion_main!(benches);
