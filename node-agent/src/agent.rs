@@ -611,6 +611,24 @@ impl ResponderObserver for MetricsObserver {
 mod tests {
     use super::*;
 
+    #[test]
+    fn probes_the_responder_drops_unauthenticated_count_as_probe_auth_failures() {
+        let metrics = Arc::new(AgentMetrics::new("n1", false).unwrap());
+        let observer = MetricsObserver(metrics.clone());
+        observer.auth_failed("bad_tag");
+        observer.auth_failed("bad_tag");
+        let text = String::from_utf8(metrics.encode()).unwrap();
+        let series = text
+            .lines()
+            .find(|l| {
+                l.starts_with("pingmesh_probe_auth_failures_total{")
+                    && l.contains("kind=\"probe\"")
+                    && l.contains("reason=\"bad_tag\"")
+            })
+            .unwrap();
+        assert!(series.ends_with(" 2"), "{series}");
+    }
+
     fn config_with(transport: TransportChoice, sysfs_root: &std::path::Path) -> AgentConfig {
         let mut config = AgentConfig::local("n1", "", "http://127.0.0.1:1", [127, 0, 0, 1].into());
         config.transport = transport;
