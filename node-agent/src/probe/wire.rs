@@ -112,7 +112,8 @@ impl Message {
         out[0..4].copy_from_slice(&MAGIC);
         out[4] = VERSION;
         out[5] = self.kind as u8;
-        out[6] = self.flags;
+        // The authenticated flag is framing, set only with the tag.
+        out[6] = self.flags & !FLAG_AUTHENTICATED;
         out[8..16].copy_from_slice(&self.prober_id.to_be_bytes());
         out[16..24].copy_from_slice(&self.seq.to_be_bytes());
         out[24..32].copy_from_slice(&self.t3_ns.to_be_bytes());
@@ -261,6 +262,12 @@ mod tests {
         let mut bad = good;
         bad[6] = FLAG_AUTHENTICATED;
         assert_eq!(Message::decode(&bad), Err(DecodeError::AuthFraming));
+        // A message whose flags claim authentication still encodes plain.
+        let claims = Message {
+            flags: FLAG_AUTHENTICATED,
+            ..Message::probe(1, 2)
+        };
+        assert_eq!(Message::decode(&claims.encode()), Ok(Message::probe(1, 2)));
     }
 
     #[test]
