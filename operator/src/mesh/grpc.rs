@@ -272,3 +272,37 @@ impl MeshService for GrpcService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use pingmesh_proto::v1::ProbeKeys;
+
+    use super::*;
+
+    #[test]
+    fn only_the_version_is_left_out_of_the_comparison() {
+        let sent = Pinglist {
+            version: 1,
+            window_ms: 5_000,
+            ..Pinglist::default()
+        };
+        let mut republished = Pinglist {
+            version: 2,
+            ..sent.clone()
+        };
+        assert!(same_but_version(&sent, &mut republished));
+        assert_eq!(republished.version, 2, "the new version is kept");
+        let mut rekeyed = Pinglist {
+            version: 3,
+            probe_keys: Some(ProbeKeys::default()),
+            ..sent.clone()
+        };
+        assert!(!same_but_version(&sent, &mut rekeyed));
+        let mut retimed = Pinglist {
+            version: 4,
+            probe_timeout_ms: 1,
+            ..sent.clone()
+        };
+        assert!(!same_but_version(&sent, &mut retimed));
+    }
+}
