@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::analyzer::{
-    Analyzer, EndpointPlacement, Finding, FindingKind, Ingested, Intake, WindowReport,
+    Analyzer, EndpointPlacement, Finding, FindingKind, IngestError, Ingested, Intake, WindowReport,
 };
 use super::history::WindowHistory;
 use super::localize::{CauseKind, OpenRootCause, Signal};
@@ -755,6 +755,7 @@ impl MeshController {
         };
         let mut outcome = ReportOutcome::default();
         let now = unix_now_ms();
+        let mut late_accepted = 0u64;
         let mut intake = lock(&self.intake);
         // Time under the lock only: concurrent reports' waits would count twice.
         let ingest_began = std::time::Instant::now();
@@ -769,6 +770,10 @@ impl MeshController {
             }
             match intake.ingest(summary, now) {
                 Ok(Ingested::Accepted) => outcome.accepted += 1,
+                Ok(Ingested::AcceptedLate) => {
+                    outcome.accepted += 1;
+                    late_accepted += 1;
+                }
                 Ok(Ingested::Duplicate) => outcome.duplicates += 1,
                 Err(e) => {
                     outcome.rejected += 1;
@@ -776,6 +781,9 @@ impl MeshController {
                         .summaries
                         .with_label_values(&[e.category()])
                         .inc();
+                    if let Some(late) = late_outcome(&e) {
+                        self.metrics.late_summaries.with_label_values(&[late]).inc();
+                    }
                     tracing::debug!(node, error = %e, "window summary rejected");
                 }
             }
@@ -793,7 +801,57 @@ impl MeshController {
             .summaries
             .with_label_values(&["duplicate"])
             .inc_by(u64::from(outcome.duplicates));
+        self.metrics
+            .late_summaries
+            .with_label_values(&["accepted"])
+            .inc_by(late_accepted);
         Ok(outcome)
+    }
+
+    /// Judges the late summaries taken in since the last call (see
+    /// `analyzer::Intake`) into the window history only: live findings,
+    /// root causes, Events and metrics of the ToR pairs stay as the live
+    /// windows left them. Returns the summaries judged. Blocking; the
+    /// background task runs it after the live windows due, never beside them.
+    pub fn judge_late(&self) -> u64 {
+        let late = lock(&self.intake).take_late();
+        if late.is_empty() {
+            return 0;
+        }
+        let window_ms = u64::from(self.config.pinglist.window_ms);
+        let timeout_ms = u64::from(self.config.pinglist.probe_timeout_ms);
+        let endpoints = Arc::clone(&lock(&self.state).endpoints);
+        let topology = |endpoint: &str| {
+            endpoints.get(endpoint).map(|e| EndpointPlacement {
+                node: e.node.clone(),
+                tor: e.tor.clone(),
+            })
+        };
+        let mut judged = 0;
+        for closed in late {
+            let start = closed.window_start_ms();
+            let present_nodes: HashSet<String> = lock(&self.state)
+                .presence
+                .iter()
+                .filter(|(_, p)| p.present(start, start + window_ms + timeout_ms))
+                .map(|(node, _)| node.clone())
+                .collect();
+            let present = |endpoint: &str, _window: u64| {
+                endpoints
+                    .get(endpoint)
+                    .is_some_and(|e| present_nodes.contains(&e.node))
+            };
+            judged += u64::try_from(closed.paths()).unwrap_or(u64::MAX);
+            let analyzer = lock(&self.analyzer);
+            let report = Arc::new(analyzer.judge_late(closed, &topology, &present));
+            let tors = endpoints.values().map(|e| e.tor.as_str());
+            self.history.record_late(&report, analyzer.sla(), tors);
+        }
+        self.metrics
+            .late_summaries
+            .with_label_values(&["judged"])
+            .inc_by(judged);
+        judged
     }
 
     /// Judges one window: called once every agent had time to report it.
@@ -1073,6 +1131,12 @@ impl MeshController {
                 }
                 next_window += u64::from(window_ms);
             }
+            if lock(&self.intake).late_summaries() > 0 {
+                let this = Arc::clone(&self);
+                if let Err(e) = tokio::task::spawn_blocking(move || this.judge_late()).await {
+                    tracing::error!(error = %e, "judging late summaries failed");
+                }
+            }
             let epoch = self.config.pinglist.rotation_epoch(now);
             let rotated = {
                 let mut state = lock(&self.state);
@@ -1182,6 +1246,9 @@ fn initialize_series(m: &ControllerMetrics) {
     for phase in WINDOW_PHASES {
         m.window_processing.with_label_values(&[phase]);
     }
+    for outcome in LATE_OUTCOMES {
+        m.late_summaries.with_label_values(&[outcome]).inc_by(0);
+    }
     for kind in CauseKind::ALL {
         for signal in CAUSE_SIGNALS {
             let labels = [kind.label(), signal.label()];
@@ -1224,6 +1291,20 @@ fn initialize_series(m: &ControllerMetrics) {
         "stale_session",
     ] {
         m.registry_errors.with_label_values(&[category]).inc_by(0);
+    }
+}
+
+/// Outcomes of `pingmesh_controller_late_summaries_total`.
+const LATE_OUTCOMES: [&str; 5] = ["accepted", "judged", "duplicate", "too_old", "late_full"];
+
+/// The late-summary outcome of a refusal, if it is one: a summary whose
+/// source was judged in its window already, or older than the horizon.
+fn late_outcome(e: &IngestError) -> Option<&'static str> {
+    match e {
+        IngestError::AlreadyEvaluated { .. } => Some("duplicate"),
+        IngestError::TooOld { .. } => Some("too_old"),
+        IngestError::LateFull { .. } => Some("late_full"),
+        _ => None,
     }
 }
 

@@ -20,6 +20,8 @@ pub struct ControllerMetrics {
     pub endpoints: IntGauge,
     pub registrations: IntCounterVec,
     pub summaries: IntCounterVec,
+    /// Summaries for windows judged already, by outcome (see `analyzer::Intake`).
+    pub late_summaries: IntCounterVec,
     pub rejected_requests: IntCounterVec,
     pub windows_evaluated: IntCounter,
     pub excluded_paths: IntCounterVec,
@@ -79,6 +81,16 @@ impl ControllerMetrics {
                         "Window summaries received, by result.",
                     ),
                     &["result"],
+                )?,
+            )?,
+            late_summaries: reg(
+                &registry,
+                IntCounterVec::new(
+                    Opts::new(
+                        "pingmesh_controller_late_summaries_total",
+                        "Window summaries for windows judged already, by outcome: accepted (into the window's late bucket), judged (into the window history), duplicate (their source was judged in the window), too_old (beyond the horizon), late_full.",
+                    ),
+                    &["outcome"],
                 )?,
             )?,
             rejected_requests: reg(

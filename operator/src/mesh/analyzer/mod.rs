@@ -19,6 +19,7 @@ mod window;
 mod tests;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 
 use pingmesh_proto::v1;
@@ -28,7 +29,8 @@ pub use findings::{ClearReason, Finding, FindingKind};
 pub use policy::{MAX_HYSTERESIS_WINDOWS, SlaPolicy, SlaPolicyError};
 pub use stats::{EndpointPlacement, Judgement, PathStats, ProbeKind, TorPairStats, loss_ratio};
 pub use window::{
-    IngestError, Ingested, MAX_FUTURE_WINDOWS, MAX_PAST_WINDOWS, MAX_PATHS_PER_WINDOW,
+    IngestError, Ingested, MAX_FUTURE_WINDOWS, MAX_LATE_PATHS, MAX_PAST_WINDOWS,
+    MAX_PATHS_PER_WINDOW,
 };
 
 use findings::Hysteresis;
@@ -98,10 +100,27 @@ impl EvaluateError {
     }
 }
 
-/// Summaries collected per window until their window closes.
+/// Summaries collected per window until their window closes, and late ones
+/// for windows closed already.
 ///
 /// Apart from [`Analyzer`] so that a controller can keep taking summaries in
 /// (under this one's lock only) while a closed window is judged elsewhere.
+///
+/// Late summaries: agents buffer what they could not deliver (controller
+/// restarting or cut off) and send it when they reconnect, after its windows
+/// were judged without it. For every closed window of the last
+/// [`MAX_PAST_WINDOWS`] the intake keeps the source endpoints whose summaries
+/// were judged in it, as sorted 64-bit hashes from its own seeded hasher
+/// (8 bytes per source per window, nothing else). A summary for a closed
+/// window is taken into the window's late bucket when its source was not
+/// judged in the window, and refused as `already_evaluated` when it was; in
+/// the bucket the first report of a (source, target) wins as in a live
+/// window. [`Intake::take_late`] hands the buckets out to be judged, marking
+/// their sources judged at once, so no path of a window is judged twice.
+/// An agent reports all of a window's summaries of one source in one call,
+/// so per source this is exact for agents; summaries of one source split
+/// over calls with the window judged in between are refused (never counted
+/// twice). Late buckets hold at most [`MAX_LATE_PATHS`] summaries together.
 #[derive(Debug)]
 pub struct Intake {
     window_ms: u32,
@@ -109,6 +128,21 @@ pub struct Intake {
     evaluated_through_ms: Option<u64>,
     /// Paths in the last closed window: the size new windows start with.
     expected_paths: usize,
+    /// Closed windows inside the horizon, by start.
+    closed: BTreeMap<u64, Judged>,
+    /// Hashes source endpoints for `closed`; seeded per intake.
+    hasher: FastHash,
+    /// Summaries waiting in late buckets.
+    late_paths: usize,
+}
+
+/// What the intake remembers of a closed window.
+#[derive(Debug, Default)]
+struct Judged {
+    /// Sorted distinct hashes of the sources judged in the window.
+    sources: Box<[u64]>,
+    /// Late summaries from other sources, not judged yet.
+    late: Option<WindowData>,
 }
 
 /// One window's summaries, taken out of an [`Intake`] to be judged.
@@ -116,6 +150,10 @@ pub struct Intake {
 pub struct ClosedWindow {
     window_start_ms: u64,
     data: WindowData,
+    /// Late windows only: every source judged in the window (these
+    /// summaries' included), hashed by `hasher`.
+    reported: Box<[u64]>,
+    hasher: FastHash,
 }
 
 impl ClosedWindow {
@@ -127,6 +165,24 @@ impl ClosedWindow {
     pub fn paths(&self) -> usize {
         self.data.paths.len()
     }
+
+    /// Whether summaries from `endpoint` as a source were judged in this
+    /// window (late windows only; always false for a live one).
+    pub fn reported(&self, endpoint: &str) -> bool {
+        self.reported
+            .binary_search(&self.hasher.hash_one(endpoint))
+            .is_ok()
+    }
+}
+
+/// Merges two sorted distinct lists into one.
+fn merge_sorted(a: &[u64], b: &[u64]) -> Box<[u64]> {
+    let mut all = Vec::with_capacity(a.len() + b.len());
+    all.extend_from_slice(a);
+    all.extend_from_slice(b);
+    all.sort_unstable();
+    all.dedup();
+    all.into_boxed_slice()
 }
 
 impl Intake {
@@ -137,12 +193,20 @@ impl Intake {
             windows: BTreeMap::new(),
             evaluated_through_ms: None,
             expected_paths: 0,
+            closed: BTreeMap::new(),
+            hasher: FastHash::default(),
+            late_paths: 0,
         }
     }
 
     /// Summaries held for windows not closed yet.
     pub fn buffered_summaries(&self) -> usize {
         self.windows.values().map(|w| w.paths.len()).sum()
+    }
+
+    /// Late summaries waiting for [`Intake::take_late`].
+    pub fn late_summaries(&self) -> usize {
+        self.late_paths
     }
 
     /// The newest window closed so far.
@@ -152,8 +216,8 @@ impl Intake {
 
     /// Checks and stores one summary. `now_ms` (Unix ms, the controller's clock)
     /// bounds which windows are accepted: from [`MAX_PAST_WINDOWS`] before the
-    /// current one to [`MAX_FUTURE_WINDOWS`] after it, and never one already
-    /// closed.
+    /// current one to [`MAX_FUTURE_WINDOWS`] after it. A summary for a closed
+    /// window goes to its late bucket (see [`Intake`]).
     pub fn ingest(
         &mut self,
         summary: v1::WindowSummary,
@@ -161,11 +225,13 @@ impl Intake {
     ) -> Result<Ingested, IngestError> {
         let accept = Acceptance {
             window: self.window_ms,
-            evaluated_through: self.evaluated_through_ms,
             now: now_ms,
         };
         window::check(&summary, &accept)?;
         let start = summary.window_start_ms;
+        if let Some(done) = self.evaluated_through_ms.filter(|&done| start <= done) {
+            return self.ingest_late(summary, done);
+        }
         if !self.windows.contains_key(&start) {
             // Windows nobody evaluated in time can no longer receive data: drop them
             // so a stalled evaluator cannot make memory grow without bound.
@@ -183,12 +249,50 @@ impl Intake {
         self.windows
             .entry(start)
             .or_insert_with(|| WindowData::with_capacity(expected))
-            .insert(summary)
+            .insert(summary, self.hasher)
     }
 
-    /// Takes one complete window's data out (and drops any older window's):
-    /// summaries for it and older windows are refused from now on. A move, so
-    /// it costs the same however many paths the window holds.
+    /// A checked summary for a window closed already (`done`: the newest
+    /// closed): into the late bucket unless its source was judged there.
+    fn ingest_late(
+        &mut self,
+        summary: v1::WindowSummary,
+        done: u64,
+    ) -> Result<Ingested, IngestError> {
+        let start = summary.window_start_ms;
+        // Windows before this intake's first close have no record: none of
+        // their sources was judged.
+        let judged = self.closed.entry(start).or_default();
+        let source = self.hasher.hash_one(summary.source_endpoint.as_str());
+        if judged.sources.binary_search(&source).is_ok() {
+            return Err(IngestError::AlreadyEvaluated {
+                window_start_ms: start,
+                evaluated_through_ms: done,
+            });
+        }
+        if self.late_paths >= MAX_LATE_PATHS {
+            return Err(IngestError::LateFull {
+                limit: MAX_LATE_PATHS,
+            });
+        }
+        let stored = judged
+            .late
+            .get_or_insert_with(WindowData::default)
+            .insert(summary, self.hasher)?;
+        Ok(match stored {
+            Ingested::Accepted | Ingested::AcceptedLate => {
+                self.late_paths += 1;
+                Ingested::AcceptedLate
+            }
+            Ingested::Duplicate => Ingested::Duplicate,
+        })
+    }
+
+    /// Takes one complete window's data out: summaries for it from the
+    /// sources it holds are refused from now on, others go to its late
+    /// bucket. Windows older than it that were never closed (held from
+    /// before this intake's first close) become late buckets. A move, plus
+    /// sorting the window's source hashes (one per source).
     pub fn close(&mut self, window_start_ms: u64) -> Result<ClosedWindow, EvaluateError> {
         if !window_start_ms.is_multiple_of(u64::from(self.window_ms)) {
             return Err(EvaluateError::MisalignedWindow {
@@ -209,15 +313,63 @@ impl Intake {
             Some(next) => self.windows.split_off(&next),
             None => BTreeMap::new(),
         };
-        let data = std::mem::replace(&mut self.windows, later)
-            .remove(&window_start_ms)
-            .unwrap_or_default();
+        let mut older = std::mem::replace(&mut self.windows, later);
+        let mut data = older.remove(&window_start_ms).unwrap_or_default();
+        let oldest = window_start_ms
+            .saturating_sub(MAX_PAST_WINDOWS.saturating_mul(u64::from(self.window_ms)));
+        for (start, skipped) in older {
+            if start >= oldest && !skipped.paths.is_empty() {
+                self.late_paths += skipped.paths.len();
+                self.closed.entry(start).or_default().late = Some(skipped);
+            }
+        }
+        self.forget_before(oldest);
+        self.closed.insert(
+            window_start_ms,
+            Judged {
+                sources: data.take_sources().into_boxed_slice(),
+                late: None,
+            },
+        );
         self.evaluated_through_ms = Some(window_start_ms);
         self.expected_paths = data.paths.len().min(MAX_PATHS_PER_WINDOW);
         Ok(ClosedWindow {
             window_start_ms,
             data,
+            reported: Box::default(),
+            hasher: self.hasher,
         })
+    }
+
+    /// Drops what is kept of closed windows older than `oldest`.
+    fn forget_before(&mut self, oldest: u64) {
+        let kept = self.closed.split_off(&oldest);
+        for gone in std::mem::replace(&mut self.closed, kept).into_values() {
+            self.late_paths -= gone.late.map_or(0, |l| l.paths.len());
+        }
+    }
+
+    /// Takes every late bucket out to be judged, oldest window first; their
+    /// sources count as judged in their windows from now on.
+    pub fn take_late(&mut self) -> Vec<ClosedWindow> {
+        if self.late_paths == 0 {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (&start, judged) in &mut self.closed {
+            let Some(mut data) = judged.late.take() else {
+                continue;
+            };
+            self.late_paths -= data.paths.len();
+            judged.sources = merge_sorted(&judged.sources, &data.take_sources());
+            out.push(ClosedWindow {
+                window_start_ms: start,
+                data,
+                reported: judged.sources.clone(),
+                hasher: self.hasher,
+            });
+        }
+        out
     }
 }
 
@@ -334,6 +486,7 @@ impl Analyzer {
         let ClosedWindow {
             window_start_ms,
             data,
+            ..
         } = closed;
         let stats = stats::collect(data, window_start_ms, &self.sla, topology, target_present);
         let transitions =
@@ -371,6 +524,44 @@ impl Analyzer {
         }
         self.last_report = Some(Arc::clone(&report));
         report
+    }
+
+    /// Judges a late window from [`Intake::take_late`] by the SLA alone: its
+    /// paths and ToR pairs, without findings, hysteresis or localization (live
+    /// verdicts never change from late data). A target counts as present when
+    /// `target_present` says so or when its own agent reported the window:
+    /// presence is the controller's view, and a controller cut off from the
+    /// agents saw none of them.
+    pub fn judge_late(
+        &self,
+        closed: ClosedWindow,
+        topology: &dyn Fn(&str) -> Option<EndpointPlacement>,
+        target_present: &dyn Fn(&str, u64) -> bool,
+    ) -> WindowReport {
+        let ClosedWindow {
+            window_start_ms,
+            data,
+            reported,
+            hasher,
+        } = closed;
+        let present = |endpoint: &str, window: u64| {
+            target_present(endpoint, window)
+                || reported.binary_search(&hasher.hash_one(endpoint)).is_ok()
+        };
+        let stats = stats::collect(data, window_start_ms, &self.sla, topology, &present);
+        WindowReport {
+            window_start_ms,
+            window_ms: self.window_ms,
+            paths: stats.paths,
+            tor_pairs: stats.tor_pairs,
+            opened: Vec::new(),
+            cleared: Vec::new(),
+            root_causes: Vec::new(),
+            opened_root_causes: Vec::new(),
+            cleared_root_causes: Vec::new(),
+            excluded_target_gone: stats.excluded_target_gone,
+            excluded_unplaced: stats.excluded_unplaced,
+        }
     }
 
     /// Root causes of `report`'s window together with the ones before it.

@@ -386,7 +386,7 @@ fn refused_summaries() -> Vec<(v1::WindowSummary, &'static str)> {
         ),
         (
             v1::WindowSummary {
-                window_start_ms: T0 + 4 * W - 20 * W,
+                window_start_ms: T0 + 4 * W - (MAX_PAST_WINDOWS + 10) * W,
                 ..good()
             },
             "too_old",
@@ -518,4 +518,144 @@ fn invalid_sla_or_window_is_refused_at_construction() {
     );
     let err = Analyzer::new(SlaPolicy::default(), 0).err();
     assert_eq!(err.map(|e| e.field), Some("windowMs"));
+}
+
+fn intake_with_window_3_judged() -> Intake {
+    let mut intake = Intake::new(WINDOW);
+    let now = now_for(3);
+    for s in [
+        summary(3, "a1/udp0", "b1/udp0", 10, 0, 10_000),
+        summary(3, "a1/udp0", "c1/udp0", 10, 0, 10_000),
+    ] {
+        assert_eq!(intake.ingest(s, now), Ok(Ingested::Accepted));
+    }
+    let closed = intake.close(T0 + 3 * W).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(closed.paths(), 2);
+    intake
+}
+
+#[test]
+fn a_closed_window_takes_late_summaries_from_sources_not_judged_in_it() {
+    let mut intake = intake_with_window_3_judged();
+    let now = now_for(9);
+    let late = summary(3, "b1/udp0", "a1/udp0", 10, 0, 10_000);
+    assert_eq!(intake.ingest(late.clone(), now), Ok(Ingested::AcceptedLate));
+    assert_eq!(
+        intake.ingest(late, now),
+        Ok(Ingested::Duplicate),
+        "the first report of a path in the late bucket wins"
+    );
+    let judged_source = summary(3, "a1/udp0", "d1/udp0", 10, 0, 10_000);
+    assert_eq!(
+        intake
+            .ingest(judged_source, now)
+            .err()
+            .map(|e| e.category()),
+        Some("already_evaluated"),
+        "a1's summaries of window 3 were judged: another would count twice"
+    );
+    assert_eq!(intake.late_summaries(), 1);
+    assert_eq!(intake.buffered_summaries(), 0, "no live window holds it");
+
+    let taken = intake.take_late();
+    assert_eq!(taken.len(), 1);
+    assert_eq!(
+        (taken[0].window_start_ms(), taken[0].paths()),
+        (T0 + 3 * W, 1)
+    );
+    assert!(taken[0].reported("a1/udp0") && taken[0].reported("b1/udp0"));
+    assert!(!taken[0].reported("c1/udp0"));
+    assert_eq!(intake.late_summaries(), 0);
+    let again = summary(3, "b1/udp0", "c1/udp0", 10, 0, 10_000);
+    assert_eq!(
+        intake.ingest(again, now).err().map(|e| e.category()),
+        Some("already_evaluated"),
+        "b1 counts as judged once its bucket was taken"
+    );
+    assert!(intake.take_late().is_empty());
+}
+
+#[test]
+fn late_summaries_beyond_the_horizon_are_too_old() {
+    let mut intake = intake_with_window_3_judged();
+    // The current window is 3 + MAX_PAST_WINDOWS + 1: window 4 is the oldest taken.
+    let now = now_for(3 + MAX_PAST_WINDOWS);
+    let late = summary(3, "b1/udp0", "a1/udp0", 10, 0, 10_000);
+    assert_eq!(
+        intake.ingest(late, now).err().map(|e| e.category()),
+        Some("too_old")
+    );
+    intake.close(T0 + 4 * W).unwrap_or_else(|e| panic!("{e}"));
+    let inside = summary(4, "b1/udp0", "a1/udp0", 10, 0, 10_000);
+    assert_eq!(intake.ingest(inside, now), Ok(Ingested::AcceptedLate));
+}
+
+#[test]
+fn windows_held_from_before_the_first_close_are_judged_late() {
+    // A controller that started while agents resent their buffers: the
+    // windows before its first judged one were never closed.
+    let mut intake = Intake::new(WINDOW);
+    let now = now_for(10);
+    for window in [6, 7, 10] {
+        let s = summary(window, "a1/udp0", "b1/udp0", 10, 0, 10_000);
+        assert_eq!(intake.ingest(s, now), Ok(Ingested::Accepted));
+    }
+    let closed = intake.close(T0 + 8 * W).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(closed.paths(), 0);
+    assert_eq!(intake.late_summaries(), 2);
+    assert_eq!(intake.buffered_summaries(), 1, "window 10 is still open");
+    let taken: Vec<u64> = intake
+        .take_late()
+        .iter()
+        .map(|c| (c.window_start_ms() - T0) / W)
+        .collect();
+    assert_eq!(taken, vec![6, 7]);
+}
+
+#[test]
+fn a_late_window_is_judged_without_touching_live_findings() {
+    let mut a = analyzer();
+    let mut intake = Intake::new(WINDOW);
+    for window in 0..3 {
+        let closed = intake
+            .close(T0 + window * W)
+            .unwrap_or_else(|e| panic!("{e}"));
+        a.judge(closed, &topology, &everyone_present);
+    }
+    for window in 0..3 {
+        for s in [
+            summary(window, "a1/udp0", "b1/udp0", 0, 50, 20_000),
+            summary(window, "a1/udp0", "c1/udp0", 0, 50, 20_000),
+            summary(window, "b1/udp0", "a1/udp0", 50, 0, 20_000),
+        ] {
+            assert_eq!(intake.ingest(s, now_for(4)), Ok(Ingested::AcceptedLate));
+        }
+    }
+    // The controller saw no agent (cut off from all of them): a target
+    // counts as present when its own agent reported the window.
+    let nobody_present = |_: &str, _: u64| false;
+    for closed in intake.take_late() {
+        let report = a.judge_late(closed, &topology, &nobody_present);
+        let paths: Vec<(&str, &str, Judgement)> = report
+            .paths
+            .iter()
+            .map(|p| {
+                (
+                    p.source_endpoint.as_str(),
+                    p.target_endpoint.as_str(),
+                    p.loss,
+                )
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                ("a1/udp0", "b1/udp0", Judgement::Violated),
+                ("b1/udp0", "a1/udp0", Judgement::Met),
+            ]
+        );
+        assert_eq!(report.excluded_target_gone, 1, "c1 never reported");
+        assert!(report.opened.is_empty() && report.root_causes.is_empty());
+    }
+    assert!(a.open_findings().is_empty(), "late data opens no finding");
 }

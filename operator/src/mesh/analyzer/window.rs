@@ -6,14 +6,24 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::hash::BuildHasher;
 
 use pingmesh_proto::ladder::{self, SparseError};
 use pingmesh_proto::{limits, v1};
 
 use super::stats::ProbeKind;
 
-/// Windows before the current one that still accept summaries (late reports).
-pub const MAX_PAST_WINDOWS: u64 = 12;
+/// Windows before the current one that still accept summaries: late reports,
+/// and what agents buffered while the controller was restarting or cut off
+/// (180 windows: 15 minutes of the default 5 s windows). Summaries for a
+/// window that was judged already are still taken, from sources not judged in
+/// it (see `Intake`). What this costs while no summary comes late: 8 bytes
+/// per source endpoint per closed window, so 180 x 8 B = 1.4 KiB per
+/// endpoint (14 MiB for 10,000 endpoints).
+pub const MAX_PAST_WINDOWS: u64 = 180;
+/// Most late summaries (for windows judged already) held at once, over all
+/// windows, until they are judged; beyond this they are refused (`late_full`).
+pub const MAX_LATE_PATHS: usize = MAX_PATHS_PER_WINDOW;
 /// Windows after the current one that accept summaries (agent clocks running ahead).
 pub const MAX_FUTURE_WINDOWS: u64 = 1;
 /// Most paths buffered for one window; beyond this summaries are refused.
@@ -24,6 +34,9 @@ pub const MAX_PATHS_PER_WINDOW: usize = 8_000_000;
 pub enum Ingested {
     /// Stored for its window.
     Accepted,
+    /// Stored for a window judged already, from a source not judged in it:
+    /// judged on its own later, into the window's history only.
+    AcceptedLate,
     /// The (window, source, target) was reported already; the first report stands.
     Duplicate,
 }
@@ -49,7 +62,11 @@ pub enum IngestError {
     SoftwareTimedAboveOk { software_timed: u64, ok: u64 },
     #[error("{which} endpoint id ({len} bytes) is empty, too long or not printable ASCII")]
     InvalidEndpointId { which: &'static str, len: usize },
-    #[error("window {window_start_ms} was already evaluated (through {evaluated_through_ms})")]
+    /// The window was judged, and with it this summary's source endpoint
+    /// (summaries from sources not judged in it are still taken).
+    #[error(
+        "window {window_start_ms} was already judged with this source's summaries (evaluated through {evaluated_through_ms})"
+    )]
     AlreadyEvaluated {
         window_start_ms: u64,
         evaluated_through_ms: u64,
@@ -72,6 +89,8 @@ pub enum IngestError {
     MalformedHistogram(#[from] SparseError),
     #[error("window already holds {limit} paths")]
     WindowFull { limit: usize },
+    #[error("{limit} late summaries wait to be judged already")]
+    LateFull { limit: usize },
 }
 
 impl IngestError {
@@ -88,6 +107,7 @@ impl IngestError {
             Self::TooFarInFuture { .. } => "too_far_in_future",
             Self::MalformedHistogram(_) => "malformed_histogram",
             Self::WindowFull { .. } => "window_full",
+            Self::LateFull { .. } => "late_full",
         }
     }
 }
@@ -123,6 +143,12 @@ pub(super) type FastHash = foldhash::fast::RandomState;
 #[derive(Debug, Default)]
 pub(super) struct WindowData {
     pub paths: HashMap<PathKey, PathRecord, FastHash>,
+    /// Hashes of the source endpoints stored, one per run of summaries from
+    /// one source (an agent reports a source's paths together, so this
+    /// stays near one entry per source); sorted and deduplicated on take.
+    sources: Vec<u64>,
+    /// The source of the last path stored: the next one from it adds no hash.
+    last_source: String,
 }
 
 impl WindowData {
@@ -130,11 +156,25 @@ impl WindowData {
     pub fn with_capacity(paths: usize) -> Self {
         Self {
             paths: HashMap::with_capacity_and_hasher(paths, FastHash::default()),
+            ..Self::default()
         }
     }
 
-    /// Stores a summary that passed [`check`]; the first report of a path wins.
-    pub fn insert(&mut self, mut summary: v1::WindowSummary) -> Result<Ingested, IngestError> {
+    /// The source endpoints stored, as sorted distinct `hasher` hashes.
+    pub fn take_sources(&mut self) -> Vec<u64> {
+        let mut sources = std::mem::take(&mut self.sources);
+        sources.sort_unstable();
+        sources.dedup();
+        sources
+    }
+
+    /// Stores a summary that passed [`check`]; the first report of a path
+    /// wins. `hasher` hashes the sources kept for [`WindowData::take_sources`].
+    pub fn insert(
+        &mut self,
+        mut summary: v1::WindowSummary,
+        hasher: FastHash,
+    ) -> Result<Ingested, IngestError> {
         let key = (
             std::mem::take(&mut summary.source_endpoint),
             std::mem::take(&mut summary.target_endpoint),
@@ -151,6 +191,11 @@ impl WindowData {
         match self.paths.entry(key) {
             Entry::Occupied(_) => Ok(Ingested::Duplicate),
             Entry::Vacant(slot) => {
+                let source = &slot.key().0;
+                if *source != self.last_source {
+                    self.sources.push(hasher.hash_one(source.as_str()));
+                    self.last_source.clone_from(source);
+                }
                 slot.insert(PathRecord::from(summary));
                 Ok(Ingested::Accepted)
             }
@@ -180,13 +225,12 @@ impl From<v1::WindowSummary> for PathRecord {
     }
 }
 
-/// Which windows currently accept summaries.
+/// Which windows currently accept summaries (judged ones too: the intake
+/// decides what a judged window still takes).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Acceptance {
     /// Window length, ms.
     pub window: u32,
-    /// Start (Unix ms) of the newest window already evaluated, if any.
-    pub evaluated_through: Option<u64>,
     /// The controller's clock, Unix ms.
     pub now: u64,
 }
@@ -227,12 +271,6 @@ pub(super) fn check(s: &v1::WindowSummary, accept: &Acceptance) -> Result<(), In
         return Err(IngestError::TooOld {
             window_start_ms: start,
             oldest_accepted_ms: oldest,
-        });
-    }
-    if let Some(done) = accept.evaluated_through.filter(|&done| start <= done) {
-        return Err(IngestError::AlreadyEvaluated {
-            window_start_ms: start,
-            evaluated_through_ms: done,
         });
     }
     let newest = accept.newest_accepted_ms();

@@ -251,3 +251,73 @@ fn snapshot_like(s: &Snapshot) -> Snapshot {
         services: Arc::clone(&s.services),
     }
 }
+
+fn lossy(start: u64, source: &str, target: &str) -> WindowSummary {
+    WindowSummary {
+        window_start_ms: start,
+        window_ms: WINDOW_MS,
+        source_endpoint: format!("{source}/udp0"),
+        target_endpoint: format!("{target}/udp0"),
+        sent: 20,
+        lost: 20,
+        ..WindowSummary::default()
+    }
+}
+
+#[tokio::test]
+async fn windows_judged_empty_take_late_summaries_into_history_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let controller = controller(&dir).await;
+    let mut streams = Vec::new();
+    for (node, port) in [("n1", 7101), ("n2", 7102)] {
+        let (session, _) = controller
+            .register(node, "test", &[udp(node, port)])
+            .await
+            .unwrap();
+        streams.push(controller.connect(node, session));
+    }
+    // Windows the controller judged while no agent could reach it (before
+    // they connected, as after a partition or a restart).
+    let first = window_start(unix_now_ms(), WINDOW_MS) - 6 * u64::from(WINDOW_MS);
+    let windows: Vec<u64> = (0..4).map(|i| first + i * u64::from(WINDOW_MS)).collect();
+    for &w in &windows {
+        assert!(controller.evaluate(w).unwrap().paths.is_empty());
+    }
+    let late_count = |outcome: &str| {
+        controller
+            .metrics
+            .late_summaries
+            .with_label_values(&[outcome])
+            .get()
+    };
+    // The agents' buffers arrive: every path lost all its probes.
+    let n1: Vec<WindowSummary> = windows.iter().map(|&w| lossy(w, "n1", "n2")).collect();
+    let n2: Vec<WindowSummary> = windows.iter().map(|&w| lossy(w, "n2", "n1")).collect();
+    assert_eq!(controller.report("n1", n1.clone()).unwrap().accepted, 4);
+    assert_eq!(controller.report("n2", n2).unwrap().accepted, 4);
+    assert_eq!(late_count("accepted"), 8);
+    assert_eq!(controller.judge_late(), 8);
+    assert_eq!(late_count("judged"), 8);
+
+    for &w in &windows {
+        let cells = controller
+            .history
+            .window(crate::mesh::history::WindowRef::Start(w))
+            .expect("the window is in the history");
+        assert_eq!(cells.path_count, 2, "window {w}");
+        assert_eq!(cells.failing(crate::mesh::history::FAILING_LOSS), 1);
+    }
+    assert!(
+        controller.open_findings().is_empty(),
+        "four windows of total loss, but late: no finding opens"
+    );
+    assert!(controller.open_root_causes().is_empty());
+    assert!(controller.last_report().unwrap().paths.is_empty());
+
+    // Sent again (the agent did not see the answer): judged already, refused.
+    let again = controller.report("n1", n1).unwrap();
+    assert_eq!((again.accepted, again.rejected), (0, 4));
+    assert_eq!(late_count("duplicate"), 4);
+    assert_eq!(controller.judge_late(), 0);
+    drop(streams);
+}

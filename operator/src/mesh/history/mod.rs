@@ -84,19 +84,65 @@ fn saturate(n: u64) -> u32 {
 }
 
 fn failing_bits(pair: &TorPairStats, sla: &SlaPolicy) -> u8 {
+    failing_of(
+        pair.ok,
+        pair.lost,
+        pair.p99_network_rtt_ns,
+        &Thresholds::from(sla),
+    )
+}
+
+fn failing_of(ok: u64, lost: u64, p99_ns: Option<u64>, t: &Thresholds) -> u8 {
     let mut bits = 0;
-    if pair.loss_ratio.is_some_and(|l| l > sla.max_loss_ratio) {
+    if super::analyzer::loss_ratio(ok, lost).is_some_and(|l| l > t.max_loss_ratio) {
         bits |= FAILING_LOSS;
     }
-    let unanswered = pair.ok == 0 && pair.lost > 0;
-    if unanswered
-        || pair
-            .p99_network_rtt_ns
-            .is_some_and(|p| p > sla.max_p99_network_rtt_ns)
-    {
+    let unanswered = ok == 0 && lost > 0;
+    if unanswered || p99_ns.is_some_and(|p| p > t.max_p99_network_rtt_ns) {
         bits |= FAILING_LATENCY;
     }
     bits
+}
+
+/// One ToR pair's cell of a window judged in two parts (live and late
+/// summaries, disjoint by source): counts add up, the p99 is the larger of
+/// the two (the merged p99 lies between them: an upper bound, like the
+/// ladder's), and the verdicts are taken again from the merged figures.
+fn combine(live: &Cell, late: &Cell, limits: &Thresholds) -> Cell {
+    let ok = u64::from(live.ok) + u64::from(late.ok);
+    let lost = u64::from(live.lost) + u64::from(late.lost);
+    let p99 = match (live.p99_network_rtt_ns(), late.p99_network_rtt_ns()) {
+        (Some(one), Some(other)) => Some(one.max(other)),
+        (one, other) => one.or(other),
+    };
+    let loss_verdict = match super::analyzer::loss_ratio(ok, lost) {
+        Some(ratio) if ok + lost >= limits.min_probes => verdict(ratio > limits.max_loss_ratio),
+        _ => Judgement::NotJudged,
+    };
+    let latency_verdict = match p99 {
+        Some(p99) if ok >= limits.min_probes => verdict(p99 > limits.max_p99_network_rtt_ns),
+        _ => Judgement::NotJudged,
+    };
+    Cell {
+        source: live.source,
+        target: live.target,
+        paths: live.paths.saturating_add(late.paths),
+        ok: saturate(ok),
+        lost: saturate(lost),
+        invalid: live.invalid.saturating_add(late.invalid),
+        p99_network_rtt_ns: p99.unwrap_or(u64::MAX),
+        failing: failing_of(ok, lost, p99, limits),
+        loss: loss_verdict,
+        latency: latency_verdict,
+    }
+}
+
+fn verdict(violated: bool) -> Judgement {
+    if violated {
+        Judgement::Violated
+    } else {
+        Judgement::Met
+    }
 }
 
 /// The SLA thresholds a window was drawn against.
@@ -185,6 +231,132 @@ struct Inner {
     paths: usize,
 }
 
+/// Adds the ToRs with data in `report` to a window's rows (every known ToR).
+fn add_tors<'a>(names: &mut BTreeSet<&'a str>, report: &'a WindowReport) {
+    for pair in &report.tor_pairs {
+        names.insert(&pair.source_tor);
+        names.insert(&pair.target_tor);
+    }
+}
+
+/// A report's window as the history keeps it, with ToR rows `names`
+/// (shared with `beside`, a neighbouring window, when the same).
+fn window_cells(
+    report: &Arc<WindowReport>,
+    sla: &SlaPolicy,
+    names: &BTreeSet<&str>,
+    beside: Option<&WindowCells>,
+) -> WindowCells {
+    let tors: Arc<[String]> = match beside {
+        Some(prev)
+            if prev
+                .tors
+                .iter()
+                .map(String::as_str)
+                .eq(names.iter().copied()) =>
+        {
+            Arc::clone(&prev.tors)
+        }
+        _ => names.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let index = |name: &str| tor_index(&tors, name);
+    let mut cells: Vec<Cell> = report
+        .tor_pairs
+        .iter()
+        .filter_map(|pair| {
+            Some(Cell {
+                source: index(&pair.source_tor)?,
+                target: index(&pair.target_tor)?,
+                paths: saturate(pair.paths),
+                ok: saturate(pair.ok),
+                lost: saturate(pair.lost),
+                invalid: saturate(pair.invalid),
+                p99_network_rtt_ns: pair.p99_network_rtt_ns.unwrap_or(u64::MAX),
+                failing: failing_bits(pair, sla),
+                loss: pair.loss,
+                latency: pair.latency,
+            })
+        })
+        .collect();
+    cells.sort_by_key(|c| (c.source, c.target));
+    WindowCells {
+        start_ms: report.window_start_ms,
+        window_ms: report.window_ms,
+        tors,
+        cells: cells.into_boxed_slice(),
+        thresholds: Thresholds::from(sla),
+        path_count: report.paths.len(),
+        report: Some(Arc::clone(report)),
+    }
+}
+
+fn tor_index(tors: &[String], name: &str) -> Option<u32> {
+    tors.binary_search_by(|t| t.as_str().cmp(name))
+        .ok()
+        .and_then(|i| u32::try_from(i).ok())
+}
+
+/// `live` with the late paths of `late` added (disjoint by source), drawn
+/// against `live`'s thresholds; `names` holds both windows' ToRs. Path detail
+/// stays only when `live` still has its own.
+fn merge_late(
+    live: &WindowCells,
+    late: &Arc<WindowReport>,
+    sla: &SlaPolicy,
+    names: &BTreeSet<&str>,
+) -> WindowCells {
+    let mut merged = window_cells(late, sla, names, Some(live));
+    let thresholds = live.thresholds;
+    let mut cells: Vec<Cell> = live
+        .cells
+        .iter()
+        .filter_map(|c| {
+            let source = tor_index(&merged.tors, live.tors.get(c.source as usize)?)?;
+            let target = tor_index(&merged.tors, live.tors.get(c.target as usize)?)?;
+            Some(Cell {
+                source,
+                target,
+                ..*c
+            })
+        })
+        .collect();
+    for late_cell in &merged.cells {
+        match cells
+            .iter_mut()
+            .find(|c| (c.source, c.target) == (late_cell.source, late_cell.target))
+        {
+            Some(cell) => *cell = combine(cell, late_cell, &thresholds),
+            None => cells.push(Cell {
+                failing: failing_of(
+                    u64::from(late_cell.ok),
+                    u64::from(late_cell.lost),
+                    late_cell.p99_network_rtt_ns(),
+                    &thresholds,
+                ),
+                ..*late_cell
+            }),
+        }
+    }
+    cells.sort_by_key(|c| (c.source, c.target));
+    merged.cells = cells.into_boxed_slice();
+    merged.thresholds = thresholds;
+    merged.start_ms = live.start_ms;
+    merged.path_count = live.path_count + late.paths.len();
+    merged.report = live.report.as_ref().map(|kept| {
+        let mut paths = kept.paths.clone();
+        paths.extend(late.paths.iter().cloned());
+        paths.sort_by(|a, b| {
+            (&a.source_endpoint, &a.target_endpoint).cmp(&(&b.source_endpoint, &b.target_endpoint))
+        });
+        // Path detail only: the history reads nothing else of its reports.
+        Arc::new(WindowReport {
+            paths,
+            ..(**kept).clone()
+        })
+    });
+    merged
+}
+
 /// The history the controller keeps; every method takes its own lock.
 #[derive(Debug, Default)]
 pub struct WindowHistory {
@@ -230,59 +402,65 @@ impl WindowHistory {
             return;
         }
         let mut names: BTreeSet<&str> = known_tors.into_iter().collect();
-        for pair in &report.tor_pairs {
-            names.insert(&pair.source_tor);
-            names.insert(&pair.target_tor);
-        }
-        let tors: Arc<[String]> = match inner.windows.back() {
-            Some(prev)
-                if prev
-                    .tors
-                    .iter()
-                    .map(String::as_str)
-                    .eq(names.iter().copied()) =>
-            {
-                Arc::clone(&prev.tors)
-            }
-            _ => names.iter().map(|s| (*s).to_owned()).collect(),
-        };
-        let index = |name: &str| {
-            tors.binary_search_by(|t| t.as_str().cmp(name))
-                .ok()
-                .and_then(|i| u32::try_from(i).ok())
-        };
-        let mut cells: Vec<Cell> = report
-            .tor_pairs
-            .iter()
-            .filter_map(|pair| {
-                Some(Cell {
-                    source: index(&pair.source_tor)?,
-                    target: index(&pair.target_tor)?,
-                    paths: saturate(pair.paths),
-                    ok: saturate(pair.ok),
-                    lost: saturate(pair.lost),
-                    invalid: saturate(pair.invalid),
-                    p99_network_rtt_ns: pair.p99_network_rtt_ns.unwrap_or(u64::MAX),
-                    failing: failing_bits(pair, sla),
-                    loss: pair.loss,
-                    latency: pair.latency,
-                })
-            })
-            .collect();
-        cells.sort_by_key(|c| (c.source, c.target));
-        let window = WindowCells {
-            start_ms: report.window_start_ms,
-            window_ms: report.window_ms,
-            tors,
-            cells: cells.into_boxed_slice(),
-            thresholds: Thresholds::from(sla),
-            path_count: report.paths.len(),
-            report: Some(Arc::clone(report)),
-        };
+        add_tors(&mut names, report);
+        let window = window_cells(report, sla, &names, inner.windows.back().map(AsRef::as_ref));
         inner.cells += window.cells.len();
         inner.paths += window.path_count;
         inner.windows.push_back(Arc::new(window));
         self.enforce_limits(&mut inner);
+    }
+
+    /// Adds a window judged from late summaries (see `mesh::analyzer::Intake`):
+    /// merged into the window's record when the history holds one (its
+    /// paths and the late ones are disjoint by source), inserted in order
+    /// when not. A window older than the history keeps, or without paths, is
+    /// ignored. Returns whether the history changed.
+    pub fn record_late<'a>(
+        &self,
+        report: &Arc<WindowReport>,
+        sla: &SlaPolicy,
+        known_tors: impl IntoIterator<Item = &'a str>,
+    ) -> bool {
+        if report.paths.is_empty() {
+            return false;
+        }
+        let mut inner = self.lock();
+        let start = report.window_start_ms;
+        if let Some(newest) = inner.windows.back().map(|w| w.start_ms)
+            && start < newest.saturating_sub(self.limits.max_age_ms)
+        {
+            return false;
+        }
+        let mut names: BTreeSet<&str> = known_tors.into_iter().collect();
+        add_tors(&mut names, report);
+        match inner.windows.binary_search_by_key(&start, |w| w.start_ms) {
+            Ok(i) => {
+                let live = Arc::clone(&inner.windows[i]);
+                let merged = if live.path_count == 0 {
+                    window_cells(report, sla, &names, Some(live.as_ref()))
+                } else {
+                    names.extend(live.tors.iter().map(String::as_str));
+                    merge_late(&live, report, sla, &names)
+                };
+                inner.cells = inner.cells - live.cells.len() + merged.cells.len();
+                if live.report.is_some() {
+                    inner.paths -= live.path_count;
+                }
+                if merged.report.is_some() {
+                    inner.paths += merged.path_count;
+                }
+                inner.windows[i] = Arc::new(merged);
+            }
+            Err(i) => {
+                let prev = i.checked_sub(1).and_then(|p| inner.windows.get(p));
+                let window = window_cells(report, sla, &names, prev.map(AsRef::as_ref));
+                inner.cells += window.cells.len();
+                inner.paths += window.path_count;
+                inner.windows.insert(i, Arc::new(window));
+            }
+        }
+        self.enforce_limits(&mut inner);
+        true
     }
 
     fn enforce_limits(&self, inner: &mut Inner) {

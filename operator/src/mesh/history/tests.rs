@@ -257,3 +257,92 @@ fn a_cell_takes_the_forty_bytes_the_memory_budget_counts_on() {
     // docs/web.md and HistoryLimits::max_cells size the history by this.
     assert!(std::mem::size_of::<Cell>() <= 40);
 }
+
+#[test]
+fn a_late_window_the_history_lacks_is_inserted_in_order() {
+    let history = WindowHistory::default();
+    history.record(&healthy(WINDOW), &sla(), []);
+    history.record(&healthy(4 * WINDOW), &sla(), []);
+    assert!(history.record_late(&healthy(2 * WINDOW), &sla(), []));
+    let starts: Vec<u64> = history
+        .windows_after(None)
+        .iter()
+        .map(|w| w.start_ms)
+        .collect();
+    assert_eq!(starts, [WINDOW, 2 * WINDOW, 4 * WINDOW]);
+    let (start, paths) = history
+        .paths(WindowRef::Start(2 * WINDOW), "tor-1", "tor-2")
+        .unwrap();
+    assert_eq!((start, paths.len()), (2 * WINDOW, 1));
+    assert_eq!(history.held(), (3, 6, 6));
+}
+
+#[test]
+fn a_late_window_replaces_a_window_judged_without_data() {
+    let history = WindowHistory::default();
+    history.record(&report(WINDOW, Vec::new(), Vec::new()), &sla(), ["tor-1"]);
+    history.record(&healthy(2 * WINDOW), &sla(), []);
+    assert!(history.record_late(&healthy(WINDOW), &sla(), []));
+    let w = history.window(WindowRef::Start(WINDOW)).unwrap();
+    assert_eq!((w.cells.len(), w.path_count), (2, 2));
+    assert_eq!(history.held(), (2, 4, 4));
+}
+
+#[test]
+fn late_paths_merge_into_the_window_judged_live() {
+    let history = WindowHistory::default();
+    history.record(&healthy(WINDOW), &sla(), []);
+    let slow = sla().max_p99_network_rtt_ns + 1;
+    let late = report(
+        WINDOW,
+        vec![
+            pair("tor-1", "tor-2", 5, 5, Some(slow)),
+            pair("tor-3", "tor-1", 20, 0, Some(1_000)),
+        ],
+        vec![
+            path("d/0", "c/0", "tor-1", "tor-2"),
+            path("e/0", "a/0", "tor-3", "tor-1"),
+        ],
+    );
+    assert!(history.record_late(&late, &sla(), []));
+    let w = history.window(WindowRef::Latest).unwrap();
+    assert_eq!(&*w.tors, ["tor-1", "tor-2", "tor-3"]);
+    let cells: Vec<(u32, u32, u32, u32, u32)> = w
+        .cells
+        .iter()
+        .map(|c| (c.source, c.target, c.paths, c.ok, c.lost))
+        .collect();
+    assert_eq!(
+        cells,
+        [(0, 0, 2, 50, 0), (0, 1, 4, 15, 5), (2, 0, 2, 20, 0)],
+        "counts of the same ToR pair add up; new pairs are added"
+    );
+    let merged = &w.cells[1];
+    assert_eq!(
+        merged.p99_network_rtt_ns(),
+        Some(slow),
+        "the larger p99 bounds the merged one"
+    );
+    assert_eq!(merged.failing, FAILING_LOSS | FAILING_LATENCY);
+    assert_eq!(
+        (merged.loss, merged.latency),
+        (Judgement::Violated, Judgement::Violated)
+    );
+    assert_eq!(w.path_count, 4);
+    let (_, paths) = history.paths(WindowRef::Latest, "tor-1", "tor-2").unwrap();
+    let sources: Vec<&str> = paths.iter().map(|p| p.source_endpoint.as_str()).collect();
+    assert_eq!(sources, ["a/0", "d/0"]);
+    assert_eq!(history.held(), (1, 3, 4));
+}
+
+#[test]
+fn a_late_window_older_than_the_history_keeps_is_ignored() {
+    let history = WindowHistory::new(HistoryLimits {
+        max_age_ms: 3 * WINDOW,
+        ..HistoryLimits::default()
+    });
+    history.record(&healthy(10 * WINDOW), &sla(), []);
+    assert!(!history.record_late(&healthy(6 * WINDOW), &sla(), []));
+    assert!(!history.record_late(&report(9 * WINDOW, Vec::new(), Vec::new()), &sla(), []));
+    assert_eq!(history.held().0, 1);
+}
