@@ -870,6 +870,10 @@ impl MeshController {
                 return None;
             }
         };
+        self.metrics
+            .late_summaries
+            .with_label_values(&["accepted"])
+            .inc_by(u64::try_from(closed.made_late()).unwrap_or(u64::MAX));
         let ingested = Duration::from_nanos(self.ingest_ns.swap(0, Ordering::Relaxed));
         let window_ms = u64::from(self.config.pinglist.window_ms);
         let timeout_ms = u64::from(self.config.pinglist.probe_timeout_ms);

@@ -154,6 +154,8 @@ pub struct ClosedWindow {
     /// summaries' included), hashed by `hasher`.
     reported: Box<[u64]>,
     hasher: FastHash,
+    /// Summaries of older windows never closed that this close made late.
+    made_late: usize,
 }
 
 impl ClosedWindow {
@@ -164,6 +166,13 @@ impl ClosedWindow {
     /// Paths reported for the window.
     pub fn paths(&self) -> usize {
         self.data.paths.len()
+    }
+
+    /// Summaries taken in for windows older than this one that were never
+    /// closed (held from before the intake's first close), which closing
+    /// it moved to late buckets: taken in as live, judged as late.
+    pub fn made_late(&self) -> usize {
+        self.made_late
     }
 
     /// Whether summaries from `endpoint` as a source were judged in this
@@ -317,8 +326,10 @@ impl Intake {
         let mut data = older.remove(&window_start_ms).unwrap_or_default();
         let oldest = window_start_ms
             .saturating_sub(MAX_PAST_WINDOWS.saturating_mul(u64::from(self.window_ms)));
+        let mut made_late = 0;
         for (start, skipped) in older {
             if start >= oldest && !skipped.paths.is_empty() {
+                made_late += skipped.paths.len();
                 self.late_paths += skipped.paths.len();
                 self.closed.entry(start).or_default().late = Some(skipped);
             }
@@ -338,6 +349,7 @@ impl Intake {
             data,
             reported: Box::default(),
             hasher: self.hasher,
+            made_late,
         })
     }
 
@@ -367,6 +379,7 @@ impl Intake {
                 data,
                 reported: judged.sources.clone(),
                 hasher: self.hasher,
+                made_late: 0,
             });
         }
         out
@@ -543,6 +556,7 @@ impl Analyzer {
             data,
             reported,
             hasher,
+            ..
         } = closed;
         let present = |endpoint: &str, window: u64| {
             target_present(endpoint, window)

@@ -601,7 +601,7 @@ fn windows_held_from_before_the_first_close_are_judged_late() {
         assert_eq!(intake.ingest(s, now), Ok(Ingested::Accepted));
     }
     let closed = intake.close(T0 + 8 * W).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(closed.paths(), 0);
+    assert_eq!((closed.paths(), closed.made_late()), (0, 2));
     assert_eq!(intake.late_summaries(), 2);
     assert_eq!(intake.buffered_summaries(), 1, "window 10 is still open");
     let taken: Vec<u64> = intake
