@@ -490,13 +490,21 @@ fn controller_sigkilled_mid_window_comes_back_with_every_buffered_summary_counte
         rejected: since(|r| r.rejected),
     };
     let buffer_full: u64 = since(|r| r.buffer_full);
+    // The buffered windows were judged (empty) before their summaries came
+    // back: they are taken late and judged into the history, none refused.
+    let late = wait_for_late_judged(&spec);
     eprintln!(
-        "chaos: controller SIGKILL: down {windows_down} windows, buffered {queued:?}, serving again {:.2} s after the kill, agents reconnected {:.2} s and buffers drained {:.2} s after the restart, findings back {:.2} s after it; new controller {c2:?} ({:?}), agents booked {booked:?}, buffer_full {buffer_full}",
+        "chaos: controller SIGKILL: down {windows_down} windows, buffered {queued:?}, serving again {:.2} s after the kill, agents reconnected {:.2} s and buffers drained {:.2} s after the restart, findings back {:.2} s after it; new controller {c2:?} ({:?}), agents booked {booked:?}, buffer_full {buffer_full}, late {late:?}",
         serving.as_secs_f64(),
         reconnected.as_secs_f64(),
         drained.as_secs_f64(),
         findings_back.as_secs_f64(),
         metrics::summary_results(&text),
+    );
+    assert_eq!(late.refused(), 0, "buffered summaries refused: {late:?}");
+    assert!(
+        late.accepted >= queued.iter().sum::<u64>() / 2,
+        "most of the buffer belongs to windows judged before it came: {late:?}"
     );
     assert_eq!(c2, booked, "controller and agents disagree on the answers");
     assert_eq!(c2.duplicate, 0, "a summary came twice");
@@ -659,6 +667,31 @@ fn partitioned_controller_loses_no_window_beyond_the_agents_buffer_limit() {
         0,
         "the default buffer dropped summaries"
     );
+    // What came back belongs to windows judged in the partition: taken
+    // late and judged into the history. A report in flight at the cut may
+    // have been taken with its answer lost: resent, it is refused as judged.
+    let late = wait_for_late_judged(&spec);
+    let one_report: u64 = s1.iter().map(|r| r.targets).sum();
+    eprintln!("chaos: partition: late summaries {late:?}");
+    assert!(
+        late.refused() <= one_report,
+        "buffered summaries refused: {late:?}"
+    );
+    assert!(
+        late.accepted >= queued.iter().sum::<u64>() / 2,
+        "the buffers' windows were judged in the partition: {late:?}"
+    );
+}
+
+/// The controller's late-summary counters once everything it took late
+/// has been judged (it judges them a fraction of a second after they come).
+fn wait_for_late_judged(spec: &ControllerSpec) -> metrics::LateSummaries {
+    let mut late = metrics::LateSummaries::default();
+    wait_for(Duration::from_secs(10), "late summaries judged", || {
+        late = metrics::LateSummaries::of(&spec.metrics());
+        late.judged == late.accepted
+    });
+    late
 }
 
 // ---------------------------------------------------------------------------

@@ -122,6 +122,35 @@ impl ControllerSummaries {
     }
 }
 
+/// What the controller did with summaries for windows it had judged already
+/// (`pingmesh_controller_late_summaries_total`, docs/protocol.md#windows).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LateSummaries {
+    pub accepted: u64,
+    pub judged: u64,
+    /// Refused: their source was judged in the window already.
+    pub duplicate: u64,
+    pub too_old: u64,
+}
+
+impl LateSummaries {
+    pub fn of(text: &str) -> Self {
+        const FAMILY: &str = "pingmesh_controller_late_summaries_total";
+        let outcome = |o: &str| count(text, FAMILY, &[("outcome", o)]);
+        Self {
+            accepted: outcome("accepted"),
+            judged: outcome("judged"),
+            duplicate: outcome("duplicate"),
+            too_old: outcome("too_old"),
+        }
+    }
+
+    /// Buffered summaries refused: delivered but never analysed.
+    pub fn refused(&self) -> u64 {
+        self.duplicate + self.too_old
+    }
+}
+
 /// Every `result` of the controller's summary counter with a non-zero count.
 pub fn summary_results(text: &str) -> Vec<(String, u64)> {
     const FAMILY: &str = "pingmesh_controller_window_summaries_total{";
