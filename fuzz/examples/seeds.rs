@@ -9,12 +9,14 @@ extern crate libfuzzer_sys;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use pingmesh_agent::probe::auth;
 use pingmesh_agent::probe::wire::Message;
 use pingmesh_fuzz::grpc_input::{
     Call, FLAG_LIVE_SESSION, FLAG_RECENT_WINDOWS, SEEDED_NODE, selector,
 };
 use pingmesh_operator::config::MeshConfig;
 use pingmesh_operator::crd::PingMeshSpec;
+use pingmesh_proto::probe_auth::{KeySet, keys_around};
 use pingmesh_proto::v1::{
     DelayStats, Endpoint, ExchangeTracesRequest, RegisterRequest, ReportServiceFlowsRequest,
     ReportWindowsRequest, ServiceFlow, ServiceFlowKind, TargetKind, TraceResult, Transport,
@@ -41,7 +43,26 @@ fn wire(dir: &Path) -> std::io::Result<()> {
         "ack2-software",
         &Message::ack2(&probe, 1_000, 2_500, true).encode(),
     )?;
-    write(dir, "truncated", &probe.encode()[..10])
+    write(dir, "truncated", &probe.encode()[..10])?;
+    // Signed with the keys the target verifies with, so the fuzzer starts
+    // past the tag check as well as the decoder.
+    let keys = KeySet::from_proto(&keys_around(
+        pingmesh_fuzz::WIRE_MASTER,
+        pingmesh_fuzz::WIRE_EPOCH,
+    ))
+    .map_err(std::io::Error::other)?;
+    let signed = |m: &Message| auth::seal(Some(&keys), m);
+    write(dir, "probe-signed", signed(&probe).as_bytes())?;
+    write(
+        dir,
+        "ack1-signed",
+        signed(&Message::ack1(&probe)).as_bytes(),
+    )?;
+    write(
+        dir,
+        "ack2-signed",
+        signed(&Message::ack2(&probe, 1_000, 2_500, false)).as_bytes(),
+    )
 }
 
 fn endpoint(node: &str, port: u32) -> Endpoint {
