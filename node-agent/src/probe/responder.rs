@@ -9,6 +9,12 @@
 //! ACK1's kernel TX stamp arrives as a separate socket event, so ACK2 waits in a
 //! bounded table keyed by the stamp's key until the stamp comes or
 //! [`TX_TIMESTAMP_WAIT`] passes.
+//!
+//! A finished ACK2 is then held for up to [`ACK2_FLUSH_DELAY`] so that the
+//! ACK2s of several probes go out with one send (`sendmmsg` on UDP) and reach
+//! their probers in fewer reads: ACK2's arrival time is none of the six
+//! timestamps (T6 is taken when ACK1 is handled), so holding it changes no
+//! measurement, only when the prober may complete the probe.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -17,7 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::probe::auth::{ProbeKeyRing, seal, verify};
+use crate::probe::auth::{ProbeKeyRing, Sealed, seal, verify};
 use crate::probe::prober::{MAX_RECEIVE_FAILURES, RECEIVE_RETRY};
 use crate::probe::wire::{AUTHENTICATED_LEN, DecodeError, Message, MessageType};
 use crate::transport::TransportError;
@@ -28,6 +34,14 @@ pub const TX_TIMESTAMP_WAIT: Duration = Duration::from_millis(20);
 
 /// Most ACK2s waiting for a TX stamp at once; beyond it the oldest goes out host-timed.
 pub const MAX_PENDING_ACK2: usize = 4096;
+
+/// Longest an ACK2 is held so that it goes out together with others; far
+/// below any probe timeout (the prober's default is 500 ms). docs/protocol.md
+/// states it as the delay a prober must allow for.
+pub const ACK2_FLUSH_DELAY: Duration = Duration::from_millis(4);
+
+/// Most ACK2s held at once: a full outbox is sent at once.
+pub const ACK2_BATCH_MAX: usize = 16;
 
 /// Room for any valid message plus enough to tell "too long" from "cut".
 const RECEIVE_BUFFER_LEN: usize = AUTHENTICATED_LEN + 24;
@@ -71,6 +85,7 @@ pub async fn run_responder<S: ProbeSocket>(
         observer,
         probe_keys,
         pending: PendingAck2s::default(),
+        outbox: Ack2Outbox::default(),
     };
     let mut buf = [0u8; RECEIVE_BUFFER_LEN];
     let mut failures = 0u32;
@@ -85,7 +100,11 @@ pub async fn run_responder<S: ProbeSocket>(
     tokio::pin!(timer);
     let mut armed: Option<Instant> = None;
     loop {
-        let deadline = responder.pending.next_deadline();
+        // One timer serves both the TX stamp waits and the held ACK2s.
+        let deadline = match (responder.pending.next_deadline(), responder.outbox.flush_at) {
+            (Some(stamp), Some(flush)) => Some(stamp.min(flush)),
+            (stamp, flush) => stamp.or(flush),
+        };
         if deadline != armed {
             if let Some(at) = deadline {
                 timer.as_mut().reset(at);
@@ -94,10 +113,17 @@ pub async fn run_responder<S: ProbeSocket>(
         }
         tokio::select! {
             biased;
-            () = &mut cancelled => return Ok(()),
+            () = &mut cancelled => {
+                responder.flush().await;
+                return Ok(());
+            }
             () = &mut timer, if armed.is_some() => {
                 armed = None;
-                responder.expire(Instant::now()).await;
+                let now = Instant::now();
+                responder.expire(now).await;
+                if responder.outbox.flush_at.is_some_and(|at| at <= now) {
+                    responder.flush().await;
+                }
             }
             event = socket.next_event(&mut buf) => match event {
                 Ok(event) => {
@@ -109,6 +135,7 @@ pub async fn run_responder<S: ProbeSocket>(
                     responder.observer.dropped("receive_failed");
                     if failures >= MAX_RECEIVE_FAILURES {
                         tracing::error!(%error, failures, "responder socket keeps failing to receive; giving up on it");
+                        responder.flush().await;
                         return Err(error);
                     }
                     tracing::warn!(%error, failures, "responder socket receive failed");
@@ -124,6 +151,7 @@ struct Responder<S: ProbeSocket> {
     observer: Arc<dyn ResponderObserver>,
     probe_keys: Arc<ProbeKeyRing>,
     pending: PendingAck2s<S::Peer>,
+    outbox: Ack2Outbox<S::Peer>,
 }
 
 impl<S: ProbeSocket> Responder<S> {
@@ -238,13 +266,15 @@ impl<S: ProbeSocket> Responder<S> {
         }
     }
 
-    async fn send_host_timed(&self, ack: &PendingAck2<S::Peer>) {
+    async fn send_host_timed(&mut self, ack: &PendingAck2<S::Peer>) {
         self.send_ack2(&ack.probe, ack.peer, ack.t3_host_ns, ack.t4_host_ns, true)
             .await;
     }
 
+    /// Seals ACK2 and holds it for the next flush: at once when the outbox
+    /// is full, else at most [`ACK2_FLUSH_DELAY`] after the first one held.
     async fn send_ack2(
-        &self,
+        &mut self,
         probe: &Message,
         peer: S::Peer,
         t3_ns: u64,
@@ -255,15 +285,75 @@ impl<S: ProbeSocket> Responder<S> {
             self.probe_keys.keys().as_deref(),
             &Message::ack2(probe, t3_ns, t4_ns, software_timed),
         );
+        if self.outbox.hold(ack2, peer, software_timed, Instant::now()) {
+            self.flush().await;
+        }
+    }
+
+    /// Sends every held ACK2 with one batch send.
+    async fn flush(&mut self) {
+        self.outbox.flush_at = None;
+        if self.outbox.held.is_empty() {
+            return;
+        }
+        let batch: Vec<(&[u8], S::Peer)> = self
+            .outbox
+            .held
+            .iter()
+            .map(|held| (held.ack2.as_bytes(), held.peer))
+            .collect();
         // No one reads ACK2's own TX stamp: not asking for it saves an
         // error-queue entry, a wake-up and a read per probe answered.
-        match self.socket.send_unstamped(ack2.as_bytes(), peer).await {
-            Ok(_) => self.observer.answered(software_timed),
-            Err(error) => {
-                tracing::debug!(?peer, %error, "ACK2 send failed");
-                self.observer.dropped("ack2_send_failed");
+        let results = self.socket.send_unstamped_batch(&batch).await;
+        drop(batch);
+        for (held, result) in self.outbox.held.iter().zip(results) {
+            match result {
+                Ok(()) => self.observer.answered(held.software_timed),
+                Err(error) => {
+                    tracing::debug!(peer = ?held.peer, %error, "ACK2 send failed");
+                    self.observer.dropped("ack2_send_failed");
+                }
             }
         }
+        self.outbox.held.clear();
+    }
+}
+
+/// A sealed ACK2 waiting for the next flush.
+#[derive(Debug, Clone, Copy)]
+struct HeldAck2<P> {
+    ack2: Sealed,
+    peer: P,
+    software_timed: bool,
+}
+
+/// ACK2s held so that they go out together; bounded by [`ACK2_BATCH_MAX`].
+#[derive(Debug)]
+struct Ack2Outbox<P> {
+    held: Vec<HeldAck2<P>>,
+    /// When the held ACK2s must go: [`ACK2_FLUSH_DELAY`] after the first.
+    flush_at: Option<Instant>,
+}
+
+impl<P> Default for Ack2Outbox<P> {
+    fn default() -> Self {
+        Self {
+            held: Vec::with_capacity(ACK2_BATCH_MAX),
+            flush_at: None,
+        }
+    }
+}
+
+impl<P> Ack2Outbox<P> {
+    /// Holds `ack2`; true when the outbox is full and must be flushed now.
+    fn hold(&mut self, ack2: Sealed, peer: P, software_timed: bool, now: Instant) -> bool {
+        self.flush_at.get_or_insert(now + ACK2_FLUSH_DELAY);
+        self.held.push(HeldAck2 {
+            ack2,
+            peer,
+            software_timed,
+        });
+        self.held.len() >= ACK2_BATCH_MAX
     }
 }
 
@@ -707,6 +797,7 @@ mod tests {
             observer: Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             probe_keys: ProbeKeyRing::off(),
             pending: PendingAck2s::default(),
+            outbox: Ack2Outbox::default(),
         };
         (responder, observer, prober())
     }
@@ -734,6 +825,7 @@ mod tests {
         assert_eq!(responder.pending.len(), 1, "not due yet");
 
         responder.expire(now + TX_TIMESTAMP_WAIT).await;
+        responder.flush().await;
         let ack2 = next_message(&prober).await;
         assert_eq!((ack2.kind, ack2.seq), (MessageType::Ack2, 77));
         assert_eq!((ack2.t3_ns, ack2.t4_ns), (20, 30), "host T3 and host T4");
@@ -755,6 +847,7 @@ mod tests {
             kernel_ns: 1_500,
         };
         responder.handle(stamp, &[]).await;
+        responder.flush().await;
         let ack2 = next_message(&prober).await;
         assert_eq!((ack2.t3_ns, ack2.t4_ns), (1_000, 1_500));
         assert!(!ack2.responder_software_timed());
@@ -774,6 +867,7 @@ mod tests {
             kernel_ns: 999,
         };
         responder.handle(stamp, &[]).await;
+        responder.flush().await;
         let ack2 = next_message(&prober).await;
         assert_eq!((ack2.t3_ns, ack2.t4_ns), (20, 30));
         assert!(ack2.responder_software_timed());
@@ -865,6 +959,206 @@ mod tests {
             table.take(key);
         }
         assert!(table.order.len() <= 2 * MAX_PENDING_ACK2 + 1);
+    }
+
+    /// A socket that delivers `probes` (host-timed, no TX keys), then waits
+    /// forever; it keeps each batch of unstamped sends with when it went.
+    struct Recorder {
+        probes: Mutex<VecDeque<Message>>,
+        singles: Mutex<Vec<Message>>,
+        batches: Mutex<Vec<(Instant, Vec<Message>)>>,
+    }
+
+    impl Recorder {
+        fn new(probes: impl IntoIterator<Item = Message>) -> Arc<Self> {
+            Arc::new(Self {
+                probes: Mutex::new(probes.into_iter().collect()),
+                singles: Mutex::new(Vec::new()),
+                batches: Mutex::new(Vec::new()),
+            })
+        }
+
+        fn batch_sizes(&self) -> Vec<usize> {
+            let batches = self.batches.lock().unwrap();
+            batches.iter().map(|(_, batch)| batch.len()).collect()
+        }
+    }
+
+    impl ProbeSocket for Recorder {
+        type Peer = u32;
+        fn timestamp_support(&self) -> crate::transport::TimestampSupport {
+            crate::transport::TimestampSupport::NONE
+        }
+        async fn send_to(
+            &self,
+            payload: &[u8],
+            _: u32,
+        ) -> Result<crate::transport::socket::SendReceipt, TransportError> {
+            self.singles
+                .lock()
+                .unwrap()
+                .push(Message::decode(payload).unwrap());
+            Ok(crate::transport::socket::SendReceipt {
+                host_ns: 2_000,
+                tx_key: None,
+            })
+        }
+        async fn send_unstamped_batch(
+            &self,
+            batch: &[(&[u8], u32)],
+        ) -> Vec<Result<(), TransportError>> {
+            let decoded = batch
+                .iter()
+                .map(|(payload, _)| Message::decode(payload).unwrap())
+                .collect();
+            self.batches.lock().unwrap().push((Instant::now(), decoded));
+            batch.iter().map(|_| Ok(())).collect()
+        }
+        async fn next_event(&self, buf: &mut [u8]) -> Result<ProbeEvent<u32>, TransportError> {
+            let next = self.probes.lock().unwrap().pop_front();
+            let Some(probe) = next else {
+                return std::future::pending().await;
+            };
+            let bytes = probe.encode();
+            buf[..bytes.len()].copy_from_slice(&bytes);
+            Ok(ProbeEvent::Datagram {
+                len: bytes.len(),
+                from: 9,
+                host_ns: 1_000 + probe.seq,
+                kernel_ns: None,
+                truncated: false,
+            })
+        }
+    }
+
+    fn recorder_by_hand(socket: &Arc<Recorder>) -> (Responder<Recorder>, Arc<CountingObserver>) {
+        let observer = Arc::new(CountingObserver::default());
+        let responder = Responder {
+            socket: Arc::clone(socket),
+            observer: Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            probe_keys: ProbeKeyRing::off(),
+            pending: PendingAck2s::default(),
+            outbox: Ack2Outbox::default(),
+        };
+        (responder, observer)
+    }
+
+    #[tokio::test]
+    async fn held_ack2s_go_out_in_one_batch_each_with_its_own_t3_and_t4() {
+        let socket = Recorder::new([]);
+        let (mut responder, observer) = recorder_by_hand(&socket);
+        for seq in 1..=3u64 {
+            let probe = Message::probe(1, seq);
+            responder
+                .send_ack2(&probe, 9, 100 * seq, 100 * seq + 7, false)
+                .await;
+        }
+        assert!(socket.batch_sizes().is_empty(), "held, not sent yet");
+        assert_eq!(observer.counts().answered_kernel, 0);
+        responder.flush().await;
+        assert_eq!(socket.batch_sizes(), [3]);
+        let batch = socket.batches.lock().unwrap()[0].1.clone();
+        let sent: Vec<(u64, u64, u64)> = batch
+            .iter()
+            .map(|ack2| (ack2.seq, ack2.t3_ns, ack2.t4_ns))
+            .collect();
+        assert_eq!(sent, [(1, 100, 107), (2, 200, 207), (3, 300, 307)]);
+        assert!(batch.iter().all(|m| m.kind == MessageType::Ack2));
+        assert_eq!(observer.counts().answered_kernel, 3);
+        assert_eq!(responder.outbox.flush_at, None);
+        responder.flush().await;
+        assert_eq!(socket.batch_sizes(), [3], "an empty outbox sends nothing");
+    }
+
+    #[tokio::test]
+    async fn a_full_outbox_is_sent_at_once() {
+        let socket = Recorder::new([]);
+        let (mut responder, observer) = recorder_by_hand(&socket);
+        for seq in 0..u64::try_from(ACK2_BATCH_MAX + 1).unwrap() {
+            responder
+                .send_ack2(&Message::probe(1, seq), 9, 1, 2, true)
+                .await;
+        }
+        assert_eq!(socket.batch_sizes(), [ACK2_BATCH_MAX]);
+        assert_eq!(observer.counts().answered_software, ACK2_BATCH_MAX);
+        assert_eq!(
+            responder.outbox.held.len(),
+            1,
+            "the one after the full batch waits"
+        );
+        assert!(responder.outbox.flush_at.is_some());
+    }
+
+    #[tokio::test]
+    async fn held_ack2s_go_out_together_once_the_flush_delay_has_passed() {
+        let probes = (1..=3).map(|seq| Message::probe(0xAB, seq));
+        let socket = Recorder::new(probes);
+        let observer = Arc::new(CountingObserver::default());
+        let cancel = CancellationToken::new();
+        let started = Instant::now();
+        let task = tokio::spawn(run_responder(
+            Arc::clone(&socket),
+            Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            ProbeKeyRing::off(),
+            cancel.clone(),
+        ));
+        let waited = tokio::time::timeout(GUARD, async {
+            while socket.batch_sizes().is_empty() {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        assert!(waited.is_ok(), "the held ACK2s were never flushed");
+        let (sent_at, batch) = socket.batches.lock().unwrap()[0].clone();
+        assert_eq!(batch.len(), 3, "all three held ACK2s in one batch");
+        assert!(
+            sent_at - started >= ACK2_FLUSH_DELAY,
+            "flushed before the delay"
+        );
+        let host_times: Vec<(u64, u64, bool)> = batch
+            .iter()
+            .map(|ack2| (ack2.t3_ns, ack2.t4_ns, ack2.responder_software_timed()))
+            .collect();
+        assert_eq!(
+            host_times,
+            [
+                (1_001, 2_000, true),
+                (1_002, 2_000, true),
+                (1_003, 2_000, true)
+            ]
+        );
+        let ack1s = socket.singles.lock().unwrap().len();
+        assert_eq!(ack1s, 3, "ACK1s go out one by one, at once");
+        cancel.cancel();
+        tokio::time::timeout(GUARD, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(observer.counts().answered_software, 3);
+    }
+
+    #[tokio::test]
+    async fn cancelling_sends_the_held_ack2s_first() {
+        let socket = Recorder::new([Message::probe(1, 5)]);
+        let observer = Arc::new(CountingObserver::default());
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(run_responder(
+            Arc::clone(&socket),
+            Arc::clone(&observer) as Arc<dyn ResponderObserver>,
+            ProbeKeyRing::off(),
+            cancel.clone(),
+        ));
+        while socket.singles.lock().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+        }
+        cancel.cancel();
+        tokio::time::timeout(GUARD, task)
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(socket.batch_sizes(), [1]);
     }
 
     /// A socket whose receives fail `failures` times, then deliver one probe,

@@ -19,6 +19,8 @@ pub mod udp;
 #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
 mod recv_batch_linux;
 #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
+mod send_batch_linux;
+#[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
 mod timestamping_linux;
 #[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
 use timestamping_linux as timestamping;

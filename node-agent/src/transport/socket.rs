@@ -76,6 +76,23 @@ pub trait ProbeSocket: Send + Sync + 'static {
         self.send_to(payload, peer)
     }
 
+    /// Sends several datagrams whose transmit time nobody needs (ACK2s held
+    /// for a moment so they go out together), in order; one result per
+    /// datagram. UDP sends them with one system call where it can; other
+    /// transports send them one by one with [`Self::send_unstamped`].
+    fn send_unstamped_batch(
+        &self,
+        batch: &[(&[u8], Self::Peer)],
+    ) -> impl Future<Output = Vec<Result<(), TransportError>>> + Send {
+        async move {
+            let mut results = Vec::with_capacity(batch.len());
+            for (payload, peer) in batch {
+                results.push(self.send_unstamped(payload, *peer).await.map(|_| ()));
+            }
+            results
+        }
+    }
+
     /// Waits for the next event. Cancel-safe: dropping the future loses nothing.
     fn next_event(
         &self,

@@ -130,6 +130,39 @@ impl UdpProbeSocket {
         self.send(payload, dst, false).await
     }
 
+    /// Sends datagrams whose TX stamps nobody needs (ACK2s), in order, with
+    /// as few system calls as the platform allows (one `sendmmsg` on Linux
+    /// with kernel timestamps built in); one result per datagram. A datagram
+    /// the kernel refuses gets its error and the rest are still sent.
+    pub async fn send_unstamped_batch(
+        &self,
+        batch: &[(&[u8], SocketAddr)],
+    ) -> Vec<Result<(), TransportError>> {
+        let mut results = Vec::with_capacity(batch.len());
+        while let Some(&(_, dst)) = batch.get(results.len()) {
+            let rest = &batch[results.len()..];
+            let mut guard = match self.io.writable().await {
+                Ok(guard) => guard,
+                Err(source) => {
+                    results.push(Err(TransportError::Send { dst, source }));
+                    continue;
+                }
+            };
+            match guard.try_io(|io| send_many(io.get_ref(), rest)) {
+                Ok(Ok(0)) => results.push(Err(TransportError::Send {
+                    dst,
+                    source: io::Error::other("the kernel took none of the batch"),
+                })),
+                Ok(Ok(sent)) => results.extend((0..sent).map(|_| Ok(()))),
+                Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => {}
+                Ok(Err(source)) => results.push(Err(TransportError::Send { dst, source })),
+                // Send buffer full: readiness was cleared, wait for room.
+                Err(_would_block) => {}
+            }
+        }
+        results
+    }
+
     async fn send(
         &self,
         payload: &[u8],
@@ -269,9 +302,31 @@ impl ProbeSocket for UdpProbeSocket {
         UdpProbeSocket::send_unstamped(self, payload, peer).await
     }
 
+    async fn send_unstamped_batch(
+        &self,
+        batch: &[(&[u8], SocketAddr)],
+    ) -> Vec<Result<(), TransportError>> {
+        UdpProbeSocket::send_unstamped_batch(self, batch).await
+    }
+
     async fn next_event(&self, buf: &mut [u8]) -> Result<SocketEvent, TransportError> {
         UdpProbeSocket::next_event(self, buf).await
     }
+}
+
+#[cfg(all(target_os = "linux", not(feature = "portable-timestamps")))]
+use super::send_batch_linux::send_many;
+
+/// The portable batch send: one `send_to` per datagram, with `sendmmsg`'s
+/// contract (how many went out; the first one's failure is the error).
+#[cfg(any(not(target_os = "linux"), feature = "portable-timestamps"))]
+fn send_many(socket: &Socket, batch: &[(&[u8], SocketAddr)]) -> io::Result<usize> {
+    for (sent, (payload, dst)) in batch.iter().enumerate() {
+        if let Err(error) = socket.send_to(payload, &SockAddr::from(*dst)) {
+            return if sent == 0 { Err(error) } else { Ok(sent) };
+        }
+    }
+    Ok(batch.len())
 }
 
 /// What one read got.
@@ -397,6 +452,42 @@ mod tests {
         assert!(host_ns >= receipt.host_ns);
         assert_eq!(kernel_ns, None);
         assert!(!truncated);
+    }
+
+    #[tokio::test]
+    async fn a_batch_send_delivers_each_datagram_in_order_and_reports_each_failure() {
+        let socket = UdpProbeSocket::bind(loopback(), TimestampMode::Software).unwrap();
+        let (first, second) = (
+            UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap(),
+            UdpProbeSocket::bind(loopback(), TimestampMode::Off).unwrap(),
+        );
+        // An IPv6 destination cannot be reached from an IPv4 socket: the kernel
+        // refuses that one datagram, not the batch.
+        let unreachable = SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, 9));
+        let batch: [(&[u8], SocketAddr); 5] = [
+            (b"a1", first.local_addr()),
+            (b"b1", second.local_addr()),
+            (b"xx", unreachable),
+            (b"a2", first.local_addr()),
+            (b"b2", second.local_addr()),
+        ];
+        let results = socket.send_unstamped_batch(&batch).await;
+        let sent: Vec<bool> = results.iter().map(Result::is_ok).collect();
+        assert_eq!(sent, [true, true, false, true, true]);
+        let mut buf = [0u8; 64];
+        for (sink, expected) in [(&first, [b"a1", b"a2"]), (&second, [b"b1", b"b2"])] {
+            for payload in expected {
+                let SocketEvent::Datagram { len, from, .. } = next(sink, &mut buf).await else {
+                    panic!("expected a datagram");
+                };
+                assert_eq!((&buf[..len], from), (&payload[..], socket.local_addr()));
+            }
+        }
+        // The batch asked for no TX stamp: the next stamped send takes the first key.
+        let receipt = socket.send_to(b"s", first.local_addr()).await.unwrap();
+        if socket.timestamp_support().tx {
+            assert_eq!(receipt.tx_key, Some(0));
+        }
     }
 
     async fn oversized_datagram_is_cut_and_flagged(mode: TimestampMode) {
