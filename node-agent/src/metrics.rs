@@ -9,11 +9,11 @@
 //! `docs/metrics.md`.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::probe::timing::{InvalidReason, Sample};
@@ -38,6 +38,48 @@ pub struct TargetLabels {
     pub src_tor: String,
     pub dst_tor: String,
     pub dst_node: String,
+}
+
+/// The probe series of one target, each looked up on first use and then
+/// kept: a lookup hashes the label values and takes the vector's lock, which
+/// per answered probe was a visible share of the agent's user time. A target
+/// lives for one pinglist, and the series of targets still in the pinglist are
+/// never removed, so a kept handle stays the exported one.
+#[derive(Debug)]
+pub struct TargetSeries {
+    labels: TargetLabels,
+    ok: OnceLock<IntCounter>,
+    invalid: OnceLock<IntCounter>,
+    lost: OnceLock<IntCounter>,
+    network_rtt: OnceLock<Histogram>,
+    prober_delay: OnceLock<Histogram>,
+    node_ok: OnceLock<IntCounter>,
+    node_invalid: OnceLock<IntCounter>,
+    node_lost: OnceLock<IntCounter>,
+    node_network_rtt: OnceLock<Histogram>,
+}
+
+impl From<TargetLabels> for TargetSeries {
+    fn from(labels: TargetLabels) -> Self {
+        Self {
+            labels,
+            ok: OnceLock::new(),
+            invalid: OnceLock::new(),
+            lost: OnceLock::new(),
+            network_rtt: OnceLock::new(),
+            prober_delay: OnceLock::new(),
+            node_ok: OnceLock::new(),
+            node_invalid: OnceLock::new(),
+            node_lost: OnceLock::new(),
+            node_network_rtt: OnceLock::new(),
+        }
+    }
+}
+
+impl TargetSeries {
+    pub fn labels(&self) -> &TargetLabels {
+        &self.labels
+    }
 }
 
 #[derive(Debug)]
@@ -338,16 +380,26 @@ impl AgentMetrics {
         self.probes_not_sent.with_label_values(&[reason]).inc();
     }
 
-    pub fn answered(&self, t: &TargetLabels, sample: &Sample) {
-        self.probes
-            .with_label_values(&[&t.src_tor, &t.dst_tor, "ok"])
+    pub fn answered(&self, series: &TargetSeries, sample: &Sample) {
+        let t = &series.labels;
+        series
+            .ok
+            .get_or_init(|| {
+                self.probes
+                    .with_label_values(&[&t.src_tor, &t.dst_tor, "ok"])
+            })
             .inc();
         let rtt = ns_to_seconds(sample.network_rtt_ns);
-        self.network_rtt
-            .with_label_values(&[&t.src_tor, &t.dst_tor])
+        series
+            .network_rtt
+            .get_or_init(|| {
+                self.network_rtt
+                    .with_label_values(&[&t.src_tor, &t.dst_tor])
+            })
             .observe(rtt);
-        self.prober_delay
-            .with_label_values(&[&t.src_tor])
+        series
+            .prober_delay
+            .get_or_init(|| self.prober_delay.with_label_values(&[&t.src_tor]))
             .observe(ns_to_seconds(sample.prober_delay_ns));
         self.responder_delay
             .observe(ns_to_seconds(sample.responder_delay_ns));
@@ -355,34 +407,51 @@ impl AgentMetrics {
             self.software_timed.inc();
         }
         if self.per_target_node {
-            self.node_probes
-                .with_label_values(&[&t.dst_node, "ok"])
+            series
+                .node_ok
+                .get_or_init(|| self.node_probes.with_label_values(&[&t.dst_node, "ok"]))
                 .inc();
-            self.node_network_rtt
-                .with_label_values(&[&t.dst_node])
+            series
+                .node_network_rtt
+                .get_or_init(|| self.node_network_rtt.with_label_values(&[&t.dst_node]))
                 .observe(rtt);
         }
     }
 
-    pub fn invalid(&self, t: &TargetLabels, reason: InvalidReason) {
-        self.probes
-            .with_label_values(&[&t.src_tor, &t.dst_tor, "invalid"])
+    pub fn invalid(&self, series: &TargetSeries, reason: InvalidReason) {
+        let t = &series.labels;
+        series
+            .invalid
+            .get_or_init(|| {
+                self.probes
+                    .with_label_values(&[&t.src_tor, &t.dst_tor, "invalid"])
+            })
             .inc();
         self.invalid.with_label_values(&[reason.category()]).inc();
         if self.per_target_node {
-            self.node_probes
-                .with_label_values(&[&t.dst_node, "invalid"])
+            series
+                .node_invalid
+                .get_or_init(|| {
+                    self.node_probes
+                        .with_label_values(&[&t.dst_node, "invalid"])
+                })
                 .inc();
         }
     }
 
-    pub fn lost(&self, t: &TargetLabels) {
-        self.probes
-            .with_label_values(&[&t.src_tor, &t.dst_tor, "lost"])
+    pub fn lost(&self, series: &TargetSeries) {
+        let t = &series.labels;
+        series
+            .lost
+            .get_or_init(|| {
+                self.probes
+                    .with_label_values(&[&t.src_tor, &t.dst_tor, "lost"])
+            })
             .inc();
         if self.per_target_node {
-            self.node_probes
-                .with_label_values(&[&t.dst_node, "lost"])
+            series
+                .node_lost
+                .get_or_init(|| self.node_probes.with_label_values(&[&t.dst_node, "lost"]))
                 .inc();
         }
     }
@@ -608,7 +677,7 @@ mod tests {
     #[test]
     fn every_series_carries_the_node_label() {
         let m = AgentMetrics::new("node-1", false).unwrap();
-        m.lost(&labels("tor-b"));
+        m.lost(&labels("tor-b").into());
         let t = text(&m);
         let series: Vec<&str> = t.lines().filter(|l| !l.starts_with('#')).collect();
         assert!(!series.is_empty());
@@ -641,19 +710,56 @@ mod tests {
             software_timed: false,
         };
         let off = AgentMetrics::new("n", false).unwrap();
-        off.answered(&labels("tor-b"), &sample);
+        off.answered(&labels("tor-b").into(), &sample);
         assert!(!text(&off).contains("dst_node="));
         let on = AgentMetrics::new("n", true).unwrap();
-        on.answered(&labels("tor-b"), &sample);
+        on.answered(&labels("tor-b").into(), &sample);
         assert!(text(&on).contains(r#"dst_node="n-tor-b""#));
+    }
+
+    #[test]
+    fn a_target_s_kept_series_keep_counting_into_the_exported_ones() {
+        let m = AgentMetrics::new("n", true).unwrap();
+        let target: TargetSeries = labels("tor-b").into();
+        let sample = Sample {
+            network_rtt_ns: 2_000,
+            prober_delay_ns: 1,
+            responder_delay_ns: 1,
+            software_timed: false,
+        };
+        for _ in 0..3 {
+            m.answered(&target, &sample);
+        }
+        m.lost(&target);
+        m.lost(&target);
+        let t = text(&m);
+        let value = |prefix: &str, label: &str| -> String {
+            t.lines()
+                .find(|l| l.starts_with(prefix) && l.contains(label))
+                .unwrap_or_else(|| panic!("no {prefix} with {label} in {t}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_string()
+        };
+        assert_eq!(value("pingmesh_probes_total{", r#"result="ok""#), "3");
+        assert_eq!(value("pingmesh_probes_total{", r#"result="lost""#), "2");
+        assert_eq!(
+            value("pingmesh_target_node_probes_total{", r#"result="ok""#),
+            "3"
+        );
+        assert!(
+            !t.contains(r#"result="invalid""#),
+            "not resolved before use: {t}"
+        );
     }
 
     #[test]
     fn series_of_tors_that_left_the_pinglist_are_removed() {
         let m = AgentMetrics::new("n", true).unwrap();
         m.set_pinglist(1, &[("tor_mesh", 2)], &[labels("tor-b"), labels("tor-c")]);
-        m.lost(&labels("tor-b"));
-        m.lost(&labels("tor-c"));
+        m.lost(&labels("tor-b").into());
+        m.lost(&labels("tor-c").into());
         m.set_pinglist(2, &[("tor_mesh", 1)], &[labels("tor-c")]);
         let t = text(&m);
         assert!(!t.contains(r#"dst_tor="tor-b""#), "{t}");

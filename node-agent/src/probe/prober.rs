@@ -32,7 +32,7 @@ use super::pending::{Outcome, PendingTable};
 use super::timing::{Stamp, classify};
 use super::wire::{Message, MessageType};
 use crate::aggregate::{PathInfo, WindowAggregator};
-use crate::metrics::{AgentMetrics, TargetLabels};
+use crate::metrics::{AgentMetrics, TargetLabels, TargetSeries};
 use crate::transport::TransportError;
 use crate::transport::socket::{ProbeEvent, ProbeSocket};
 
@@ -81,7 +81,7 @@ impl ProberConfig {
 #[derive(Debug)]
 struct Target<P> {
     path: Arc<PathInfo>,
-    labels: TargetLabels,
+    labels: TargetSeries,
     addr: P,
     interval: Duration,
     flows: u16,
@@ -306,7 +306,8 @@ fn resolve_targets<T: FlowTransport>(
                 src_tor: t.source_tor.clone(),
                 dst_tor: endpoint.tor.clone(),
                 dst_node: t.target_node.clone(),
-            },
+            }
+            .into(),
             addr,
             interval: Duration::from_secs_f64(
                 1.0 / t.rate_pps.min(pingmesh_proto::limits::MAX_RATE_PPS),
