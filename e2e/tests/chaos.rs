@@ -746,7 +746,7 @@ fn churn() -> Churn {
         out
     });
     // Settled: every agent gone from the registry and its windows judged and
-    // pruned (12 past windows are kept).
+    // pruned (a judged window keeps only its sources' hashes).
     let settle = |what: &str| {
         wait_for(Duration::from_mins(1), what, || {
             let (nodes, connected) = spec.agents();

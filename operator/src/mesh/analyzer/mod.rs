@@ -8,7 +8,8 @@
 //! Flow: [`Analyzer::ingest`] every summary as it arrives; once a window is
 //! complete (its end plus a grace period for late reports), [`Analyzer::evaluate`]
 //! it. Windows are evaluated in increasing order; summaries for a window that has
-//! been evaluated are refused.
+//! been evaluated are taken late from sources not judged in it (see [`Intake`])
+//! and judged on their own ([`Analyzer::judge_late`]), for the history only.
 
 mod findings;
 mod policy;
