@@ -228,6 +228,37 @@ impl TraceBook {
         }
     }
 
+    /// Whether any traced path has an end `keep` refuses (so the book, shared
+    /// with judgements in flight, is copied only when something goes).
+    pub fn paths_of_departed(&self, keep: impl Fn(&str) -> bool) -> bool {
+        self.paths
+            .iter()
+            .any(|(source, targets)| !keep(source) || targets.0.keys().any(|t| !keep(t)))
+    }
+
+    /// Drops the traces of paths with an end `keep` refuses (endpoints that
+    /// left the mesh), so a fleet's churn does not pile up traces of the
+    /// departed. Hop names and component ids stay: they are bounded by the
+    /// fabric, and localization's horizon may still hold those ids.
+    pub fn retain_endpoints(&mut self, keep: impl Fn(&str) -> bool) {
+        let (mut len, mut both_ways) = (0, 0);
+        self.paths.retain(|source, targets| {
+            if !keep(source) {
+                return false;
+            }
+            targets.0.retain(|target, _| keep(target));
+            for trace in targets.0.values() {
+                for (_, f) in &trace.flows {
+                    len += 1;
+                    both_ways += usize::from(f.there.is_some() && f.back.is_some());
+                }
+            }
+            !targets.0.is_empty()
+        });
+        self.len = len;
+        self.both_ways = both_ways;
+    }
+
     /// Traced flows.
     pub fn len(&self) -> usize {
         self.len

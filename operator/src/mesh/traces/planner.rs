@@ -29,6 +29,9 @@ const REQUEST_TIMEOUT_MS: u64 = 30_000;
 const UNTRACEABLE_BACKOFF_MS: u64 = 600_000;
 /// Requests waiting per node at most.
 const QUEUE_LIMIT: usize = 1_024;
+/// State of departed endpoints is dropped every this many windows (a pass
+/// over every flow record, so not every window).
+pub(super) const PRUNE_EVERY_WINDOWS: u32 = 12;
 /// Hops a result may carry at most.
 const MAX_RESULT_HOPS: usize = 64;
 
@@ -183,6 +186,8 @@ pub struct TracePlanner {
     next_id: u64,
     /// Where the healthy sample starts next window, so every flow gets its turn.
     healthy_cursor: usize,
+    /// Windows planned since state of departed endpoints was last dropped.
+    windows_since_pruned: u32,
     metrics: TraceMetrics,
 }
 
@@ -207,6 +212,7 @@ impl TracePlanner {
             untraceable: HashMap::new(),
             next_id: 1,
             healthy_cursor: 0,
+            windows_since_pruned: 0,
             metrics: TraceMetrics::new(registry)?,
         })
     }
@@ -232,6 +238,10 @@ impl TracePlanner {
             return;
         }
         self.expire(now_ms);
+        self.windows_since_pruned += 1;
+        if self.windows_since_pruned >= PRUNE_EVERY_WINDOWS {
+            self.forget_departed(endpoints);
+        }
         let failing_refresh = self.settings.failing_refresh_secs.saturating_mul(1_000);
         let healthy_refresh = self.settings.healthy_refresh_secs.saturating_mul(1_000);
         let mut failing_budget = self.settings.failing_per_window;
@@ -522,6 +532,36 @@ impl TracePlanner {
     }
 
     /// Forgets requests nobody answered, so their flows can be asked again.
+    /// Drops what is kept for endpoints and nodes no longer in the mesh:
+    /// their flows' records, queued requests and traces. Without this a
+    /// churning fleet grows the planner by every agent that ever came.
+    pub fn forget_departed(&mut self, endpoints: &HashMap<String, MeshEndpoint>) {
+        self.windows_since_pruned = 0;
+        let known = |id: &str| endpoints.contains_key(id);
+        self.flows
+            .retain(|(source, target, _), _| known(source) && known(target));
+        let nodes: std::collections::HashSet<&str> =
+            endpoints.values().map(|e| e.node.as_str()).collect();
+        self.queues.retain(|node, _| nodes.contains(node.as_str()));
+        self.untraceable
+            .retain(|node, _| nodes.contains(node.as_str()));
+        if self.book.paths_of_departed(known) {
+            Arc::make_mut(&mut self.book).retain_endpoints(known);
+        }
+        self.metrics
+            .traced_flows
+            .set(i64::try_from(self.book.len()).unwrap_or(i64::MAX));
+        self.metrics
+            .traced_both_ways
+            .set(i64::try_from(self.book.both_ways()).unwrap_or(i64::MAX));
+    }
+
+    /// Flow records kept (tests: that pruning empties them).
+    #[cfg(test)]
+    pub(super) fn flow_records(&self) -> usize {
+        self.flows.len()
+    }
+
     fn expire(&mut self, now_ms: u64) {
         let before = self.asked.len();
         let flows = &mut self.flows;

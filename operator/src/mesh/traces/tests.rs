@@ -246,3 +246,49 @@ fn a_lost_way_back_is_asked_again_without_tracing_the_way_there_again() {
     assert!(p.exchange("h11", Vec::new(), &mesh, 11_000).is_empty());
     assert!(p.exchange("h31", Vec::new(), &mesh, 11_000).is_empty());
 }
+
+#[test]
+fn state_of_endpoints_that_left_the_mesh_is_dropped() {
+    let mut mesh = mesh();
+    let mut p = planner(switch_map());
+    p.plan([path(0b101, 0b100)], &mesh, 1_000);
+    let asked = p.exchange("h11", Vec::new(), &mesh, 1_000);
+    let failing = asked.iter().find(|r| r.flow == 2).unwrap();
+    let hops = ["10.0.1.1", "10.0.13.1", "10.0.13.2"];
+    p.exchange("h11", vec![answer(failing, 40_002, &hops)], &mesh, 1_100);
+    assert_eq!(p.book().len(), 1);
+    assert_eq!(p.waiting("h31"), 1, "the way back is queued for h31");
+    assert!(p.flow_records() > 0);
+
+    // h31 leaves. Until the next pruning nothing is lost...
+    mesh.remove("h31/udp0");
+    p.plan(std::iter::empty(), &mesh, 6_000);
+    assert_eq!(p.book().len(), 1);
+    // ...and once it comes, no record, request or trace of h31 is left.
+    for w in 2..=planner::PRUNE_EVERY_WINDOWS {
+        p.plan(std::iter::empty(), &mesh, 1_000 + u64::from(w) * 5_000);
+    }
+    assert_eq!(p.book().len(), 0);
+    assert_eq!(p.book().both_ways(), 0);
+    assert!(p.book().path("h11/udp0", "h31/udp0").is_none());
+    assert_eq!(p.waiting("h31"), 0);
+    assert_eq!(p.flow_records(), 0);
+}
+
+#[test]
+fn pruning_keeps_the_traces_of_endpoints_still_there() {
+    let mesh = mesh();
+    let mut p = planner(switch_map());
+    p.plan([path(0b1, 0b1)], &mesh, 1_000);
+    let asked = p.exchange("h11", Vec::new(), &mesh, 1_000);
+    let hops = ["10.0.1.1", "10.0.13.1", "10.0.13.2"];
+    p.exchange("h11", vec![answer(&asked[0], 40_000, &hops)], &mesh, 1_100);
+    let before = p.book();
+    p.forget_departed(&mesh);
+    assert_eq!(p.book().len(), 1);
+    assert!(
+        std::sync::Arc::ptr_eq(&before, &p.book()),
+        "nothing left, so the shared book is not copied"
+    );
+    assert_eq!(p.waiting("h31"), 1);
+}
