@@ -19,7 +19,10 @@ use super::stats::ProbeKind;
 /// window that was judged already are still taken, from sources not judged in
 /// it (see `Intake`). What this costs while no summary comes late: 8 bytes
 /// per source endpoint per closed window, so 180 x 8 B = 1.4 KiB per
-/// endpoint (14 MiB for 10,000 endpoints).
+/// endpoint (14 MiB for 10,000 endpoints). Windows not closed yet are held
+/// as far back: after a restart, what agents resend before the first window
+/// is judged waits there (and becomes late at that close); a judge that
+/// stalls for longer lets up to this many windows fill, as it let 12 before.
 pub const MAX_PAST_WINDOWS: u64 = 180;
 /// Most late summaries (for windows judged already) held at once, over all
 /// windows, until they are judged; beyond this they are refused (`late_full`).
