@@ -264,6 +264,9 @@ impl Intake {
 
     /// A checked summary for a window closed already (`done`: the newest
     /// closed): into the late bucket unless its source was judged there.
+    /// Rare: kept out of line so it costs the live path nothing.
+    #[cold]
+    #[inline(never)]
     fn ingest_late(
         &mut self,
         summary: v1::WindowSummary,
