@@ -386,12 +386,7 @@ impl TracePlanner {
         for result in results {
             self.take_result(node, &result, endpoints, now_ms);
         }
-        self.metrics
-            .traced_flows
-            .set(i64::try_from(self.book.len()).unwrap_or(i64::MAX));
-        self.metrics
-            .traced_both_ways
-            .set(i64::try_from(self.book.both_ways()).unwrap_or(i64::MAX));
+        self.show_book_size();
         let Some(queue) = self.queues.get_mut(node) else {
             return Vec::new();
         };
@@ -548,12 +543,16 @@ impl TracePlanner {
         if self.book.paths_of_departed(known) {
             Arc::make_mut(&mut self.book).retain_endpoints(known);
         }
-        self.metrics
-            .traced_flows
-            .set(i64::try_from(self.book.len()).unwrap_or(i64::MAX));
+        self.show_book_size();
+    }
+
+    /// The traced-flow gauges, after the book changed.
+    fn show_book_size(&self) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.metrics.traced_flows.set(gauge(self.book.len()));
         self.metrics
             .traced_both_ways
-            .set(i64::try_from(self.book.both_ways()).unwrap_or(i64::MAX));
+            .set(gauge(self.book.both_ways()));
     }
 
     /// Flow records kept (tests: that pruning empties them).
