@@ -97,6 +97,7 @@ pub struct AgentMetrics {
     malformed: IntCounterVec,
     unmatched: IntCounterVec,
     probe_auth_failures: IntCounterVec,
+    probe_key_id: IntGauge,
     probes_not_sent: IntCounterVec,
     responder_answered: IntCounterVec,
     responder_dropped: IntCounterVec,
@@ -195,6 +196,11 @@ impl AgentMetrics {
                 "pingmesh_probe_auth_failures_total",
                 "Probes and ACKs dropped because their tag was missing, named an unknown key or was wrong (forged or corrupted), by message kind and reason.",
                 &["kind", "reason"],
+            )?,
+            probe_key_id: gauge(
+                &registry,
+                "pingmesh_probe_key_id",
+                "Wire id (1-255) of the probe key this agent signs with; 0 while probe authentication is off.",
             )?,
             probes_not_sent: counter_vec(
                 &registry,
@@ -464,6 +470,11 @@ impl AgentMetrics {
         self.probe_auth_failures
             .with_label_values(&[kind, reason])
             .inc();
+    }
+
+    /// The probe key in force: its wire id, or 0 with authentication off.
+    pub fn set_probe_key_id(&self, id: u8) {
+        self.probe_key_id.set(i64::from(id));
     }
 
     pub fn unmatched(&self, reason: &'static str) {

@@ -123,6 +123,16 @@ pub struct Controller {
 }
 
 pub fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Controller {
+    start_controller_with(dir, grpc, http, &[])
+}
+
+/// A controller with `extra` flags (probe keys, ...) after the usual ones.
+pub fn start_controller_with(
+    dir: &Path,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    extra: &[&str],
+) -> Controller {
     let registry = dir.join("registry.db");
     let config = dir.join("mesh.yaml");
     // Full mesh between the test's ToRs, thresholds that a dead path crosses at once.
@@ -144,6 +154,7 @@ pub fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Contr
         ])
         .arg("--registry")
         .arg(format!("sqlite://{}", registry.display()))
+        .args(extra)
         .env("PINGMESH_LOG_LEVEL", "info")
         .stdout(Stdio::null())
         .stderr(log_file(dir, "controller"))
@@ -363,6 +374,25 @@ pub fn full_mesh(nodes: &[&str]) -> Vec<(String, String)> {
     }
     out.sort();
     out
+}
+
+/// The value of one series of an agent's exposition: the sample of `family`
+/// whose labels include every `name="value"` of `labels`; `None` when there is
+/// none or the scrape failed.
+pub fn metric_value(addr: SocketAddr, family: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = get_text(addr, "/metrics")?;
+    let wanted: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+    text.lines()
+        .filter_map(|l| l.strip_prefix(family))
+        .filter(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        .filter(|rest| {
+            let names = rest.split_once('}').map_or("", |(l, _)| l);
+            // Whole labels only: `node="a"` is not `dst_node="a"`.
+            wanted
+                .iter()
+                .all(|w| names.contains(&format!("{{{w}")) || names.contains(&format!(",{w}")))
+        })
+        .find_map(|rest| rest.rsplit(' ').next()?.parse().ok())
 }
 
 /// Sum of every sample of a metric family (without `_bucket` etc.) in an agent's

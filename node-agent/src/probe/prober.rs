@@ -216,6 +216,7 @@ pub async fn run_prober<T: FlowTransport>(
                 if let Err(e) = config.probe_keys.update(list.probe_keys.as_ref()) {
                     tracing::error!(error = %e, "the pinglist's probe keys are unusable; keeping the keys held");
                 }
+                metrics.set_probe_key_id(config.probe_keys.keys().map_or(0, |k| k.current().id()));
                 if list.window_ms != window_ms && list.window_ms > 0 {
                     window_ms = list.window_ms;
                     *lock(&shared.aggregator) = WindowAggregator::new(window_ms, MAX_EXACT_SAMPLES);
@@ -911,6 +912,15 @@ mod tests {
             cancel.cancel();
             responder.await.unwrap().unwrap();
             assert_eq!((window.ok, window.lost), (window.sent, 0), "{window:?}");
+            // The gauge names the key the prober signs with: epoch 40's.
+            let key_line = format!(
+                "pingmesh_probe_key_id{{node=\"n1\"}} {}",
+                pingmesh_proto::probe_auth::key_id(40)
+            );
+            assert!(
+                text.lines().any(|l| l == key_line),
+                "{key_line} not in:\n{text}"
+            );
             for kind in ["ack1", "ack2"] {
                 for reason in ["missing_tag", "unknown_key", "bad_tag"] {
                     assert_eq!(auth_failures(&text, kind, reason), 0, "{kind} {reason}");
