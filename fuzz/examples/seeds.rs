@@ -51,7 +51,7 @@ fn wire(dir: &Path) -> std::io::Result<()> {
         pingmesh_fuzz::WIRE_EPOCH,
     ))
     .map_err(std::io::Error::other)?;
-    let signed = |m: &Message| auth::seal(Some(&keys), m);
+    let signed = |m: &Message| auth::seal(Some(&keys), m, pingmesh_fuzz::WIRE_RESPONDER);
     write(dir, "probe-signed", signed(&probe).as_bytes())?;
     write(
         dir,

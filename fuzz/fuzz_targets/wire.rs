@@ -4,7 +4,7 @@
 //! `auth::verify`. Arbitrary bytes must give a message or a categorized
 //! error, whatever decodes must survive an encode/decode round trip
 //! unchanged, and a tag must pass exactly when it is the tag the key of its
-//! id makes for those bytes.
+//! id makes for those bytes and the responder's endpoint id.
 #![no_main]
 
 use std::sync::LazyLock;
@@ -41,11 +41,11 @@ fuzz_target!(|data: &[u8]| {
 /// `data` decoded to `message`: its tag verdict must agree with re-signing.
 fn check_tag(data: &[u8], message: &Message) {
     assert_eq!(
-        auth::verify(None, data),
+        auth::verify(None, data, pingmesh_fuzz::WIRE_RESPONDER),
         Ok(()),
         "no keys: nothing is checked"
     );
-    let verdict = auth::verify(Some(&KEYS), data);
+    let verdict = auth::verify(Some(&KEYS), data, pingmesh_fuzz::WIRE_RESPONDER);
     if data.len() != AUTHENTICATED_LEN {
         assert_eq!(verdict, Err(AuthFailure::MissingTag));
         return;
@@ -54,7 +54,9 @@ fn check_tag(data: &[u8], message: &Message) {
     match KEYS.get(id) {
         None => assert_eq!(verdict, Err(AuthFailure::UnknownKey(id))),
         Some(key) => {
-            let resigned = message.encode_authenticated(id, |bytes| key.tag(bytes));
+            let resigned = message.encode_authenticated(id, |bytes| {
+                key.tag_parts(&[bytes, pingmesh_fuzz::WIRE_RESPONDER.as_bytes()])
+            });
             // Every one of the 40 bytes is a field the decoder checked, so
             // re-signing reproduces them; only the tag can differ.
             assert_eq!(resigned[..40], data[..40], "decode lost a byte");

@@ -7,3 +7,6 @@ pub mod grpc_input;
 /// its signed seeds are made with (a fixed test key, nothing secret).
 pub const WIRE_MASTER: &[u8] = b"pingmesh-fuzz-wire-master-secret-0123456789";
 pub const WIRE_EPOCH: u64 = 7;
+/// The responder endpoint id the wire target verifies tags for and its
+/// signed seeds are made for (every tag covers the responder's id).
+pub const WIRE_RESPONDER: &str = "node-2/udp0";

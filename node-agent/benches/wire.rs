@@ -35,30 +35,39 @@ fn authenticated(c: &mut Criterion) {
     )))
     .unwrap_or_else(|e| unreachable!("valid keys: {e}"));
     let keys = ring.keys();
-    let sealed = seal(keys.as_deref(), &ack2);
+    // Every tag covers the responder's endpoint id as well as the message.
+    let responder = "node-2/udp0";
+    let sealed = seal(keys.as_deref(), &ack2, responder);
     c.bench_function("wire/encode_ack2_plain", |b| {
-        b.iter(|| seal(None, black_box(&ack2)));
+        b.iter(|| seal(None, black_box(&ack2), responder));
     });
     c.bench_function("wire/encode_sign_ack2", |b| {
-        b.iter(|| seal(black_box(keys.as_deref()), black_box(&ack2)));
+        b.iter(|| seal(black_box(keys.as_deref()), black_box(&ack2), responder));
     });
     c.bench_function("wire/decode_ack2_plain", |b| {
         let plain = ack2.encode();
         b.iter(|| {
             let bytes = black_box(&plain[..]);
-            Message::decode(bytes).map(|m| (m, verify(None, bytes)))
+            Message::decode(bytes).map(|m| (m, verify(None, bytes, responder)))
         });
     });
     c.bench_function("wire/decode_verify_ack2", |b| {
         b.iter(|| {
             let bytes = black_box(sealed.as_bytes());
-            Message::decode(bytes).map(|m| (m, verify(black_box(keys.as_deref()), bytes)))
+            Message::decode(bytes)
+                .map(|m| (m, verify(black_box(keys.as_deref()), bytes, responder)))
         });
     });
     // What the prober and responder do per message: take the keys in force
     // from the shared ring (a read lock and a reference count), then sign.
     c.bench_function("wire/ring_keys_encode_sign_ack2", |b| {
-        b.iter(|| seal(black_box(&ring).keys().as_deref(), black_box(&ack2)));
+        b.iter(|| {
+            seal(
+                black_box(&ring).keys().as_deref(),
+                black_box(&ack2),
+                responder,
+            )
+        });
     });
 }
 

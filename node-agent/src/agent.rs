@@ -281,10 +281,18 @@ async fn start_udp(
     let observer = wiring.observer.clone();
     let responder_cancel = wiring.cancel.clone();
     let responder_keys = wiring.probe_keys.clone();
+    // Every tag covers the responder's endpoint id, as probers see it in their pinglists.
+    let responder_id: Arc<str> = endpoint.id.as_str().into();
     spawn_essential(tasks, &wiring.cancel, "UDP responder", async move {
-        run_responder(responder_socket, observer, responder_keys, responder_cancel)
-            .await
-            .map_err(AgentError::from)
+        run_responder(
+            responder_socket,
+            observer,
+            responder_keys,
+            responder_id,
+            responder_cancel,
+        )
+        .await
+        .map_err(AgentError::from)
     });
 
     let prober = ProberConfig {

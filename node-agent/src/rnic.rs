@@ -134,6 +134,7 @@ async fn serve_device<D: RdmaDevice>(
         responder,
         ctx.observer.clone(),
         ctx.probe_keys.clone(),
+        Arc::from(id),
         child.clone(),
     ));
     let flows = RdmaFlows::new(

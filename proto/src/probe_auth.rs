@@ -105,7 +105,17 @@ impl MacKey {
 
     /// The truncated HMAC-SHA256 of `data`.
     pub fn tag(&self, data: &[u8]) -> [u8; TAG_LEN] {
-        let full = hmac::sign(&self.key, data);
+        self.tag_parts(&[data])
+    }
+
+    /// The truncated HMAC-SHA256 of `parts` one after the other, as if
+    /// concatenated (a probe's 40 bytes and the responder's endpoint id).
+    pub fn tag_parts(&self, parts: &[&[u8]]) -> [u8; TAG_LEN] {
+        let mut ctx = hmac::Context::with_key(&self.key);
+        for part in parts {
+            ctx.update(part);
+        }
+        let full = ctx.sign();
         let mut tag = [0u8; TAG_LEN];
         tag.copy_from_slice(&full.as_ref()[..TAG_LEN]);
         tag
@@ -113,10 +123,16 @@ impl MacKey {
 
     /// Whether `tag` is this key's tag of `data`, compared in constant time.
     pub fn verify(&self, data: &[u8], tag: &[u8]) -> bool {
+        self.verify_parts(&[data], tag)
+    }
+
+    /// Whether `tag` is this key's tag of `parts` concatenated, compared in
+    /// constant time.
+    pub fn verify_parts(&self, parts: &[&[u8]], tag: &[u8]) -> bool {
         let Ok(tag) = <&[u8; TAG_LEN]>::try_from(tag) else {
             return false;
         };
-        tags_equal(&self.tag(data), tag)
+        tags_equal(&self.tag_parts(parts), tag)
     }
 }
 
@@ -246,6 +262,10 @@ mod tests {
         let mut flipped = tag;
         flipped[15] ^= 1;
         assert!(!key.verify(b"hello", &flipped));
+        // Parts are tagged as their concatenation.
+        assert_eq!(key.tag_parts(&[b"hel", b"lo"]), tag);
+        assert!(key.verify_parts(&[b"he", b"llo"], &tag));
+        assert!(!key.verify_parts(&[b"hello", b"!"], &tag));
     }
 
     #[test]

@@ -82,11 +82,20 @@ impl Sealed {
 }
 
 /// `message` encoded, and signed with the current key when there are keys.
-pub fn seal(keys: Option<&KeySet>, message: &Message) -> Sealed {
+///
+/// The tag covers the 40 message bytes followed by `responder`, the endpoint
+/// id of the responder the exchange is with (the probe's target, or the
+/// responder sending the ACK). Without it in the tag, someone on the path
+/// could copy a probe signed for one responder (perhaps a dead one) to
+/// another, with the prober's address as source, and the second responder's
+/// ACKs would complete the probe to the first: loss hidden.
+pub fn seal(keys: Option<&KeySet>, message: &Message, responder: &str) -> Sealed {
     if let Some(keys) = keys {
         let key = keys.current();
         return Sealed {
-            bytes: message.encode_authenticated(key.id(), |data| key.tag(data)),
+            bytes: message.encode_authenticated(key.id(), |data| {
+                key.tag_parts(&[data, responder.as_bytes()])
+            }),
             len: AUTHENTICATED_LEN,
         };
     }
@@ -121,16 +130,20 @@ impl AuthFailure {
     }
 }
 
-/// Checks the tag of `bytes`, a message that already decoded. Without keys
-/// everything passes (authentication off).
-pub fn verify(keys: Option<&KeySet>, bytes: &[u8]) -> Result<(), AuthFailure> {
+/// Checks the tag of `bytes`, a message that already decoded, as a tag for an
+/// exchange with the responder of endpoint id `responder` (see [`seal`]).
+/// Without keys everything passes (authentication off).
+pub fn verify(keys: Option<&KeySet>, bytes: &[u8], responder: &str) -> Result<(), AuthFailure> {
     let Some(keys) = keys else { return Ok(()) };
     if bytes.len() != AUTHENTICATED_LEN {
         return Err(AuthFailure::MissingTag);
     }
     let id = bytes[7];
     let key = keys.get(id).ok_or(AuthFailure::UnknownKey(id))?;
-    if key.verify(&bytes[..MESSAGE_LEN], &bytes[MESSAGE_LEN..]) {
+    if key.verify_parts(
+        &[&bytes[..MESSAGE_LEN], responder.as_bytes()],
+        &bytes[MESSAGE_LEN..],
+    ) {
         Ok(())
     } else {
         Err(AuthFailure::BadTag)
@@ -153,6 +166,7 @@ mod tests {
     use super::*;
 
     const MASTER: &[u8] = b"0123456789abcdef0123456789abcdef";
+    const RESPONDER: &str = "b/udp0";
 
     fn keys(epoch: u64) -> Arc<KeySet> {
         Arc::new(KeySet::from_proto(&keys_around(MASTER, epoch)).unwrap())
@@ -171,11 +185,11 @@ mod tests {
     fn sealed_messages_decode_and_verify_under_the_same_keys() {
         let keys = keys(10);
         for m in messages() {
-            let sealed = seal(Some(&keys), &m);
+            let sealed = seal(Some(&keys), &m, RESPONDER);
             assert_eq!(sealed.as_bytes().len(), AUTHENTICATED_LEN);
             assert_eq!(sealed.as_bytes()[7], key_id(10));
             assert_eq!(Message::decode(sealed.as_bytes()), Ok(m));
-            assert_eq!(verify(Some(&keys), sealed.as_bytes()), Ok(()));
+            assert_eq!(verify(Some(&keys), sealed.as_bytes(), RESPONDER), Ok(()));
         }
     }
 
@@ -183,7 +197,7 @@ mod tests {
     fn a_flipped_bit_anywhere_fails_decoding_or_verification() {
         let keys = keys(10);
         for m in messages() {
-            let sealed = seal(Some(&keys), &m);
+            let sealed = seal(Some(&keys), &m, RESPONDER);
             for byte in 0..AUTHENTICATED_LEN {
                 for bit in 0..8 {
                     let mut bytes = *sealed
@@ -191,8 +205,8 @@ mod tests {
                         .first_chunk::<AUTHENTICATED_LEN>()
                         .unwrap();
                     bytes[byte] ^= 1 << bit;
-                    let accepted =
-                        Message::decode(&bytes).is_ok() && verify(Some(&keys), &bytes).is_ok();
+                    let accepted = Message::decode(&bytes).is_ok()
+                        && verify(Some(&keys), &bytes, RESPONDER).is_ok();
                     assert!(
                         !accepted,
                         "bit {bit} of byte {byte} flipped, still accepted ({m:?})"
@@ -205,37 +219,62 @@ mod tests {
     #[test]
     fn neighbouring_epochs_verify_and_far_ones_are_unknown_keys() {
         let signer = keys(10);
-        let sealed = seal(Some(&signer), &messages()[2]);
+        let sealed = seal(Some(&signer), &messages()[2], RESPONDER);
         // A peer an epoch behind or ahead holds the key.
-        assert_eq!(verify(Some(&keys(9)), sealed.as_bytes()), Ok(()));
-        assert_eq!(verify(Some(&keys(11)), sealed.as_bytes()), Ok(()));
+        assert_eq!(verify(Some(&keys(9)), sealed.as_bytes(), RESPONDER), Ok(()));
         assert_eq!(
-            verify(Some(&keys(13)), sealed.as_bytes()),
+            verify(Some(&keys(11)), sealed.as_bytes(), RESPONDER),
+            Ok(())
+        );
+        assert_eq!(
+            verify(Some(&keys(13)), sealed.as_bytes(), RESPONDER),
             Err(AuthFailure::UnknownKey(key_id(10)))
         );
         // Same id, other mesh (master secret): the tag is wrong.
         let other =
             KeySet::from_proto(&keys_around(b"another mesh's master secret....", 10)).unwrap();
         assert_eq!(
-            verify(Some(&other), sealed.as_bytes()),
+            verify(Some(&other), sealed.as_bytes(), RESPONDER),
             Err(AuthFailure::BadTag)
         );
     }
 
     #[test]
+    fn a_tag_is_valid_only_for_the_responder_it_was_made_for() {
+        // A probe signed for responder "a/udp0", replayed to "b/udp0" (or
+        // an ACK from "b/udp0" offered for a probe to "a/udp0"), fails.
+        let keys = keys(10);
+        for m in messages() {
+            let sealed = seal(Some(&keys), &m, "a/udp0");
+            assert_eq!(verify(Some(&keys), sealed.as_bytes(), "a/udp0"), Ok(()));
+            assert_eq!(
+                verify(Some(&keys), sealed.as_bytes(), "b/udp0"),
+                Err(AuthFailure::BadTag)
+            );
+            assert_eq!(
+                verify(Some(&keys), sealed.as_bytes(), "a/udp"),
+                Err(AuthFailure::BadTag)
+            );
+        }
+    }
+
+    #[test]
     fn plain_messages_fail_only_where_keys_are_in_force() {
-        let plain = seal(None, &messages()[2]);
+        let plain = seal(None, &messages()[2], RESPONDER);
         assert_eq!(plain.as_bytes(), &messages()[2].encode());
-        assert_eq!(verify(None, plain.as_bytes()), Ok(()));
+        assert_eq!(verify(None, plain.as_bytes(), RESPONDER), Ok(()));
         assert_eq!(
-            verify(Some(&keys(1)), plain.as_bytes()),
+            verify(Some(&keys(1)), plain.as_bytes(), RESPONDER),
             Err(AuthFailure::MissingTag)
         );
         // A forger who copies a key id but not the key: bad tag.
         let forged = messages()[2].encode_authenticated(key_id(1), |_| [0; 16]);
-        assert_eq!(verify(Some(&keys(1)), &forged), Err(AuthFailure::BadTag));
+        assert_eq!(
+            verify(Some(&keys(1)), &forged, RESPONDER),
+            Err(AuthFailure::BadTag)
+        );
         // Without keys the agent takes signed messages from peers that have some.
-        assert_eq!(verify(None, &forged), Ok(()));
+        assert_eq!(verify(None, &forged, RESPONDER), Ok(()));
     }
 
     #[test]

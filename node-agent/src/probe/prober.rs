@@ -28,7 +28,7 @@ use super::auth::{self, ProbeKeyRing, seal, verify};
 use super::clock::host_now_ns;
 use super::emulate::EmulatedFabric;
 use super::flows::FlowTransport;
-use super::pending::{Outcome, PendingTable};
+use super::pending::{Outcome, PendingTable, Unmatched};
 use super::timing::{Stamp, classify};
 use super::wire::{Message, MessageType};
 use crate::aggregate::{PathInfo, WindowAggregator};
@@ -439,9 +439,12 @@ async fn send_probe<S: ProbeSocket>(
         shared.metrics.sent_nothing(e.category());
         return;
     }
+    // Signed for this target's responder: copied to another one, the probe
+    // is dropped there, not answered in the target's name.
     let payload = seal(
         shared.probe_keys.keys().as_deref(),
         &Message::probe(shared.prober_id, seq),
+        &target.path.target_endpoint,
     );
     if let Some(fabric) = &shared.emulated
         && fabric.drops(&target.path.source_endpoint, &target.path.target_endpoint)
@@ -533,17 +536,35 @@ async fn receive<S: ProbeSocket>(
                     shared.metrics.malformed("prober", "truncated");
                     continue;
                 }
-                let Some(message) = authentic_ack(&shared, &buf[..len]) else {
+                let Some(message) = ack_for_this_prober(&shared, &buf[..len]) else {
                     continue;
                 };
+                let keys = shared.probe_keys.keys();
                 let mut pending = lock(&shared.pending);
-                if let Some(fabric) = &shared.emulated
-                    && let Some(ctx) = pending.context(message.seq)
-                    && fabric.drops(
-                        &ctx.target.path.target_endpoint,
-                        &ctx.target.path.source_endpoint,
-                    )
-                {
+                // The tag is checked against the endpoint id of the probe's
+                // target, under the same lock as the match: an ACK that does
+                // not verify never touches the pending table.
+                let Some(ctx) = pending.context(message.seq) else {
+                    // Late, or never ours: nothing to check the tag against.
+                    drop(pending);
+                    shared.metrics.unmatched(Unmatched::UnknownSeq.category());
+                    continue;
+                };
+                let path = &ctx.target.path;
+                let verified = verify(keys.as_deref(), &buf[..len], &path.target_endpoint);
+                let dropped = shared.emulated.as_ref().is_some_and(|fabric| {
+                    fabric.drops(&path.target_endpoint, &path.source_endpoint)
+                });
+                if let Err(failure) = verified {
+                    // Forged, or answered by another responder than the
+                    // probe's target: the probe times out as lost.
+                    drop(pending);
+                    shared
+                        .metrics
+                        .probe_auth_failed(auth::kind_label(message.kind), failure.category());
+                    continue;
+                }
+                if dropped {
                     continue;
                 }
                 match message.kind {
@@ -554,11 +575,8 @@ async fn receive<S: ProbeSocket>(
                         message.t4_ns,
                         message.responder_software_timed(),
                     ),
-                    MessageType::Probe => {
-                        drop(pending);
-                        shared.metrics.malformed("prober", "unexpected_probe");
-                        continue;
-                    }
+                    // Counted and dropped by ack_for_this_prober.
+                    MessageType::Probe => continue,
                 }
             }
             Ok(_) => continue,
@@ -581,9 +599,10 @@ async fn receive<S: ProbeSocket>(
     }
 }
 
-/// The message in `bytes` if it decodes, carries a valid tag (when probe
-/// keys are in force) and is meant for this prober; else counts why not.
-fn authentic_ack<P>(shared: &Shared<P>, bytes: &[u8]) -> Option<Message> {
+/// The message in `bytes` if it decodes, is an ACK and is meant for this
+/// prober; else counts why not. Its tag is checked by the caller, against
+/// the endpoint id of the target of the probe it answers.
+fn ack_for_this_prober<P>(shared: &Shared<P>, bytes: &[u8]) -> Option<Message> {
     let message = match Message::decode(bytes) {
         Ok(m) => m,
         Err(e) => {
@@ -591,12 +610,8 @@ fn authentic_ack<P>(shared: &Shared<P>, bytes: &[u8]) -> Option<Message> {
             return None;
         }
     };
-    // Unauthenticated ACKs never reach the pending table: a forged ACK
-    // cannot complete a probe, which then times out as lost.
-    if let Err(failure) = verify(shared.probe_keys.keys().as_deref(), bytes) {
-        shared
-            .metrics
-            .probe_auth_failed(auth::kind_label(message.kind), failure.category());
+    if message.kind == MessageType::Probe {
+        shared.metrics.malformed("prober", "unexpected_probe");
         return None;
     }
     if message.prober_id != shared.prober_id {
@@ -892,6 +907,50 @@ mod tests {
         }
 
         #[tokio::test]
+        async fn acks_signed_by_another_responder_do_not_complete_probes() {
+            // The probe to "n2/udp0" was reflected to another agent's
+            // responder, "n3/udp0", which holds the mesh's keys and answers
+            // it with tags valid for itself: the probe to n2 is still lost.
+            use crate::probe::auth::seal;
+            let keys =
+                pingmesh_proto::probe_auth::KeySet::from_proto(&keys_around(MASTER, 40)).unwrap();
+            let other = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let target = other.local_addr().unwrap();
+            let answering = tokio::spawn(async move {
+                let mut buf = [0u8; 128];
+                loop {
+                    let Ok((len, from)) = other.recv_from(&mut buf).await else {
+                        return;
+                    };
+                    let Ok(probe) = Message::decode(&buf[..len]) else {
+                        continue;
+                    };
+                    let ack1 = seal(Some(&keys), &Message::ack1(&probe), "n3/udp0");
+                    let ack2 = seal(
+                        Some(&keys),
+                        &Message::ack2(&probe, 1_000, 2_000, true),
+                        "n3/udp0",
+                    );
+                    let _ = other.send_to(ack1.as_bytes(), from).await;
+                    let _ = other.send_to(ack2.as_bytes(), from).await;
+                }
+            });
+            let (window, text) = probe_one_window(target).await;
+            answering.abort();
+            assert_eq!(
+                window.ok, 0,
+                "another responder's ACK completed a probe: {window:?}"
+            );
+            assert_eq!(window.lost, window.sent);
+            let ack1 = auth_failures(&text, "ack1", "bad_tag");
+            let ack2 = auth_failures(&text, "ack2", "bad_tag");
+            assert!(
+                ack1 >= 10 && ack2 >= 10,
+                "ack1 bad_tag {ack1}, ack2 bad_tag {ack2}"
+            );
+        }
+
+        #[tokio::test]
         async fn a_responder_with_the_meshs_keys_completes_every_probe() {
             let ring = ProbeKeyRing::off();
             ring.update(Some(&keys_around(MASTER, 41))).unwrap();
@@ -906,8 +965,13 @@ mod tests {
             let cancel = CancellationToken::new();
             // An epoch ahead of the prober: it signs with a key the prober
             // holds as "next", as a peer whose pinglist came first would.
-            let responder =
-                tokio::spawn(run_responder(socket, Arc::new(Quiet), ring, cancel.clone()));
+            let responder = tokio::spawn(run_responder(
+                socket,
+                Arc::new(Quiet),
+                ring,
+                "n2/udp0".into(),
+                cancel.clone(),
+            ));
             let (window, text) = probe_one_window(target).await;
             cancel.cancel();
             responder.await.unwrap().unwrap();

@@ -70,7 +70,9 @@ pub trait ResponderObserver: Send + Sync {
 }
 
 /// Answers probes on `socket` until `cancel` fires (then returns `Ok`); with
-/// probe keys in `probe_keys`, only authenticated probes, with signed ACKs. Only a
+/// probe keys in `probe_keys`, only authenticated probes, with signed ACKs;
+/// `endpoint_id` is this responder's endpoint id, which every tag covers (a
+/// probe signed for another responder is dropped as `bad_tag`). Only a
 /// persistent failure to receive ([`MAX_RECEIVE_FAILURES`] in a row, as the
 /// prober) ends it early, with the error; a transient one, bad input and
 /// failed sends are counted and skipped.
@@ -78,12 +80,14 @@ pub async fn run_responder<S: ProbeSocket>(
     socket: Arc<S>,
     observer: Arc<dyn ResponderObserver>,
     probe_keys: Arc<ProbeKeyRing>,
+    endpoint_id: Arc<str>,
     cancel: CancellationToken,
 ) -> Result<(), TransportError> {
     let mut responder = Responder {
         socket: Arc::clone(&socket),
         observer,
         probe_keys,
+        endpoint_id,
         pending: PendingAck2s::default(),
         outbox: Ack2Outbox::default(),
     };
@@ -150,6 +154,8 @@ struct Responder<S: ProbeSocket> {
     socket: Arc<S>,
     observer: Arc<dyn ResponderObserver>,
     probe_keys: Arc<ProbeKeyRing>,
+    /// This responder's endpoint id, covered by every tag.
+    endpoint_id: Arc<str>,
     pending: PendingAck2s<S::Peer>,
     outbox: Ack2Outbox<S::Peer>,
 }
@@ -177,8 +183,10 @@ impl<S: ProbeSocket> Responder<S> {
                 }
                 match Message::decode(&buf[..len]) {
                     Ok(probe) if probe.kind == MessageType::Probe => {
-                        // A forged probe gets no answer: counted and dropped.
-                        match verify(self.probe_keys.keys().as_deref(), &buf[..len]) {
+                        // A forged probe, or one signed for another
+                        // responder, gets no answer: counted and dropped.
+                        let keys = self.probe_keys.keys();
+                        match verify(keys.as_deref(), &buf[..len], &self.endpoint_id) {
                             Ok(()) => self.answer(probe, from, host_ns, kernel_ns).await,
                             Err(failure) => self.observer.auth_failed(failure.category()),
                         }
@@ -223,7 +231,11 @@ impl<S: ProbeSocket> Responder<S> {
         t3_host_ns: u64,
         t3_kernel_ns: Option<u64>,
     ) {
-        let ack1 = seal(self.probe_keys.keys().as_deref(), &Message::ack1(&probe));
+        let ack1 = seal(
+            self.probe_keys.keys().as_deref(),
+            &Message::ack1(&probe),
+            &self.endpoint_id,
+        );
         let receipt = match self.socket.send_to(ack1.as_bytes(), peer).await {
             Ok(receipt) => receipt,
             Err(error) => {
@@ -284,6 +296,7 @@ impl<S: ProbeSocket> Responder<S> {
         let ack2 = seal(
             self.probe_keys.keys().as_deref(),
             &Message::ack2(probe, t3_ns, t4_ns, software_timed),
+            &self.endpoint_id,
         );
         if self.outbox.hold(ack2, peer, software_timed, Instant::now()) {
             self.flush().await;
@@ -514,6 +527,9 @@ mod tests {
         task: tokio::task::JoinHandle<Result<(), TransportError>>,
     }
 
+    /// The endpoint id of the responder under test.
+    const RESPONDER_ID: &str = "b/udp0";
+
     fn start(mode: TimestampMode) -> Running {
         start_with_keys(mode, ProbeKeyRing::off())
     }
@@ -526,6 +542,7 @@ mod tests {
             Arc::clone(&socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             probe_keys,
+            RESPONDER_ID.into(),
             cancel.clone(),
         ));
         Running {
@@ -577,7 +594,7 @@ mod tests {
         // Unsigned, then signed with the right key id but a made-up tag.
         let unsigned = Message::probe(5, 1).encode();
         let forged = Message::probe(5, 2).encode_authenticated(key_id(3), |_| [7; 16]);
-        let signed = seal(Some(&keys), &Message::probe(5, 3));
+        let signed = seal(Some(&keys), &Message::probe(5, 3), RESPONDER_ID);
         for datagram in [&unsigned[..], &forged[..], signed.as_bytes()] {
             prober.send_to(datagram, running.addr).await.unwrap();
         }
@@ -592,13 +609,39 @@ mod tests {
                 panic!("expected a datagram, got {event:?}")
             };
             assert_eq!(len, AUTHENTICATED_LEN);
-            assert_eq!(verify(Some(&keys), &buf[..len]), Ok(()));
+            assert_eq!(verify(Some(&keys), &buf[..len], RESPONDER_ID), Ok(()));
             let ack = Message::decode(&buf[..len]).unwrap();
             assert_eq!((ack.kind, ack.seq), (kind, 3));
         }
         let counts = running.stop().await;
         let counts = counts.counts();
         assert_eq!(counts.auth_failed.get("missing_tag"), Some(&1));
+        assert_eq!(counts.auth_failed.get("bad_tag"), Some(&1));
+        assert_eq!(counts.answered_software, 1);
+    }
+
+    #[tokio::test]
+    async fn a_probe_signed_for_another_responder_is_dropped_unanswered() {
+        // Someone on the path copies a probe the prober signed for "a/udp0"
+        // (perhaps dead) to this responder ("b/udp0"), the prober's address
+        // as source: answering it would complete the probe to "a/udp0".
+        use pingmesh_proto::probe_auth::keys_around;
+        let ring = ProbeKeyRing::off();
+        ring.update(Some(&keys_around(b"0123456789abcdef0123456789abcdef", 3)))
+            .unwrap();
+        let keys = ring.keys().unwrap();
+        let running = start_with_keys(TimestampMode::Off, ring);
+        let prober = prober();
+        let misdirected = seal(Some(&keys), &Message::probe(5, 1), "a/udp0");
+        let meant = seal(Some(&keys), &Message::probe(5, 2), RESPONDER_ID);
+        for datagram in [misdirected.as_bytes(), meant.as_bytes()] {
+            prober.send_to(datagram, running.addr).await.unwrap();
+        }
+        // Loopback keeps order: the first answer is the second probe's.
+        let ack = next_message(&prober).await;
+        assert_eq!((ack.kind, ack.seq), (MessageType::Ack1, 2));
+        let counts = running.stop().await;
+        let counts = counts.counts();
         assert_eq!(counts.auth_failed.get("bad_tag"), Some(&1));
         assert_eq!(counts.answered_software, 1);
     }
@@ -729,6 +772,7 @@ mod tests {
             Arc::clone(&socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             ProbeKeyRing::off(),
+            RESPONDER_ID.into(),
             cancel.clone(),
         ));
         let (ack1, ack2) = (next_message(&prober).await, next_message(&prober).await);
@@ -796,6 +840,7 @@ mod tests {
             socket: Arc::new(socket),
             observer: Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             probe_keys: ProbeKeyRing::off(),
+            endpoint_id: RESPONDER_ID.into(),
             pending: PendingAck2s::default(),
             outbox: Ack2Outbox::default(),
         };
@@ -1037,6 +1082,7 @@ mod tests {
             socket: Arc::clone(socket),
             observer: Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             probe_keys: ProbeKeyRing::off(),
+            endpoint_id: RESPONDER_ID.into(),
             pending: PendingAck2s::default(),
             outbox: Ack2Outbox::default(),
         };
@@ -1100,6 +1146,7 @@ mod tests {
             Arc::clone(&socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             ProbeKeyRing::off(),
+            RESPONDER_ID.into(),
             cancel.clone(),
         ));
         let waited = tokio::time::timeout(GUARD, async {
@@ -1147,6 +1194,7 @@ mod tests {
             Arc::clone(&socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             ProbeKeyRing::off(),
+            RESPONDER_ID.into(),
             cancel.clone(),
         ));
         while socket.singles.lock().unwrap().is_empty() {
@@ -1230,6 +1278,7 @@ mod tests {
             Arc::clone(socket),
             Arc::clone(&observer) as Arc<dyn ResponderObserver>,
             ProbeKeyRing::off(),
+            RESPONDER_ID.into(),
             CancellationToken::new(),
         ));
         (observer, task)
