@@ -155,8 +155,9 @@ fn bench_ingest(c: &mut Criterion) {
     group.finish();
 }
 
-fn bench_evaluate(c: &mut Criterion) {
-    let placements: HashMap<String, EndpointPlacement> = (0..ENDPOINTS)
+/// Where every endpoint of the bench fleet sits, for the analyzer's topology.
+fn fleet_placements() -> HashMap<String, EndpointPlacement> {
+    (0..ENDPOINTS)
         .map(|i| {
             let placement = EndpointPlacement {
                 node: node_name(i),
@@ -164,7 +165,11 @@ fn bench_evaluate(c: &mut Criterion) {
             };
             (format!("{}/mlx5_0", node_name(i)), placement)
         })
-        .collect();
+        .collect()
+}
+
+fn bench_evaluate(c: &mut Criterion) {
+    let placements = fleet_placements();
     let topology = |id: &str| placements.get(id).cloned();
     let present = |_: &str, _: u64| true;
     let view = MeshView::new(fleet());
@@ -201,15 +206,7 @@ fn bench_evaluate(c: &mut Criterion) {
 /// (`--toggle-collect='*Analyzer::evaluate*'` leaves the setup out). From the
 /// third window on, localization looks at three windows, as in a fleet.
 fn evaluate_once(paths: usize, windows: u64) {
-    let placements: HashMap<String, EndpointPlacement> = (0..ENDPOINTS)
-        .map(|i| {
-            let placement = EndpointPlacement {
-                node: node_name(i),
-                tor: tor_name(i),
-            };
-            (format!("{}/mlx5_0", node_name(i)), placement)
-        })
-        .collect();
+    let placements = fleet_placements();
     let topology = |id: &str| placements.get(id).cloned();
     let present = |_: &str, _: u64| true;
     let summaries = window_of(&MeshView::new(fleet()), paths);
