@@ -19,7 +19,7 @@ mod window;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::hash::BuildHasher;
 use std::sync::Arc;
 
@@ -38,13 +38,18 @@ use findings::Hysteresis;
 use window::{Acceptance, FastHash, WindowData};
 
 use crate::mesh::localize::{
-    self, CauseTracker, HostDelayRules, LocalizeSettings, OpenRootCause, RootCause, WindowEvidence,
+    self, CauseTracker, EndpointTable, HostDelayRules, LocalizeSettings, OpenRootCause, PathRow,
+    RootCause, RowEvidence,
 };
 
 /// Closed windows localization looks at together (the newest and the ones
 /// before it): inter-ToR targets get one probe a second, so one 5 s window
 /// holds too few of them to tell a link fault from noise.
 pub const LOCALIZE_WINDOWS: usize = 3;
+
+/// Endpoints the analyzer's table may number before departed ones are
+/// dropped from it (beyond twice those of the windows kept).
+const MIN_ENDPOINT_TABLE: usize = 4096;
 
 /// Everything the analyzer concluded about one window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -402,16 +407,17 @@ pub struct Analyzer {
     intake: Intake,
     hysteresis: Hysteresis,
     last_report: Option<Arc<WindowReport>>,
-    /// The last [`LOCALIZE_WINDOWS`] windows' paths and endpoint nodes, oldest first.
-    recent: VecDeque<(Arc<WindowReport>, Arc<NodeMap>)>,
+    /// Endpoints of the windows judged, numbered for localization.
+    table: EndpointTable,
+    /// The paths of the windows before the newest that localization looks
+    /// at ([`LOCALIZE_WINDOWS`] in all), oldest first, numbered in `table`.
+    recent: VecDeque<Vec<PathRow>>,
     causes: CauseTracker,
     /// Hops of traced flows, for link and switch localization.
     traces: Option<Arc<localize::TraceBook>>,
     /// Traced flows of the last windows, for weak link and switch faults.
     horizon: localize::NetworkHorizon,
 }
-
-type NodeMap = HashMap<String, String, FastHash>;
 
 impl Analyzer {
     /// An analyzer for `window_ms` windows; refuses an invalid SLA or a zero window.
@@ -427,6 +433,7 @@ impl Analyzer {
             intake: Intake::new(window_ms),
             hysteresis: Hysteresis::default(),
             last_report: None,
+            table: EndpointTable::new(),
             recent: VecDeque::new(),
             causes,
             traces: None,
@@ -505,7 +512,14 @@ impl Analyzer {
             data,
             ..
         } = closed;
-        let stats = stats::collect(data, window_start_ms, &self.sla, topology, target_present);
+        let stats = stats::collect(
+            data,
+            window_start_ms,
+            &self.sla,
+            topology,
+            target_present,
+            &mut self.table,
+        );
         let transitions =
             self.hysteresis
                 .step(window_start_ms, &stats.paths, &stats.tor_pairs, &self.sla);
@@ -523,9 +537,8 @@ impl Analyzer {
             excluded_target_gone: stats.excluded_target_gone,
             excluded_unplaced: stats.excluded_unplaced,
         };
-        let nodes = Arc::new(stats.nodes);
         if had_data {
-            report.root_causes = self.localize(&report, &nodes);
+            report.root_causes = self.localize(&stats.rows);
         }
         let causes = self
             .causes
@@ -534,10 +547,11 @@ impl Analyzer {
         report.cleared_root_causes = causes.cleared;
         let report = Arc::new(report);
         if had_data {
-            self.recent.push_back((Arc::clone(&report), nodes));
+            self.recent.push_back(stats.rows);
             while self.recent.len() >= LOCALIZE_WINDOWS {
                 self.recent.pop_front();
             }
+            self.forget_departed_endpoints();
         }
         self.last_report = Some(Arc::clone(&report));
         report
@@ -566,7 +580,16 @@ impl Analyzer {
             target_present(endpoint, window)
                 || reported.binary_search(&hasher.hash_one(endpoint)).is_ok()
         };
-        let stats = stats::collect(data, window_start_ms, &self.sla, topology, &present);
+        // Late windows are not localized: their numbering is thrown away.
+        let mut table = EndpointTable::new();
+        let stats = stats::collect(
+            data,
+            window_start_ms,
+            &self.sla,
+            topology,
+            &present,
+            &mut table,
+        );
         WindowReport {
             window_start_ms,
             window_ms: self.window_ms,
@@ -582,25 +605,19 @@ impl Analyzer {
         }
     }
 
-    /// Root causes of `report`'s window together with the ones before it.
-    fn localize(&self, report: &WindowReport, nodes: &NodeMap) -> Vec<RootCause> {
-        let windows: Vec<&[PathStats]> = self
+    /// Root causes of the window of `newest` together with the ones before it.
+    fn localize(&self, newest: &[PathRow]) -> Vec<RootCause> {
+        let windows: Vec<&[PathRow]> = self
             .recent
             .iter()
-            .map(|(r, _)| r.paths.as_slice())
-            .chain(std::iter::once(report.paths.as_slice()))
+            .map(Vec::as_slice)
+            .chain(std::iter::once(newest))
             .collect();
-        let node_of = |endpoint: &str| {
-            std::iter::once(nodes)
-                .chain(self.recent.iter().rev().map(|(_, n)| n.as_ref()))
-                .find_map(|n| n.get(endpoint))
-                .map(String::as_str)
-        };
         let findings: Vec<Finding> = self.open_findings().into_iter().cloned().collect();
-        localize::localize(
-            &WindowEvidence {
+        localize::localize_rows(
+            &RowEvidence {
                 windows: &windows,
-                node_of: &node_of,
+                table: &self.table,
                 traces: self
                     .traces
                     .as_deref()
@@ -610,6 +627,30 @@ impl Analyzer {
             },
             &self.localize_settings(),
         )
+    }
+
+    /// Numbers the table no longer needs: once it holds more than twice the
+    /// endpoints of the windows kept (and a floor), it keeps only those, so
+    /// a fleet's churn does not grow it without end.
+    fn forget_departed_endpoints(&mut self) {
+        let mut used = vec![false; self.table.len()];
+        for row in self.recent.iter().flatten() {
+            for e in [row.source, row.target] {
+                if let Some(u) = used.get_mut(e as usize) {
+                    *u = true;
+                }
+            }
+        }
+        let live = used.iter().filter(|&&u| u).count();
+        if self.table.len() <= (2 * live).max(MIN_ENDPOINT_TABLE) {
+            return;
+        }
+        let remap = self
+            .table
+            .retain(|e| used.get(e as usize).copied().unwrap_or(false));
+        for rows in &mut self.recent {
+            rows.retain_mut(|row| row.renumber(&remap));
+        }
     }
 
     /// The path traces localization uses from the next window on.

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::policy::SlaPolicy;
 use super::window::{FastHash, PathKey, PathRecord, WindowData};
+use crate::mesh::localize::{EndpointTable, PathRow};
 
 /// Where an endpoint sits, as the controller's registry knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -142,83 +143,52 @@ fn judge_latency(sla: &SlaPolicy, ok: u64, p99_ns: Option<u64>) -> Judgement {
 #[derive(Debug, Default)]
 pub(super) struct WindowStats {
     pub paths: Vec<PathStats>,
+    /// `paths` as localization reads them, in the same order, their ends
+    /// numbered in the table `collect` was given.
+    pub rows: Vec<PathRow>,
     pub tor_pairs: Vec<TorPairStats>,
-    /// Node of every endpoint on a path kept, for localization.
-    pub nodes: HashMap<String, String, FastHash>,
     pub excluded_target_gone: u64,
     pub excluded_unplaced: u64,
 }
 
 /// What one window knows of an endpoint, looked up once however many paths
 /// it is on.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct EndpointInfo {
-    /// Index into `tors`; `None`: the topology does not know the endpoint.
+    /// The table's ToR number; `None`: the topology does not know the endpoint.
     tor: Option<u32>,
-    node: String,
     /// Its agent was present for the whole window.
     present: bool,
-    /// On a path whose target was present: localization needs its node.
-    used: bool,
 }
 
-/// Endpoints and ToRs of one window, interned: each endpoint id is hashed
-/// once per path end, and everything after works on small integers.
+/// Endpoints of one window, numbered in a table that outlives the window:
+/// each endpoint id is hashed once per path end, its placement and presence
+/// looked up once per window, and everything after works on small integers.
 struct PlacementCache<'a> {
     topology: &'a dyn Fn(&str) -> Option<EndpointPlacement>,
     target_present: &'a dyn Fn(&str, u64) -> bool,
     window_start_ms: u64,
-    /// Each endpoint's number: the only copy of its id this window makes.
-    index: HashMap<String, u32, FastHash>,
-    info: Vec<EndpointInfo>,
-    tors: Vec<String>,
-    tor_index: HashMap<String, u32, FastHash>,
+    table: &'a mut EndpointTable,
+    /// By table number; `None`: not seen this window yet.
+    info: Vec<Option<EndpointInfo>>,
 }
 
 impl PlacementCache<'_> {
-    /// The endpoint's number in this window, looking it up on first sight.
-    fn intern(&mut self, endpoint: &str) -> u32 {
-        if let Some(&i) = self.index.get(endpoint) {
-            return i;
+    /// The endpoint's number, looking it up on its first sight this window.
+    fn intern(&mut self, endpoint: &str) -> (u32, EndpointInfo) {
+        let e = self.table.intern(endpoint);
+        let at = e as usize;
+        if at >= self.info.len() {
+            self.info.resize(at + 1, None);
         }
-        let placement = (self.topology)(endpoint);
+        if let Some(info) = self.info[at] {
+            return (e, info);
+        }
         let present = (self.target_present)(endpoint, self.window_start_ms);
-        let (tor, node) = match placement {
-            Some(p) => (Some(self.intern_tor(p.tor)), p.node),
-            None => (None, String::new()),
-        };
-        let i = u32::try_from(self.info.len()).unwrap_or(u32::MAX);
-        self.index.insert(endpoint.to_owned(), i);
-        self.info.push(EndpointInfo {
-            tor,
-            node,
-            present,
-            used: false,
-        });
-        i
-    }
-
-    fn intern_tor(&mut self, tor: String) -> u32 {
-        if let Some(&i) = self.tor_index.get(&tor) {
-            return i;
-        }
-        let i = u32::try_from(self.tors.len()).unwrap_or(u32::MAX);
-        self.tors.push(tor.clone());
-        self.tor_index.insert(tor, i);
-        i
-    }
-
-    /// Each endpoint's position in id order: paths sort by these two
-    /// integers instead of comparing their id strings.
-    fn ranks(&self) -> Vec<u32> {
-        let mut by_id: Vec<(&str, u32)> =
-            self.index.iter().map(|(id, &i)| (id.as_str(), i)).collect();
-        by_id.sort_unstable_by_key(|&(id, _)| id);
-        let mut rank = vec![0u32; self.info.len()];
-        for (r, &(_, i)) in by_id.iter().enumerate() {
-            rank[i as usize] = u32::try_from(r).unwrap_or(u32::MAX);
-        }
-        rank
+        let tor = (self.topology)(endpoint).and_then(|p| self.table.place(e, &p.node, &p.tor));
+        let info = EndpointInfo { tor, present };
+        self.info[at] = Some(info);
+        (e, info)
     }
 }
 
@@ -235,39 +205,36 @@ struct PairAccumulator {
 /// Turns a window's summaries into statistics. Paths whose target was not present
 /// for the whole window are left out (a vanished responder is not a network
 /// fault), as are paths with an endpoint the topology does not know.
+/// Endpoints are numbered, and placed, in `table`.
 pub(super) fn collect(
     data: WindowData,
     window_start_ms: u64,
     sla: &SlaPolicy,
     topology: &dyn Fn(&str) -> Option<EndpointPlacement>,
     target_present: &dyn Fn(&str, u64) -> bool,
+    table: &mut EndpointTable,
 ) -> WindowStats {
+    let info = Vec::with_capacity(table.len());
     let mut cache = PlacementCache {
         topology,
         target_present,
         window_start_ms,
-        index: HashMap::with_capacity_and_hasher(data.paths.len() / 4, FastHash::default()),
-        info: Vec::new(),
-        tors: Vec::new(),
-        tor_index: HashMap::default(),
+        table,
+        info,
     };
     let mut stats = WindowStats::default();
     let mut pairs: HashMap<(u32, u32), PairAccumulator, FastHash> = HashMap::default();
-    // Each kept path, and its ends' numbers for sorting.
+    // Each kept path, and its row.
     let mut kept: Vec<Option<PathStats>> = Vec::with_capacity(data.paths.len());
-    let mut ends: Vec<(u32, u32)> = Vec::with_capacity(data.paths.len());
+    let mut rows: Vec<PathRow> = Vec::with_capacity(data.paths.len());
     for ((source, target), record) in data.paths {
-        let t = cache.intern(&target);
-        if !cache.info[t as usize].present {
+        let (t, target_info) = cache.intern(&target);
+        if !target_info.present {
             stats.excluded_target_gone += 1;
             continue;
         }
-        let s = cache.intern(&source);
-        cache.info[s as usize].used = true;
-        cache.info[t as usize].used = true;
-        let (Some(source_tor), Some(target_tor)) =
-            (cache.info[s as usize].tor, cache.info[t as usize].tor)
-        else {
+        let (s, source_info) = cache.intern(&source);
+        let (Some(source_tor), Some(target_tor)) = (source_info.tor, target_info.tor) else {
             stats.excluded_unplaced += 1;
             continue;
         };
@@ -285,42 +252,37 @@ pub(super) fn collect(
             tracing::debug!(%source, %target, "skipping a histogram that no longer merges");
         }
         let names = (
-            cache.tors[source_tor as usize].clone(),
-            cache.tors[target_tor as usize].clone(),
+            cache.table.tor_name(source_tor).to_owned(),
+            cache.table.tor_name(target_tor).to_owned(),
         );
-        ends.push((s, t));
-        kept.push(Some(path_stats((source, target), names, &record, sla)));
+        let path = path_stats((source, target), names, &record, sla);
+        rows.push(PathRow::of(&path, s, t));
+        kept.push(Some(path));
     }
+    let table = cache.table;
     stats.tor_pairs = pairs
         .into_iter()
         .map(|((s, t), acc)| {
-            let name = |i: u32| cache.tors[i as usize].clone();
+            let name = |i: u32| table.tor_name(i).to_owned();
             pair_stats(name(s), name(t), &acc, sla)
         })
         .collect();
-    let rank = cache.ranks();
+    let rank = table.ranks();
     // (source, target) is unique per window, so ranks order paths exactly as
     // their ids would. Sorting small (key, index) pairs and moving each path
     // once is far cheaper than sorting the paths themselves.
-    let mut order: Vec<(u64, usize)> = ends
+    let mut order: Vec<(u64, usize)> = rows
         .iter()
         .enumerate()
-        .map(|(i, &(s, t))| {
-            let key = (u64::from(rank[s as usize]) << 32) | u64::from(rank[t as usize]);
+        .map(|(i, r)| {
+            let key =
+                (u64::from(rank[r.source as usize]) << 32) | u64::from(rank[r.target as usize]);
             (key, i)
         })
         .collect();
     order.sort_unstable_by_key(|&(key, _)| key);
     stats.paths = order.iter().filter_map(|&(_, i)| kept[i].take()).collect();
-    let mut info: Vec<Option<EndpointInfo>> = cache.info.into_iter().map(Some).collect();
-    stats.nodes = cache
-        .index
-        .into_iter()
-        .filter_map(|(id, i)| {
-            let info = info.get_mut(i as usize)?.take()?;
-            (info.used && info.tor.is_some()).then_some((id, info.node))
-        })
-        .collect();
+    stats.rows = order.iter().map(|&(_, i)| rows[i]).collect();
     stats.tor_pairs.sort_unstable_by(|a, b| {
         (&a.source_tor, &a.target_tor).cmp(&(&b.source_tor, &b.target_tor))
     });

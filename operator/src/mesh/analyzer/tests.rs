@@ -659,3 +659,67 @@ fn a_late_window_is_judged_without_touching_live_findings() {
     }
     assert!(a.open_findings().is_empty(), "late data opens no finding");
 }
+
+/// A mesh of three ToRs with three single-endpoint hosts each, every host
+/// probing every other; `a1` loses everything it sends and everything sent
+/// to it.
+fn mesh_with_a1_dark(window: u64) -> Vec<v1::WindowSummary> {
+    let hosts: Vec<String> = ["a", "b", "c"]
+        .iter()
+        .flat_map(|rack| (1..=3).map(move |i| format!("{rack}{i}/udp0")))
+        .collect();
+    let mut out = Vec::new();
+    for s in &hosts {
+        for t in hosts.iter().filter(|t| *t != s) {
+            let dark = s.starts_with("a1/") || t.starts_with("a1/");
+            let (ok, lost) = if dark { (0, 50) } else { (50, 0) };
+            out.push(summary(window, s, t, ok, lost, 20_000));
+        }
+    }
+    out
+}
+
+#[test]
+fn a_churning_fleet_keeps_the_endpoint_table_bounded_and_still_localizes() {
+    // 2,500 endpoints that each report one window only (pods coming and
+    // going): without forgetting them, the table would number 25,000.
+    const CHURN: usize = 2_500;
+    let mut a = analyzer();
+    let mut largest = 0;
+    for window in 0..10u64 {
+        for s in mesh_with_a1_dark(window) {
+            ingest(&mut a, s);
+        }
+        for i in 0..CHURN {
+            let churner = format!("x{window}n{i}/udp0");
+            ingest(&mut a, summary(window, &churner, "b1/udp0", 50, 0, 20_000));
+        }
+        let report = evaluate(&mut a, window);
+        largest = largest.max(a.table.len());
+        let hosts: Vec<&str> = report
+            .root_causes
+            .iter()
+            .filter(|c| c.kind == localize::CauseKind::Host)
+            .map(|c| c.component.as_str())
+            .collect();
+        assert_eq!(
+            hosts,
+            vec!["a1"],
+            "window {window}: {:?}",
+            report.root_causes
+        );
+    }
+    // At most the two windows kept (5,000 churners and the mesh), doubled,
+    // plus the window that went over.
+    assert!(
+        largest <= 2 * (2 * CHURN + 9) + CHURN,
+        "table reached {largest}"
+    );
+    assert!(largest >= 3 * CHURN, "the test needs the table to fill up");
+    // Every number still held by a kept row names its endpoint.
+    for row in a.recent.iter().flatten() {
+        let source = a.table.endpoint_name(row.source);
+        assert!(source.starts_with('x') || source.len() == 7, "{source}");
+        assert_eq!(a.table.get(source), Some(row.source));
+    }
+}

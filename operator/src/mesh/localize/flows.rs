@@ -314,12 +314,12 @@ impl FlowEvidence {
         let mut sources: Vec<Option<Option<&SourceTraces>>> = vec![None; paths.endpoints.len()];
         for &row in rows {
             let p = paths.path(row);
-            let (s, _) = paths.ends(row);
+            let (s, t) = paths.ends(row);
             let Some(slot) = sources.get_mut(s as usize) else {
                 continue;
             };
-            let from = *slot.get_or_insert_with(|| traces.paths_from(&p.source_endpoint));
-            let Some(trace) = from.and_then(|f| f.to(&p.target_endpoint)) else {
+            let from = *slot.get_or_insert_with(|| traces.paths_from(paths.endpoints[s as usize]));
+            let Some(trace) = from.and_then(|f| f.to(paths.endpoints[t as usize])) else {
                 continue;
             };
             let mut probed = p.probed_flows_mask;

@@ -31,6 +31,7 @@ mod flows;
 mod horizon;
 mod host_delay;
 mod paths;
+mod rows;
 pub mod sim;
 mod tracker;
 
@@ -42,6 +43,7 @@ use serde::{Deserialize, Serialize};
 pub use flows::{Hop, PathTraces, SourceTraces, TraceBook};
 pub use horizon::{HORIZON_WINDOWS, NetworkHorizon};
 pub use host_delay::HostDelayRules;
+pub use rows::{EndpointTable, PathRow, rows_of};
 pub use tracker::{CauseTracker, CauseTransitions, OpenRootCause};
 
 use engine::{Pick, Rules, explain};
@@ -228,8 +230,10 @@ impl LocalizeSettings {
     }
 }
 
-/// What localization looks at: the newest closed window and the few before
-/// it, so that sparse inter-ToR probes add up to evidence.
+/// What localization looks at, as callers holding [`PathStats`] have it:
+/// the newest closed window and the few before it, so that sparse inter-ToR
+/// probes add up to evidence. [`localize`] numbers their endpoints and hands
+/// them to [`localize_rows`], which the analyzer calls directly.
 #[derive(Clone, Copy)]
 pub struct WindowEvidence<'a> {
     /// Path statistics of each window, oldest first.
@@ -255,11 +259,55 @@ impl std::fmt::Debug for WindowEvidence<'_> {
     }
 }
 
+/// [`WindowEvidence`] with every endpoint numbered in one table: what the
+/// analyzer keeps of its last windows.
+#[derive(Clone, Copy)]
+pub struct RowEvidence<'a> {
+    /// Rows of each window, oldest first.
+    pub windows: &'a [&'a [PathRow]],
+    /// Names, nodes and ToRs of the rows' endpoint numbers.
+    pub table: &'a EndpointTable,
+    pub traces: Option<&'a dyn PathTraces>,
+    pub findings: &'a [Finding],
+    pub horizon: Option<&'a NetworkHorizon>,
+}
+
+impl std::fmt::Debug for RowEvidence<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RowEvidence")
+            .field("windows", &self.windows.len())
+            .field("endpoints", &self.table.len())
+            .field("findings", &self.findings.len())
+            .finish_non_exhaustive()
+    }
+}
+
 /// The root causes of one window, most confident first.
 pub fn localize(input: &WindowEvidence<'_>, settings: &LocalizeSettings) -> Vec<RootCause> {
+    let mut table = EndpointTable::new();
+    let rows: Vec<Vec<PathRow>> = input
+        .windows
+        .iter()
+        .map(|paths| rows_of(paths, &mut table, input.node_of))
+        .collect();
+    let windows: Vec<&[PathRow]> = rows.iter().map(Vec::as_slice).collect();
+    localize_rows(
+        &RowEvidence {
+            windows: &windows,
+            table: &table,
+            traces: input.traces,
+            findings: input.findings,
+            horizon: input.horizon,
+        },
+        settings,
+    )
+}
+
+/// The root causes of the newest of `input`'s windows, most confident first.
+pub fn localize_rows(input: &RowEvidence<'_>, settings: &LocalizeSettings) -> Vec<RootCause> {
     let mut causes = Vec::new();
     for signal in [PathSignal::Loss, PathSignal::Latency] {
-        let evidence = PathEvidence::new(input.windows, input.node_of, signal);
+        let evidence = PathEvidence::new(input.windows, input.table, signal);
         let picks = explain(&evidence, &settings.path_rules(signal));
         causes.extend(path_causes(&evidence, &picks, input, settings, signal));
         if signal == PathSignal::Loss {
@@ -278,7 +326,7 @@ pub fn localize(input: &WindowEvidence<'_>, settings: &LocalizeSettings) -> Vec<
 fn path_causes(
     evidence: &PathEvidence<'_>,
     picks: &[Pick],
-    input: &WindowEvidence<'_>,
+    input: &RowEvidence<'_>,
     settings: &LocalizeSettings,
     signal: PathSignal,
 ) -> Vec<RootCause> {
@@ -360,7 +408,7 @@ fn path_cause(
     evidence: &PathEvidence<'_>,
     pick: &Pick,
     component: Component,
-    input: &WindowEvidence<'_>,
+    input: &RowEvidence<'_>,
     signal: Signal,
 ) -> RootCause {
     let tor_name = |t: u32| evidence.tors[t as usize].to_owned();
@@ -591,7 +639,7 @@ fn flow_causes(
     paths: &PathEvidence<'_>,
     rows: &[u32],
     traces: &dyn PathTraces,
-    input: &WindowEvidence<'_>,
+    input: &RowEvidence<'_>,
 ) -> Vec<RootCause> {
     let Some(flows) = FlowEvidence::new(paths, rows, traces) else {
         return Vec::new();
@@ -649,12 +697,14 @@ fn findings_on_rows(
     for f in findings {
         let hit = match f.kind {
             FindingKind::PathLoss => rows.iter().any(|&r| {
-                let p = paths.path(r);
-                f.location == format!("{} -> {}", p.source_endpoint, p.target_endpoint)
+                let (s, t) = paths.ends(r);
+                let name = |e: u32| paths.endpoints[e as usize];
+                f.location == format!("{} -> {}", name(s), name(t))
             }),
             FindingKind::TorPairLoss => rows.iter().any(|&r| {
-                let p = paths.path(r);
-                f.location == format!("{} -> {}", p.source_tor, p.target_tor)
+                let (s, t) = paths.ends(r);
+                let tor = |e: u32| paths.tors[paths.tor_of(e) as usize];
+                f.location == format!("{} -> {}", tor(s), tor(t))
             }),
             _ => false,
         };
@@ -680,7 +730,7 @@ fn horizon_causes(
     rows: &[u32],
     traces: &dyn PathTraces,
     horizon: &NetworkHorizon,
-    input: &WindowEvidence<'_>,
+    input: &RowEvidence<'_>,
     settings: &LocalizeSettings,
 ) -> Option<Vec<RootCause>> {
     let flows = FlowEvidence::new(paths, rows, traces);
@@ -701,7 +751,7 @@ fn horizon_cause(
     paths: &PathEvidence<'_>,
     flows: Option<&FlowEvidence>,
     pick: &HorizonPick,
-    input: &WindowEvidence<'_>,
+    input: &RowEvidence<'_>,
 ) -> RootCause {
     let (kind, component) = hop_words(&pick.hop);
     let candidates: Vec<String> = pick

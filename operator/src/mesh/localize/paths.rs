@@ -9,10 +9,9 @@
 //! uplink from a downlink; traced flows can), and the inter-ToR fabric as a
 //! whole. "Out" is the prober side, "in" the responder side.
 
-use std::collections::HashMap;
-
 use super::engine::{Evidence, Tally};
-use crate::mesh::analyzer::{Judgement, PathStats};
+use super::rows::{EndpointTable, PathRow};
+use crate::mesh::analyzer::Judgement;
 
 /// Which kind of component an index stands for, and which entity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,16 +37,18 @@ pub(super) enum PathSignal {
     Latency,
 }
 
-/// One path, by interned indices.
+/// One path, by this evidence's indices.
 #[derive(Debug, Clone, Copy)]
-struct PathRow {
+struct Row {
     source: u32,
     target: u32,
     probes: u64,
     lost: u64,
 }
 
-/// The paths of one window with everything interned.
+/// The paths of a few windows with their ends numbered densely, in the order
+/// they first appear (the table's numbers also cover endpoints on no row
+/// here: other windows' and departed ones).
 #[derive(Debug)]
 pub(super) struct PathEvidence<'a> {
     pub endpoints: Vec<&'a str>,
@@ -58,14 +59,16 @@ pub(super) struct PathEvidence<'a> {
     endpoints_of_node: Vec<Vec<u32>>,
     endpoints_of_tor: Vec<Vec<u32>>,
     nodes_per_tor: Vec<u32>,
-    rows: Vec<PathRow>,
+    rows: Vec<Row>,
     /// Which window and path each row came from.
     row_path: Vec<(u32, u32)>,
-    windows: &'a [&'a [PathStats]],
+    windows: &'a [&'a [PathRow]],
+    table: &'a EndpointTable,
+    /// Table number -> index here (`u32::MAX`: on no row).
+    local_of: Vec<u32>,
     /// (row, prober p99, responder p99) of the rows with host delays, so
     /// that host-delay checks need not read every path again.
     host_delays: Vec<(u32, Option<u64>, Option<u64>)>,
-    endpoint_index: HashMap<&'a str, u32, foldhash::fast::RandomState>,
     /// Paths by source endpoint and by target endpoint (CSR).
     out_start: Vec<u32>,
     out_rows: Vec<u32>,
@@ -73,57 +76,56 @@ pub(super) struct PathEvidence<'a> {
     in_rows: Vec<u32>,
 }
 
-struct Interner<'a> {
-    index: HashMap<&'a str, u32, foldhash::fast::RandomState>,
-    names: Vec<&'a str>,
+/// Dense indices for table numbers, handed out on first sight.
+struct Dense {
+    local: Vec<u32>,
+    members: Vec<u32>,
 }
 
-impl<'a> Interner<'a> {
-    fn new() -> Self {
+impl Dense {
+    fn new(numbers: usize) -> Self {
         Self {
-            index: HashMap::default(),
-            names: Vec::new(),
+            local: vec![u32::MAX; numbers],
+            members: Vec::new(),
         }
     }
 
-    fn get(&mut self, name: &'a str) -> (u32, bool) {
-        if let Some(&i) = self.index.get(name) {
-            return (i, false);
+    /// (index, first sight).
+    fn get(&mut self, number: u32) -> (u32, bool) {
+        let at = number as usize;
+        if at >= self.local.len() {
+            // Rows only hold numbers of their table; stay safe regardless.
+            self.local.resize(at + 1, u32::MAX);
         }
-        let i = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
-        self.names.push(name);
-        self.index.insert(name, i);
-        (i, true)
+        if self.local[at] != u32::MAX {
+            return (self.local[at], false);
+        }
+        self.local[at] = self.members.len() as u32;
+        self.members.push(number);
+        (self.local[at], true)
     }
 }
 
 impl<'a> PathEvidence<'a> {
-    /// `node_of` names an endpoint's node (an endpoint it does not know is
-    /// taken as a node of its own).
-    pub fn new(
-        windows: &'a [&'a [PathStats]],
-        node_of: &dyn Fn(&str) -> Option<&'a str>,
-        signal: PathSignal,
-    ) -> Self {
-        let mut endpoints = Interner::new();
-        let mut nodes = Interner::new();
-        let mut tors = Interner::new();
+    /// The observations of `windows` (oldest first) for `signal`, their
+    /// ends read in `table`.
+    pub fn new(windows: &'a [&'a [PathRow]], table: &'a EndpointTable, signal: PathSignal) -> Self {
+        let mut endpoints = Dense::new(table.len());
+        let mut nodes = Dense::new(table.node_count());
+        let mut tors = Dense::new(table.tor_count());
         let (mut node_of_ep, mut tor_of_ep) = (Vec::new(), Vec::new());
         let total: usize = windows.iter().map(|w| w.len()).sum();
         let mut rows = Vec::with_capacity(total);
         let mut row_path = Vec::with_capacity(total);
         let mut host_delays = Vec::new();
-        // An endpoint's index and its ToR's.
-        let mut intern = |id: &'a str, tor: &'a str| {
-            let (e, new) = endpoints.get(id);
+        let mut local = |number: u32| {
+            let (e, new) = endpoints.get(number);
             if new {
-                node_of_ep.push(nodes.get(node_of(id).unwrap_or(id)).0);
-                tor_of_ep.push(tors.get(tor).0);
+                node_of_ep.push(nodes.get(table.node_of(number)).0);
+                tor_of_ep.push(tors.get(table.tor_of(number)).0);
             }
-            (e, tor_of_ep.get(e as usize).copied().unwrap_or(0))
+            e
         };
-        let mut last_source: Option<(&str, u32)> = None;
-        let mut targets = RecentTargets::default();
         for (w, i, p) in windows
             .iter()
             .enumerate()
@@ -140,28 +142,11 @@ impl<'a> PathEvidence<'a> {
             if probes == 0 {
                 continue;
             }
-            // Paths come sorted by source: most rows repeat the last one's.
-            let source = match last_source {
-                Some((id, e))
-                    if std::ptr::eq(id, p.source_endpoint.as_str()) || id == p.source_endpoint =>
-                {
-                    e
-                }
-                _ => {
-                    let (source, tor) = intern(&p.source_endpoint, &p.source_tor);
-                    targets.next_source(tor);
-                    source
-                }
-            };
-            last_source = Some((p.source_endpoint.as_str(), source));
-            let target = targets
-                .find(&p.target_endpoint)
-                .unwrap_or_else(|| intern(&p.target_endpoint, &p.target_tor).0);
-            targets.push(&p.target_endpoint, target);
+            let (source, target) = (local(p.source), local(p.target));
             if p.prober_p99_ns.is_some() || p.responder_p99_ns.is_some() {
                 host_delays.push((rows.len() as u32, p.prober_p99_ns, p.responder_p99_ns));
             }
-            rows.push(PathRow {
+            rows.push(Row {
                 source,
                 target,
                 probes,
@@ -169,8 +154,14 @@ impl<'a> PathEvidence<'a> {
             });
             row_path.push((w as u32, u32::try_from(i).unwrap_or(u32::MAX)));
         }
-        let endpoint_index = endpoints.index;
-        let (endpoints, nodes, tors) = (endpoints.names, nodes.names, tors.names);
+        let named = |numbers: &[u32], name: fn(&'a EndpointTable, u32) -> &'a str| {
+            numbers.iter().map(|&i| name(table, i)).collect::<Vec<_>>()
+        };
+        let endpoint_names = named(&endpoints.members, EndpointTable::endpoint_name);
+        let nodes = named(&nodes.members, EndpointTable::node_name);
+        let tors = named(&tors.members, EndpointTable::tor_name);
+        let local_of = endpoints.local;
+        let endpoints = endpoint_names;
         let mut endpoints_of_node = vec![Vec::new(); nodes.len()];
         let mut endpoints_of_tor = vec![Vec::new(); tors.len()];
         for e in 0..endpoints.len() {
@@ -192,8 +183,9 @@ impl<'a> PathEvidence<'a> {
             rows,
             row_path,
             windows,
+            table,
+            local_of,
             host_delays,
-            endpoint_index,
             out_start,
             out_rows,
             in_start,
@@ -272,13 +264,14 @@ impl<'a> PathEvidence<'a> {
         (r.source, r.target)
     }
 
-    /// Interned index of an endpoint id.
+    /// Index of an endpoint id, when it is on a row.
     pub fn endpoint_index(&self, id: &str) -> Option<u32> {
-        self.endpoint_index.get(id).copied()
+        let local = *self.local_of.get(self.table.get(id)? as usize)?;
+        (local != u32::MAX).then_some(local)
     }
 
-    /// The path statistics a row came from.
-    pub fn path(&self, row: u32) -> &'a PathStats {
+    /// The path a row came from.
+    pub fn path(&self, row: u32) -> &'a PathRow {
         let (w, i) = self.row_path[row as usize];
         &self.windows[w as usize][i as usize]
     }
@@ -436,58 +429,6 @@ fn count_nodes(endpoints_of_tor: &[Vec<u32>], node_of: &[u32], nodes: usize) -> 
     nodes_per_tor
 }
 
-/// The targets of the sources under one ToR repeat (each probes the same
-/// peers of its ToR mesh, less itself), so the last such source's targets
-/// are tried in order before a name is hashed: hashing every target was a
-/// fifth of localization's work.
-#[derive(Default)]
-struct RecentTargets<'a> {
-    /// By ToR: the targets of the last source under it, in order, with
-    /// their indices, and the current source's so far.
-    by_tor: Vec<TorTargets<'a>>,
-    /// The current source's ToR.
-    tor: usize,
-}
-
-#[derive(Default)]
-struct TorTargets<'a> {
-    last: Vec<(&'a str, u32)>,
-    current: Vec<(&'a str, u32)>,
-    /// Where in `last` the next target is expected.
-    cursor: usize,
-}
-
-impl<'a> RecentTargets<'a> {
-    fn next_source(&mut self, tor: u32) {
-        self.tor = tor as usize;
-        if self.by_tor.len() <= self.tor {
-            self.by_tor.resize_with(self.tor + 1, TorTargets::default);
-        }
-        let t = &mut self.by_tor[self.tor];
-        if !t.current.is_empty() {
-            std::mem::swap(&mut t.last, &mut t.current);
-            t.current.clear();
-        }
-        t.cursor = 0;
-    }
-
-    /// The index of `name` when it is the expected target or the one after
-    /// it (the last source itself, left out of its own list).
-    fn find(&mut self, name: &str) -> Option<u32> {
-        let t = self.by_tor.get_mut(self.tor)?;
-        let end = t.last.len().min(t.cursor + 2);
-        let at = (t.cursor..end).find(|&i| t.last[i].0 == name)?;
-        t.cursor = at + 1;
-        Some(t.last[at].1)
-    }
-
-    fn push(&mut self, name: &'a str, index: u32) {
-        if let Some(t) = self.by_tor.get_mut(self.tor) {
-            t.current.push((name, index));
-        }
-    }
-}
-
 /// Most components one path crosses.
 pub(super) const MAX_CROSSED: usize = 13;
 
@@ -632,6 +573,7 @@ impl Evidence for PathEvidence<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::localize::rows::rows_of;
     use crate::mesh::localize::sim::{Fabric, FabricSpec, Fault};
 
     /// Every component's tally, one row at a time (what the search did
@@ -686,9 +628,11 @@ mod tests {
             to_itself.target_endpoint = to_itself.source_endpoint.clone();
             to_itself.target_tor = to_itself.source_tor.clone();
             paths.insert(1, to_itself);
-            let windows = [paths.as_slice()];
             let node_of = |e: &str| fabric.node_of_name.get(e).map(String::as_str);
-            let evidence = PathEvidence::new(&windows, &node_of, PathSignal::Loss);
+            let mut table = EndpointTable::new();
+            let rows = rows_of(&paths, &mut table, &node_of);
+            let windows = [rows.as_slice()];
+            let evidence = PathEvidence::new(&windows, &table, PathSignal::Loss);
             let failing = |probes: u64, lost: u64| lost * 10 > probes;
             let summed = evidence.tallies(&failing);
             assert!(summed.iter().any(|t| t.failing > 0));
