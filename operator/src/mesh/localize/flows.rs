@@ -259,6 +259,27 @@ impl TraceBook {
         self.both_ways = both_ways;
     }
 
+    /// Keeps the traced flows `keep` accepts, by (source, target, flow).
+    pub fn retain_flows(&mut self, mut keep: impl FnMut(&str, &str, u16) -> bool) {
+        let (mut len, mut both_ways) = (0, 0);
+        self.paths.retain(|source, targets| {
+            targets.0.retain(|target, trace| {
+                trace.flows.retain(|(flow, f)| {
+                    let kept = keep(source, target, *flow);
+                    if kept {
+                        len += 1;
+                        both_ways += usize::from(f.there.is_some() && f.back.is_some());
+                    }
+                    kept
+                });
+                !trace.flows.is_empty()
+            });
+            !targets.0.is_empty()
+        });
+        self.len = len;
+        self.both_ways = both_ways;
+    }
+
     /// Traced flows.
     pub fn len(&self) -> usize {
         self.len

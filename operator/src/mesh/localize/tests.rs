@@ -1,6 +1,8 @@
 //! Localization on small synthetic fabrics: each fault kind named, nothing
 //! blamed on a clean fabric, several faults at once.
 
+use std::sync::Arc;
+
 use super::sim::{Fabric, FabricSpec, Fault, host_name, spine_name, tor_name};
 use super::*;
 use crate::mesh::analyzer::ProbeKind;
@@ -498,4 +500,25 @@ fn a_weak_spine_is_the_switch_not_its_links() {
         }
     }
     assert!(switch_named);
+}
+
+#[test]
+fn retain_flows_keeps_exactly_the_flows_accepted() {
+    let hops = |names: &[&str]| names.iter().map(|&n| Arc::<str>::from(n)).collect();
+    let mut book = TraceBook::default();
+    for flow in 0..4u16 {
+        book.insert("a/0", "b/0", flow, hops(&["tor-a", "spine-1", "tor-b"]));
+        book.insert("c/0", "b/0", flow, hops(&["tor-c", "spine-2", "tor-b"]));
+    }
+    book.insert_return("a/0", "b/0", 2, hops(&["tor-b", "spine-1", "tor-a"]));
+    assert_eq!((book.len(), book.both_ways()), (8, 1));
+    book.retain_flows(|source, _, flow| source == "a/0" && flow >= 2);
+    assert_eq!((book.len(), book.both_ways()), (2, 1));
+    let ab = book.path("a/0", "b/0").expect("a -> b keeps flows 2 and 3");
+    assert!(ab.hops(1).is_none() && ab.hops(2).is_some() && ab.hops(3).is_some());
+    assert!(ab.return_hops(2).is_some());
+    assert!(
+        book.path("c/0", "b/0").is_none(),
+        "a path left without flows goes"
+    );
 }
