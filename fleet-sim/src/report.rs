@@ -21,10 +21,13 @@ pub struct Budget {
 }
 
 impl Budget {
-    /// ToR pairs a window can probe: each ToR with itself and its sampled ToRs.
+    /// ToR pairs a window can probe: each ToR with itself and its sampled
+    /// ToRs, twice as many sampled ToRs in the window a rotation falls in
+    /// (agents probe the old sample until their new list arrives, the new
+    /// one after), and never more than every other ToR.
     pub fn tor_pairs(&self, shape: &FleetShape) -> usize {
         let tors = shape.tors();
-        tors * (1 + self.sample_tors.min(tors.saturating_sub(1)))
+        tors * (1 + (2 * self.sample_tors).min(tors.saturating_sub(1)))
     }
 
     pub fn series(&self, shape: &FleetShape) -> usize {
@@ -290,4 +293,46 @@ pub fn problems(
         ));
     }
     p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::Faults;
+    use pingmesh_proto::v1::Transport;
+
+    fn shape(nodes: usize) -> FleetShape {
+        FleetShape {
+            nodes,
+            endpoints_per_node: 8,
+            nodes_per_rack: 32,
+            transport: Transport::Rdma,
+            spines: 4,
+            faults: Faults {
+                endpoints: 0,
+                endpoint_loss: 0.0,
+                tors: 0,
+                tor_loss: 0.0,
+                links: 0,
+            },
+        }
+    }
+
+    #[test]
+    fn the_budget_holds_both_samples_of_a_rotation_window_and_no_more_than_every_tor() {
+        let budget = Budget {
+            sample_tors: 5,
+            fixed: 300,
+        };
+        // 2,500 nodes: 632 ToRs (rail-optimized), each with itself and up to
+        // 2 × 5 sampled ToRs.
+        assert_eq!(budget.tor_pairs(&shape(2_500)), 632 * 11);
+        assert_eq!(budget.series(&shape(2_500)), 5 * 632 * 11 + 300);
+        // 64 nodes: 16 ToRs, so at most the 15 others.
+        let wide = Budget {
+            sample_tors: 10,
+            fixed: 300,
+        };
+        assert_eq!(wide.tor_pairs(&shape(64)), 16 * 16);
+    }
 }
