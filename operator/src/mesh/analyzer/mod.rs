@@ -126,7 +126,8 @@ impl EvaluateError {
 /// An agent reports all of a window's summaries of one source in one call,
 /// so per source this is exact for agents; summaries of one source split
 /// over calls with the window judged in between are refused (never counted
-/// twice). Late buckets hold at most [`MAX_LATE_PATHS`] summaries together.
+/// twice). Late buckets, and open windows older than the previous one,
+/// hold at most [`MAX_LATE_PATHS`] summaries together.
 #[derive(Debug)]
 pub struct Intake {
     window_ms: u32,
@@ -140,6 +141,9 @@ pub struct Intake {
     hasher: FastHash,
     /// Summaries waiting in late buckets.
     late_paths: usize,
+    /// Summaries late buckets and open windows older than the previous one
+    /// may hold together ([`MAX_LATE_PATHS`]).
+    late_limit: usize,
 }
 
 /// What the intake remembers of a closed window.
@@ -211,6 +215,17 @@ impl Intake {
             closed: BTreeMap::new(),
             hasher: FastHash::default(),
             late_paths: 0,
+            late_limit: MAX_LATE_PATHS,
+        }
+    }
+
+    /// An intake whose late summaries are capped at `limit` instead of
+    /// [`MAX_LATE_PATHS`], so tests can reach the cap.
+    #[cfg(test)]
+    pub(crate) fn with_late_limit(window_ms: u32, limit: usize) -> Self {
+        Self {
+            late_limit: limit,
+            ..Self::new(window_ms)
         }
     }
 
@@ -261,6 +276,16 @@ impl Intake {
         } else {
             0
         };
+        // A window older than the previous one is not judged yet only before
+        // the first close (summaries an agent held while the controller was
+        // away) or while judging lags: its summaries are late, and share the
+        // late buckets' cap, so a resend or a stalled judge cannot fill
+        // every window of the horizon.
+        let previous = pingmesh_proto::window::window_start(now_ms, self.window_ms)
+            .saturating_sub(u64::from(self.window_ms));
+        if start < previous {
+            self.check_room_for_late(previous)?;
+        }
         self.windows
             .entry(start)
             .or_insert_with(|| WindowData::with_capacity(expected))
@@ -288,9 +313,9 @@ impl Intake {
                 evaluated_through_ms: done,
             });
         }
-        if self.late_paths >= MAX_LATE_PATHS {
+        if self.late_paths >= self.late_limit {
             return Err(IngestError::LateFull {
-                limit: MAX_LATE_PATHS,
+                limit: self.late_limit,
             });
         }
         let stored = judged
@@ -304,6 +329,25 @@ impl Intake {
             }
             Ingested::Duplicate => Ingested::Duplicate,
         })
+    }
+
+    /// Refuses a summary for an open window older than `previous` when late
+    /// buckets and such windows hold the late cap already. Rare, hence out
+    /// of line: a pass over the open windows (at most the horizon's).
+    #[cold]
+    #[inline(never)]
+    fn check_room_for_late(&self, previous: u64) -> Result<(), IngestError> {
+        let held: usize = self
+            .windows
+            .range(..previous)
+            .map(|(_, w)| w.paths.len())
+            .sum();
+        if self.late_paths + held >= self.late_limit {
+            return Err(IngestError::LateFull {
+                limit: self.late_limit,
+            });
+        }
+        Ok(())
     }
 
     /// Takes one complete window's data out: summaries for it from the

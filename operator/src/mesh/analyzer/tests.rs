@@ -723,3 +723,47 @@ fn a_churning_fleet_keeps_the_endpoint_table_bounded_and_still_localizes() {
         assert_eq!(a.table.get(source), Some(row.source));
     }
 }
+
+#[test]
+fn open_windows_older_than_the_previous_share_the_late_cap() {
+    // Before the first close (a restarted controller), agents resend what
+    // they held: windows older than the previous one fill like late buckets.
+    let mut intake = Intake::with_late_limit(WINDOW, 3);
+    let now = now_for(10); // just after window 10: 11 is the current one
+    let sources = ["a1/udp0", "a2/udp0", "a3/udp0", "b1/udp0"];
+    let outcomes: Vec<Result<Ingested, &str>> = sources
+        .iter()
+        .enumerate()
+        .map(|(i, src)| {
+            let window = 5 + i as u64 % 2;
+            intake
+                .ingest(summary(window, src, "c1/udp0", 10, 0, 10_000), now)
+                .map_err(|e| e.category())
+        })
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            Ok(Ingested::Accepted),
+            Ok(Ingested::Accepted),
+            Ok(Ingested::Accepted),
+            Err("late_full"),
+        ]
+    );
+    // The current and the previous window are not late: no cap.
+    for window in [10, 11] {
+        for src in sources {
+            let s = summary(window, src, "c1/udp0", 10, 0, 10_000);
+            assert_eq!(intake.ingest(s, now), Ok(Ingested::Accepted));
+        }
+    }
+    // Closing window 10 moves windows 5 and 6 into late buckets: 3 held, so
+    // the cap still refuses a late summary for window 7.
+    let closed = intake.close(T0 + 10 * W).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!((closed.paths(), closed.made_late()), (4, 3));
+    let s = summary(7, "a1/udp0", "c1/udp0", 10, 0, 10_000);
+    assert_eq!(
+        intake.ingest(s, now).map_err(|e| e.category()),
+        Err("late_full")
+    );
+}

@@ -21,11 +21,15 @@ use super::stats::ProbeKind;
 /// per source endpoint per closed window, so 180 x 8 B = 1.4 KiB per
 /// endpoint (14 MiB for 10,000 endpoints). Windows not closed yet are held
 /// as far back: after a restart, what agents resend before the first window
-/// is judged waits there (and becomes late at that close); a judge that
-/// stalls for longer lets up to this many windows fill, as it let 12 before.
+/// is judged waits there (and becomes late at that close), and so does what
+/// a lagging judge has not reached. Open windows older than the previous
+/// one count against [`MAX_LATE_PATHS`] with the late buckets, so neither
+/// fills the whole horizon.
 pub const MAX_PAST_WINDOWS: u64 = 180;
-/// Most late summaries (for windows judged already) held at once, over all
-/// windows, until they are judged; beyond this they are refused (`late_full`).
+/// Most late summaries held at once, over all windows, until they are
+/// judged: those for windows judged already, and those for open windows
+/// older than the previous one (by the controller's clock); beyond this
+/// they are refused (`late_full`).
 pub const MAX_LATE_PATHS: usize = MAX_PATHS_PER_WINDOW;
 /// Windows after the current one that accept summaries (agent clocks running ahead).
 pub const MAX_FUTURE_WINDOWS: u64 = 1;
