@@ -27,7 +27,10 @@ impl Budget {
     /// one after), and never more than every other ToR.
     pub fn tor_pairs(&self, shape: &FleetShape) -> usize {
         let tors = shape.tors();
-        tors * (1 + (2 * self.sample_tors).min(tors.saturating_sub(1)))
+        tors * (1 + self
+            .sample_tors
+            .saturating_mul(2)
+            .min(tors.saturating_sub(1)))
     }
 
     pub fn series(&self, shape: &FleetShape) -> usize {

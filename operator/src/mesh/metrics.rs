@@ -88,7 +88,7 @@ impl ControllerMetrics {
                 IntCounterVec::new(
                     Opts::new(
                         "pingmesh_controller_late_summaries_total",
-                        "Window summaries for windows judged already, by outcome: accepted (into the window's late bucket), judged (into the window history), duplicate (their source was judged in the window), too_old (beyond the horizon), late_full.",
+                        "Window summaries for windows judged already, by outcome: accepted (into the window's late bucket), judged (into the window history), duplicate (their source was judged in the window), too_old (beyond the horizon), late_full (late summaries, with those of overdue open windows, at their cap).",
                     ),
                     &["outcome"],
                 )?,

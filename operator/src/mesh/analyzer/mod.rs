@@ -126,8 +126,8 @@ impl EvaluateError {
 /// An agent reports all of a window's summaries of one source in one call,
 /// so per source this is exact for agents; summaries of one source split
 /// over calls with the window judged in between are refused (never counted
-/// twice). Late buckets, and open windows older than the previous one,
-/// hold at most [`MAX_LATE_PATHS`] summaries together.
+/// twice). Late buckets, and open windows the judge should have reached
+/// long ago, hold at most [`MAX_LATE_PATHS`] summaries together.
 #[derive(Debug)]
 pub struct Intake {
     window_ms: u32,
@@ -141,8 +141,7 @@ pub struct Intake {
     hasher: FastHash,
     /// Summaries waiting in late buckets.
     late_paths: usize,
-    /// Summaries late buckets and open windows older than the previous one
-    /// may hold together ([`MAX_LATE_PATHS`]).
+    /// Summaries late buckets and overdue open windows may hold together ([`MAX_LATE_PATHS`]).
     late_limit: usize,
 }
 
@@ -192,6 +191,17 @@ impl ClosedWindow {
             .binary_search(&self.hasher.hash_one(endpoint))
             .is_ok()
     }
+}
+
+/// How long after its end the judge has a window for sure: it judges one
+/// within the probe timeout (below a window) and a report grace of a few
+/// seconds after the window ends; this leaves room for a slow judge.
+const JUDGED_WITHIN_MS: u64 = 10_000;
+
+/// Windows starting before this (by the controller's clock `now_ms`) are
+/// overdue: the judge should have reached them long ago.
+fn overdue_before(now_ms: u64, window_ms: u32) -> u64 {
+    now_ms.saturating_sub(2 * u64::from(window_ms) + JUDGED_WITHIN_MS)
 }
 
 /// Merges two sorted distinct lists into one.
@@ -276,15 +286,14 @@ impl Intake {
         } else {
             0
         };
-        // A window older than the previous one is not judged yet only before
-        // the first close (summaries an agent held while the controller was
-        // away) or while judging lags: its summaries are late, and share the
-        // late buckets' cap, so a resend or a stalled judge cannot fill
+        // A window the judge should have reached long ago is open only
+        // before the first close (summaries agents held while the controller
+        // was away) or while judging lags: its summaries are late, and share
+        // the late buckets' cap, so a resend or a stalled judge cannot fill
         // every window of the horizon.
-        let previous = pingmesh_proto::window::window_start(now_ms, self.window_ms)
-            .saturating_sub(u64::from(self.window_ms));
-        if start < previous {
-            self.check_room_for_late(previous)?;
+        let overdue = overdue_before(now_ms, self.window_ms);
+        if start < overdue {
+            self.check_room_for_late(overdue, &summary)?;
         }
         self.windows
             .entry(start)
@@ -313,7 +322,13 @@ impl Intake {
                 evaluated_through_ms: done,
             });
         }
-        if self.late_paths >= self.late_limit {
+        let duplicate = || {
+            judged
+                .late
+                .as_ref()
+                .is_some_and(|l| l.holds(&summary.source_endpoint, &summary.target_endpoint))
+        };
+        if self.late_paths >= self.late_limit && !duplicate() {
             return Err(IngestError::LateFull {
                 limit: self.late_limit,
             });
@@ -331,23 +346,33 @@ impl Intake {
         })
     }
 
-    /// Refuses a summary for an open window older than `previous` when late
-    /// buckets and such windows hold the late cap already. Rare, hence out
-    /// of line: a pass over the open windows (at most the horizon's).
+    /// Refuses a summary for an open window starting before `overdue` when
+    /// late buckets and such windows hold the late cap already (a path held
+    /// already passes, to be reported a duplicate). Rare, hence out of line:
+    /// a pass over the open windows (at most the horizon's).
     #[cold]
     #[inline(never)]
-    fn check_room_for_late(&self, previous: u64) -> Result<(), IngestError> {
+    fn check_room_for_late(
+        &self,
+        overdue: u64,
+        summary: &v1::WindowSummary,
+    ) -> Result<(), IngestError> {
         let held: usize = self
             .windows
-            .range(..previous)
+            .range(..overdue)
             .map(|(_, w)| w.paths.len())
             .sum();
-        if self.late_paths + held >= self.late_limit {
-            return Err(IngestError::LateFull {
-                limit: self.late_limit,
-            });
+        if self.late_paths + held < self.late_limit
+            || self
+                .windows
+                .get(&summary.window_start_ms)
+                .is_some_and(|w| w.holds(&summary.source_endpoint, &summary.target_endpoint))
+        {
+            return Ok(());
         }
-        Ok(())
+        Err(IngestError::LateFull {
+            limit: self.late_limit,
+        })
     }
 
     /// Takes one complete window's data out: summaries for it from the
@@ -595,8 +620,11 @@ impl Analyzer {
             while self.recent.len() >= LOCALIZE_WINDOWS {
                 self.recent.pop_front();
             }
-            self.forget_departed_endpoints();
         }
+        // Every window, with data or not: targets agents name are numbered
+        // before their paths are excluded, so a window of excluded paths
+        // fills the table too.
+        self.forget_departed_endpoints(stats.placed_endpoints);
         self.last_report = Some(Arc::clone(&report));
         report
     }
@@ -675,8 +703,14 @@ impl Analyzer {
 
     /// Numbers the table no longer needs: once it holds more than twice the
     /// endpoints of the windows kept (and a floor), it keeps only those, so
-    /// a fleet's churn does not grow it without end.
-    fn forget_departed_endpoints(&mut self) {
+    /// a fleet's churn, or targets nobody placed, do not grow it without
+    /// end. `placed` (the newest window's placed endpoints) skips the pass
+    /// over the kept rows while the table is within twice that: bounded by
+    /// the registry then.
+    fn forget_departed_endpoints(&mut self, placed: usize) {
+        if self.table.len() <= (2 * placed).max(MIN_ENDPOINT_TABLE) {
+            return;
+        }
         let mut used = vec![false; self.table.len()];
         for row in self.recent.iter().flatten() {
             for e in [row.source, row.target] {

@@ -147,6 +147,8 @@ pub(super) struct WindowStats {
     /// numbered in the table `collect` was given.
     pub rows: Vec<PathRow>,
     pub tor_pairs: Vec<TorPairStats>,
+    /// Endpoints seen that the topology places (at least those on `rows`).
+    pub placed_endpoints: usize,
     pub excluded_target_gone: u64,
     pub excluded_unplaced: u64,
 }
@@ -171,23 +173,38 @@ struct PlacementCache<'a> {
     table: &'a mut EndpointTable,
     /// By table number; `None`: not seen this window yet.
     info: Vec<Option<EndpointInfo>>,
+    /// Endpoints seen this window that the topology places: every end of a
+    /// row is one, so this bounds the endpoints on the window's rows.
+    placed: usize,
 }
 
 impl PlacementCache<'_> {
-    /// The endpoint's number, looking it up on its first sight this window.
+    /// The endpoint's number, looking it up on its first sight this window
+    /// (placed by the topology's latest word).
     fn intern(&mut self, endpoint: &str) -> (u32, EndpointInfo) {
-        let e = self.table.intern(endpoint);
+        if let Some(e) = self.table.get(endpoint)
+            && let Some(&Some(info)) = self.info.get(e as usize)
+        {
+            return (e, info);
+        }
+        let present = (self.target_present)(endpoint, self.window_start_ms);
+        let placement = (self.topology)(endpoint);
+        let e = self.table.intern_placed(
+            endpoint,
+            placement
+                .as_ref()
+                .map(|p| (p.node.as_str(), p.tor.as_str())),
+        );
+        let tor = placement.is_some().then(|| self.table.tor_of(e));
+        let info = EndpointInfo { tor, present };
         let at = e as usize;
         if at >= self.info.len() {
             self.info.resize(at + 1, None);
         }
-        if let Some(info) = self.info[at] {
-            return (e, info);
-        }
-        let present = (self.target_present)(endpoint, self.window_start_ms);
-        let tor = (self.topology)(endpoint).and_then(|p| self.table.place(e, &p.node, &p.tor));
-        let info = EndpointInfo { tor, present };
         self.info[at] = Some(info);
+        if tor.is_some() {
+            self.placed += 1;
+        }
         (e, info)
     }
 }
@@ -221,6 +238,7 @@ pub(super) fn collect(
         window_start_ms,
         table,
         info,
+        placed: 0,
     };
     let mut stats = WindowStats::default();
     let mut pairs: HashMap<(u32, u32), PairAccumulator, FastHash> = HashMap::default();
@@ -259,6 +277,7 @@ pub(super) fn collect(
         rows.push(PathRow::of(&path, s, t));
         kept.push(Some(path));
     }
+    stats.placed_endpoints = cache.placed;
     let table = cache.table;
     stats.tor_pairs = pairs
         .into_iter()

@@ -725,21 +725,24 @@ fn a_churning_fleet_keeps_the_endpoint_table_bounded_and_still_localizes() {
 }
 
 #[test]
-fn open_windows_older_than_the_previous_share_the_late_cap() {
+fn overdue_open_windows_share_the_late_cap() {
     // Before the first close (a restarted controller), agents resend what
-    // they held: windows older than the previous one fill like late buckets.
+    // they held: windows the judge should have reached long ago fill like
+    // late buckets.
     let mut intake = Intake::with_late_limit(WINDOW, 3);
-    let now = now_for(10); // just after window 10: 11 is the current one
+    // Just after window 10: windows before 10 s + 2 windows ago (5 to 7)
+    // are overdue; 8 and 9 may still be waiting for their judgement.
+    let now = now_for(10);
     let sources = ["a1/udp0", "a2/udp0", "a3/udp0", "b1/udp0"];
-    let outcomes: Vec<Result<Ingested, &str>> = sources
+    let ingest_at = |intake: &mut Intake, window: u64, src: &str| {
+        intake
+            .ingest(summary(window, src, "c1/udp0", 10, 0, 10_000), now)
+            .map_err(|e| e.category())
+    };
+    let outcomes: Vec<_> = sources
         .iter()
         .enumerate()
-        .map(|(i, src)| {
-            let window = 5 + i as u64 % 2;
-            intake
-                .ingest(summary(window, src, "c1/udp0", 10, 0, 10_000), now)
-                .map_err(|e| e.category())
-        })
+        .map(|(i, src)| ingest_at(&mut intake, 5 + i as u64 % 2, src))
         .collect();
     assert_eq!(
         outcomes,
@@ -750,20 +753,40 @@ fn open_windows_older_than_the_previous_share_the_late_cap() {
             Err("late_full"),
         ]
     );
-    // The current and the previous window are not late: no cap.
-    for window in [10, 11] {
+    // A resend of a path held already is a duplicate, full or not.
+    assert_eq!(
+        ingest_at(&mut intake, 5, "a1/udp0"),
+        Ok(Ingested::Duplicate)
+    );
+    // Windows not overdue are not capped.
+    for window in 8..=11 {
         for src in sources {
-            let s = summary(window, src, "c1/udp0", 10, 0, 10_000);
-            assert_eq!(intake.ingest(s, now), Ok(Ingested::Accepted));
+            assert_eq!(ingest_at(&mut intake, window, src), Ok(Ingested::Accepted));
         }
     }
-    // Closing window 10 moves windows 5 and 6 into late buckets: 3 held, so
-    // the cap still refuses a late summary for window 7.
+    // Closing window 10 moves windows 5, 6, 8 and 9 into late buckets, so
+    // the cap refuses a late summary for window 7, but not a duplicate.
     let closed = intake.close(T0 + 10 * W).unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!((closed.paths(), closed.made_late()), (4, 3));
-    let s = summary(7, "a1/udp0", "c1/udp0", 10, 0, 10_000);
+    assert_eq!((closed.paths(), closed.made_late()), (4, 11));
+    assert_eq!(ingest_at(&mut intake, 7, "a1/udp0"), Err("late_full"));
     assert_eq!(
-        intake.ingest(s, now).map_err(|e| e.category()),
-        Err("late_full")
+        ingest_at(&mut intake, 8, "a1/udp0"),
+        Ok(Ingested::Duplicate)
     );
+}
+
+#[test]
+fn targets_nobody_placed_do_not_pile_up_in_the_endpoint_table() {
+    // An agent naming 5,000 targets the topology does not know, every
+    // window: all its paths are excluded, so no window has data.
+    let mut a = analyzer();
+    for window in 0..5u64 {
+        for i in 0..5_000 {
+            let target = format!("ghost/w{window}t{i}");
+            ingest(&mut a, summary(window, "a1/udp0", &target, 10, 0, 20_000));
+        }
+        let report = evaluate(&mut a, window);
+        assert_eq!(report.excluded_unplaced, 5_000);
+        assert!(a.table.len() <= 5_001, "window {window}: {}", a.table.len());
+    }
 }

@@ -22,14 +22,15 @@ use super::stats::ProbeKind;
 /// endpoint (14 MiB for 10,000 endpoints). Windows not closed yet are held
 /// as far back: after a restart, what agents resend before the first window
 /// is judged waits there (and becomes late at that close), and so does what
-/// a lagging judge has not reached. Open windows older than the previous
-/// one count against [`MAX_LATE_PATHS`] with the late buckets, so neither
-/// fills the whole horizon.
+/// a lagging judge has not reached. Open windows that are overdue (starting
+/// more than two windows and 10 s before the controller's clock) count
+/// against [`MAX_LATE_PATHS`] with the late buckets, so neither fills the
+/// whole horizon.
 pub const MAX_PAST_WINDOWS: u64 = 180;
 /// Most late summaries held at once, over all windows, until they are
-/// judged: those for windows judged already, and those for open windows
-/// older than the previous one (by the controller's clock); beyond this
-/// they are refused (`late_full`).
+/// judged: those for windows judged already, and those for overdue open
+/// windows (see [`MAX_PAST_WINDOWS`]); beyond this they are refused
+/// (`late_full`), except resends of paths held already (duplicates).
 pub const MAX_LATE_PATHS: usize = MAX_PATHS_PER_WINDOW;
 /// Windows after the current one that accept summaries (agent clocks running ahead).
 pub const MAX_FUTURE_WINDOWS: u64 = 1;
@@ -165,6 +166,13 @@ impl WindowData {
             paths: HashMap::with_capacity_and_hasher(paths, FastHash::default()),
             ..Self::default()
         }
+    }
+
+    /// Whether the path is stored already (costs two id copies: for the
+    /// rare checks only).
+    pub fn holds(&self, source: &str, target: &str) -> bool {
+        self.paths
+            .contains_key(&(source.to_owned(), target.to_owned()))
     }
 
     /// The source endpoints stored, as sorted distinct `hasher` hashes.

@@ -66,14 +66,26 @@ impl EndpointTable {
         Self::default()
     }
 
-    /// The endpoint's number, adding it when new.
+    /// The endpoint's number, adding it when new (unplaced: a node of its
+    /// own under the ToR "").
     pub fn intern(&mut self, endpoint: &str) -> u32 {
+        self.intern_placed(endpoint, None)
+    }
+
+    /// The endpoint's number, placed under `(node, ToR)` when given; a new
+    /// endpoint without one is a node of its own under the ToR "". Placing
+    /// a new endpoint at once keeps its own-node name out of the table.
+    pub fn intern_placed(&mut self, endpoint: &str, placement: Option<(&str, &str)>) -> u32 {
         if let Some(e) = self.endpoints.get(endpoint) {
+            if let Some((node, tor)) = placement {
+                self.place(e, node, tor);
+            }
             return e;
         }
         let e = self.endpoints.intern(endpoint);
-        self.node_of.push(self.nodes.intern(endpoint));
-        self.tor_of.push(self.tors.intern(""));
+        let (node, tor) = placement.unwrap_or((endpoint, ""));
+        self.node_of.push(self.nodes.intern(node));
+        self.tor_of.push(self.tors.intern(tor));
         self.ranks = None;
         e
     }
@@ -157,10 +169,9 @@ impl EndpointTable {
                 if !keep(e) {
                     return u32::MAX;
                 }
-                let new = kept.intern(self.endpoint_name(e));
                 let (n, t) = (self.node_of(e), self.tor_of(e));
-                kept.place(new, self.node_name(n), self.tor_name(t));
-                new
+                let placement = (self.node_name(n), self.tor_name(t));
+                kept.intern_placed(self.endpoint_name(e), Some(placement))
             })
             .collect();
         *self = kept;
@@ -209,26 +220,20 @@ impl PathRow {
     }
 }
 
-/// The rows of `paths`, their ends numbered in `table` and placed under the
-/// node `node_of` names (the endpoint itself when it names none) and the ToR
-/// the path names. For callers that hold [`PathStats`] only; the analyzer
-/// makes rows as it judges.
+/// The rows of `paths`, their ends numbered in `table`. An endpoint new to
+/// the table is placed under the node `node_of` names (the endpoint itself
+/// when it names none) and the ToR its first path names; one the table
+/// knows keeps its placement, so over several windows the oldest placement
+/// holds (the analyzer instead places endpoints by the registry's latest
+/// placement as it judges). For callers that hold [`PathStats`] only.
 pub fn rows_of<'n>(
     paths: &[PathStats],
     table: &mut EndpointTable,
     node_of: &dyn Fn(&str) -> Option<&'n str>,
 ) -> Vec<PathRow> {
-    let mut placed = vec![false; table.len()];
-    let mut number = |table: &mut EndpointTable, id: &str, tor: &str| {
-        let e = table.intern(id);
-        if placed.len() <= e as usize {
-            placed.resize(e as usize + 1, false);
-        }
-        if !placed[e as usize] {
-            placed[e as usize] = true;
-            table.place(e, node_of(id).unwrap_or(id), tor);
-        }
-        e
+    let number = |table: &mut EndpointTable, id: &str, tor: &str| match table.get(id) {
+        Some(e) => e,
+        None => table.intern_placed(id, Some((node_of(id).unwrap_or(id), tor))),
     };
     let mut rows = Vec::with_capacity(paths.len());
     // Paths come sorted by source: most repeat the last one's.
