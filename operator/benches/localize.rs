@@ -517,8 +517,8 @@ fn time_large_window(seed: u64) {
         time_localizing(&table, &rows, &book, together, with_horizon);
     }
     println!(
-        "(numbering the three windows' endpoints from their path statistics, which the analyzer does \
-         once per window as it judges it: {:.0} ms)",
+        "(numbering the three windows' endpoints from their path statistics here: {:.0} ms; the \
+         analyzer numbers endpoints inside judging instead, where it looks every path end up anyway)",
         numbering.as_secs_f64() * 1e3
     );
 }
