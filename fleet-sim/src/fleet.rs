@@ -171,25 +171,35 @@ impl FleetShape {
     }
 }
 
+/// A rail-optimized RDMA fleet of `nodes` nodes (8 RNICs each, racks of
+/// 32, 4 spines) with `faults`, for the simulator's tests.
+#[cfg(test)]
+pub(crate) fn test_shape(nodes: usize, faults: Faults) -> FleetShape {
+    FleetShape {
+        nodes,
+        endpoints_per_node: 8,
+        nodes_per_rack: 32,
+        transport: Transport::Rdma,
+        spines: 4,
+        faults,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn shape(nodes: usize) -> FleetShape {
-        FleetShape {
+        test_shape(
             nodes,
-            endpoints_per_node: 8,
-            nodes_per_rack: 32,
-            transport: Transport::Rdma,
-            spines: 4,
-            faults: Faults {
+            Faults {
                 endpoints: 2,
                 endpoint_loss: 0.5,
                 tors: 1,
                 tor_loss: 0.3,
                 links: 1,
             },
-        }
+        )
     }
 
     #[test]

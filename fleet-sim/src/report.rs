@@ -301,24 +301,19 @@ pub fn problems(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::Faults;
-    use pingmesh_proto::v1::Transport;
+    use crate::fleet::{Faults, test_shape};
 
     fn shape(nodes: usize) -> FleetShape {
-        FleetShape {
+        test_shape(
             nodes,
-            endpoints_per_node: 8,
-            nodes_per_rack: 32,
-            transport: Transport::Rdma,
-            spines: 4,
-            faults: Faults {
+            Faults {
                 endpoints: 0,
                 endpoint_loss: 0.0,
                 tors: 0,
                 tor_loss: 0.0,
                 links: 0,
             },
-        }
+        )
     }
 
     #[test]

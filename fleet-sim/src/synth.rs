@@ -246,26 +246,20 @@ impl FleetShape {
 
 #[cfg(test)]
 mod tests {
-    use pingmesh_proto::v1::Transport;
-
     use super::*;
-    use crate::fleet::Faults;
+    use crate::fleet::{Faults, test_shape};
 
     fn shape() -> FleetShape {
-        FleetShape {
-            nodes: 64,
-            endpoints_per_node: 8,
-            nodes_per_rack: 32,
-            transport: Transport::Rdma,
-            spines: 4,
-            faults: Faults {
+        test_shape(
+            64,
+            Faults {
                 endpoints: 0,
                 endpoint_loss: 0.5,
                 tors: 0,
                 tor_loss: 0.3,
                 links: 0,
             },
-        }
+        )
     }
 
     fn target(from: &str, to: &str, rate: f64, flows: u32) -> v1::PingTarget {
