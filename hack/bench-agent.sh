@@ -2,8 +2,10 @@
 # Agent cost at a given probe rate: CPU share of one core and resident memory of
 # one agent process, measured from /proc over a fixed interval.
 #
-# Three agents under one ToR with a ToR-mesh rate of RATE/2 pps per target, so
-# each agent sends RATE probes/s (2 targets) and answers RATE probes/s.
+# AGENTS agents (3 by default) under one ToR with a ToR-mesh rate of
+# RATE/(AGENTS-1) pps per target, so each agent sends RATE probes/s to
+# AGENTS-1 targets and answers RATE probes/s. A real rack has some 30-40
+# targets per agent at 10 pps; AGENTS=21 spreads the same rate over 20.
 #
 # Usage: hack/bench-agent.sh [RATE=1000] [SECONDS=30]   (needs a release build)
 # TRACING=true runs the agents with the eBPF service tracer on (needs root).
@@ -26,7 +28,9 @@ pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
 trap cleanup EXIT
 
-per_target=$(awk -v r="$rate" 'BEGIN { print r / 2 }')
+agents=${AGENTS:-3}
+(( agents >= 2 && agents <= 98 )) || { echo "AGENTS must be 2-98" >&2; exit 2; }
+per_target=$(awk -v r="$rate" -v n="$agents" 'BEGIN { print r / (n - 1) }')
 cat >"$work/mesh.yaml" <<YAML
 pinglist:
   torMeshRatePps: $per_target
@@ -36,14 +40,14 @@ YAML
   --grpc-addr 127.0.0.1:19400 --http-addr 127.0.0.1:19401 --log-level warn &
 pids+=($!)
 sleep 1
-for i in 1 2 3; do
+for ((i = 1; i <= agents; i++)); do
   cmd=("$bin/pingmesh-agent")
   if [[ $i == 1 ]]; then
     [[ ${CALLGRIND:-0} == 1 ]] && cmd=(valgrind --tool=callgrind --instr-atstart=no \
       --callgrind-out-file=/tmp/callgrind.out.bench "${cmd[@]}")
   fi
   "${cmd[@]}" --node "bench-$i" --tor rack-1 --controller http://127.0.0.1:19400 \
-    --udp-bind "127.0.0.1:0" --metrics-addr "127.0.0.1:1950$i" --log-level warn \
+    --udp-bind "127.0.0.1:0" --metrics-addr "127.0.0.1:$((19500 + i))" --log-level warn \
     --tracing "${TRACING:-false}" &
   pids+=($!)
 done
